@@ -1,0 +1,63 @@
+"""arwkv_ext: the WKV-7 and WKV-6 recurrences as PyTorch custom ops.
+
+Importing this package loads the compiled kernels and registers
+
+- ``torch.ops.arwkv.wkv7(r, w, k, v, a, b, initial_state=None, cu_seqlens=None)``
+- ``torch.ops.arwkv.wkv6(r, w, k, v, u, initial_state=None, cu_seqlens=None)``
+
+with autograd and fake (meta) implementations, so they work under ``torch.compile``.
+:func:`wkv7` and :func:`wkv6` are the documented Python entry points; ``arwkv_ext.reference``
+holds the plain-PyTorch recurrences they are tested against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+
+
+def _check_build() -> dict:
+    """Fails with a clear message when the kernels were built for another torch."""
+    info_path = Path(__file__).with_name("_build_info.json")
+    if not info_path.exists():
+        raise ImportError(
+            "arwkv_ext: the compiled kernels are missing (no _build_info.json next to "
+            f"{Path(__file__).parent}). Install arwkv with `pip install --no-build-isolation .` "
+            "rather than importing it from the source tree."
+        )
+    info = json.loads(info_path.read_text())
+    built, have = Version(info["torch"]), Version(torch.__version__)
+    if built.release != have.release or built.local != have.local:
+        raise ImportError(
+            f"arwkv_ext was built for torch {info['torch']} ({info['target']} kernels) but torch "
+            f"{torch.__version__} is installed; rebuild it against this torch with "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .`"
+        )
+    return info
+
+
+build_info = _check_build()
+
+from . import _C  # noqa: E402  (loads the library that registers torch.ops.arwkv.*)
+from . import reference  # noqa: E402
+from .ops import wkv6, wkv7  # noqa: E402
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use now: ``avx512``, ``avx2`` or ``baseline``.
+
+    The best one this CPU supports, unless the environment variable ``ARWKV_CPU_ISA`` names
+    another (useful to test or compare the code paths).
+    """
+    return _C.cpu_isa()
+
+
+def cpu_isas_supported() -> list[str]:
+    """The instruction sets compiled into this build that this CPU can run."""
+    return _C.cpu_isas_supported()
+
+
+__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_isas_supported", "build_info"]

@@ -1,0 +1,30 @@
+// The CPU kernels compiled for the avx2 instruction set (see wkv_cpu_kernels.h).
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "wkv_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi2"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#endif
+#define ARWKV_ISA avx2
+#define ARWKV_VEC_BYTES 32
+#include "wkv_cpu_kernels.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#else
+// Not an x86-64 build: the dispatcher never selects this instruction set.
+namespace arwkv::cpu::avx2 {
+void forward(const WkvArgs& args, const WkvForwardOut& out, const ParallelFor& pf) {
+  baseline::forward(args, out, pf);
+}
+void backward(const WkvArgs& args, const WkvBackwardIO& io, const ParallelFor& pf) {
+  baseline::backward(args, io, pf);
+}
+}  // namespace arwkv::cpu::avx2
+#endif

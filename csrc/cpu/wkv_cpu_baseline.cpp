@@ -1,0 +1,10 @@
+// The CPU kernels compiled for the baseline instruction set (see wkv_cpu_kernels.h).
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "wkv_cpu.h"
+
+#define ARWKV_ISA baseline
+#define ARWKV_VEC_BYTES 16
+#include "wkv_cpu_kernels.h"

@@ -1,0 +1,565 @@
+// The CPU WKV-7 / WKV-6 kernels, written once with GCC/Clang vector extensions.
+//
+// Each csrc/cpu/wkv_cpu_<isa>.cpp defines ARWKV_ISA (a namespace name) and ARWKV_VEC_BYTES,
+// switches the compiler's target (AVX-512, AVX2+FMA, or the x86-64 baseline) and includes
+// this file, so the same source becomes three instruction sets chosen at run time.
+// Everything here lives in that per-ISA namespace and uses no standard-library templates,
+// so no code compiled for a wider ISA can leak into the others through the linker.
+//
+// Forward ("lanes = rows"): the state of one head is kept transposed as a tile St[j][i]
+// (j = key column, i = value row) so that one vector holds W value rows. A step then needs
+// no horizontal sums:   sa += St[j] a[j];  St[j] = St[j] d[j] + sa b[j] + v k[j];  y += St[j] r[j]
+// and the pass that updates step t also accumulates sa for step t+1.
+//
+// Backward ("lanes = keys"): the reverse recurrence, with the state recomputed chunk by chunk
+// (L steps) from snapshots taken by a forward pass: it never divides by the decay, so it is
+// stable for any decay in (0, 1]. Per step: phase A walks value rows (dv, d(sa) need row dot
+// products), phase B walks key columns and accumulates dr, dw, dk, da, db over rows.
+
+#ifndef ARWKV_ISA
+#error "define ARWKV_ISA and ARWKV_VEC_BYTES before including wkv_cpu_kernels.h"
+#endif
+
+namespace arwkv::cpu::ARWKV_ISA {
+namespace {
+
+constexpr int kChunk = 16;  // steps per packed input chunk and per state snapshot
+
+typedef float fvec __attribute__((vector_size(ARWKV_VEC_BYTES)));
+typedef double dvec __attribute__((vector_size(ARWKV_VEC_BYTES)));
+typedef int32_t ivec32 __attribute__((vector_size(ARWKV_VEC_BYTES)));
+typedef int64_t ivec64 __attribute__((vector_size(ARWKV_VEC_BYTES)));
+
+template <class A> struct VecOf;
+template <> struct VecOf<float> {
+  using V = fvec;
+  using I = ivec32;
+  static constexpr int W = ARWKV_VEC_BYTES / 4;
+};
+template <> struct VecOf<double> {
+  using V = dvec;
+  using I = ivec64;
+  static constexpr int W = ARWKV_VEC_BYTES / 8;
+};
+
+template <class V> inline V vload(const void* p) {
+  V x;
+  __builtin_memcpy(&x, p, sizeof(V));
+  return x;
+}
+template <class V> inline void vstore(void* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
+template <class V, class A> inline V splat(A x) { return V{} + x; }
+
+// Horizontal sums by halving; one overload per vector width.
+typedef float f2 __attribute__((vector_size(8)));
+typedef float f4 __attribute__((vector_size(16)));
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f16 __attribute__((vector_size(64)));
+typedef double d2 __attribute__((vector_size(16)));
+typedef double d4 __attribute__((vector_size(32)));
+typedef double d8 __attribute__((vector_size(64)));
+inline float hsum(f2 x) { return x[0] + x[1]; }
+inline float hsum(f4 x) { return hsum(__builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3)); }
+inline float hsum(f8 x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+}
+inline float hsum(f16 x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+inline double hsum(d2 x) { return x[0] + x[1]; }
+inline double hsum(d4 x) { return hsum(__builtin_shufflevector(x, x, 0, 1) + __builtin_shufflevector(x, x, 2, 3)); }
+inline double hsum(d8 x) {
+  return hsum(__builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7));
+}
+
+// exp for w <= 0 (and beyond, clamped to the finite range): Cody-Waite reduction and a
+// Taylor polynomial on |r| <= ln2/2, accurate to about 1 ulp; no libm call, so it vectorises.
+template <class A> struct ExpConsts;
+template <> struct ExpConsts<float> {
+  static constexpr float lo = -87.0f, hi = 88.0f, round = 12582912.0f;  // 1.5 * 2^23
+  static constexpr int mant = 23, bias = 127, degree = 7;
+  static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
+};
+template <> struct ExpConsts<double> {
+  static constexpr double lo = -708.0, hi = 709.0, round = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr int mant = 52, bias = 1023, degree = 13;
+  static constexpr double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+};
+
+template <class A> inline typename VecOf<A>::V vexp(typename VecOf<A>::V x) {
+  using V = typename VecOf<A>::V;
+  using I = typename VecOf<A>::I;
+  using C = ExpConsts<A>;
+  x = x < C::lo ? splat<V>(C::lo) : x;
+  x = x > C::hi ? splat<V>(C::hi) : x;
+  V n = (x * A(1.4426950408889634) + C::round) - C::round;  // round to nearest
+  V r = (x - n * C::ln2_hi) - n * C::ln2_lo;
+  // Horner with 1/i! coefficients.
+  V p = splat<V>(A(1));
+  for (int i = C::degree; i >= 1; --i) p = p * (r * (A(1) / A(i))) + A(1);
+  I e = (__builtin_convertvector(n, I) + C::bias) << C::mant;
+  V scale;
+  __builtin_memcpy(&scale, &e, sizeof(V));
+  return p * scale;
+}
+
+template <class A> inline void exp_inplace(A* x, int64_t n) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(x + i, vexp<A>(vload<V>(x + i)));
+  if (i < n) {
+    A tmp[W] = {};
+    for (int64_t q = i; q < n; ++q) tmp[q - i] = x[q];
+    vstore(tmp, vexp<A>(vload<V>(tmp)));
+    for (int64_t q = i; q < n; ++q) x[q] = tmp[q - i];
+  }
+}
+
+// ---- element conversions --------------------------------------------------------------
+struct bf16 { uint16_t bits; };
+struct f16h { uint16_t bits; };
+
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+inline float to_acc(bf16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_acc(f16h x) {
+  _Float16 h;
+  __builtin_memcpy(&h, &x.bits, 2);
+  return float(h);
+}
+inline void from_acc(float x, float* out) { *out = x; }
+inline void from_acc(double x, double* out) { *out = x; }
+inline void from_acc(float x, bf16* out) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = uint16_t((u >> 16) | 0x40);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  out->bits = uint16_t(u >> 16);
+}
+inline void from_acc(float x, f16h* out) {
+  _Float16 h = _Float16(x);
+  __builtin_memcpy(&out->bits, &h, 2);
+}
+
+template <class In, class A> inline void load_row(const In* src, A* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = A(to_acc(src[i]));
+}
+template <class In, class A> inline void store_row(const A* src, In* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) from_acc(src[i], dst + i);
+}
+
+// 64-byte aligned scratch memory owned by one task.
+template <class A> struct Scratch {
+  A* p = nullptr;
+  explicit Scratch(int64_t n) {
+    void* q = nullptr;
+    size_t bytes = (size_t(n > 0 ? n : 1) * sizeof(A) + 63) / 64 * 64;
+    if (posix_memalign(&q, 64, bytes) != 0) throw std::bad_alloc();
+    p = static_cast<A*>(q);
+  }
+  ~Scratch() { free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// ---- problem geometry -----------------------------------------------------------------
+struct Segment {
+  int64_t batch, t_begin, t_end;
+};
+inline Segment segment(const WkvArgs& p, int64_t s) {
+  if (p.cu_seqlens) return {0, p.cu_seqlens[s], p.cu_seqlens[s + 1]};
+  return {s, 0, p.T};
+}
+// Offset of element (batch, t, h, 0) in a [B, T, H, N] tensor.
+inline int64_t offset(const WkvArgs& p, int64_t batch, int64_t t, int64_t h) {
+  return ((batch * p.T + t) * p.H + h) * p.N;
+}
+
+// Inputs of one chunk of steps, converted to the accumulation type: per step, N key-side
+// values (decay d = exp(w), k, a, b, r) and the value-row slice of v (and grad y).
+template <class In, class A> struct Chunk {
+  int64_t N, rows;
+  Scratch<A> d, k, a, b, r, v, gy;
+  Chunk(int64_t N_, int64_t rows_)
+      : N(N_), rows(rows_), d(kChunk * N_), k(kChunk * N_), a(kChunk * N_), b(kChunk * N_),
+        r(kChunk * N_), v(kChunk * rows_), gy(kChunk * rows_) {}
+
+  void pack(const WkvArgs& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
+            const In* grad_y) {
+    const In* rin = static_cast<const In*>(p.r);
+    const In* win = static_cast<const In*>(p.w);
+    const In* kin = static_cast<const In*>(p.k);
+    const In* vin = static_cast<const In*>(p.v);
+    for (int64_t t = 0; t < n; ++t) {
+      int64_t o = offset(p, batch, t0 + t, h);
+      load_row(win + o, d.p + t * N, N);
+      load_row(kin + o, k.p + t * N, N);
+      load_row(rin + o, r.p + t * N, N);
+      load_row(vin + o + row0, v.p + t * rows, rows);
+      if (p.version == 7) {
+        load_row(static_cast<const In*>(p.a) + o, a.p + t * N, N);
+        load_row(static_cast<const In*>(p.b) + o, b.p + t * N, N);
+      }
+      if (grad_y) load_row(grad_y + o + row0, gy.p + t * rows, rows);
+    }
+    exp_inplace(d.p, n * N);
+  }
+};
+
+// ---- forward ----------------------------------------------------------------------------
+// One WKV-7 step for RV vectors of value rows: St is the [N][RV*W] tile of those rows.
+// sa holds S_{t-1} a_t on entry; with NEXT it leaves holding S_t a_{t+1}.
+template <class A, int RV, bool NEXT>
+inline void step7(A* St, int64_t N, const A* d, const A* k, const A* b, const A* r, const A* a_next,
+                  const A* vrow, A* yrow, typename VecOf<A>::V (&sa)[RV]) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W, RW = RV * W;
+  V vv[RV], y0[RV], y1[RV], n0[RV], n1[RV];
+  for (int q = 0; q < RV; ++q) {
+    vv[q] = vload<V>(vrow + q * W);
+    y0[q] = y1[q] = n0[q] = n1[q] = V{};
+  }
+  for (int64_t j = 0; j < N; j += 2) {
+    A* s0 = St + j * RW;
+    A* s1 = s0 + RW;
+    for (int q = 0; q < RV; ++q) {
+      V s = vload<V>(s0 + q * W) * d[j] + sa[q] * b[j] + vv[q] * k[j];
+      vstore(s0 + q * W, s);
+      y0[q] += s * r[j];
+      if (NEXT) n0[q] += s * a_next[j];
+      V z = vload<V>(s1 + q * W) * d[j + 1] + sa[q] * b[j + 1] + vv[q] * k[j + 1];
+      vstore(s1 + q * W, z);
+      y1[q] += z * r[j + 1];
+      if (NEXT) n1[q] += z * a_next[j + 1];
+    }
+  }
+  for (int q = 0; q < RV; ++q) {
+    vstore(yrow + q * W, y0[q] + y1[q]);
+    if (NEXT) sa[q] = n0[q] + n1[q];
+  }
+}
+
+// One WKV-6 step: y = S_{t-1} r + v (r . u k), then S = S diag(d) + v k^T.
+template <class A, int RV>
+inline void step6(A* St, int64_t N, const A* d, const A* k, const A* r, A ruk, const A* vrow,
+                  A* yrow) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W, RW = RV * W;
+  V vv[RV], y0[RV], y1[RV];
+  for (int q = 0; q < RV; ++q) {
+    vv[q] = vload<V>(vrow + q * W);
+    y0[q] = y1[q] = V{};
+  }
+  for (int64_t j = 0; j < N; j += 2) {
+    A* s0 = St + j * RW;
+    A* s1 = s0 + RW;
+    for (int q = 0; q < RV; ++q) {
+      V s = vload<V>(s0 + q * W);
+      y0[q] += s * r[j];
+      vstore(s0 + q * W, s * d[j] + vv[q] * k[j]);
+      V z = vload<V>(s1 + q * W);
+      y1[q] += z * r[j + 1];
+      vstore(s1 + q * W, z * d[j + 1] + vv[q] * k[j + 1]);
+    }
+  }
+  for (int q = 0; q < RV; ++q) vstore(yrow + q * W, y0[q] + y1[q] + vv[q] * ruk);
+}
+
+// Runs the forward recurrence of one segment, one head, value rows [row0, row0 + rows).
+// Writes y (if y_out), the final state (if final_out) and, if snapshots, the state at the
+// start of every chunk as [chunk][row][key].
+template <class In, class A, int RV>
+void forward_rows(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
+                  A* final_out, A* snapshots) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W, RW = RV * W;
+  const int64_t N = p.N, H = p.H;
+  const Segment sg = segment(p, seg);
+  const int64_t blocks = rows / RW;
+  Scratch<A> St(N * rows);  // [block][j][RW]
+  const A* s_init = static_cast<const A*>(p.initial_state);
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t i = 0; i < RW; ++i)
+        St.p[(blk * N + j) * RW + i] =
+            s_init ? s_init[((seg * H + h) * N + row0 + blk * RW + i) * N + j] : A(0);
+
+  Chunk<In, A> ch(N, rows);
+  A yrow[RW];
+  const In* u_in = static_cast<const In*>(p.u);
+  Scratch<A> u(N);
+  if (p.version == 6) load_row(u_in + h * N, u.p, N);
+
+  for (int64_t t0 = sg.t_begin, c = 0; t0 < sg.t_end; t0 += kChunk, ++c) {
+    const int64_t n = sg.t_end - t0 < kChunk ? sg.t_end - t0 : kChunk;
+    ch.pack(p, sg.batch, h, t0, n, row0, nullptr);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      A* tile = St.p + blk * N * RW;
+      if (snapshots) {
+        A* snap = snapshots + (c * rows + blk * RW) * N;
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t i = 0; i < RW; ++i) snap[i * N + j] = tile[j * RW + i];
+      }
+      V sa[RV] = {};
+      if (p.version == 7) {
+        for (int64_t j = 0; j < N; ++j)
+          for (int q = 0; q < RV; ++q) sa[q] += vload<V>(tile + j * RW + q * W) * ch.a.p[j];
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const A* vrow = ch.v.p + t * rows + blk * RW;
+        const A* d = ch.d.p + t * N;
+        const A* k = ch.k.p + t * N;
+        const A* r = ch.r.p + t * N;
+        if (p.version == 7) {
+          const A* b = ch.b.p + t * N;
+          if (t + 1 < n)
+            step7<A, RV, true>(tile, N, d, k, b, r, ch.a.p + (t + 1) * N, vrow, yrow, sa);
+          else
+            step7<A, RV, false>(tile, N, d, k, b, r, nullptr, vrow, yrow, sa);
+        } else {
+          A ruk = 0;
+          for (int64_t j = 0; j < N; ++j) ruk += r[j] * u.p[j] * k[j];
+          step6<A, RV>(tile, N, d, k, r, ruk, vrow, yrow);
+        }
+        if (y_out) store_row(yrow, y_out + offset(p, sg.batch, t0 + t, h) + row0 + blk * RW, RW);
+      }
+    }
+  }
+  if (final_out)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t i = 0; i < RW; ++i)
+          final_out[((seg * H + h) * N + row0 + blk * RW + i) * N + j] = St.p[(blk * N + j) * RW + i];
+}
+
+template <class In, class A>
+void forward_rows_any(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y,
+                      A* final_out, A* snapshots) {
+  constexpr int W = VecOf<A>::W;
+  if (rows % (2 * W) == 0)
+    forward_rows<In, A, 2>(p, seg, h, row0, rows, y, final_out, snapshots);
+  else
+    forward_rows<In, A, 1>(p, seg, h, row0, rows, y, final_out, snapshots);
+}
+
+// ---- backward ---------------------------------------------------------------------------
+template <class In, class A>
+void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64_t h, int64_t split,
+                   int64_t rows) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W;
+  const int64_t N = p.N, H = p.H, NV = N / W, row0 = split * rows;
+  const bool v7 = p.version == 7;
+  const Segment sg = segment(p, seg);
+  const int64_t len = sg.t_end - sg.t_begin;
+  const int64_t chunks = (len + kChunk - 1) / kChunk;
+  const int64_t plane = p.B * p.T * p.H * p.N;  // one [B, T, H, N] gradient
+  A* gcol[5] = {};  // this split's partial column gradients: r, w, k, a, b
+  for (int q = 0; q < (v7 ? 5 : 3); ++q) gcol[q] = static_cast<A*>(io.grad_columns[q]) + split * plane;
+  A* gv = static_cast<A*>(io.grad_v);
+
+  Scratch<A> snaps(chunks * rows * N);
+  forward_rows_any<In, A>(p, seg, h, row0, rows, nullptr, nullptr, snaps.p);
+
+  // dS = d loss / d S_t, rows [row0, row0 + rows) of this head, [row][key].
+  Scratch<A> dS(rows * N);
+  const A* gs = static_cast<const A*>(io.grad_state);
+  for (int64_t i = 0; i < rows * N; ++i) dS.p[i] = gs ? gs[(seg * H + h) * N * N + row0 * N + i] : A(0);
+
+  Chunk<In, A> ch(N, rows);
+  Scratch<A> states((kChunk + 1) * rows * N);  // S_{t0-1 .. t0+n-1} of the chunk, [step][row][key]
+  Scratch<A> sa(kChunk * rows), dsa(rows);
+  Scratch<A> u(N);
+  Scratch<A> du(N);
+  for (int64_t j = 0; j < N; ++j) du.p[j] = 0;
+  if (!v7) load_row(static_cast<const In*>(p.u) + h * N, u.p, N);
+  const In* gy_in = static_cast<const In*>(io.grad_y);
+
+  for (int64_t c = chunks - 1; c >= 0; --c) {
+    const int64_t t0 = sg.t_begin + c * kChunk;
+    const int64_t n = sg.t_end - t0 < kChunk ? sg.t_end - t0 : kChunk;
+    ch.pack(p, sg.batch, h, t0, n, row0, gy_in);
+    if (!gy_in)
+      for (int64_t i = 0; i < n * rows; ++i) ch.gy.p[i] = 0;
+    // Recompute the chunk's states from its snapshot.
+    for (int64_t i = 0; i < rows * N; ++i) states.p[i] = snaps.p[c * rows * N + i];
+    for (int64_t t = 0; t < n; ++t) {
+      const A *d = ch.d.p + t * N, *k = ch.k.p + t * N, *a = ch.a.p + t * N, *b = ch.b.p + t * N;
+      for (int64_t i = 0; i < rows; ++i) {
+        const A* s0 = states.p + (t * rows + i) * N;
+        A* s1 = states.p + ((t + 1) * rows + i) * N;
+        const A vi = ch.v.p[t * rows + i];
+        A sai = 0;
+        if (v7) {
+          V acc = V{};
+          for (int64_t q = 0; q < NV; ++q) acc += vload<V>(s0 + q * W) * vload<V>(a + q * W);
+          sai = hsum(acc);
+          sa.p[t * rows + i] = sai;
+          for (int64_t q = 0; q < NV; ++q)
+            vstore(s1 + q * W, vload<V>(s0 + q * W) * vload<V>(d + q * W) + sai * vload<V>(b + q * W) +
+                                   vi * vload<V>(k + q * W));
+        } else {
+          for (int64_t q = 0; q < NV; ++q)
+            vstore(s1 + q * W, vload<V>(s0 + q * W) * vload<V>(d + q * W) + vi * vload<V>(k + q * W));
+        }
+      }
+    }
+    for (int64_t t = n - 1; t >= 0; --t) {
+      const A *d = ch.d.p + t * N, *k = ch.k.p + t * N, *a = ch.a.p + t * N, *b = ch.b.p + t * N,
+              *r = ch.r.p + t * N;
+      const A* vr = ch.v.p + t * rows;
+      const A* gy = ch.gy.p + t * rows;
+      const A* S0 = states.p + t * rows * N;        // S_{t-1}
+      const A* S1 = states.p + (t + 1) * rows * N;  // S_t
+      const int64_t o = offset(p, sg.batch, t0 + t, h);
+      if (v7) {
+        // Phase A, per row: dS += dy r^T (y_t = S_t r_t), then dv = dS k, d(sa) = dS b.
+        for (int64_t i = 0; i < rows; ++i) {
+          A* g = dS.p + i * N;
+          V av = V{}, bv = V{};
+          for (int64_t q = 0; q < NV; ++q) {
+            V x = vload<V>(g + q * W) + gy[i] * vload<V>(r + q * W);
+            vstore(g + q * W, x);
+            av += x * vload<V>(k + q * W);
+            bv += x * vload<V>(b + q * W);
+          }
+          gv[o + row0 + i] = hsum(av);
+          dsa.p[i] = hsum(bv);
+        }
+        // Phase B, per key column vector: column gradients summed over rows, dS -> dS_{t-1}.
+        for (int64_t q = 0; q < NV; ++q) {
+          V gr = V{}, gw = V{}, gk = V{}, ga = V{}, gb = V{};
+          const V dq = vload<V>(d + q * W), aq = vload<V>(a + q * W);
+          for (int64_t i = 0; i < rows; ++i) {
+            A* g = dS.p + i * N + q * W;
+            const V x = vload<V>(g);
+            const V s0 = vload<V>(S0 + i * N + q * W);
+            gr += vload<V>(S1 + i * N + q * W) * gy[i];
+            gk += x * vr[i];
+            gb += x * sa.p[t * rows + i];
+            gw += x * s0;
+            ga += s0 * dsa.p[i];
+            vstore(g, x * dq + dsa.p[i] * aq);
+          }
+          vstore(gcol[0] + o + q * W, gr);
+          vstore(gcol[1] + o + q * W, gw * dq);
+          vstore(gcol[2] + o + q * W, gk);
+          vstore(gcol[3] + o + q * W, ga);
+          vstore(gcol[4] + o + q * W, gb);
+        }
+      } else {
+        // WKV-6: y_t = S_{t-1} r_t + v_t (r_t . u k_t); dS here is d loss / d S_t.
+        A ruk = 0, gyv = 0;
+        for (int64_t j = 0; j < N; ++j) ruk += r[j] * u.p[j] * k[j];
+        for (int64_t i = 0; i < rows; ++i) {
+          const A* g = dS.p + i * N;
+          V av = V{};
+          for (int64_t q = 0; q < NV; ++q) av += vload<V>(g + q * W) * vload<V>(k + q * W);
+          gv[o + row0 + i] = hsum(av) + gy[i] * ruk;
+          gyv += gy[i] * vr[i];
+        }
+        for (int64_t q = 0; q < NV; ++q) {
+          V gr = V{}, gw = V{}, gk = V{};
+          const V dq = vload<V>(d + q * W), rq = vload<V>(r + q * W);
+          for (int64_t i = 0; i < rows; ++i) {
+            A* g = dS.p + i * N + q * W;
+            const V x = vload<V>(g);
+            const V s0 = vload<V>(S0 + i * N + q * W);
+            gr += s0 * gy[i];
+            gk += x * vr[i];
+            gw += x * s0;
+            vstore(g, x * dq + gy[i] * rq);
+          }
+          const V uq = vload<V>(u.p + q * W), kq = vload<V>(k + q * W);
+          vstore(gcol[0] + o + q * W, gr + uq * kq * gyv);
+          vstore(gcol[1] + o + q * W, gw * dq);
+          vstore(gcol[2] + o + q * W, gk + rq * uq * gyv);
+          vstore(du.p + q * W, vload<V>(du.p + q * W) + rq * kq * gyv);
+        }
+      }
+    }
+  }
+  A* g0 = static_cast<A*>(io.grad_initial_state) + (seg * H + h) * N * N + row0 * N;
+  for (int64_t i = 0; i < rows * N; ++i) g0[i] = dS.p[i];
+  if (!v7) {
+    A* gu = static_cast<A*>(io.grad_u) + ((split * p.num_seqs + seg) * H + h) * N;
+    for (int64_t j = 0; j < N; ++j) gu[j] = du.p[j];
+  }
+}
+
+// ---- entry points -----------------------------------------------------------------------
+template <class In, class A> struct Tasks {
+  const WkvArgs* p;
+  const WkvForwardOut* out;
+  const WkvBackwardIO* io;
+  int64_t splits;
+
+  void locate(int64_t task, int64_t& seg, int64_t& h, int64_t& split) const {
+    seg = task / (p->H * splits);
+    h = task / splits % p->H;
+    split = task % splits;
+  }
+  static void forward(void* ctx, int64_t begin, int64_t end) {
+    const Tasks& ts = *static_cast<const Tasks*>(ctx);
+    const int64_t rows = ts.p->N / ts.splits;
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t seg, h, split;
+      ts.locate(task, seg, h, split);
+      forward_rows_any<In, A>(*ts.p, seg, h, split * rows, rows, static_cast<In*>(ts.out->y),
+                              static_cast<A*>(ts.out->final_state), nullptr);
+    }
+  }
+  static void backward(void* ctx, int64_t begin, int64_t end) {
+    const Tasks& ts = *static_cast<const Tasks*>(ctx);
+    const int64_t rows = ts.p->N / ts.splits;
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t seg, h, split;
+      ts.locate(task, seg, h, split);
+      backward_rows<In, A>(*ts.p, *ts.io, seg, h, split, rows);
+    }
+  }
+};
+
+template <class In, class A>
+void forward_typed(const WkvArgs& p, const WkvForwardOut& out, const ParallelFor& pf) {
+  Tasks<In, A> ts{&p, &out, nullptr, row_splits(p)};
+  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A>::forward);
+}
+
+template <class In, class A>
+void backward_typed(const WkvArgs& p, const WkvBackwardIO& io, const ParallelFor& pf) {
+  Tasks<In, A> ts{&p, nullptr, &io, row_splits(p)};
+  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A>::backward);
+}
+
+}  // namespace
+
+void forward(const WkvArgs& p, const WkvForwardOut& out, const ParallelFor& pf) {
+  switch (p.dtype) {
+    case DType::f32: return forward_typed<float, float>(p, out, pf);
+    case DType::f64: return forward_typed<double, double>(p, out, pf);
+    case DType::bf16: return forward_typed<bf16, float>(p, out, pf);
+    case DType::f16: return forward_typed<f16h, float>(p, out, pf);
+  }
+}
+
+void backward(const WkvArgs& p, const WkvBackwardIO& io, const ParallelFor& pf) {
+  switch (p.dtype) {
+    case DType::f32: return backward_typed<float, float>(p, io, pf);
+    case DType::f64: return backward_typed<double, double>(p, io, pf);
+    case DType::bf16: return backward_typed<bf16, float>(p, io, pf);
+    case DType::f16: return backward_typed<f16h, float>(p, io, pf);
+  }
+}
+
+}  // namespace arwkv::cpu::ARWKV_ISA

@@ -1,0 +1,41 @@
+"""The ``arwkv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(_: argparse.Namespace) -> int:
+    """Prints what this installation was built for and which CPU code path it uses."""
+    import torch
+
+    import arwkv
+    import arwkv_ext
+
+    print(json.dumps({
+        "arwkv": arwkv.__version__,
+        "torch": torch.__version__,
+        "build": arwkv_ext.build_info,
+        "cpu_isa": arwkv_ext.cpu_isa(),
+        "cpu_isas_supported": arwkv_ext.cpu_isas_supported(),
+        "threads": torch.get_num_threads(),
+    }, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="arwkv", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="show the build and the CPU code path in use").set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ImportError, RuntimeError, ValueError) as err:
+        print(f"arwkv {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

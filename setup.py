@@ -1,0 +1,131 @@
+"""Builds arwkv: the Python packages and the arwkv_ext._C kernel library.
+
+Install with the torch you already have (the extension must be compiled against it):
+
+    pip install --no-build-isolation .
+
+Build switches (environment variables):
+    ARWKV_BUILD_TARGET  auto | cpu | cuda | rocm   (default auto: what the installed torch supports)
+    TORCH_CUDA_ARCH_LIST  CUDA architectures        (default "8.0;9.0")
+    PYTORCH_ROCM_ARCH     ROCm architectures        (default "gfx942")
+    MAX_JOBS              parallel compile jobs      (default: from CPU count and free memory)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit(
+        "arwkv: PyTorch is not installed in the Python that builds arwkv. Install torch first "
+        "(for example `pip install torch`), then build against it with "
+        "`pip install --no-build-isolation .` (an isolated build would compile against a "
+        "different torch)."
+    )
+
+ROOT = Path(__file__).parent
+TARGETS = ("auto", "cpu", "cuda", "rocm")
+CPU_SOURCES = [
+    "csrc/wkv_ops.cpp",
+    "csrc/wkv_checks.cpp",
+    "csrc/cpu/wkv_cpu_ops.cpp",
+    "csrc/cpu/wkv_cpu.cpp",
+    "csrc/cpu/wkv_cpu_baseline.cpp",
+    "csrc/cpu/wkv_cpu_avx2.cpp",
+    "csrc/cpu/wkv_cpu_avx512.cpp",
+]
+CPU_ISAS = ["baseline", "avx2", "avx512"] if os.uname().machine in ("x86_64", "AMD64") else ["baseline"]
+
+
+def resolve_target() -> str:
+    """The build target: ARWKV_BUILD_TARGET, or for 'auto' what the installed torch is for."""
+    target = os.environ.get("ARWKV_BUILD_TARGET", "auto").strip().lower()
+    if target not in TARGETS:
+        sys.exit(f"arwkv: ARWKV_BUILD_TARGET={target!r} is not one of {', '.join(TARGETS)}")
+    if target == "auto":
+        if torch.version.hip:
+            return "rocm"
+        if torch.version.cuda:
+            return "cuda"
+        return "cpu"
+    if target == "cuda" and not torch.version.cuda:
+        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=cuda needs a CUDA build of torch; this is torch {torch.__version__}")
+    if target == "rocm" and not torch.version.hip:
+        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=rocm needs a ROCm build of torch; this is torch {torch.__version__}")
+    return target
+
+
+def gpu_archs(target: str) -> list[str]:
+    """Explicit GPU architecture lists (never 'native': the build machine may have no GPU)."""
+    if target == "cuda":
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        return [a for a in archs.replace(",", ";").replace(" ", ";").split(";") if a]
+    if target == "rocm":
+        archs = os.environ.get("PYTORCH_ROCM_ARCH", "gfx942")
+        os.environ["PYTORCH_ROCM_ARCH"] = archs
+        return [a for a in archs.split(";") if a]
+    return []
+
+
+def default_max_jobs() -> None:
+    """Each compile job of these files peaks near 1 GB; keep the machine responsive."""
+    if "MAX_JOBS" in os.environ:
+        return
+    try:
+        free_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        free_gb = 4.0
+    os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 1.5))))
+
+
+target = resolve_target()
+archs = gpu_archs(target)
+default_max_jobs()
+if target != "cpu":
+    print(
+        f"arwkv: build target {target} ({';'.join(archs)}): the GPU kernels are not part of this "
+        "release yet, so only the CPU kernels are built; on a GPU tensor the ops raise a clear error.",
+        file=sys.stderr,
+    )
+
+BUILD_INFO = {
+    "torch": torch.__version__,
+    "target": target,
+    "kernels": ["cpu"],
+    "cpu_isas": CPU_ISAS,
+    "gpu_archs": archs,
+}
+
+
+class BuildWithInfo(BuildExtension):
+    """Compiles the extension and records what it was built for (checked at import)."""
+
+    def run(self) -> None:
+        super().run()
+        out_dir = Path(self.build_lib) / "arwkv_ext"
+        if self.inplace:
+            out_dir = ROOT / "arwkv_ext"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "_build_info.json").write_text(json.dumps(BUILD_INFO, indent=2) + "\n")
+
+
+extension = CppExtension(
+    name="arwkv_ext._C",
+    sources=CPU_SOURCES,
+    include_dirs=[str(ROOT / "csrc")],
+    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno"]},
+)
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildWithInfo},
+)
