@@ -118,11 +118,23 @@ class BuildWithInfo(BuildExtension):
         (out_dir / "_build_info.json").write_text(json.dumps(BUILD_INFO, indent=2) + "\n")
 
 
+def openmp_flags() -> list[str]:
+    """at::parallel_for is inline OpenMP code: without -fopenmp it silently runs on one thread.
+
+    torch ships its own libgomp.so.1, so linking with -fopenmp shares torch's thread pool and
+    honours torch.set_num_threads.
+    """
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
 extension = CppExtension(
     name="arwkv_ext._C",
     sources=CPU_SOURCES,
     include_dirs=[str(ROOT / "csrc")],
-    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno"]},
+    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()]},
+    extra_link_args=openmp_flags(),
 )
 
 setup(

@@ -23,7 +23,8 @@
 namespace arwkv::cpu::ARWKV_ISA {
 namespace {
 
-constexpr int kChunk = 16;  // steps per packed input chunk and per state snapshot
+constexpr int kChunk = 16;     // steps per packed input chunk and per state snapshot
+constexpr int kRowBlock = 16;  // value rows per backward block (divides every row split)
 
 typedef float fvec __attribute__((vector_size(ARWKV_VEC_BYTES)));
 typedef double dvec __attribute__((vector_size(ARWKV_VEC_BYTES)));
@@ -192,7 +193,10 @@ template <class In, class A> struct Chunk {
   Scratch<A> d, k, a, b, r, v, gy;
   Chunk(int64_t N_, int64_t rows_)
       : N(N_), rows(rows_), d(kChunk * N_), k(kChunk * N_), a(kChunk * N_), b(kChunk * N_),
-        r(kChunk * N_), v(kChunk * rows_), gy(kChunk * rows_) {}
+        r(kChunk * N_), v(kChunk * rows_), gy(kChunk * rows_) {
+    // WKV-6 packs no a, b; zeros keep the shared code paths finite.
+    for (int64_t i = 0; i < kChunk * N_; ++i) a.p[i] = b.p[i] = A(0);
+  }
 
   void pack(const WkvArgs& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
             const In* grad_y) {
@@ -213,6 +217,26 @@ template <class In, class A> struct Chunk {
       if (grad_y) load_row(grad_y + o + row0, gy.p + t * rows, rows);
     }
     exp_inplace(d.p, n * N);
+  }
+
+  // Rows of one head are H * N elements apart, so each step's inputs sit on another page,
+  // where hardware prefetchers stop: ask for the next chunk while this one is computed.
+  void prefetch(const WkvArgs& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
+                const In* grad_y) const {
+    const In* inputs[] = {static_cast<const In*>(p.r), static_cast<const In*>(p.w),
+                          static_cast<const In*>(p.k), static_cast<const In*>(p.a),
+                          static_cast<const In*>(p.b)};
+    const int64_t line = 64 / sizeof(In);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t o = offset(p, batch, t0 + t, h);
+      for (const In* x : inputs)
+        if (x)
+          for (int64_t j = 0; j < N; j += line) __builtin_prefetch(x + o + j);
+      for (int64_t i = 0; i < rows; i += line) {
+        __builtin_prefetch(static_cast<const In*>(p.v) + o + row0 + i);
+        if (grad_y) __builtin_prefetch(grad_y + o + row0 + i);
+      }
+    }
   }
 };
 
@@ -303,6 +327,9 @@ void forward_rows(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_
   for (int64_t t0 = sg.t_begin, c = 0; t0 < sg.t_end; t0 += kChunk, ++c) {
     const int64_t n = sg.t_end - t0 < kChunk ? sg.t_end - t0 : kChunk;
     ch.pack(p, sg.batch, h, t0, n, row0, nullptr);
+    if (t0 + n < sg.t_end)
+      ch.prefetch(p, sg.batch, h, t0 + n, sg.t_end - t0 - n < kChunk ? sg.t_end - t0 - n : kChunk, row0,
+                  nullptr);
     for (int64_t blk = 0; blk < blocks; ++blk) {
       A* tile = St.p + blk * N * RW;
       if (snapshots) {
@@ -378,7 +405,7 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
 
   Chunk<In, A> ch(N, rows);
   Scratch<A> states((kChunk + 1) * rows * N);  // S_{t0-1 .. t0+n-1} of the chunk, [step][row][key]
-  Scratch<A> sa(kChunk * rows), dsa(rows);
+  Scratch<A> sa(kChunk * rows), dsa(rows), colacc(5 * N);
   Scratch<A> u(N);
   Scratch<A> du(N);
   for (int64_t j = 0; j < N; ++j) du.p[j] = 0;
@@ -389,28 +416,35 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
     const int64_t t0 = sg.t_begin + c * kChunk;
     const int64_t n = sg.t_end - t0 < kChunk ? sg.t_end - t0 : kChunk;
     ch.pack(p, sg.batch, h, t0, n, row0, gy_in);
+    if (c > 0) ch.prefetch(p, sg.batch, h, t0 - kChunk, kChunk, row0, gy_in);
     if (!gy_in)
       for (int64_t i = 0; i < n * rows; ++i) ch.gy.p[i] = 0;
-    // Recompute the chunk's states from its snapshot.
+    // Recompute the chunk's states from its snapshot, two value rows at a time (they share
+    // the loads of the step's key-side vectors).
     for (int64_t i = 0; i < rows * N; ++i) states.p[i] = snaps.p[c * rows * N + i];
     for (int64_t t = 0; t < n; ++t) {
       const A *d = ch.d.p + t * N, *k = ch.k.p + t * N, *a = ch.a.p + t * N, *b = ch.b.p + t * N;
-      for (int64_t i = 0; i < rows; ++i) {
-        const A* s0 = states.p + (t * rows + i) * N;
-        A* s1 = states.p + ((t + 1) * rows + i) * N;
-        const A vi = ch.v.p[t * rows + i];
-        A sai = 0;
+      for (int64_t i = 0; i < rows; i += 2) {
+        const A* x0 = states.p + (t * rows + i) * N;  // rows i, i + 1 of S_{t-1}
+        const A* x1 = x0 + N;
+        A* z0 = states.p + ((t + 1) * rows + i) * N;  // rows i, i + 1 of S_t
+        A* z1 = z0 + N;
+        const A v0 = ch.v.p[t * rows + i], v1 = ch.v.p[t * rows + i + 1];
+        A sa0 = 0, sa1 = 0;
         if (v7) {
-          V acc = V{};
-          for (int64_t q = 0; q < NV; ++q) acc += vload<V>(s0 + q * W) * vload<V>(a + q * W);
-          sai = hsum(acc);
-          sa.p[t * rows + i] = sai;
-          for (int64_t q = 0; q < NV; ++q)
-            vstore(s1 + q * W, vload<V>(s0 + q * W) * vload<V>(d + q * W) + sai * vload<V>(b + q * W) +
-                                   vi * vload<V>(k + q * W));
-        } else {
-          for (int64_t q = 0; q < NV; ++q)
-            vstore(s1 + q * W, vload<V>(s0 + q * W) * vload<V>(d + q * W) + vi * vload<V>(k + q * W));
+          V acc0 = V{}, acc1 = V{};
+          for (int64_t q = 0; q < NV; ++q) {
+            const V aq = vload<V>(a + q * W);
+            acc0 += vload<V>(x0 + q * W) * aq;
+            acc1 += vload<V>(x1 + q * W) * aq;
+          }
+          sa0 = hsum(acc0), sa1 = hsum(acc1);
+          sa.p[t * rows + i] = sa0, sa.p[t * rows + i + 1] = sa1;
+        }
+        for (int64_t q = 0; q < NV; ++q) {
+          const V dq = vload<V>(d + q * W), bq = vload<V>(b + q * W), kq = vload<V>(k + q * W);
+          vstore(z0 + q * W, vload<V>(x0 + q * W) * dq + sa0 * bq + v0 * kq);
+          vstore(z1 + q * W, vload<V>(x1 + q * W) * dq + sa1 * bq + v1 * kq);
         }
       }
     }
@@ -419,72 +453,91 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
               *r = ch.r.p + t * N;
       const A* vr = ch.v.p + t * rows;
       const A* gy = ch.gy.p + t * rows;
+      const A* sat = sa.p + t * rows;
       const A* S0 = states.p + t * rows * N;        // S_{t-1}
       const A* S1 = states.p + (t + 1) * rows * N;  // S_t
       const int64_t o = offset(p, sg.batch, t0 + t, h);
-      if (v7) {
-        // Phase A, per row: dS += dy r^T (y_t = S_t r_t), then dv = dS k, d(sa) = dS b.
-        for (int64_t i = 0; i < rows; ++i) {
-          A* g = dS.p + i * N;
-          V av = V{}, bv = V{};
+      A ruk = 0, gyv = 0;  // WKV-6 bonus terms
+      if (!v7) {
+        for (int64_t j = 0; j < N; ++j) ruk += r[j] * u.p[j] * k[j];
+        for (int64_t i = 0; i < rows; ++i) gyv += gy[i] * vr[i];
+      }
+      for (int64_t j = 0; j < 5 * N; ++j) colacc.p[j] = 0;
+      // Blocks of kRowBlock rows keep dS, S_{t-1} and S_t of the block in L1 while phase B
+      // walks its key columns.
+      for (int64_t rb = 0; rb < rows; rb += kRowBlock) {
+        // Phase A, per row pair: WKV-7 first adds dy r^T (y_t = S_t r_t) to dS, then
+        // dv = dS k and d(sa) = dS b; WKV-6 only needs dv = dS k + dy (r . u k).
+        for (int64_t i = rb; i < rb + kRowBlock; i += 2) {
+          A* g0 = dS.p + i * N;
+          A* g1 = g0 + N;
+          V kv0 = V{}, kv1 = V{}, bv0 = V{}, bv1 = V{};
           for (int64_t q = 0; q < NV; ++q) {
-            V x = vload<V>(g + q * W) + gy[i] * vload<V>(r + q * W);
-            vstore(g + q * W, x);
-            av += x * vload<V>(k + q * W);
-            bv += x * vload<V>(b + q * W);
+            V x0 = vload<V>(g0 + q * W), x1 = vload<V>(g1 + q * W);
+            const V kq = vload<V>(k + q * W);
+            if (v7) {
+              const V rq = vload<V>(r + q * W), bq = vload<V>(b + q * W);
+              x0 += gy[i] * rq;
+              x1 += gy[i + 1] * rq;
+              vstore(g0 + q * W, x0);
+              vstore(g1 + q * W, x1);
+              bv0 += x0 * bq;
+              bv1 += x1 * bq;
+            }
+            kv0 += x0 * kq;
+            kv1 += x1 * kq;
           }
-          gv[o + row0 + i] = hsum(av);
-          dsa.p[i] = hsum(bv);
+          gv[o + row0 + i] = hsum(kv0) + (v7 ? A(0) : gy[i] * ruk);
+          gv[o + row0 + i + 1] = hsum(kv1) + (v7 ? A(0) : gy[i + 1] * ruk);
+          if (v7) dsa.p[i] = hsum(bv0), dsa.p[i + 1] = hsum(bv1);
         }
-        // Phase B, per key column vector: column gradients summed over rows, dS -> dS_{t-1}.
+        // Phase B, per key-column vector: the column gradients summed over the block's rows,
+        // and dS -> dS_{t-1}.
         for (int64_t q = 0; q < NV; ++q) {
           V gr = V{}, gw = V{}, gk = V{}, ga = V{}, gb = V{};
-          const V dq = vload<V>(d + q * W), aq = vload<V>(a + q * W);
-          for (int64_t i = 0; i < rows; ++i) {
+          const V dq = vload<V>(d + q * W), aq = vload<V>(a + q * W), rq = vload<V>(r + q * W);
+          for (int64_t i = rb; i < rb + kRowBlock; ++i) {
             A* g = dS.p + i * N + q * W;
             const V x = vload<V>(g);
             const V s0 = vload<V>(S0 + i * N + q * W);
-            gr += vload<V>(S1 + i * N + q * W) * gy[i];
-            gk += x * vr[i];
-            gb += x * sa.p[t * rows + i];
-            gw += x * s0;
-            ga += s0 * dsa.p[i];
-            vstore(g, x * dq + dsa.p[i] * aq);
-          }
-          vstore(gcol[0] + o + q * W, gr);
-          vstore(gcol[1] + o + q * W, gw * dq);
-          vstore(gcol[2] + o + q * W, gk);
-          vstore(gcol[3] + o + q * W, ga);
-          vstore(gcol[4] + o + q * W, gb);
-        }
-      } else {
-        // WKV-6: y_t = S_{t-1} r_t + v_t (r_t . u k_t); dS here is d loss / d S_t.
-        A ruk = 0, gyv = 0;
-        for (int64_t j = 0; j < N; ++j) ruk += r[j] * u.p[j] * k[j];
-        for (int64_t i = 0; i < rows; ++i) {
-          const A* g = dS.p + i * N;
-          V av = V{};
-          for (int64_t q = 0; q < NV; ++q) av += vload<V>(g + q * W) * vload<V>(k + q * W);
-          gv[o + row0 + i] = hsum(av) + gy[i] * ruk;
-          gyv += gy[i] * vr[i];
-        }
-        for (int64_t q = 0; q < NV; ++q) {
-          V gr = V{}, gw = V{}, gk = V{};
-          const V dq = vload<V>(d + q * W), rq = vload<V>(r + q * W);
-          for (int64_t i = 0; i < rows; ++i) {
-            A* g = dS.p + i * N + q * W;
-            const V x = vload<V>(g);
-            const V s0 = vload<V>(S0 + i * N + q * W);
-            gr += s0 * gy[i];
             gk += x * vr[i];
             gw += x * s0;
-            vstore(g, x * dq + gy[i] * rq);
+            if (v7) {
+              gr += vload<V>(S1 + i * N + q * W) * gy[i];
+              gb += x * sat[i];
+              ga += s0 * dsa.p[i];
+              vstore(g, x * dq + dsa.p[i] * aq);
+            } else {
+              gr += s0 * gy[i];
+              vstore(g, x * dq + gy[i] * rq);
+            }
           }
-          const V uq = vload<V>(u.p + q * W), kq = vload<V>(k + q * W);
-          vstore(gcol[0] + o + q * W, gr + uq * kq * gyv);
-          vstore(gcol[1] + o + q * W, gw * dq);
-          vstore(gcol[2] + o + q * W, gk + rq * uq * gyv);
+          A* acc = colacc.p + q * W;
+          vstore(acc, vload<V>(acc) + gr);
+          vstore(acc + N, vload<V>(acc + N) + gw);
+          vstore(acc + 2 * N, vload<V>(acc + 2 * N) + gk);
+          if (v7) {
+            vstore(acc + 3 * N, vload<V>(acc + 3 * N) + ga);
+            vstore(acc + 4 * N, vload<V>(acc + 4 * N) + gb);
+          }
+        }
+      }
+      for (int64_t q = 0; q < NV; ++q) {
+        const A* acc = colacc.p + q * W;
+        const V dq = vload<V>(d + q * W), rq = vload<V>(r + q * W), kq = vload<V>(k + q * W);
+        V gr = vload<V>(acc), gk = vload<V>(acc + 2 * N);
+        if (!v7) {  // the bonus y_t += v_t (r . u k) touches r, k and u
+          const V uq = vload<V>(u.p + q * W);
+          gr += uq * kq * gyv;
+          gk += rq * uq * gyv;
           vstore(du.p + q * W, vload<V>(du.p + q * W) + rq * kq * gyv);
+        }
+        vstore(gcol[0] + o + q * W, gr);
+        vstore(gcol[1] + o + q * W, vload<V>(acc + N) * dq);
+        vstore(gcol[2] + o + q * W, gk);
+        if (v7) {
+          vstore(gcol[3] + o + q * W, vload<V>(acc + 3 * N));
+          vstore(gcol[4] + o + q * W, vload<V>(acc + 4 * N));
         }
       }
     }
