@@ -3,6 +3,10 @@
 #include <cstdlib>
 #include <new>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "wkv_cpu.h"
 
 #define ARWKV_ISA baseline
