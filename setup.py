@@ -57,9 +57,9 @@ def resolve_target() -> str:
             return "cuda"
         return "cpu"
     if target == "cuda" and not torch.version.cuda:
-        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=cuda needs a CUDA build of torch; this is torch {torch.__version__}")
+        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=cuda needs a CUDA build of torch, not {torch.__version__}")
     if target == "rocm" and not torch.version.hip:
-        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=rocm needs a ROCm build of torch; this is torch {torch.__version__}")
+        sys.exit(f"arwkv: ARWKV_BUILD_TARGET=rocm needs a ROCm build of torch, not {torch.__version__}")
     return target
 
 
@@ -133,7 +133,9 @@ extension = CppExtension(
     name="arwkv_ext._C",
     sources=CPU_SOURCES,
     include_dirs=[str(ROOT / "csrc")],
-    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()]},
+    extra_compile_args={
+        "cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()],
+    },
     extra_link_args=openmp_flags(),
 )
 

@@ -41,9 +41,9 @@ def _check_build() -> dict:
 
 build_info = _check_build()
 
-from . import _C  # noqa: E402  (loads the library that registers torch.ops.arwkv.*)
-from . import reference  # noqa: E402
-from .ops import wkv6, wkv7  # noqa: E402
+# After the check, so a torch mismatch reads as the message above, not as an undefined symbol.
+from . import _C, reference  # _C: loading it registers torch.ops.arwkv.*
+from .ops import wkv6, wkv7
 
 
 def cpu_isa() -> str:

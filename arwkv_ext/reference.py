@@ -54,7 +54,7 @@ def _wkv6_steps(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
 def _stack_time(ys: list[Tensor], like: Tensor) -> Tensor:
     if ys:
         return torch.stack(ys, dim=1)
-    return like.new_zeros(like.shape)
+    return like.clone()  # T = 0: empty, but still part of the autograd graph
 
 
 def _run_packed(steps: Callable[..., tuple[Tensor, Tensor]], seq_inputs: list[Tensor],

@@ -2,15 +2,30 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace arwkv {
 namespace {
 
 const int64_t kHeadSizes[] = {16, 32, 64, 128};
 
+// Names as Python users write them ("torch.float32", not c10's "Float").
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 void check_float(const char* op, const char* name, const at::Tensor& t) {
   const auto dt = t.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   op, ": ", name, " has dtype ", dt,
+                   op, ": ", name, " has dtype ", dtype_name(dt),
                    "; expected float32, bfloat16, float16 or float64 (float64 on CPU only)");
 }
 
@@ -36,8 +51,8 @@ WkvShape check_wkv_inputs(const char* op, int version, const at::Tensor& r, cons
     TORCH_CHECK_VALUE(t->sizes() == r.sizes(), op, ": ", name, " has shape ", t->sizes(),
                       " but r has ", r.sizes(), "; ", seq_names, " must all be [B, T, H, N]");
     check_float(op, name, *t);
-    TORCH_CHECK_TYPE(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(),
-                     " but r has ", dtype, "; ", seq_names, " must share one dtype");
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, op, ": ", name, " has dtype ", dtype_name(t->scalar_type()),
+                     " but r has ", dtype_name(dtype), "; ", seq_names, " must share one dtype");
     TORCH_CHECK_VALUE(t->device() == r.device(), op, ": ", name, " is on ", t->device(),
                       " but r is on ", r.device(), "; all tensors must be on one device");
   }
@@ -51,8 +66,8 @@ WkvShape check_wkv_inputs(const char* op, int version, const at::Tensor& r, cons
     TORCH_CHECK_VALUE(u->dim() == 2 && u->size(0) == H && u->size(1) == N, op, ": u has shape ",
                       u->sizes(), "; expected [H, N] = [", H, ", ", N, "]");
     check_float(op, "u", *u);
-    TORCH_CHECK_TYPE(u->scalar_type() == dtype, op, ": u has dtype ", u->scalar_type(),
-                     " but r has ", dtype, "; u must share the inputs' dtype");
+    TORCH_CHECK_TYPE(u->scalar_type() == dtype, op, ": u has dtype ", dtype_name(u->scalar_type()),
+                     " but r has ", dtype_name(dtype), "; u must share the inputs' dtype");
     TORCH_CHECK_VALUE(u->device() == r.device(), op, ": u is on ", u->device(), " but r is on ",
                       r.device(), "; all tensors must be on one device");
   }
@@ -61,7 +76,7 @@ WkvShape check_wkv_inputs(const char* op, int version, const at::Tensor& r, cons
   if (cu_seqlens) {
     const auto& cu = *cu_seqlens;
     TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
-                     ": cu_seqlens has dtype ", cu.scalar_type(), "; expected int32 or int64");
+                     ": cu_seqlens has dtype ", dtype_name(cu.scalar_type()), "; expected int32 or int64");
     TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": cu_seqlens has shape ", cu.sizes(),
                       "; expected [S + 1] offsets");
     TORCH_CHECK_VALUE(B == 1, op, ": cu_seqlens packs sequences along T and requires B = 1, but r has B = ", B);
@@ -77,8 +92,8 @@ WkvShape check_wkv_inputs(const char* op, int version, const at::Tensor& r, cons
                       op, ": initial_state has shape ", s0.sizes(), "; expected [", S, ", ", H, ", ", N,
                       ", ", N, "] ([", cu_seqlens ? "S" : "B", ", H, N, N]",
                       cu_seqlens ? ", one state per packed sequence" : "", ")");
-    TORCH_CHECK_TYPE(s0.scalar_type() == state_dtype, op, ": initial_state has dtype ", s0.scalar_type(),
-                     "; the state is ", state_dtype, " for ", dtype, " inputs");
+    TORCH_CHECK_TYPE(s0.scalar_type() == state_dtype, op, ": initial_state has dtype ", dtype_name(s0.scalar_type()),
+                     "; the state is ", dtype_name(state_dtype), " for ", dtype_name(dtype), " inputs");
     TORCH_CHECK_VALUE(s0.device() == r.device(), op, ": initial_state is on ", s0.device(),
                       " but r is on ", r.device(), "; all tensors must be on one device");
   }

@@ -27,7 +27,7 @@ def packing(T: int) -> list[int]:
     return [c for c in cuts if c <= T]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(op: str, N: int, T: int, with_state: bool, packed: bool):
     """float64 reference with gradients from y and from the state, shared by every dtype.
 
