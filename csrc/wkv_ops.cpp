@@ -60,6 +60,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv6_backward_meta(
           empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
 }
 
+// This release has CPU kernels only: a GPU tensor gets one clear sentence instead of the
+// dispatcher's list of backends.
+template <class... Args>
+std::tuple<Tensor, Tensor> no_gpu_kernels(const Tensor& r, const Args&...) {
+  TORCH_CHECK(false, "arwkv: this build has CPU kernels only (GPU kernels are not released yet); "
+              "r is on ", r.device(), ", so move the inputs to the CPU");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(arwkv, m) {
@@ -75,6 +83,11 @@ TORCH_LIBRARY(arwkv, m) {
   m.def("wkv6_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, "
         "Tensor? initial_state, Tensor? cu_seqlens, Tensor? grad_y, Tensor? grad_state) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(arwkv, CUDA, m) {
+  m.impl("wkv7", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
+  m.impl("wkv6", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
 }
 
 TORCH_LIBRARY_IMPL(arwkv, Meta, m) {
