@@ -242,34 +242,32 @@ template <class In, class A> struct Chunk {
 
 // ---- forward ----------------------------------------------------------------------------
 // One WKV-7 step for RV vectors of value rows: St is the [N][RV*W] tile of those rows.
-// sa holds S_{t-1} a_t on entry; with NEXT it leaves holding S_t a_{t+1}.
+// sa holds S_{t-1} a_t on entry; with NEXT it leaves holding S_t a_{t+1}. The five scalars of
+// a key column are broadcast once and shared by the RV row vectors.
 template <class A, int RV, bool NEXT>
 inline void step7(A* St, int64_t N, const A* d, const A* k, const A* b, const A* r, const A* a_next,
                   const A* vrow, A* yrow, typename VecOf<A>::V (&sa)[RV]) {
   using V = typename VecOf<A>::V;
   constexpr int W = VecOf<A>::W, RW = RV * W;
-  V vv[RV], y0[RV], y1[RV], n0[RV], n1[RV];
+  V vv[RV], y[RV], nsa[RV];
   for (int q = 0; q < RV; ++q) {
     vv[q] = vload<V>(vrow + q * W);
-    y0[q] = y1[q] = n0[q] = n1[q] = V{};
+    y[q] = nsa[q] = V{};
   }
-  for (int64_t j = 0; j < N; j += 2) {
-    A* s0 = St + j * RW;
-    A* s1 = s0 + RW;
+  for (int64_t j = 0; j < N; ++j) {
+    A* col = St + j * RW;
+    const V dj = splat<V>(d[j]), bj = splat<V>(b[j]), kj = splat<V>(k[j]), rj = splat<V>(r[j]);
+    const V aj = NEXT ? splat<V>(a_next[j]) : V{};
     for (int q = 0; q < RV; ++q) {
-      V s = vload<V>(s0 + q * W) * d[j] + sa[q] * b[j] + vv[q] * k[j];
-      vstore(s0 + q * W, s);
-      y0[q] += s * r[j];
-      if (NEXT) n0[q] += s * a_next[j];
-      V z = vload<V>(s1 + q * W) * d[j + 1] + sa[q] * b[j + 1] + vv[q] * k[j + 1];
-      vstore(s1 + q * W, z);
-      y1[q] += z * r[j + 1];
-      if (NEXT) n1[q] += z * a_next[j + 1];
+      const V s = vload<V>(col + q * W) * dj + sa[q] * bj + vv[q] * kj;
+      vstore(col + q * W, s);
+      y[q] += s * rj;
+      if (NEXT) nsa[q] += s * aj;
     }
   }
   for (int q = 0; q < RV; ++q) {
-    vstore(yrow + q * W, y0[q] + y1[q]);
-    if (NEXT) sa[q] = n0[q] + n1[q];
+    vstore(yrow + q * W, y[q]);
+    if (NEXT) sa[q] = nsa[q];
   }
 }
 
@@ -279,24 +277,21 @@ inline void step6(A* St, int64_t N, const A* d, const A* k, const A* r, A ruk, c
                   A* yrow) {
   using V = typename VecOf<A>::V;
   constexpr int W = VecOf<A>::W, RW = RV * W;
-  V vv[RV], y0[RV], y1[RV];
+  V vv[RV], y[RV];
   for (int q = 0; q < RV; ++q) {
     vv[q] = vload<V>(vrow + q * W);
-    y0[q] = y1[q] = V{};
+    y[q] = V{};
   }
-  for (int64_t j = 0; j < N; j += 2) {
-    A* s0 = St + j * RW;
-    A* s1 = s0 + RW;
+  for (int64_t j = 0; j < N; ++j) {
+    A* col = St + j * RW;
+    const V dj = splat<V>(d[j]), kj = splat<V>(k[j]), rj = splat<V>(r[j]);
     for (int q = 0; q < RV; ++q) {
-      V s = vload<V>(s0 + q * W);
-      y0[q] += s * r[j];
-      vstore(s0 + q * W, s * d[j] + vv[q] * k[j]);
-      V z = vload<V>(s1 + q * W);
-      y1[q] += z * r[j + 1];
-      vstore(s1 + q * W, z * d[j + 1] + vv[q] * k[j + 1]);
+      const V s = vload<V>(col + q * W);
+      y[q] += s * rj;
+      vstore(col + q * W, s * dj + vv[q] * kj);
     }
   }
-  for (int q = 0; q < RV; ++q) vstore(yrow + q * W, y0[q] + y1[q] + vv[q] * ruk);
+  for (int q = 0; q < RV; ++q) vstore(yrow + q * W, y[q] + vv[q] * ruk);
 }
 
 // Runs the forward recurrence of one segment, one head, value rows [row0, row0 + rows).
