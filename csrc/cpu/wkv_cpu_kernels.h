@@ -4,7 +4,8 @@
 // switches the compiler's target (AVX-512, AVX2+FMA, or the x86-64 baseline) and includes
 // this file, so the same source becomes three instruction sets chosen at run time.
 // Everything here lives in that per-ISA namespace and uses no standard-library templates,
-// so no code compiled for a wider ISA can leak into the others through the linker.
+// so no code compiled for a wider ISA can leak into the others through the linker
+// (std::index_sequence below is a compile-time type only).
 //
 // Forward ("lanes = rows"): the state of one head is kept transposed as a tile St[j][i]
 // (j = key column, i = value row) so that one vector holds W value rows. A step then needs
@@ -49,7 +50,15 @@ template <class V> inline V vload(const void* p) {
   return x;
 }
 template <class V> inline void vstore(void* p, V x) { __builtin_memcpy(p, &x, sizeof(V)); }
-template <class V, class A> inline V splat(A x) { return V{} + x; }
+// Broadcast as a braced list {x, x, ..., x}: compiles to one vbroadcastss/sd, where
+// `V{} + x` costs a real addition (0 + x is not x for x = -0) and an element loop may not
+// be recognised.
+template <class V, class A, size_t... I> inline V splat_list(A x, std::index_sequence<I...>) {
+  return V{((void)I, x)...};
+}
+template <class V, class A> inline V splat(A x) {
+  return splat_list<V>(x, std::make_index_sequence<sizeof(V) / sizeof(A)>());
+}
 
 // Horizontal sums by halving; one overload per vector width.
 typedef float f2 __attribute__((vector_size(8)));
