@@ -373,10 +373,71 @@ void forward_rows(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_
           final_out[((seg * H + h) * N + row0 + blk * RW + i) * N + j] = St.p[(blk * N + j) * RW + i];
 }
 
+// A few steps (decoding): update the state in place in its own [row][key] layout. This skips
+// the two transposes of the tile path, which cost more than these steps' row dot products.
+constexpr int64_t kShortSegment = 4;
+
+template <class In, class A>
+void forward_rows_short(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
+                        A* final_out, A* snapshots) {
+  using V = typename VecOf<A>::V;
+  constexpr int W = VecOf<A>::W;
+  const int64_t N = p.N, NV = N / W;
+  const Segment sg = segment(p, seg);
+  const int64_t len = sg.t_end - sg.t_begin;
+  const int64_t state_offset = ((seg * p.H + h) * N + row0) * N;
+  Scratch<A> S(rows * N);
+  const A* s_init = static_cast<const A*>(p.initial_state);
+  for (int64_t e = 0; e < rows * N; ++e) S.p[e] = s_init ? s_init[state_offset + e] : A(0);
+  if (snapshots && len > 0)  // one chunk: its snapshot is the initial state
+    for (int64_t e = 0; e < rows * N; ++e) snapshots[e] = S.p[e];
+
+  Chunk<In, A> ch(N, rows);
+  ch.pack(p, sg.batch, h, sg.t_begin, len, row0, nullptr);
+  Scratch<A> u(N), yrow(rows);
+  if (p.version == 6) load_row(static_cast<const In*>(p.u) + h * N, u.p, N);
+  for (int64_t t = 0; t < len; ++t) {
+    const A *d = ch.d.p + t * N, *k = ch.k.p + t * N, *a = ch.a.p + t * N, *b = ch.b.p + t * N,
+            *r = ch.r.p + t * N, *v = ch.v.p + t * rows;
+    A ruk = 0;
+    if (p.version == 6)
+      for (int64_t j = 0; j < N; ++j) ruk += r[j] * u.p[j] * k[j];
+    for (int64_t i = 0; i < rows; ++i) {
+      A* s = S.p + i * N;
+      V acc = V{};
+      if (p.version == 7) {
+        for (int64_t q = 0; q < NV; ++q) acc += vload<V>(s + q * W) * vload<V>(a + q * W);
+        const A sa = hsum(acc);
+        acc = V{};
+        for (int64_t q = 0; q < NV; ++q) {
+          const V x = vload<V>(s + q * W) * vload<V>(d + q * W) + sa * vload<V>(b + q * W) +
+                      v[i] * vload<V>(k + q * W);
+          vstore(s + q * W, x);
+          acc += x * vload<V>(r + q * W);
+        }
+        yrow.p[i] = hsum(acc);
+      } else {
+        for (int64_t q = 0; q < NV; ++q) {
+          const V x = vload<V>(s + q * W);
+          acc += x * vload<V>(r + q * W);
+          vstore(s + q * W, x * vload<V>(d + q * W) + v[i] * vload<V>(k + q * W));
+        }
+        yrow.p[i] = hsum(acc) + v[i] * ruk;
+      }
+    }
+    if (y_out) store_row(yrow.p, y_out + offset(p, sg.batch, sg.t_begin + t, h) + row0, rows);
+  }
+  if (final_out)
+    for (int64_t e = 0; e < rows * N; ++e) final_out[state_offset + e] = S.p[e];
+}
+
 template <class In, class A>
 void forward_rows_any(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y,
                       A* final_out, A* snapshots) {
   constexpr int W = VecOf<A>::W;
+  const Segment sg = segment(p, seg);
+  if (sg.t_end - sg.t_begin <= kShortSegment)
+    return forward_rows_short<In, A>(p, seg, h, row0, rows, y, final_out, snapshots);
   if (rows % (2 * W) == 0)
     forward_rows<In, A, 2>(p, seg, h, row0, rows, y, final_out, snapshots);
   else
@@ -565,50 +626,39 @@ struct FlushDenormals {
 #endif
 };
 
-template <class In, class A> struct Tasks {
+// The tasks of one call: (segment, head, row split) triples, run by the caller's threads.
+template <class In, class A, bool kBackward> struct Tasks {
   const WkvArgs* p;
   const WkvForwardOut* out;
   const WkvBackwardIO* io;
   int64_t splits;
 
-  void locate(int64_t task, int64_t& seg, int64_t& h, int64_t& split) const {
-    seg = task / (p->H * splits);
-    h = task / splits % p->H;
-    split = task % splits;
-  }
-  static void forward(void* ctx, int64_t begin, int64_t end) {
+  static void run(void* ctx, int64_t begin, int64_t end) {
     const Tasks& ts = *static_cast<const Tasks*>(ctx);
-    const int64_t rows = ts.p->N / ts.splits;
+    const WkvArgs& p = *ts.p;
+    const int64_t rows = p.N / ts.splits;
     FlushDenormals ftz;
     for (int64_t task = begin; task < end; ++task) {
-      int64_t seg, h, split;
-      ts.locate(task, seg, h, split);
-      forward_rows_any<In, A>(*ts.p, seg, h, split * rows, rows, static_cast<In*>(ts.out->y),
-                              static_cast<A*>(ts.out->final_state), nullptr);
-    }
-  }
-  static void backward(void* ctx, int64_t begin, int64_t end) {
-    const Tasks& ts = *static_cast<const Tasks*>(ctx);
-    const int64_t rows = ts.p->N / ts.splits;
-    FlushDenormals ftz;
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t seg, h, split;
-      ts.locate(task, seg, h, split);
-      backward_rows<In, A>(*ts.p, *ts.io, seg, h, split, rows);
+      const int64_t seg = task / (p.H * ts.splits), h = task / ts.splits % p.H, split = task % ts.splits;
+      if constexpr (kBackward)
+        backward_rows<In, A>(p, *ts.io, seg, h, split, rows);
+      else
+        forward_rows_any<In, A>(p, seg, h, split * rows, rows, static_cast<In*>(ts.out->y),
+                                static_cast<A*>(ts.out->final_state), nullptr);
     }
   }
 };
 
 template <class In, class A>
 void forward_typed(const WkvArgs& p, const WkvForwardOut& out, const ParallelFor& pf) {
-  Tasks<In, A> ts{&p, &out, nullptr, row_splits(p)};
-  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A>::forward);
+  Tasks<In, A, false> ts{&p, &out, nullptr, row_splits(p)};
+  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A, false>::run);
 }
 
 template <class In, class A>
 void backward_typed(const WkvArgs& p, const WkvBackwardIO& io, const ParallelFor& pf) {
-  Tasks<In, A> ts{&p, nullptr, &io, row_splits(p)};
-  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A>::backward);
+  Tasks<In, A, true> ts{&p, nullptr, &io, row_splits(p)};
+  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A, true>::run);
 }
 
 }  // namespace

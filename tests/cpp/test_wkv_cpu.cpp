@@ -238,7 +238,8 @@ int main() {
                                 std::to_string(N);
         check(make_problem(version, 2, 19, 2, N, {}, 1), 1, tag + " batch");
         check(make_problem(version, 1, 23, 1, N, {0, 5, 6, 23}, 2), 8, tag + " packed+splits");
-        checks += 2;
+        check(make_problem(version, 3, 3, 2, N, {}, 3), 2, tag + " short");  // the decoding path
+        checks += 3;
       }
   }
   std::printf("%d passed, %d failed\n", checks - failures, failures);
