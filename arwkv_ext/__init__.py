@@ -24,9 +24,9 @@ def _check_build() -> dict:
     info_path = Path(__file__).with_name("_build_info.json")
     if not info_path.exists():
         raise ImportError(
-            "arwkv_ext: the compiled kernels are missing (no _build_info.json next to "
-            f"{Path(__file__).parent}). Install arwkv with `pip install --no-build-isolation .` "
-            "rather than importing it from the source tree."
+            f"arwkv_ext: no compiled kernels in {Path(__file__).parent}: this is the source tree "
+            "(run from another directory if arwkv is installed), or arwkv is not built yet: "
+            "`pip install --no-build-isolation .` (or `-e .` to use the source tree in place)"
         )
     info = json.loads(info_path.read_text())
     built, have = Version(info["torch"]), Version(torch.__version__)
