@@ -61,7 +61,7 @@ Prepared prepare(const char* op, int version, const Tensor& r, const Tensor& w, 
   return p;
 }
 
-std::tuple<Tensor, Tensor> forward(Prepared p, const Tensor& r) {
+std::tuple<Tensor, Tensor> forward(const Prepared& p, const Tensor& r) {
   const WkvShape& g = p.g;
   Tensor y = at::empty({g.B, g.T, g.H, g.N}, r.options());
   Tensor state = at::empty({g.S, g.H, g.N, g.N}, r.options().dtype(g.state_dtype));
@@ -76,7 +76,7 @@ struct Grads {
   Tensor v, initial_state, u;
 };
 
-Grads backward(const char* op, Prepared p, const Tensor& r, const optional<Tensor>& grad_y,
+Grads backward(const char* op, Prepared&& p, const Tensor& r, const optional<Tensor>& grad_y,
                const optional<Tensor>& grad_state) {
   const WkvShape& g = p.g;
   check_wkv_grads(op, g, r, grad_y, grad_state);
