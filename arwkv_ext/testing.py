@@ -54,3 +54,25 @@ def rel_error(x: Tensor, ref: Tensor, floor: float = 1e-30) -> float:
     """
     x64, ref64 = x.detach().double().cpu(), ref.detach().double().cpu()
     return (x64 - ref64).norm().item() / max(ref64.norm().item(), floor)
+
+
+def run_with_grads(fn, inputs: list[Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None,
+                   grad_y: Tensor | None, grad_state: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Runs ``fn(*inputs, initial_state, cu_seqlens)`` (an op or a reference) and differentiates
+    loss = <y, grad_y> + <final_state, grad_state> (a None term is left out).
+
+    Returns y, final_state and the gradients of every input (then of initial_state, if given);
+    an input the loss does not depend on gets zeros.
+    """
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    s0 = None if initial_state is None else initial_state.detach().clone().requires_grad_()
+    y, state = fn(*leaves, s0, cu_seqlens)
+    loss = y.new_zeros((), dtype=torch.float64)
+    if grad_y is not None:
+        loss = loss + (y.double() * grad_y.double()).sum()
+    if grad_state is not None:
+        loss = loss + (state.double() * grad_state.double()).sum()
+    wrt = leaves + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt, strict=True)]
+    return y.detach(), state.detach(), grads

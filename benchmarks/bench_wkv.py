@@ -29,7 +29,7 @@ import torch
 
 import arwkv_ext
 from arwkv_ext.reference import wkv6_reference, wkv7_reference
-from arwkv_ext.testing import make_inputs, rel_error
+from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = {"wkv7": (arwkv_ext.wkv7, wkv7_reference), "wkv6": (arwkv_ext.wkv6, wkv6_reference)}
@@ -79,14 +79,12 @@ def max_error(op: str, inputs: list[torch.Tensor], steps: int) -> float:
     """Largest relative error of y, final_state and all gradients vs a float64 reference."""
     fn, ref = OPS[op]
     xs = [x[:, :steps].detach() if x.dim() == 4 else x.detach() for x in inputs]
-    ours = [x.clone().requires_grad_() for x in xs]
-    exact = [x.detach().cpu().double().requires_grad_() for x in xs]
-    y, s = fn(*ours)
-    y64, s64 = ref(*exact)
-    gy = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    gs = torch.randn(s64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    g = torch.autograd.grad((y.double() * gy.to(y.device)).sum() + (s.double() * gs.to(s.device)).sum(), ours)
-    g64 = torch.autograd.grad((y64 * gy).sum() + (s64 * gs).sum(), exact)
+    B, T, H, N = xs[0].shape
+    gy = torch.randn(B, T, H, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gs = torch.randn(B, H, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    device = xs[0].device
+    y, s, g = run_with_grads(fn, xs, None, None, gy.to(device), gs.to(device))
+    y64, s64, g64 = run_with_grads(ref, [x.cpu().double() for x in xs], None, None, gy, gs)
     return max(rel_error(a, b) for a, b in zip([y, s, *g], [y64, s64, *g64], strict=True))
 
 
