@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch (on this project's machines it lies on local disk). Override to build
 # against another, e.g. `make test TORCH=torch==2.14.1`.
 TORCH  ?= torch==2.13.0
+BENCH_ARGS ?=   # e.g. BENCH_ARGS="--json results.json --ops wkv7"
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
                                               arwkv_ext/*.py python/arwkv/*.py)
 
@@ -26,7 +27,7 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 install: $(VENV)/.installed
 
 bench: install
-	$(PY) benchmarks/bench_wkv.py
+	$(PY) benchmarks/bench_wkv.py $(BENCH_ARGS)
 
 cpp-test: $(VENV)/.deps
 	$(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
