@@ -22,7 +22,7 @@ from setuptools import setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     sys.exit(
         "arwkv: PyTorch is not installed in the Python that builds arwkv. Install torch first "
@@ -41,6 +41,13 @@ CPU_SOURCES = [
     "csrc/cpu/wkv_cpu_baseline.cpp",
     "csrc/cpu/wkv_cpu_avx2.cpp",
     "csrc/cpu/wkv_cpu_avx512.cpp",
+]
+# One .cu per input type, so they compile in parallel; on ROCm torch hipifies them at build time.
+GPU_SOURCES = [
+    "csrc/gpu/wkv_gpu_ops.cpp",
+    "csrc/gpu/wkv_gpu_f32.cu",
+    "csrc/gpu/wkv_gpu_bf16.cu",
+    "csrc/gpu/wkv_gpu_f16.cu",
 ]
 CPU_ISAS = ["baseline", "avx2", "avx512"] if os.uname().machine in ("x86_64", "AMD64") else ["baseline"]
 
@@ -91,16 +98,12 @@ target = resolve_target()
 archs = gpu_archs(target)
 default_max_jobs()
 if target != "cpu":
-    print(
-        f"arwkv: build target {target} ({';'.join(archs)}): the GPU kernels are not part of this "
-        "release yet, so only the CPU kernels are built; on a GPU tensor the ops raise a clear error.",
-        file=sys.stderr,
-    )
+    print(f"arwkv: building the CPU kernels and the {target} kernels for {';'.join(archs)}", file=sys.stderr)
 
 BUILD_INFO = {
     "torch": torch.__version__,
     "target": target,
-    "kernels": ["cpu"],
+    "kernels": ["cpu"] if target == "cpu" else ["cpu", target],
     "cpu_isas": CPU_ISAS,
     "gpu_archs": archs,
 }
@@ -129,15 +132,56 @@ def openmp_flags() -> list[str]:
     return []
 
 
-extension = CppExtension(
-    name="arwkv_ext._C",
-    sources=CPU_SOURCES,
-    include_dirs=[str(ROOT / "csrc")],
-    extra_compile_args={
-        "cxx": ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()],
-    },
-    extra_link_args=openmp_flags(),
-)
+def cuda_include_dirs() -> list[str]:
+    """torch's CUDA headers include cuSPARSE & co., which pip installs of torch ship in
+    nvidia/cu*/include rather than in CUDA_HOME (a bare nvcc install lacks them)."""
+    import site
+
+    dirs = []
+    for base in [*site.getsitepackages(), site.getusersitepackages()]:
+        nvidia = Path(base) / "nvidia"
+        dirs += [str(p) for p in sorted(nvidia.glob("cu*/include")) if p.is_dir()]
+    return dirs
+
+
+def gpu_compile_args(target: str, archs: list[str]) -> list[str]:
+    """Device compiler flags. Arch flags come from TORCH_CUDA_ARCH_LIST / PYTORCH_ROCM_ARCH,
+    which torch turns into -gencode / --offload-arch (PTX for the newest CUDA arch)."""
+    if target == "cuda":
+        flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        if os.environ.get("ARWKV_PTXAS_VERBOSE") == "1":  # registers and spills per kernel
+            flags.append("-Xptxas=-v")
+        return flags
+    return ["-O3", "-std=c++20"]
+
+
+cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()]
+if target == "cpu":
+    extension = CppExtension(
+        name="arwkv_ext._C",
+        sources=CPU_SOURCES,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=openmp_flags(),
+    )
+else:
+    if target == "cuda" and archs:
+        # the newest arch also gets PTX, so newer GPUs can JIT it
+        newest = archs[-1]
+        if not newest.endswith("+PTX"):
+            archs[-1] = newest + "+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    gpu_define = ["-DARWKV_WITH_GPU"]
+    extension = CUDAExtension(
+        name="arwkv_ext._C",
+        sources=CPU_SOURCES + GPU_SOURCES,
+        include_dirs=[str(ROOT / "csrc"), *(cuda_include_dirs() if target == "cuda" else [])],
+        extra_compile_args={
+            "cxx": cxx_flags + gpu_define,
+            "nvcc": gpu_compile_args(target, archs) + gpu_define,
+        },
+        extra_link_args=openmp_flags(),
+    )
 
 setup(
     ext_modules=[extension],

@@ -1,8 +1,10 @@
-"""Benchmark of torch.ops.arwkv.wkv7 / wkv6 against the step-by-step reference recurrence.
+"""Benchmark of torch.ops.arwkv.wkv7 / wkv6 against the step-by-step reference recurrence
+and, on a GPU, against flash-linear-attention's kernels when `fla` is importable.
 
     python benchmarks/bench_wkv.py                       # CPU, float32, the two default shapes
     python benchmarks/bench_wkv.py --json results.json   # also write the table as JSON
     python benchmarks/bench_wkv.py --shapes 1,1024,16,64 --ops wkv7 --dtype bfloat16
+    python benchmarks/bench_wkv.py --device cuda         # GPU: bf16, the issue's shapes, + peers
 
 Measured in one run, on the same inputs: forward, backward (the backward op that autograd
 calls) and forward+backward (autograd, gradients of every input from y and final_state) times,
@@ -12,6 +14,11 @@ reference, and the largest relative error of y, final_state and every gradient a
 float64 reference. The reference is timed on the first --ref-steps steps (default 1024) and
 scaled linearly to T: running it whole at (4, 2048, 32, 64) needs over 20 GB, and its cost per
 step only grows with T (autograd keeps every step's tensors), so the scaling flatters it.
+
+Peers (GPU only, when importable): flash-linear-attention's chunk_rwkv7, fused_recurrent_rwkv7
+and chunk_rwkv6, called with scale=1.0 and their state transposed back to this project's
+[value, key] layout, on the same inputs; each gets the same error check, so a mapping mistake
+would show. Their "bwd" is (fwd+bwd) - fwd; ours is the backward op itself.
 """
 
 from __future__ import annotations
@@ -34,6 +41,33 @@ from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = {"wkv7": (arwkv_ext.wkv7, wkv7_reference), "wkv6": (arwkv_ext.wkv6, wkv6_reference)}
 DEFAULT_SHAPES = "1,1024,16,64;4,2048,32,64"
+DEFAULT_GPU_SHAPES = "8,4096,64,64;1,32768,32,128"
+
+
+def fla_peers(op: str) -> dict[str, Callable]:
+    """flash-linear-attention's kernels for op, wrapped to this project's call and state layout
+    (fla keeps the state as [key, value]); empty when fla is not importable."""
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except Exception:  # noqa: BLE001 - any import failure just means no peer to compare with
+        return {}
+
+    def transposed(out):
+        y, state = out
+        return y, state.transpose(-1, -2)
+
+    if op == "wkv7":
+        return {
+            "fla.chunk_rwkv7": lambda r, w, k, v, a, b: transposed(
+                chunk_rwkv7(r, w, k, v, a, b, scale=1.0, output_final_state=True)),
+            "fla.fused_recurrent_rwkv7": lambda r, w, k, v, a, b: transposed(
+                fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, output_final_state=True)),
+        }
+    return {
+        "fla.chunk_rwkv6": lambda r, w, k, v, u: transposed(
+            chunk_rwkv6(r, k, v, w, u, scale=1.0, output_final_state=True)),
+    }
 
 
 def sync(device: str) -> None:
@@ -75,51 +109,76 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> Callable[[], object]:
     return run
 
 
-def max_error(op: str, inputs: list[torch.Tensor], steps: int) -> float:
+def max_error(op: str, fn: Callable, inputs: list[torch.Tensor], steps: int) -> float:
     """Largest relative error of y, final_state and all gradients vs a float64 reference."""
-    fn, ref = OPS[op]
+    ref = OPS[op][1]
     xs = [x[:, :steps].detach() if x.dim() == 4 else x.detach() for x in inputs]
     B, T, H, N = xs[0].shape
     gy = torch.randn(B, T, H, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     gs = torch.randn(B, H, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     device = xs[0].device
-    y, s, g = run_with_grads(fn, xs, None, None, gy.to(device), gs.to(device))
+    y, s, g = run_with_grads(lambda *a: fn(*a[:-2]), xs, None, None, gy.to(device), gs.to(device))
     y64, s64, g64 = run_with_grads(ref, [x.cpu().double() for x in xs], None, None, gy, gs)
     return max(rel_error(a, b) for a, b in zip([y, s, *g], [y64, s64, *g64], strict=True))
 
 
+def peak_gb(device: str, fn: Callable[[], object]) -> float:
+    """Peak GPU memory allocated during fn(), in GB (NaN on the CPU)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
 def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, repeat: int,
-              ref_steps: int, err_steps: int, mm: float) -> dict:
+              ref_steps: int, err_steps: int, mm: float, peers: bool) -> list[dict]:
+    """One row for arwkv, then one per peer kernel, all on the same inputs."""
     B, T, H, N = shape
     fn, ref = OPS[op]
     inputs = make_inputs(op, B, T, H, N, dtype=dtype, device=device)
-    with torch.no_grad():
-        t_fwd = timed(lambda: fn(*inputs), device, repeat)
-        y, state = fn(*inputs)
-    gy, gs = torch.ones_like(y), torch.ones_like(state)
-    backward_op = torch.ops.arwkv.wkv7_backward if op == "wkv7" else torch.ops.arwkv.wkv6_backward
-    t_bwd = timed(lambda: backward_op(*inputs, None, None, gy, gs), device, repeat)
-    t_fb = timed(fwd_bwd(fn, inputs), device, repeat)
-
     steps = min(T, ref_steps)
     prefix = [x[:, :steps] if x.dim() == 4 else x for x in inputs]
     # One run: it takes seconds to minutes, so call overheads do not matter.
     t_ref = timed(fwd_bwd(ref, prefix), device, 1, warmup=False) * T / steps
-    gflops = 8 * N * N * B * T * H / t_fwd / 1e9
-    return {
-        "op": op, "B": B, "T": T, "H": H, "N": N, "dtype": str(dtype).removeprefix("torch."),
-        "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_bwd_ms": t_fb * 1e3,
-        "fwd_gflops": gflops, "mm_gflops": mm, "fwd_vs_mm": gflops / mm,
-        "ref_fwd_bwd_ms": t_ref * 1e3, "ref_steps_timed": steps,
-        "speedup_vs_ref": t_ref / t_fb, "max_rel_err": max_error(op, inputs, min(T, err_steps)),
-    }
+    base = {"op": op, "B": B, "T": T, "H": H, "N": N, "dtype": str(dtype).removeprefix("torch."),
+            "mm_gflops": mm, "ref_fwd_bwd_ms": t_ref * 1e3, "ref_steps_timed": steps}
+
+    impls = {"arwkv": fn, **(fla_peers(op) if peers and device == "cuda" else {})}
+    rows = []
+    for name, impl in impls.items():
+        with torch.no_grad():
+            t_fwd = timed(lambda impl=impl: impl(*inputs), device, repeat)
+        if name == "arwkv":
+            with torch.no_grad():
+                y, state = fn(*inputs)
+            grads = (torch.ones_like(y), torch.ones_like(state))
+            backward_op = torch.ops.arwkv.wkv7_backward if op == "wkv7" else torch.ops.arwkv.wkv6_backward
+            t_bwd = timed(lambda op=backward_op, g=grads: op(*inputs, None, None, *g), device, repeat)
+        run = fwd_bwd(impl, inputs)
+        t_fb = timed(run, device, repeat)
+        if name != "arwkv":
+            t_bwd = t_fb - t_fwd
+        gflops = 8 * N * N * B * T * H / t_fwd / 1e9
+        rows.append({
+            **base, "impl": name,
+            "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+            "fwd_gflops": gflops, "fwd_vs_mm": gflops / mm, "speedup_vs_ref": t_ref / t_fb,
+            "peak_gb": peak_gb(device, run),
+            "max_rel_err": max_error(op, impl, inputs, min(T, err_steps)),
+        })
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("op", "{}"), ("B", "{}"), ("T", "{}"), ("H", "{}"), ("N", "{}"), ("dtype", "{}"),
+    cols = [("impl", "{}"), ("op", "{}"), ("B", "{}"), ("T", "{}"), ("H", "{}"), ("N", "{}"), ("dtype", "{}"),
             ("fwd_ms", "{:.2f}"), ("bwd_ms", "{:.2f}"), ("fwd_bwd_ms", "{:.2f}"),
             ("fwd_gflops", "{:.1f}"), ("mm_gflops", "{:.1f}"), ("fwd_vs_mm", "{:.0%}"),
-            ("ref_fwd_bwd_ms", "{:.0f}"), ("speedup_vs_ref", "{:.0f}x"), ("max_rel_err", "{:.1e}")]
+            ("ref_fwd_bwd_ms", "{:.0f}"), ("speedup_vs_ref", "{:.0f}x"), ("peak_gb", "{:.2f}"),
+            ("max_rel_err", "{:.1e}")]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     for row in cells:
@@ -139,12 +198,14 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on GPU")
     p.add_argument("--ops", default="wkv7,wkv6", help="comma-separated: wkv7, wkv6")
-    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
-                   help=f"B,T,H,N;B,T,H,N (default {DEFAULT_SHAPES})")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions (median)")
-    p.add_argument("--ref-steps", type=int, default=1024, help="steps of the reference that are timed")
+    p.add_argument("--shapes", type=parse_shapes,
+                   help=f"B,T,H,N;B,T,H,N (default {DEFAULT_SHAPES} on CPU, {DEFAULT_GPU_SHAPES} on GPU)")
+    p.add_argument("--repeat", type=int, help="timed repetitions, median (default 5 on CPU, 20 on GPU)")
+    p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention on GPU")
+    p.add_argument("--ref-steps", type=int, help="steps of the reference that are timed "
+                   "(default 1024 on CPU, 256 on GPU)")
     p.add_argument("--err-steps", type=int, default=256, help="steps compared with the float64 reference")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -158,20 +219,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.shapes = args.shapes or parse_shapes(DEFAULT_GPU_SHAPES if gpu else DEFAULT_SHAPES)
+    args.repeat = args.repeat or (20 if gpu else 5)
+    args.ref_steps = args.ref_steps or (256 if gpu else 1024)
 
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_isa": arwkv_ext.cpu_isa(), "python": sys.version.split()[0],
+        "cuda": torch.version.cuda, "hip": torch.version.hip, "arwkv_build": arwkv_ext.build_info,
     }
+    if gpu:
+        peers = fla_peers("wkv7")
+        meta["fla"] = "not importable" if not peers else __import__("fla").__version__
     print(json.dumps(meta))
     mm = mm_gflops(args.device, args.repeat)
     rows = []
     for op in ops:
         for shape in args.shapes:
-            rows.append(bench_one(op, shape, DTYPES[args.dtype], args.device, args.repeat,
-                                  args.ref_steps, args.err_steps, mm))
+            rows += bench_one(op, shape, DTYPES[args.dtype], args.device, args.repeat,
+                              args.ref_steps, args.err_steps, mm, not args.no_peers)
             print(f"done {op} {shape}", file=sys.stderr, flush=True)
     print_table(rows)
     if args.json:

@@ -60,13 +60,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv6_backward_meta(
           empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
 }
 
-// This release has CPU kernels only: a GPU tensor gets one clear sentence instead of the
-// dispatcher's list of backends.
+#ifndef ARWKV_WITH_GPU
+// A CPU-only build: a GPU tensor gets one clear sentence instead of the dispatcher's list of
+// backends.
 template <class... Args>
 std::tuple<Tensor, Tensor> no_gpu_kernels(const Tensor& r, const Args&...) {
-  TORCH_CHECK(false, "arwkv: this build has CPU kernels only (GPU kernels are not released yet); "
-              "r is on ", r.device(), ", so move the inputs to the CPU");
+  TORCH_CHECK(false, "arwkv: this build has CPU kernels only (it was built against a CPU torch, or with "
+              "ARWKV_BUILD_TARGET=cpu); r is on ", r.device(), ": reinstall arwkv against a CUDA or ROCm "
+              "torch, or move the inputs to the CPU");
 }
+#endif
 
 }  // namespace
 
@@ -85,10 +88,12 @@ TORCH_LIBRARY(arwkv, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifndef ARWKV_WITH_GPU  // otherwise csrc/gpu/wkv_gpu_ops.cpp registers the GPU kernels
 TORCH_LIBRARY_IMPL(arwkv, CUDA, m) {
   m.impl("wkv7", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
   m.impl("wkv6", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
 }
+#endif
 
 TORCH_LIBRARY_IMPL(arwkv, Meta, m) {
   m.impl("wkv7", &wkv7_meta);

@@ -1,0 +1,81 @@
+// The one place where CUDA and HIP differ for the WKV kernels: runtime header, stream type,
+// lane shuffles and 16-bit float conversions. Everything else is written once, in CUDA spelling.
+// No ATen here: the kernel files compile standalone (nvcc, or clang -x hip for gfx942).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM) || defined(__HIPCC__)
+#define ARWKV_HIP 1
+#include <hip/hip_runtime.h>
+#else
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include "wkv_gpu.h"
+
+namespace arwkv {
+namespace gpu {
+
+#if defined(ARWKV_HIP)
+using gpuError_t = hipError_t;
+inline gpuError_t gpu_last_error() { return hipGetLastError(); }
+inline bool gpu_ok(gpuError_t e) { return e == hipSuccess; }
+inline const char* gpu_error_string(gpuError_t e) { return hipGetErrorString(e); }
+#else
+using gpuError_t = cudaError_t;
+inline gpuError_t gpu_last_error() { return cudaGetLastError(); }
+inline bool gpu_ok(gpuError_t e) { return e == cudaSuccess; }
+inline const char* gpu_error_string(gpuError_t e) { return cudaGetErrorString(e); }
+#endif
+
+// Butterfly sum over groups of `width` adjacent lanes (width a power of two, at most 32), so it
+// means the same on 32-lane warps and 64-lane waves. Every lane of the wave must take part.
+template <int width>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+#if defined(ARWKV_HIP)
+    x += __shfl_xor(x, offset);  // width defaults to the whole wave; xor stays inside the group
+#else
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+#endif
+  }
+  return x;
+}
+
+// 16-bit storage types (plain structs from wkv_gpu.h) to and from float. Arithmetic is always
+// float: torch builds with __CUDA_NO_HALF_OPERATORS__, and the state must stay float32 anyway.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(Bf16 x) { return __uint_as_float(uint32_t(x.bits) << 16); }
+__device__ __forceinline__ float to_float(F16 x) {
+#if defined(ARWKV_HIP)
+  return float(__builtin_bit_cast(_Float16, x.bits));
+#else
+  return __half2float(__ushort_as_half(x.bits));
+#endif
+}
+
+template <class T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ Bf16 from_float<Bf16>(float x) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return Bf16{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                                // round to nearest even
+  return Bf16{uint16_t(u >> 16)};
+}
+template <>
+__device__ __forceinline__ F16 from_float<F16>(float x) {
+#if defined(ARWKV_HIP)
+  return F16{__builtin_bit_cast(uint16_t, _Float16(x))};
+#else
+  return F16{__half_as_ushort(__float2half_rn(x))};
+#endif
+}
+
+}  // namespace gpu
+}  // namespace arwkv

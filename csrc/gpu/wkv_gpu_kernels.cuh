@@ -1,0 +1,524 @@
+// WKV-7 and WKV-6 GPU kernels, forward and backward, for CUDA and HIP (one source; the few
+// platform differences live in wkv_gpu_compat.h). Included by wkv_gpu_<dtype>.cu, which
+// instantiate forward<T> / backward<T> for one input type each, so files compile in parallel.
+//
+// Layout of the work (per sequence s, head h; S is N x N, row i = value, column j = key):
+//  - Value rows are independent in the forward recurrence, so a "row" kernel gives each block a
+//    band of rows and each row L adjacent lanes holding KPT keys each; row sums (S a, S r) are
+//    lane-group butterflies. Several blocks per head keep the GPU busy when B * H is small.
+//  - Backward, with no division by the decay (stable for any decay):
+//      1. rows kernel, snapshot mode: the forward recurrence again, storing S every kChunk steps
+//         (transposed) and sa_t = S a_t (WKV-7);
+//      2. rows kernel, backward mode: the state gradient dS runs backwards in time row by row
+//         (it never needs S): gives grad_v, dsa_t = dS b_t (WKV-7) and grad_initial_state;
+//      3. columns kernel: given sa_t, dsa_t, v_t and grad_y_t as vectors, S and dS evolve column
+//         by column, so each thread holds a column slice; per chunk it recomputes the chunk's
+//         states from the snapshot into registers, then walks back through the chunk producing
+//         grad_r, grad_w, grad_k (grad_a, grad_b | grad_u) as column sums over its rows.
+//    Nothing is shared between heads or sequences, and every output element is written by
+//    exactly one thread: results are deterministic.
+#pragma once
+
+#include "wkv_gpu_compat.h"
+
+namespace arwkv {
+namespace gpu {
+
+template <class T>
+__device__ __forceinline__ float load(const void* p, int64_t i) {
+  return to_float(static_cast<const T*>(p)[i]);
+}
+template <class T>
+__device__ __forceinline__ void store(void* p, int64_t i, float x) {
+  static_cast<T*>(p)[i] = from_float<T>(x);
+}
+
+struct Segment {
+  int64_t bos;         // first token of the sequence in the flattened [B * T] token axis
+  int len;             // its number of steps
+  int64_t first_slot;  // its first snapshot slot
+};
+
+__device__ __forceinline__ Segment segment_of(const WkvParams& p, int s) {
+  Segment g;
+  if (p.cu_seqlens) {
+    g.bos = p.cu_seqlens[s];
+    g.len = int(p.cu_seqlens[s + 1] - g.bos);
+  } else {
+    g.bos = int64_t(s) * p.T;
+    g.len = int(p.T);
+  }
+  g.first_slot = g.bos / kChunk + s;
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows kernel: one block = ROWS value rows of one (sequence, head); a row = L adjacent lanes,
+// each holding KPT keys as KPT/4 float4 groups interleaved across the lanes (conflict-free
+// shared-memory reads).
+template <int N_, int KPT_, int THREADS_>
+struct RowTile {
+  static constexpr int N = N_, KPT = KPT_, THREADS = THREADS_;
+  static constexpr int L = N / KPT;          // lanes per row
+  static constexpr int ROWS = THREADS / L;   // rows per block
+  static constexpr int Q = KPT / 4;          // float4 groups per thread
+  static_assert(KPT % 4 == 0 && L <= 32 && ROWS <= N && N % ROWS == 0, "bad row tile");
+  static_assert(THREADS % 64 == 0, "blocks are whole 64-lane waves");
+  __device__ static int key(int q, int lane, int e) { return (q * L + lane) * 4 + e; }
+};
+
+// Two tiles per head size: "wide" when there are enough (sequence, head) pairs to fill the GPU,
+// "narrow" (more blocks per head) when there are few.
+template <int N> struct WideRows;
+template <> struct WideRows<16> { using Tile = RowTile<16, 4, 64>; };
+template <> struct WideRows<32> { using Tile = RowTile<32, 16, 64>; };
+template <> struct WideRows<64> { using Tile = RowTile<64, 16, 128>; };
+template <> struct WideRows<128> { using Tile = RowTile<128, 32, 128>; };
+template <int N> struct NarrowRows;
+template <> struct NarrowRows<16> { using Tile = RowTile<16, 4, 64>; };
+template <> struct NarrowRows<32> { using Tile = RowTile<32, 8, 64>; };
+template <> struct NarrowRows<64> { using Tile = RowTile<64, 8, 64>; };
+template <> struct NarrowRows<128> { using Tile = RowTile<128, 8, 64>; };
+
+enum RowMode { kForward = 0, kSnapshots = 1, kStateGrad = 2 };
+
+// Stages one chunk of n steps: the key vectors r, decay = exp(w), k, a, b (WKV-7) or r, decay, k
+// (WKV-6) for all N keys, and one per-row value (v or grad_y) for the block's rows.
+template <class T, int V, int N, int ROWS, int THREADS>
+__device__ __forceinline__ void stage_rows(const WkvParams& p, const Segment& g, int h, int row0, int c0,
+                                           int n, const void* row_src, float (*kr)[N], float (*kd)[N],
+                                           float (*kk)[N], float (*ka)[N], float (*kb)[N],
+                                           float (*xr)[ROWS]) {
+  const int64_t H = p.H;
+  for (int idx = threadIdx.x; idx < n * N; idx += THREADS) {
+    const int s = idx / N, j = idx % N;
+    const int64_t off = ((g.bos + c0 + s) * H + h) * N + j;
+    kr[s][j] = load<T>(p.r, off);
+    kd[s][j] = expf(load<T>(p.w, off));
+    kk[s][j] = load<T>(p.k, off);
+    if (V == 7) {
+      ka[s][j] = load<T>(p.a, off);
+      kb[s][j] = load<T>(p.b, off);
+    }
+  }
+  for (int idx = threadIdx.x; idx < n * ROWS; idx += THREADS) {
+    const int s = idx / ROWS, i = idx % ROWS;
+    xr[s][i] = row_src ? load<T>(row_src, ((g.bos + c0 + s) * H + h) * N + row0 + i) : 0.f;
+  }
+}
+
+template <class T, int V, class Tile, int MODE>
+__global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams p) {
+  constexpr int N = Tile::N, L = Tile::L, ROWS = Tile::ROWS, Q = Tile::Q, THREADS = Tile::THREADS;
+  __shared__ __align__(16) float kr[kChunk][N];
+  __shared__ __align__(16) float kd[kChunk][N];
+  __shared__ __align__(16) float kk[kChunk][N];
+  __shared__ __align__(16) float ka[V == 7 ? kChunk : 1][N];
+  __shared__ __align__(16) float kb[V == 7 ? kChunk : 1][N];
+  __shared__ float xr[kChunk][ROWS];
+
+  const int lane = threadIdx.x % L, row_local = threadIdx.x / L;
+  const int row0 = blockIdx.x * ROWS, i = row0 + row_local;
+  const int h = blockIdx.y, s = blockIdx.z;
+  const int64_t H = p.H;
+  const Segment g = segment_of(p, s);
+  const int64_t state_off = ((int64_t(s) * H + h) * N + i) * N;
+
+  float S[Q][4];  // this thread's keys of row i (of S, or of dS in kStateGrad mode)
+  float u[Q][4];  // WKV-6 bonus for these keys
+  const float* init = MODE == kStateGrad ? p.grad_state : p.initial_state;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int j = Tile::key(q, lane, 0);
+    float4 x = init ? *reinterpret_cast<const float4*>(init + state_off + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+    S[q][0] = x.x, S[q][1] = x.y, S[q][2] = x.z, S[q][3] = x.w;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) u[q][e] = V == 6 ? load<T>(p.u, int64_t(h) * N + j + e) : 0.f;
+  }
+
+  const int num_chunks = (g.len + kChunk - 1) / kChunk;
+  for (int step = 0; step < num_chunks; ++step) {
+    const int c = MODE == kStateGrad ? num_chunks - 1 - step : step;
+    const int c0 = c * kChunk, n = min(kChunk, g.len - c0);
+    if (MODE == kSnapshots) {  // the state before this chunk, transposed: [key][row]
+      float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N;
+#pragma unroll
+      for (int q = 0; q < Q; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) snap[int64_t(Tile::key(q, lane, e)) * N + i] = S[q][e];
+    }
+    __syncthreads();  // the previous chunk's readers are done with the stage
+    stage_rows<T, V, N, ROWS, THREADS>(p, g, h, row0, c0, n, MODE == kStateGrad ? p.grad_y : p.v, kr, kd,
+                                       kk, ka, kb, xr);
+    __syncthreads();
+
+    for (int t = 0; t < n; ++t) {
+      const int st = MODE == kStateGrad ? n - 1 - t : t;  // step within the chunk
+      const int64_t out = ((g.bos + c0 + st) * H + h) * N + i;
+      const float x = xr[st][row_local];  // v_t[i], or grad_y_t[i]
+      // this thread's 4 keys of group q of a staged vector, as an array
+      auto key4 = [&](float (*vec)[N], int q, float out[4]) {
+        const float4 x4 = *reinterpret_cast<const float4*>(&vec[st][Tile::key(q, lane, 0)]);
+        out[0] = x4.x, out[1] = x4.y, out[2] = x4.z, out[3] = x4.w;
+      };
+      float r_[4], d_[4], k_[4], a_[4], b_[4];
+      if (MODE != kStateGrad) {
+        if (V == 7) {
+          // sa = S a_t;  S = S diag(d) + sa b^T + v k^T;  y = S r_t
+          float sa = 0.f;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(ka, q, a_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sa = fmaf(S[q][e], a_[e], sa);
+          }
+          sa = group_sum<L>(sa);
+          float y = 0.f;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(kd, q, d_), key4(kb, q, b_), key4(kk, q, k_), key4(kr, q, r_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              S[q][e] = fmaf(S[q][e], d_[e], fmaf(sa, b_[e], x * k_[e]));
+              y = fmaf(S[q][e], r_[e], y);
+            }
+          }
+          if (MODE == kForward) {
+            y = group_sum<L>(y);
+            if (lane == 0) store<T>(p.y, out, y);
+          } else if (lane == 0) {
+            p.sa[out] = sa;
+          }
+        } else {
+          // y = sum_j r_j (S_ij + u_j k_j v_i);  S = S diag(d) + v k^T
+          float y = 0.f;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(kd, q, d_), key4(kk, q, k_), key4(kr, q, r_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              y = fmaf(r_[e], fmaf(u[q][e] * k_[e], x, S[q][e]), y);
+              S[q][e] = fmaf(S[q][e], d_[e], x * k_[e]);
+            }
+          }
+          if (MODE == kForward) {
+            y = group_sum<L>(y);
+            if (lane == 0) store<T>(p.y, out, y);
+          }
+        }
+      } else {
+        // Backwards in time; S holds dS = dLoss/dS_t, x = grad_y_t[i].
+        if (V == 7) {
+          // dS += gy r^T;  grad_v = dS k;  dsa = dS b;  dS = dS diag(d) + dsa a^T
+          float dv = 0.f, dsa = 0.f;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(kr, q, r_), key4(kk, q, k_), key4(kb, q, b_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              S[q][e] = fmaf(x, r_[e], S[q][e]);
+              dv = fmaf(S[q][e], k_[e], dv);
+              dsa = fmaf(S[q][e], b_[e], dsa);
+            }
+          }
+          dsa = group_sum<L>(dsa);
+          dv = group_sum<L>(dv);
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(kd, q, d_), key4(ka, q, a_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) S[q][e] = fmaf(S[q][e], d_[e], dsa * a_[e]);
+          }
+          if (lane == 0) {
+            store<T>(p.grad_v, out, dv);
+            p.dsa[out] = dsa;
+          }
+        } else {
+          // grad_v = dS k + gy (r . u k);  dS = dS diag(d) + gy r^T
+          float dv = 0.f;
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            key4(kr, q, r_), key4(kk, q, k_), key4(kd, q, d_);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              dv = fmaf(fmaf(x * r_[e], u[q][e], S[q][e]), k_[e], dv);
+              S[q][e] = fmaf(S[q][e], d_[e], x * r_[e]);
+            }
+          }
+          dv = group_sum<L>(dv);
+          if (lane == 0) store<T>(p.grad_v, out, dv);
+        }
+      }
+    }
+  }
+
+  float* final_out = MODE == kForward ? p.final_state : MODE == kStateGrad ? p.grad_initial_state : nullptr;
+  if (final_out) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q)
+      *reinterpret_cast<float4*>(final_out + state_off + Tile::key(q, lane, 0)) =
+          make_float4(S[q][0], S[q][1], S[q][2], S[q][3]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Columns kernel (backward step 3): a thread holds RR rows of one key column j, G adjacent
+// lanes cover all N rows of the column, a block covers COLS columns of one (sequence, head).
+template <int N_>
+struct ColTile {
+  static constexpr int N = N_;
+  static constexpr int RR = N == 16 ? 4 : 8;     // rows per thread
+  static constexpr int G = N / RR;               // lanes per column
+  static constexpr int THREADS = N >= 64 ? 128 : 64;
+  static constexpr int COLS = THREADS / G;       // columns per block
+  static_assert(RR % 4 == 0 && G <= 32 && COLS <= N && N % COLS == 0, "bad column tile");
+};
+
+template <class T, int V, int N>
+__global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const WkvParams p) {
+  using Tile = ColTile<N>;
+  constexpr int RR = Tile::RR, G = Tile::G, COLS = Tile::COLS, THREADS = Tile::THREADS;
+  // row vectors of the chunk: v, grad_y, and for WKV-7 sa and dsa
+  __shared__ __align__(16) float rv[kChunk][N];
+  __shared__ __align__(16) float rgy[kChunk][N];
+  __shared__ __align__(16) float rsa[V == 7 ? kChunk : 1][N];
+  __shared__ __align__(16) float rdsa[V == 7 ? kChunk : 1][N];
+  // this block's columns of r, decay, k, a, b
+  __shared__ float cr[kChunk][COLS], cd[kChunk][COLS], ck[kChunk][COLS];
+  __shared__ float ca[V == 7 ? kChunk : 1][COLS], cb[V == 7 ? kChunk : 1][COLS];
+
+  const int gl = threadIdx.x % G, col_local = threadIdx.x / G;
+  const int col0 = blockIdx.x * COLS, j = col0 + col_local;
+  const int i0 = gl * RR;  // first of this thread's rows
+  const int h = blockIdx.y, s = blockIdx.z;
+  const int64_t H = p.H;
+  const Segment g = segment_of(p, s);
+
+  float dS[RR];  // dLoss/dS[i0 + e, j], walking backwards in time
+#pragma unroll
+  for (int e = 0; e < RR; ++e)
+    dS[e] = p.grad_state ? p.grad_state[((int64_t(s) * H + h) * N + i0 + e) * N + j] : 0.f;
+  const float uj = V == 6 ? load<T>(p.u, int64_t(h) * N + j) : 0.f;
+  float du = 0.f;
+
+  const int num_chunks = (g.len + kChunk - 1) / kChunk;
+  for (int c = num_chunks - 1; c >= 0; --c) {
+    const int c0 = c * kChunk, n = min(kChunk, g.len - c0);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * N; idx += THREADS) {
+      const int st = idx / N, i = idx % N;
+      const int64_t off = ((g.bos + c0 + st) * H + h) * N + i;
+      rv[st][i] = load<T>(p.v, off);
+      rgy[st][i] = p.grad_y ? load<T>(p.grad_y, off) : 0.f;
+      if (V == 7) {
+        rsa[st][i] = p.sa[off];
+        rdsa[st][i] = p.dsa[off];
+      }
+    }
+    for (int idx = threadIdx.x; idx < n * COLS; idx += THREADS) {
+      const int st = idx / COLS, cc = idx % COLS;
+      const int64_t off = ((g.bos + c0 + st) * H + h) * N + col0 + cc;
+      cr[st][cc] = load<T>(p.r, off);
+      cd[st][cc] = expf(load<T>(p.w, off));
+      ck[st][cc] = load<T>(p.k, off);
+      if (V == 7) {
+        ca[st][cc] = load<T>(p.a, off);
+        cb[st][cc] = load<T>(p.b, off);
+      }
+    }
+    __syncthreads();
+
+    // Recompute the chunk: prev[st] = S_{t-1}[i0.., j] for each step t = c0 + st; along the
+    // way, grad_r (it needs S_t for WKV-7, S_{t-1} for WKV-6, never dS).
+    float prev[kChunk][RR];
+    float gyv[kChunk];  // WKV-6: grad_y_t . v_t
+    float S[RR];
+    const float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N + int64_t(j) * N + i0;
+#pragma unroll
+    for (int e = 0; e < RR; e += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(snap + e);
+      S[e] = x.x, S[e + 1] = x.y, S[e + 2] = x.z, S[e + 3] = x.w;
+    }
+#pragma unroll
+    for (int st = 0; st < kChunk; ++st) {
+      gyv[st] = 0.f;
+      if (st >= n) continue;  // uniform over the block
+      const int64_t out = ((g.bos + c0 + st) * H + h) * N + j;
+      const float d = cd[st][col_local], kj = ck[st][col_local];
+      float dr = 0.f;
+      if (V == 7) {
+        const float bj = cb[st][col_local];
+#pragma unroll
+        for (int e = 0; e < RR; ++e) {
+          prev[st][e] = S[e];
+          S[e] = fmaf(S[e], d, fmaf(rsa[st][i0 + e], bj, rv[st][i0 + e] * kj));
+          dr = fmaf(S[e], rgy[st][i0 + e], dr);
+        }
+        dr = group_sum<G>(dr);
+      } else {
+        float gv = 0.f;
+#pragma unroll
+        for (int e = 0; e < RR; ++e) {
+          prev[st][e] = S[e];
+          dr = fmaf(S[e], rgy[st][i0 + e], dr);
+          gv = fmaf(rgy[st][i0 + e], rv[st][i0 + e], gv);
+          S[e] = fmaf(S[e], d, rv[st][i0 + e] * kj);
+        }
+        dr = group_sum<G>(dr);
+        gv = group_sum<G>(gv);
+        gyv[st] = gv;
+        dr = fmaf(uj * kj, gv, dr);
+      }
+      if (gl == 0) store<T>(p.grad_r, out, dr);
+    }
+
+    // Walk back through the chunk.
+#pragma unroll
+    for (int st = kChunk - 1; st >= 0; --st) {
+      if (st >= n) continue;
+      const int64_t out = ((g.bos + c0 + st) * H + h) * N + j;
+      const float d = cd[st][col_local], rj = cr[st][col_local];
+      if (V == 7) {
+        // dS (for S_t) += gy r^T; grad_k = dS^T v; grad_b = dS^T sa; grad_w = d * sum dS S_{t-1};
+        // grad_a = S_{t-1}^T dsa; then dS (for S_{t-1}) = dS diag(d) + dsa a^T
+        const float aj = ca[st][col_local];
+        float dk = 0.f, db = 0.f, dw = 0.f, da = 0.f;
+#pragma unroll
+        for (int e = 0; e < RR; ++e) {
+          const float ds = fmaf(rgy[st][i0 + e], rj, dS[e]);
+          dk = fmaf(ds, rv[st][i0 + e], dk);
+          db = fmaf(ds, rsa[st][i0 + e], db);
+          dw = fmaf(ds, prev[st][e], dw);
+          da = fmaf(prev[st][e], rdsa[st][i0 + e], da);
+          dS[e] = fmaf(ds, d, rdsa[st][i0 + e] * aj);
+        }
+        dk = group_sum<G>(dk);
+        db = group_sum<G>(db);
+        dw = group_sum<G>(dw);
+        da = group_sum<G>(da);
+        if (gl == 0) {
+          store<T>(p.grad_k, out, dk);
+          store<T>(p.grad_b, out, db);
+          store<T>(p.grad_w, out, dw * d);
+          store<T>(p.grad_a, out, da);
+        }
+      } else {
+        // dS is for S_t (y_t reads S_{t-1}): grad_k = dS^T v + u r (gy . v);
+        // grad_w = d * sum dS S_{t-1}; then dS (for S_{t-1}) = dS diag(d) + gy r^T
+        const float kj = ck[st][col_local];
+        float dk = 0.f, dw = 0.f;
+#pragma unroll
+        for (int e = 0; e < RR; ++e) {
+          dk = fmaf(dS[e], rv[st][i0 + e], dk);
+          dw = fmaf(dS[e], prev[st][e], dw);
+          dS[e] = fmaf(dS[e], d, rgy[st][i0 + e] * rj);
+        }
+        dk = group_sum<G>(dk);
+        dw = group_sum<G>(dw);
+        du = fmaf(rj * kj, gyv[st], du);
+        if (gl == 0) {
+          store<T>(p.grad_k, out, fmaf(uj * rj, gyv[st], dk));
+          store<T>(p.grad_w, out, dw * d);
+        }
+      }
+    }
+  }
+  if (V == 6 && gl == 0) p.grad_u_partial[(int64_t(s) * H + h) * N + j] = du;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers.
+
+inline const char* launch_status() {
+  const gpuError_t e = gpu_last_error();
+  return gpu_ok(e) ? nullptr : gpu_error_string(e);
+}
+
+#if defined(ARWKV_HIP)
+using gpuStream = hipStream_t;
+#else
+using gpuStream = cudaStream_t;
+#endif
+
+template <class T, int V, class Tile, int MODE>
+void launch_rows_tile(const WkvParams& p) {
+  const dim3 grid(unsigned(Tile::N / Tile::ROWS), unsigned(p.H), unsigned(p.num_seqs));
+  wkv_rows_kernel<T, V, Tile, MODE><<<grid, Tile::THREADS, 0, static_cast<gpuStream>(p.stream)>>>(p);
+}
+
+template <class T, int V, int N, int MODE>
+void launch_rows(const WkvParams& p) {
+  using Wide = typename WideRows<N>::Tile;
+  using Narrow = typename NarrowRows<N>::Tile;
+  // Fewer wide blocks than two per multiprocessor leaves most of the GPU idle (decoding, one
+  // long sequence): split each head into more, narrower row bands instead.
+  const int64_t wide_blocks = p.num_seqs * p.H * (N / Wide::ROWS);
+  if (wide_blocks >= 2 * int64_t(p.num_sms))
+    launch_rows_tile<T, V, Wide, MODE>(p);
+  else
+    launch_rows_tile<T, V, Narrow, MODE>(p);
+}
+
+template <class T, int V, int N>
+void launch_columns(const WkvParams& p) {
+  using Tile = ColTile<N>;
+  const dim3 grid(unsigned(N / Tile::COLS), unsigned(p.H), unsigned(p.num_seqs));
+  wkv_columns_kernel<T, V, N><<<grid, Tile::THREADS, 0, static_cast<gpuStream>(p.stream)>>>(p);
+}
+
+template <class T, int V, int N>
+const char* forward_n(const WkvParams& p) {
+  launch_rows<T, V, N, kForward>(p);
+  return launch_status();
+}
+
+template <class T, int V, int N>
+const char* backward_n(const WkvParams& p) {
+  launch_rows<T, V, N, kSnapshots>(p);
+  if (const char* err = launch_status()) return err;
+  launch_rows<T, V, N, kStateGrad>(p);
+  if (const char* err = launch_status()) return err;
+  launch_columns<T, V, N>(p);
+  return launch_status();
+}
+
+template <class T, int V>
+const char* forward_v(const WkvParams& p) {
+  switch (p.N) {
+    case 16: return forward_n<T, V, 16>(p);
+    case 32: return forward_n<T, V, 32>(p);
+    case 64: return forward_n<T, V, 64>(p);
+    case 128: return forward_n<T, V, 128>(p);
+    default: return "arwkv: unsupported head size";
+  }
+}
+
+template <class T, int V>
+const char* backward_v(const WkvParams& p) {
+  switch (p.N) {
+    case 16: return backward_n<T, V, 16>(p);
+    case 32: return backward_n<T, V, 32>(p);
+    case 64: return backward_n<T, V, 64>(p);
+    case 128: return backward_n<T, V, 128>(p);
+    default: return "arwkv: unsupported head size";
+  }
+}
+
+template <class T>
+const char* forward(const WkvParams& p) {
+  if (p.num_seqs == 0 || p.H == 0) return nullptr;
+  return p.version == 7 ? forward_v<T, 7>(p) : forward_v<T, 6>(p);
+}
+
+template <class T>
+const char* backward(const WkvParams& p) {
+  if (p.num_seqs == 0 || p.H == 0) return nullptr;
+  return p.version == 7 ? backward_v<T, 7>(p) : backward_v<T, 6>(p);
+}
+
+}  // namespace gpu
+}  // namespace arwkv
+
+#define ARWKV_INSTANTIATE_GPU_KERNELS(T)                               \
+  template const char* arwkv::gpu::forward<T>(const arwkv::gpu::WkvParams&); \
+  template const char* arwkv::gpu::backward<T>(const arwkv::gpu::WkvParams&);

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Compile check of the GPU kernels for AMD MI300X (gfx942) on a machine without ROCm or a GPU:
+# clang-19 compiles every kernel file device-side against Debian's HIP headers and ROCm device
+# libraries, then tools/hip_resource_table.py prints one row per kernel and checks the goals.
+#
+#   tools/check_hip.sh [table-output-file]
+# Needs (installed here when missing, as root or through sudo): clang-19 lld-19 llvm-19
+# libamdhip64-dev rocm-device-libs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_TABLE=${1:-benchmarks/results/check-hip.txt}
+ARCH=gfx942
+WORK=build/check-hip
+mkdir -p "$WORK"
+
+need=()
+command -v clang++-19 >/dev/null || need+=(clang-19 lld-19)
+command -v llvm-dis-19 >/dev/null || need+=(llvm-19)
+[ -f /usr/include/hip/hip_runtime.h ] || need+=(libamdhip64-dev)
+BITCODE=/usr/lib/x86_64-linux-gnu/amdgcn/bitcode
+[ -f $BITCODE/ocml.bc ] || need+=(rocm-device-libs)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "check-hip: installing ${need[*]}"
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}" >/dev/null
+fi
+
+# Debian's device libraries stop at gfx940: derive gfx942's ISA-version bitcode from gfx940's
+# (the only difference is the version constant 9400 -> 9402), in a private folder of links.
+LIBS=$WORK/device-libs
+mkdir -p "$LIBS"
+for f in $BITCODE/*.bc; do ln -sf "$f" "$LIBS/"; done
+rm -f "$LIBS/oclc_isa_version_942.bc"
+llvm-dis-19 $BITCODE/oclc_isa_version_940.bc -o - | sed 's/9400/9402/' | llvm-as-19 -o "$LIBS/oclc_isa_version_942.bc"
+
+: > "$WORK/remarks.log"
+for src in csrc/gpu/wkv_gpu_f32.cu csrc/gpu/wkv_gpu_bf16.cu csrc/gpu/wkv_gpu_f16.cu; do
+  echo "check-hip: $src -> $ARCH"
+  clang++-19 -x hip -std=c++20 --offload-arch=$ARCH --cuda-device-only --rocm-path=/usr \
+    --rocm-device-lib-path="$LIBS" -O3 -Werror -Wno-unused-command-line-argument \
+    -S "$src" -o "$WORK/$(basename "$src" .cu).s" -Rpass-analysis=kernel-resource-usage \
+    2>> "$WORK/remarks.log"
+done
+python3 tools/hip_resource_table.py "$WORK/remarks.log" --out "$OUT_TABLE"

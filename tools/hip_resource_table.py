@@ -1,0 +1,101 @@
+"""Turns clang's `-Rpass-analysis=kernel-resource-usage` remarks (AMDGPU) into one row per
+kernel and checks the resource goals of the GPU kernels on gfx942:
+
+- no kernel spills registers or uses scratch memory;
+- forward kernels: >= 4 waves per SIMD, LDS <= 32 KB per workgroup;
+- backward kernels (snapshots, state gradient, columns): >= 2 waves per SIMD.
+
+    python tools/hip_resource_table.py remarks.log [--out table.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+FIELD = re.compile(r"remark:\s+(Function Name|SGPRs|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|"
+                   r"Occupancy \[waves/SIMD\]|SGPRs Spill|VGPRs Spill|LDS Size \[bytes/block\]): (\S+)")
+KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/lane]": "scratch",
+        "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
+        "LDS Size [bytes/block]": "lds"}
+MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
+
+
+def demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def describe(name: str) -> tuple[str, str]:
+    """(role, compact name) from a demangled kernel name."""
+    name = name.split("(")[0].replace("arwkv::gpu::", "").replace(" ", "")
+    if name.startswith("wkv_columns_kernel"):
+        role = "bwd:columns"
+    else:
+        role = MODES[name.rsplit(",", 1)[1].rstrip(">")]
+    return role, name.replace("RowTile", "tile")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("log", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    kernels: list[dict] = []
+    for line in args.log.read_text(errors="replace").splitlines():
+        m = FIELD.search(line)
+        if not m:
+            continue
+        key, value = m.groups()
+        if key == "Function Name":
+            kernels.append({"mangled": value})
+        elif kernels:
+            kernels[-1][KEYS[key]] = int(value)
+    kernels = [k for k in kernels if "waves" in k]
+    if not kernels:
+        print(f"no kernel-resource-usage remarks in {args.log}", file=sys.stderr)
+        return 1
+    seen, rows = set(), []
+    for k, name in zip(kernels, demangle([k["mangled"] for k in kernels]), strict=True):
+        if k["mangled"] in seen:
+            continue
+        seen.add(k["mangled"])
+        k["role"], k["name"] = describe(name)
+        problems = []
+        if k["scratch"] or k["vgpr_spill"] or k["sgpr_spill"]:
+            problems.append("spills/scratch")
+        if k["role"] == "forward" and k["waves"] < 4:
+            problems.append("forward < 4 waves/SIMD")
+        if k["role"] == "forward" and k["lds"] > 32 * 1024:
+            problems.append("forward LDS > 32 KB")
+        if k["role"] != "forward" and k["waves"] < 2:
+            problems.append("backward < 2 waves/SIMD")
+        k["check"] = "ok" if not problems else "FAIL: " + ", ".join(problems)
+        rows.append(k)
+    rows.sort(key=lambda k: (k["role"], k["name"]))
+    width = max(len(k["name"]) for k in rows)
+    header = "VGPRs SGPRs AGPRs  LDS_bytes scratch spills waves/SIMD  check"
+    lines = [f"{'kernel':<{width}}  {'role':<15} {header}"]
+    for k in rows:
+        lines.append(f"{k['name']:<{width}}  {k['role']:<15} {k['vgpr']:>5} {k['sgpr']:>5} {k['agpr']:>5}"
+                     f"  {k['lds']:>9} {k['scratch']:>7} {k['vgpr_spill'] + k['sgpr_spill']:>6}"
+                     f" {k['waves']:>10}  {k['check']}")
+    failed = [k for k in rows if k["check"] != "ok"]
+    lines.append(f"gfx942: {len(rows)} kernels, {len(failed)} miss a goal "
+                 "(no spills/scratch; forward >= 4 waves/SIMD and LDS <= 32 KB; backward >= 2 waves/SIMD)")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
