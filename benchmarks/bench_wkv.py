@@ -240,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for op in ops:
         for shape in args.shapes:
-            rows += bench_one(op, shape, DTYPES[args.dtype], args.device, args.repeat,
-                              args.ref_steps, args.err_steps, mm, not args.no_peers)
-            print(f"done {op} {shape}", file=sys.stderr, flush=True)
+            new = bench_one(op, shape, DTYPES[args.dtype], args.device, args.repeat,
+                            args.ref_steps, args.err_steps, mm, not args.no_peers)
+            for row in new:  # as they come, so a run cut short still reports
+                print(json.dumps(row), file=sys.stderr, flush=True)
+            rows += new
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
