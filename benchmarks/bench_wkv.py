@@ -109,17 +109,24 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor]) -> Callable[[], object]:
     return run
 
 
-def max_error(op: str, fn: Callable, inputs: list[torch.Tensor], steps: int) -> float:
-    """Largest relative error of y, final_state and all gradients vs a float64 reference."""
+def float64_reference(op: str, inputs: list[torch.Tensor], steps: int) -> tuple:
+    """The first `steps` steps of the inputs, random output gradients, and the float64
+    reference's outputs and gradients for them (computed once, compared with every kernel)."""
     ref = OPS[op][1]
     xs = [x[:, :steps].detach() if x.dim() == 4 else x.detach() for x in inputs]
     B, T, H, N = xs[0].shape
     gy = torch.randn(B, T, H, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     gs = torch.randn(B, H, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y64, s64, g64 = run_with_grads(ref, [x.cpu().double() for x in xs], None, None, gy, gs)
+    return xs, gy, gs, [y64, s64, *g64]
+
+
+def max_error(fn: Callable, reference: tuple) -> float:
+    """Largest relative error of y, final_state and all gradients vs the float64 reference."""
+    xs, gy, gs, want = reference
     device = xs[0].device
     y, s, g = run_with_grads(lambda *a: fn(*a[:-2]), xs, None, None, gy.to(device), gs.to(device))
-    y64, s64, g64 = run_with_grads(ref, [x.cpu().double() for x in xs], None, None, gy, gs)
-    return max(rel_error(a, b) for a, b in zip([y, s, *g], [y64, s64, *g64], strict=True))
+    return max(rel_error(a, b) for a, b in zip([y, s, *g], want, strict=True))
 
 
 def peak_gb(device: str, fn: Callable[[], object]) -> float:
@@ -147,6 +154,7 @@ def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, dev
     base = {"op": op, "B": B, "T": T, "H": H, "N": N, "dtype": str(dtype).removeprefix("torch."),
             "mm_gflops": mm, "ref_fwd_bwd_ms": t_ref * 1e3, "ref_steps_timed": steps}
 
+    reference = float64_reference(op, inputs, min(T, err_steps))
     impls = {"arwkv": fn, **(fla_peers(op) if peers and device == "cuda" else {})}
     rows = []
     for name, impl in impls.items():
@@ -168,7 +176,7 @@ def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, dev
             "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_bwd_ms": t_fb * 1e3,
             "fwd_gflops": gflops, "fwd_vs_mm": gflops / mm, "speedup_vs_ref": t_ref / t_fb,
             "peak_gb": peak_gb(device, run),
-            "max_rel_err": max_error(op, impl, inputs, min(T, err_steps)),
+            "max_rel_err": max_error(impl, reference),
         })
     return rows
 
@@ -206,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention on GPU")
     p.add_argument("--ref-steps", type=int, help="steps of the reference that are timed "
                    "(default 1024 on CPU, 256 on GPU)")
-    p.add_argument("--err-steps", type=int, default=256, help="steps compared with the float64 reference")
+    p.add_argument("--err-steps", type=int, help="steps compared with the float64 reference "
+                   "(default 256 on CPU, 32 on GPU: the float64 reference runs on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args.shapes = args.shapes or parse_shapes(DEFAULT_GPU_SHAPES if gpu else DEFAULT_SHAPES)
     args.repeat = args.repeat or (20 if gpu else 5)
     args.ref_steps = args.ref_steps or (256 if gpu else 1024)
+    args.err_steps = args.err_steps or (32 if gpu else 256)
 
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -44,7 +44,7 @@ fi
 
 if has tests; then
   echo "== GPU tests"
-  timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -n ${TEST_WORKERS:-8} tests/test_gpu.py \
+  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${TEST_WORKERS:-8} tests/test_gpu.py \
     > "$OUT/tests.log" 2>&1 || status=1
   tail -25 "$OUT/tests.log"
 fi
@@ -78,7 +78,7 @@ fi
 
 if has bench; then
   echo "== benchmark"
-  timeout ${BENCH_TIMEOUT:-400} $PY benchmarks/bench_wkv.py --device cuda --json "$OUT/bench.json" \
+  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/bench_wkv.py --device cuda --json "$OUT/bench.json" \
     > "$OUT/bench.txt" 2>&1 || status=1
   cat "$OUT/bench.txt"
 fi

@@ -29,7 +29,7 @@ def demangle(names: list[str]) -> list[str]:
 
 def short(name: str) -> str:
     """arwkv::gpu::wkv_rows_kernel<float, 7, arwkv::gpu::RowTile<64, 16, 128>, 0>(...) -> compact."""
-    name = name.split("(")[0].replace("arwkv::gpu::", "")
+    name = name.split("(")[0].removeprefix("void ").replace("arwkv::gpu::", "")
     return name.replace("RowTile", "tile").replace(" ", "")
 
 

@@ -73,16 +73,33 @@ template <int N> struct WideRows;
 template <> struct WideRows<16> { using Tile = RowTile<16, 4, 64>; };
 template <> struct WideRows<32> { using Tile = RowTile<32, 16, 64>; };
 template <> struct WideRows<64> { using Tile = RowTile<64, 16, 128>; };
+#if defined(ARWKV_HIP)  // 32 keys per lane would need > 128 VGPRs: < 4 waves per SIMD
+template <> struct WideRows<128> { using Tile = RowTile<128, 16, 128>; };
+#else
 template <> struct WideRows<128> { using Tile = RowTile<128, 32, 128>; };
+#endif
 template <int N> struct NarrowRows;
 template <> struct NarrowRows<16> { using Tile = RowTile<16, 4, 64>; };
 template <> struct NarrowRows<32> { using Tile = RowTile<32, 8, 64>; };
 template <> struct NarrowRows<64> { using Tile = RowTile<64, 8, 64>; };
+#if defined(ARWKV_HIP)  // two waves per workgroup halve the LDS per wave
+template <> struct NarrowRows<128> { using Tile = RowTile<128, 8, 128>; };
+#else
 template <> struct NarrowRows<128> { using Tile = RowTile<128, 8, 64>; };
+#endif
 
 enum RowMode { kForward = 0, kSnapshots = 1, kStateGrad = 2 };
 
-// Stages one chunk of n steps: the key vectors r, decay = exp(w), k, a, b (WKV-7) or r, decay, k
+// Steps the rows kernels stage in shared memory at a time. On CDNA (64 KB LDS per CU) the
+// LDS of small workgroups is what limits waves per SIMD, so HIP stages fewer steps per barrier.
+#if defined(ARWKV_HIP)
+constexpr int kStage = 2;
+#else
+constexpr int kStage = kChunk;
+#endif
+static_assert(kChunk % kStage == 0, "a chunk is whole stages");
+
+// Stages n steps from step c0 on: the key vectors r, decay = exp(w), k, a, b (WKV-7) or r, decay, k
 // (WKV-6) for all N keys, and one per-row value (v or grad_y) for the block's rows.
 template <class T, int V, int N, int ROWS, int THREADS>
 __device__ __forceinline__ void stage_rows(const WkvParams& p, const Segment& g, int h, int row0, int c0,
@@ -110,12 +127,12 @@ __device__ __forceinline__ void stage_rows(const WkvParams& p, const Segment& g,
 template <class T, int V, class Tile, int MODE>
 __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams p) {
   constexpr int N = Tile::N, L = Tile::L, ROWS = Tile::ROWS, Q = Tile::Q, THREADS = Tile::THREADS;
-  __shared__ __align__(16) float kr[kChunk][N];
-  __shared__ __align__(16) float kd[kChunk][N];
-  __shared__ __align__(16) float kk[kChunk][N];
-  __shared__ __align__(16) float ka[V == 7 ? kChunk : 1][N];
-  __shared__ __align__(16) float kb[V == 7 ? kChunk : 1][N];
-  __shared__ float xr[kChunk][ROWS];
+  __shared__ __align__(16) float kr[kStage][N];
+  __shared__ __align__(16) float kd[kStage][N];
+  __shared__ __align__(16) float kk[kStage][N];
+  __shared__ __align__(16) float ka[V == 7 ? kStage : 1][N];
+  __shared__ __align__(16) float kb[V == 7 ? kStage : 1][N];
+  __shared__ float xr[kStage][ROWS];
 
   const int lane = threadIdx.x % L, row_local = threadIdx.x / L;
   const int row0 = blockIdx.x * ROWS, i = row0 + row_local;
@@ -147,106 +164,113 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
 #pragma unroll
         for (int e = 0; e < 4; ++e) snap[int64_t(Tile::key(q, lane, e)) * N + i] = S[q][e];
     }
-    __syncthreads();  // the previous chunk's readers are done with the stage
-    stage_rows<T, V, N, ROWS, THREADS>(p, g, h, row0, c0, n, MODE == kStateGrad ? p.grad_y : p.v, kr, kd,
-                                       kk, ka, kb, xr);
-    __syncthreads();
+    // Staged kStage steps at a time (all kChunk at once on CUDA; fewer on HIP, where the LDS
+    // a workgroup takes is what limits waves per SIMD).
+    const int num_stages = (n + kStage - 1) / kStage;
+    for (int si = 0; si < num_stages; ++si) {
+      const int sb = MODE == kStateGrad ? num_stages - 1 - si : si;
+      const int b0 = c0 + sb * kStage, m = min(kStage, n - sb * kStage);  // steps b0 .. b0 + m - 1
+      __syncthreads();  // the previous stage's readers are done with it
+      stage_rows<T, V, N, ROWS, THREADS>(p, g, h, row0, b0, m, MODE == kStateGrad ? p.grad_y : p.v, kr, kd,
+                                         kk, ka, kb, xr);
+      __syncthreads();
 
-    for (int t = 0; t < n; ++t) {
-      const int st = MODE == kStateGrad ? n - 1 - t : t;  // step within the chunk
-      const int64_t out = ((g.bos + c0 + st) * H + h) * N + i;
-      const float x = xr[st][row_local];  // v_t[i], or grad_y_t[i]
-      // this thread's 4 keys of group q of a staged vector, as an array
-      auto key4 = [&](float (*vec)[N], int q, float out[4]) {
-        const float4 x4 = *reinterpret_cast<const float4*>(&vec[st][Tile::key(q, lane, 0)]);
-        out[0] = x4.x, out[1] = x4.y, out[2] = x4.z, out[3] = x4.w;
-      };
-      float r_[4], d_[4], k_[4], a_[4], b_[4];
-      if (MODE != kStateGrad) {
-        if (V == 7) {
-          // sa = S a_t;  S = S diag(d) + sa b^T + v k^T;  y = S r_t
-          float sa = 0.f;
+      for (int t = 0; t < m; ++t) {
+        const int st = MODE == kStateGrad ? m - 1 - t : t;  // step within the stage
+        const int64_t out = ((g.bos + b0 + st) * H + h) * N + i;
+        const float x = xr[st][row_local];  // v_t[i], or grad_y_t[i]
+        // this thread's 4 keys of group q of a staged vector, as an array
+        auto key4 = [&](float (*vec)[N], int q, float dst[4]) {
+          const float4 x4 = *reinterpret_cast<const float4*>(&vec[st][Tile::key(q, lane, 0)]);
+          dst[0] = x4.x, dst[1] = x4.y, dst[2] = x4.z, dst[3] = x4.w;
+        };
+        float r_[4], d_[4], k_[4], a_[4], b_[4];
+        if (MODE != kStateGrad) {
+          if (V == 7) {
+            // sa = S a_t;  S = S diag(d) + sa b^T + v k^T;  y = S r_t
+            float sa = 0.f;
 #pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(ka, q, a_);
+            for (int q = 0; q < Q; ++q) {
+              key4(ka, q, a_);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) sa = fmaf(S[q][e], a_[e], sa);
-          }
-          sa = group_sum<L>(sa);
-          float y = 0.f;
-#pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(kd, q, d_), key4(kb, q, b_), key4(kk, q, k_), key4(kr, q, r_);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              S[q][e] = fmaf(S[q][e], d_[e], fmaf(sa, b_[e], x * k_[e]));
-              y = fmaf(S[q][e], r_[e], y);
+              for (int e = 0; e < 4; ++e) sa = fmaf(S[q][e], a_[e], sa);
             }
-          }
-          if (MODE == kForward) {
-            y = group_sum<L>(y);
-            if (lane == 0) store<T>(p.y, out, y);
-          } else if (lane == 0) {
-            p.sa[out] = sa;
+            sa = group_sum<L>(sa);
+            float y = 0.f;
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+              key4(kd, q, d_), key4(kb, q, b_), key4(kk, q, k_), key4(kr, q, r_);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                S[q][e] = fmaf(S[q][e], d_[e], fmaf(sa, b_[e], x * k_[e]));
+                y = fmaf(S[q][e], r_[e], y);
+              }
+            }
+            if (MODE == kForward) {
+              y = group_sum<L>(y);
+              if (lane == 0) store<T>(p.y, out, y);
+            } else if (lane == 0) {
+              p.sa[out] = sa;
+            }
+          } else {
+            // y = sum_j r_j (S_ij + u_j k_j v_i);  S = S diag(d) + v k^T
+            float y = 0.f;
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+              key4(kd, q, d_), key4(kk, q, k_), key4(kr, q, r_);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                y = fmaf(r_[e], fmaf(u[q][e] * k_[e], x, S[q][e]), y);
+                S[q][e] = fmaf(S[q][e], d_[e], x * k_[e]);
+              }
+            }
+            if (MODE == kForward) {
+              y = group_sum<L>(y);
+              if (lane == 0) store<T>(p.y, out, y);
+            }
           }
         } else {
-          // y = sum_j r_j (S_ij + u_j k_j v_i);  S = S diag(d) + v k^T
-          float y = 0.f;
+          // Backwards in time; S holds dS = dLoss/dS_t, x = grad_y_t[i].
+          if (V == 7) {
+            // dS += gy r^T;  grad_v = dS k;  dsa = dS b;  dS = dS diag(d) + dsa a^T
+            float dv = 0.f, dsa = 0.f;
 #pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(kd, q, d_), key4(kk, q, k_), key4(kr, q, r_);
+            for (int q = 0; q < Q; ++q) {
+              key4(kr, q, r_), key4(kk, q, k_), key4(kb, q, b_);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              y = fmaf(r_[e], fmaf(u[q][e] * k_[e], x, S[q][e]), y);
-              S[q][e] = fmaf(S[q][e], d_[e], x * k_[e]);
+              for (int e = 0; e < 4; ++e) {
+                S[q][e] = fmaf(x, r_[e], S[q][e]);
+                dv = fmaf(S[q][e], k_[e], dv);
+                dsa = fmaf(S[q][e], b_[e], dsa);
+              }
             }
-          }
-          if (MODE == kForward) {
-            y = group_sum<L>(y);
-            if (lane == 0) store<T>(p.y, out, y);
-          }
-        }
-      } else {
-        // Backwards in time; S holds dS = dLoss/dS_t, x = grad_y_t[i].
-        if (V == 7) {
-          // dS += gy r^T;  grad_v = dS k;  dsa = dS b;  dS = dS diag(d) + dsa a^T
-          float dv = 0.f, dsa = 0.f;
+            dsa = group_sum<L>(dsa);
+            dv = group_sum<L>(dv);
 #pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(kr, q, r_), key4(kk, q, k_), key4(kb, q, b_);
+            for (int q = 0; q < Q; ++q) {
+              key4(kd, q, d_), key4(ka, q, a_);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              S[q][e] = fmaf(x, r_[e], S[q][e]);
-              dv = fmaf(S[q][e], k_[e], dv);
-              dsa = fmaf(S[q][e], b_[e], dsa);
+              for (int e = 0; e < 4; ++e) S[q][e] = fmaf(S[q][e], d_[e], dsa * a_[e]);
             }
-          }
-          dsa = group_sum<L>(dsa);
-          dv = group_sum<L>(dv);
-#pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(kd, q, d_), key4(ka, q, a_);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) S[q][e] = fmaf(S[q][e], d_[e], dsa * a_[e]);
-          }
-          if (lane == 0) {
-            store<T>(p.grad_v, out, dv);
-            p.dsa[out] = dsa;
-          }
-        } else {
-          // grad_v = dS k + gy (r . u k);  dS = dS diag(d) + gy r^T
-          float dv = 0.f;
-#pragma unroll
-          for (int q = 0; q < Q; ++q) {
-            key4(kr, q, r_), key4(kk, q, k_), key4(kd, q, d_);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              dv = fmaf(fmaf(x * r_[e], u[q][e], S[q][e]), k_[e], dv);
-              S[q][e] = fmaf(S[q][e], d_[e], x * r_[e]);
+            if (lane == 0) {
+              store<T>(p.grad_v, out, dv);
+              p.dsa[out] = dsa;
             }
+          } else {
+            // grad_v = dS k + gy (r . u k);  dS = dS diag(d) + gy r^T
+            float dv = 0.f;
+#pragma unroll
+            for (int q = 0; q < Q; ++q) {
+              key4(kr, q, r_), key4(kk, q, k_), key4(kd, q, d_);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                dv = fmaf(fmaf(x * r_[e], u[q][e], S[q][e]), k_[e], dv);
+                S[q][e] = fmaf(S[q][e], d_[e], x * r_[e]);
+              }
+            }
+            dv = group_sum<L>(dv);
+            if (lane == 0) store<T>(p.grad_v, out, dv);
           }
-          dv = group_sum<L>(dv);
-          if (lane == 0) store<T>(p.grad_v, out, dv);
         }
       }
     }

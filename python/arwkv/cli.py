@@ -8,7 +8,7 @@ import sys
 
 
 def _info(_: argparse.Namespace) -> int:
-    """Prints what this installation was built for and which CPU code path it uses."""
+    """Prints what this installation was built for, which CPU code path it uses, and the GPU."""
     import torch
 
     import arwkv
@@ -21,6 +21,8 @@ def _info(_: argparse.Namespace) -> int:
         "cpu_isa": arwkv_ext.cpu_isa(),
         "cpu_isas_supported": arwkv_ext.cpu_isas_supported(),
         "threads": torch.get_num_threads(),
+        "gpu_kernels": [k for k in arwkv_ext.build_info["kernels"] if k != "cpu"],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }, indent=2))
     return 0
 
@@ -28,7 +30,7 @@ def _info(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="show the build and the CPU code path in use").set_defaults(run=_info)
+    commands.add_parser("info", help="show the build, the CPU code path and the GPU").set_defaults(run=_info)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
