@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
     }
     // Staged kStage steps at a time (all kChunk at once on CUDA; fewer on HIP, where the LDS
     // a workgroup takes is what limits waves per SIMD).
-    const int num_stages = (n + kStage - 1) / kStage;
+    const int num_stages = kStage == kChunk ? 1 : (n + kStage - 1) / kStage;  // a constant on CUDA
     for (int si = 0; si < num_stages; ++si) {
       const int sb = MODE == kStateGrad ? num_stages - 1 - si : si;
       const int b0 = c0 + sb * kStage, m = min(kStage, n - sb * kStage);  // steps b0 .. b0 + m - 1
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
         const int64_t out = ((g.bos + b0 + st) * H + h) * N + i;
         const float x = xr[st][row_local];  // v_t[i], or grad_y_t[i]
         // this thread's 4 keys of group q of a staged vector, as an array
-        auto key4 = [&](float (*vec)[N], int q, float dst[4]) {
+        auto key4 = [&](float (*vec)[N], int q, float (&dst)[4]) {
           const float4 x4 = *reinterpret_cast<const float4*>(&vec[st][Tile::key(q, lane, 0)]);
           dst[0] = x4.x, dst[1] = x4.y, dst[2] = x4.z, dst[3] = x4.w;
         };
