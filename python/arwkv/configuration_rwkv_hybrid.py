@@ -1,0 +1,78 @@
+"""Configuration of the ARWKV student (``model_type = "rwkv_hybrid"``).
+
+The keys follow the published ``rwkv_hybrid`` checkpoints: the teacher's own config keys
+(hidden_size, intermediate_size, num_hidden_layers, rms_norm_eps, vocab_size, ...) plus
+``head_size``, ``head_size_divisor``, ``wkv_version``, ``wkv_has_gate``, ``wkv_has_group_norm``
+and the optional ``wkv_layers``. arwkv's own additions are optional keys with defaults that
+reproduce the published layout.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+class RwkvHybridConfig(PretrainedConfig):
+    """Teacher decoder + RWKV time mixing in place of self-attention.
+
+    Args (beyond the teacher's keys, which are kept as they are):
+        head_size: WKV head size N (64 in the published models; 16, 32, 128 also run).
+        head_size_divisor: scales the group-norm epsilon (``1e-5 * divisor**2``).
+        wkv_version: 7 (RWKV-7 time mixing; RWKV-6 comes later).
+        wkv_has_gate: output gate ``sigmoid(x G1) G2``.
+        wkv_has_group_norm: per-head GroupNorm of the WKV output.
+        wkv_layers: indices of the layers that use time mixing (None: all).
+        teacher_model_type: the teacher's ``model_type``; its MLP and RMSNorm classes are reused.
+        attention_hidden_size: width of r, k, v (the teacher's heads x head_dim; default
+            hidden_size, as in the published models).
+        wkv_qkv_bias: receptance / key / value carry biases (copied from a teacher that has them).
+        decay_low_rank, a_low_rank, v_low_rank, gate_low_rank: the low-rank widths (64/64/32/128).
+    """
+
+    model_type = "rwkv_hybrid"
+
+    def __init__(self, vocab_size: int = 151936, hidden_size: int = 896, intermediate_size: int = 4864,
+                 num_hidden_layers: int = 24, hidden_act: str = "silu", rms_norm_eps: float = 1e-6,
+                 tie_word_embeddings: bool = False, head_size: int = 64, head_size_divisor: int = 8,
+                 wkv_version: int = 7, wkv_has_gate: bool = True, wkv_has_group_norm: bool = False,
+                 wkv_layers: list[int] | None = None, teacher_model_type: str = "qwen2",
+                 attention_hidden_size: int | None = None, wkv_qkv_bias: bool = False,
+                 decay_low_rank: int = 64, a_low_rank: int = 64, v_low_rank: int = 32,
+                 gate_low_rank: int = 128, **kwargs) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.head_size = head_size
+        self.head_size_divisor = head_size_divisor
+        self.wkv_version = wkv_version
+        self.wkv_has_gate = wkv_has_gate
+        self.wkv_has_group_norm = wkv_has_group_norm
+        self.wkv_layers = wkv_layers
+        self.teacher_model_type = teacher_model_type
+        self.attention_hidden_size = attention_hidden_size or hidden_size
+        self.wkv_qkv_bias = wkv_qkv_bias
+        self.decay_low_rank = decay_low_rank
+        self.a_low_rank = a_low_rank
+        self.v_low_rank = v_low_rank
+        self.gate_low_rank = gate_low_rank
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.wkv_version != 7:
+            raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not supported yet (7 is)")
+        if self.head_size not in (16, 32, 64, 128):
+            raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of 16, 32, 64, 128")
+        if self.attention_hidden_size % self.head_size:
+            raise ValueError(f"rwkv_hybrid: attention_hidden_size {self.attention_hidden_size} is not a "
+                             f"multiple of head_size {self.head_size}")
+        if self.wkv_layers is not None and sorted(self.wkv_layers) != list(range(self.num_hidden_layers)):
+            raise ValueError("rwkv_hybrid: hybrid models (wkv_layers that keep some attention layers) "
+                             "are not supported yet; use wkv_layers=None")
+
+    @property
+    def num_wkv_heads(self) -> int:
+        return self.attention_hidden_size // self.head_size
