@@ -17,7 +17,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM, expand_kv_heads, student_from_teacher
+from arwkv.convert import expand_kv_heads, student_from_teacher
+from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from arwkv_ext.testing import rel_error
 
 VOCAB = 101
@@ -39,10 +40,11 @@ def tiny_teacher(family: str = "qwen2", tie: bool = True, seed: int = 0):
 
 
 def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    state, out = None, []
+    cache, out = None, []
     for t in range(ids.shape[1]):
-        logits, state = model(ids[:, t:t + 1], state)
-        out.append(logits)
+        step = model(ids[:, t:t + 1], cache=cache)
+        cache = step.cache
+        out.append(step.logits)
     return torch.cat(out, dim=1)
 
 
@@ -52,7 +54,7 @@ def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torc
 def test_full_sequence_equals_step_by_step(gate, group_norm, head_size):
     student = student_from_teacher(tiny_teacher(), gate=gate, group_norm=group_norm, head_size=head_size)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
-    full, _ = student(ids)
+    full = student(ids).logits
     assert rel_error(logits_step_by_step(student, ids), full) <= 1e-4
 
 
@@ -60,11 +62,12 @@ def test_full_sequence_equals_step_by_step(gate, group_norm, head_size):
 def test_prefill_then_decode_equals_one_forward():
     student = student_from_teacher(tiny_teacher(), head_size=32)
     ids = torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(2))
-    full, final = student(ids)
-    prefix, state = student(ids[:, :17])
-    rest, state = student(ids[:, 17:], state)
-    assert rel_error(torch.cat([prefix, rest], 1), full) <= 1e-5
-    for a, b in zip(state, final, strict=True):
+    full = student(ids)
+    prefix = student(ids[:, :17])
+    rest = student(ids[:, 17:], cache=prefix.cache)
+    assert rel_error(torch.cat([prefix.logits, rest.logits], 1), full.logits) <= 1e-5
+    assert rest.cache.seen_tokens == 30
+    for a, b in zip(rest.cache.layers, full.cache.layers, strict=True):
         assert rel_error(a.wkv, b.wkv) <= 1e-5 and torch.equal(a.shift, b.shift)
 
 
@@ -73,8 +76,8 @@ def test_packed_sequences_equal_separate_calls():
     student = student_from_teacher(tiny_teacher(), head_size=32)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (5, 1, 12)]
-    packed, _ = student(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 5, 6, 18]))
-    separate = torch.cat([student(s)[0] for s in seqs], 1)
+    packed = student(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 5, 6, 18])).logits
+    separate = torch.cat([student(s).logits for s in seqs], 1)
     assert rel_error(packed, separate) <= 1e-5
 
 
@@ -124,7 +127,7 @@ def test_teacher_families_convert_and_run(family):
     assert student.config.attention_hidden_size == teacher.config.num_attention_heads * (
         getattr(teacher.config, "head_dim", None) or 32)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
-    full, _ = student(ids)
+    full = student(ids).logits
     assert torch.isfinite(full).all() and full.shape == (2, 9, VOCAB)
     assert rel_error(logits_step_by_step(student, ids), full) <= 1e-4
 
@@ -147,8 +150,7 @@ def test_gradients_reach_every_time_mixer_parameter():
     for p in student.parameters():  # nonzero low-rank paths so every parameter matters
         p.data.add_(torch.randn_like(p) * 1e-2)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
-    logits, _ = student(ids)
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    student(ids, labels=ids).loss.backward()
     for name, p in student.named_parameters():
         # layer 0 makes v_first: its value-residual parameters exist (as in the published layout) unused
         if "time_mixer" in name and not any(f"layers.0.self_attn.time_mixer.{v}" == name[6:] for v in
@@ -163,3 +165,79 @@ def test_bad_teacher_is_a_clear_error():
         student_from_teacher(tiny_teacher(), init="copy")
     with pytest.raises(ValueError, match="head_size 48"):
         student_from_teacher(tiny_teacher(), head_size=48)
+
+
+@torch.no_grad()
+def test_left_padding_leaves_the_state_untouched():
+    """A left-padded row gives the same logits at its real tokens, and the same cache, as the
+    prompt alone."""
+    student = student_from_teacher(tiny_teacher(), head_size=32)
+    g = torch.Generator().manual_seed(6)
+    short, long = torch.randint(0, VOCAB, (1, 5), generator=g), torch.randint(0, VOCAB, (1, 9), generator=g)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    out = student(batch, attention_mask=mask)
+    alone = student(short)
+    assert rel_error(out.logits[0, 4:], alone.logits[0]) <= 1e-5
+    for a, b in zip(out.cache.layers, alone.cache.layers, strict=True):
+        assert rel_error(a.wkv[0], b.wkv[0]) <= 1e-5 and rel_error(a.shift[0], b.shift[0]) <= 1e-6
+
+
+@torch.no_grad()
+def test_generate_greedy_matches_manual_decoding_and_padding():
+    student = student_from_teacher(tiny_teacher(), head_size=32)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(1, VOCAB, (1, 4), generator=g), torch.randint(1, VOCAB, (1, 7), generator=g)
+    out_a = student.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # manual greedy decoding through the cache
+    step, tokens = student(a), []
+    for _ in range(6):
+        tokens.append(step.logits[:, -1].argmax(-1, keepdim=True))
+        step = student(tokens[-1], cache=step.cache)
+    assert torch.equal(out_a[:, 4:], torch.cat(tokens, 1))
+    # a left-padded batch generates what each prompt generates alone
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    out = student.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out_b = student.generate(b, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 7:], out_a[0, 4:]) and torch.equal(out[1, 7:], out_b[0, 7:])
+    sampled = student.generate(a, max_new_tokens=5, do_sample=True, top_k=5, pad_token_id=0)
+    assert sampled.shape == (1, 9)
+
+
+def test_save_load_round_trip_in_a_fresh_offline_process(tmp_path):
+    """save_pretrained -> AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a new
+    Python process, offline, reproduces the logits exactly."""
+    import json
+    import subprocess
+    import sys
+
+    student = student_from_teacher(tiny_teacher(), head_size=32)
+    out = tmp_path / "student"
+    student.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "rwkv_hybrid" and config["architectures"] == ["RwkvHybridForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv_hybrid.RwkvHybridForCausalLM"
+    keys = {"head_size", "head_size_divisor", "wkv_version", "wkv_has_gate", "wkv_has_group_norm"}
+    assert keys <= set(config)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = student(ids).logits
+    torch.save({"ids": ids, "logits": want}, tmp_path / "want.pt")
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+d = torch.load({str(tmp_path / 'want.pt')!r})
+with torch.no_grad():
+    got = m(d["ids"]).logits
+assert type(m).__name__ == "RwkvHybridForCausalLM", type(m)
+assert torch.equal(got, d["logits"]), (got - d["logits"]).abs().max()
+print("ok")
+"""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": "/usr/bin:/bin"}
+    import os
+    env.update({k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME")})
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

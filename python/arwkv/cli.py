@@ -27,14 +27,74 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """Teacher checkpoint directory -> student checkpoint directory."""
+    import time
+
+    from .convert import convert_checkpoint
+
+    start = time.perf_counter()
+    out = convert_checkpoint(args.teacher, args.out, init=args.init, head_size=args.head_size, gate=args.gate,
+                             group_norm=args.group_norm, keep_bias=not args.drop_bias, dtype=args.dtype,
+                             overwrite=args.overwrite, max_shard_size=args.max_shard_size, seed=args.seed,
+                             wkv=args.wkv)
+    print(f"arwkv convert: wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Streams a continuation of --prompt from a student (or any causal LM) checkpoint."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype="auto").eval()
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    streamer = TextStreamer(tokenizer, skip_prompt=False)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature or None, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out.shape[1] - ids.shape[1]
+    seconds = time.perf_counter() - start
+    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="show the build, the CPU code path and the GPU").set_defaults(run=_info)
+
+    convert = commands.add_parser("convert", help="turn a Transformer checkpoint into an ARWKV student")
+    convert.add_argument("--teacher", required=True, help="Hugging Face checkpoint directory")
+    convert.add_argument("--out", required=True, help="student checkpoint directory to write")
+    convert.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
+                         help="transfer: r,k,v,o <- q,k,v,o of the teacher (default); fresh: ARWKV's init")
+    convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="RWKV-7 (6: not yet)")
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.add_argument("--head-size", type=int, default=64, choices=[16, 32, 64, 128])
+    convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")
+    convert.add_argument("--group-norm", action="store_true", help="per-head GroupNorm of the WKV output")
+    convert.add_argument("--drop-bias", action="store_true", help="do not keep the teacher's q/k/v biases")
+    convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the time mixers' random initial values")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    convert.set_defaults(run=_convert)
+
+    generate = commands.add_parser("generate", help="stream a continuation of a prompt and print tokens/s")
+    generate.add_argument("--model", required=True, help="checkpoint directory")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ImportError, RuntimeError, ValueError) as err:
+    except (ImportError, RuntimeError, ValueError, OSError) as err:
         print(f"arwkv {args.command}: {err}", file=sys.stderr)
         return 1
 

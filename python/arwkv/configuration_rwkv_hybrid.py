@@ -76,3 +76,7 @@ class RwkvHybridConfig(PretrainedConfig):
     @property
     def num_wkv_heads(self) -> int:
         return self.attention_hidden_size // self.head_size
+
+
+# save_pretrained then writes auto_map and copies this file beside the weights (trust_remote_code).
+RwkvHybridConfig.register_for_auto_class()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
 
 import arwkv_ext
 
@@ -35,6 +36,33 @@ class LayerState:
 
     shift: Tensor  # [B, C], the normed input of the last token
     wkv: Tensor    # [B, H, N, N] float32
+
+
+class RwkvHybridCache:
+    """The recurrent cache of generate(): one LayerState per layer, whatever the context length
+    (constant memory), and how many tokens it has seen."""
+
+    def __init__(self, layers: list[LayerState] | None = None, seen_tokens: int = 0) -> None:
+        self.layers = layers
+        self.seen_tokens = seen_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: keep the rows of the beams that survive."""
+        for st in self.layers or []:
+            st.shift = st.shift.index_select(0, beam_idx.to(st.shift.device))
+            st.wkv = st.wkv.index_select(0, beam_idx.to(st.wkv.device))
+
+
+@dataclass
+class RwkvHybridCausalLMOutput(ModelOutput):
+    """loss (with labels), logits [B, T, V], and the cache after the last token."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: RwkvHybridCache | None = None
 
 
 def teacher_classes(model_type: str) -> tuple[type, type]:
@@ -132,15 +160,20 @@ class Rwkv7TimeMixer(nn.Module):
         self.r_k.zero_()
 
     def forward(self, x: Tensor, state: LayerState | None = None, v_first: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> tuple[Tensor, LayerState, Tensor]:
+                cu_seqlens: Tensor | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, LayerState, Tensor]:
         """x: [B, T, C] (normed). state: carried from the previous call (None: zeros).
         v_first: layer 0's values [B, T, D] (None in layer 0). cu_seqlens: int [S + 1] packing S
-        sequences along T (B = 1, no carried state).
+        sequences along T (B = 1, no carried state). mask: [B, T], 0 at (left) padding, which
+        then leaves the state exactly as it was.
 
         Returns the output [B, T, C], the state after the last token, and v_first.
         """
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
+        keep = None if mask is None else mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+        if keep is not None:
+            x = x * keep
         if cu_seqlens is None:
             prev = state.shift.unsqueeze(1) if state is not None else x.new_zeros(B, 1, C)
             shifted = torch.cat([prev, x[:, :-1]], dim=1)
@@ -162,10 +195,13 @@ class Rwkv7TimeMixer(nn.Module):
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
+        log_decay = -torch.exp(w.float()).to(x.dtype)
+        if keep is not None:  # padding: decay 1, nothing written, nothing removed
+            k, v, log_decay = k * keep, v * keep, log_decay * keep
+            kk = kk * keep.unsqueeze(-1)
 
-        heads = [t.view(B, T, H, N) for t in (r, k, v, a)]
-        rh, kh, vh, ah = heads
-        log_decay = -torch.exp(w.float()).to(x.dtype).view(B, T, H, N)
+        rh, kh, vh, ah = (t.view(B, T, H, N) for t in (r, k, v, a))
+        log_decay = log_decay.view(B, T, H, N)
         y, wkv = arwkv_ext.wkv7(rh, log_decay, kh, vh, -kk, kk * ah,
                                 state.wkv if state is not None else None, cu_seqlens)
         y = y.reshape(B, T, H * N)
@@ -200,8 +236,8 @@ class RwkvHybridDecoderLayer(nn.Module):
         self.mlp = mlp_cls(config)
 
     def forward(self, h: Tensor, state: LayerState | None, v_first: Tensor | None,
-                cu_seqlens: Tensor | None) -> tuple[Tensor, LayerState, Tensor]:
-        mixed, state, v_first = self.self_attn(self.input_layernorm(h), state, v_first, cu_seqlens)
+                cu_seqlens: Tensor | None, mask: Tensor | None) -> tuple[Tensor, LayerState, Tensor]:
+        mixed, state, v_first = self.self_attn(self.input_layernorm(h), state, v_first, cu_seqlens, mask)
         h = h + mixed
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, state, v_first
@@ -239,101 +275,62 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: Tensor, state: list[LayerState] | None = None,
-                cu_seqlens: Tensor | None = None) -> tuple[Tensor, list[LayerState]]:
-        """input_ids: [B, T]. Returns the final hidden states [B, T, C] and the per-layer state
-        after the last token (pass it back to continue the sequences)."""
+                cu_seqlens: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerState]]:
+        """input_ids: [B, T]; attention_mask: [B, T] with 0 at left padding (optional).
+        Returns the final hidden states [B, T, C] and the per-layer state after the last token
+        (pass it back to continue the sequences)."""
         if cu_seqlens is not None and state is not None:
             raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) start from zero state; "
                              "pass state=None")
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         h = self.embed_tokens(input_ids)
         v_first, new_state = None, []
         for i, layer in enumerate(self.layers):
-            h, s, v_first = layer(h, state[i] if state is not None else None, v_first, cu_seqlens)
+            h, s, v_first = layer(h, state[i] if state is not None else None, v_first, cu_seqlens, mask)
             new_state.append(s)
         return self.norm(h), new_state
 
 
-class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel):
+class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
     def __init__(self, config: RwkvHybridConfig) -> None:
         super().__init__(config)
         self.model = RwkvHybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids: Tensor, state: list[LayerState] | None = None,
-                cu_seqlens: Tensor | None = None) -> tuple[Tensor, list[LayerState]]:
-        """Logits [B, T, V] and the state after the last token."""
-        h, state = self.model(input_ids, state, cu_seqlens)
-        return self.lm_head(h), state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                cache: RwkvHybridCache | None = None, use_cache: bool | None = None,
+                labels: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                logits_to_keep: int = 0, **kwargs) -> RwkvHybridCausalLMOutput:
+        """input_ids [B, T]; attention_mask [B, T] (0 at left padding); cache: continue from
+        it (updated in place and returned); labels [B, T]: next-token cross-entropy (-100 is
+        ignored); cu_seqlens: packed sequences (B = 1). logits_to_keep > 0 keeps the last ones.
+        """
+        state = cache.layers if cache is not None else None
+        h, new_state = self.model(input_ids, state, cu_seqlens, attention_mask)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        if use_cache is not False:
+            cache = cache if cache is not None else RwkvHybridCache()
+            cache.layers, cache.seen_tokens = new_state, cache.seen_tokens + input_ids.shape[1]
+        return RwkvHybridCausalLMOutput(loss=loss, logits=logits,
+                                        cache=cache if use_cache is not False else None)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, cache: RwkvHybridCache | None = None,
+                                      attention_mask: Tensor | None = None, use_cache: bool | None = None,
+                                      **kwargs) -> dict:
+        """After the prompt, only the tokens the cache has not seen go in (one per step)."""
+        if cache is not None and cache.seen_tokens > 0:
+            input_ids = input_ids[:, cache.seen_tokens:]
+            attention_mask = None  # new tokens are never padding
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+                "use_cache": use_cache, "logits_to_keep": kwargs.get("logits_to_keep", 0)}
 
 
-def expand_kv_heads(weight: Tensor, num_kv_heads: int, num_heads: int) -> Tensor:
-    """[num_kv_heads * d, ...] -> [num_heads * d, ...], each kv head repeated for the contiguous
-    group of query heads it serves (the order of transformers' repeat_kv)."""
-    if num_kv_heads == num_heads:
-        return weight
-    group = num_heads // num_kv_heads
-    d = weight.shape[0] // num_kv_heads
-    return weight.reshape(num_kv_heads, d, *weight.shape[1:]).repeat_interleave(group, dim=0).reshape(
-        num_heads * d, *weight.shape[1:])
-
-
-def student_config(teacher_config, *, head_size: int = 64, gate: bool = True, group_norm: bool = False,
-                   qkv_bias: bool | None = None) -> RwkvHybridConfig:
-    """The student's config: the teacher's keys, plus the time mixer's."""
-    t = teacher_config.to_dict()
-    for key in ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"):
-        t.pop(key, None)
-    heads = teacher_config.num_attention_heads
-    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
-    has_bias = bool(getattr(teacher_config, "attention_bias", teacher_config.model_type == "qwen2"))
-    t.update(
-        head_size=head_size, head_size_divisor=8, wkv_version=7, wkv_has_gate=gate,
-        wkv_has_group_norm=group_norm, wkv_layers=None, teacher_model_type=teacher_config.model_type,
-        attention_hidden_size=heads * head_dim, wkv_qkv_bias=has_bias if qkv_bias is None else qkv_bias,
-        tie_word_embeddings=False, architectures=["RwkvHybridForCausalLM"],
-    )
-    return RwkvHybridConfig(**t)
-
-
-@torch.no_grad()
-def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
-                         gate: bool = True, group_norm: bool = False, keep_bias: bool = True,
-                         seed: int = 0) -> RwkvHybridForCausalLM:
-    """Builds the student of an in-memory teacher (``model.embed_tokens``, ``model.layers[i].
-    {self_attn, mlp, input_layernorm, post_attention_layernorm}``, ``model.norm``, ``lm_head``).
-
-    Everything but the attentions is copied bit-exactly (tied embeddings become two tensors).
-    ``init="transfer"``: receptance, key, value, output <- q_proj, k_proj, v_proj, o_proj, with
-    grouped key/value heads expanded as the teacher uses them; biases kept unless
-    ``keep_bias=False``. ``init="fresh"``: ARWKV's initialisation (default nn.Linear init).
-    """
-    if init not in ("transfer", "fresh"):
-        raise ValueError(f"init must be 'transfer' or 'fresh', got {init!r}")
-    tcfg = teacher.config
-    has_bias = getattr(teacher.model.layers[0].self_attn.q_proj, "bias", None) is not None
-    config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
-                            qkv_bias=has_bias and keep_bias and init == "transfer")
-    torch.manual_seed(seed)
-    student = RwkvHybridForCausalLM(config).to(teacher.dtype)
-
-    student.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight)
-    student.model.norm.load_state_dict(teacher.model.norm.state_dict())
-    student.lm_head.weight.copy_(teacher.lm_head.weight)
-    heads = tcfg.num_attention_heads
-    kv_heads = getattr(tcfg, "num_key_value_heads", heads) or heads
-    for t_layer, s_layer in zip(teacher.model.layers, student.model.layers, strict=True):
-        s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
-        s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
-        s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
-        if init == "transfer":
-            att, tm = t_layer.self_attn, s_layer.self_attn.time_mixer
-            pairs = [(tm.receptance, att.q_proj, False), (tm.key, att.k_proj, True),
-                     (tm.value, att.v_proj, True)]
-            for dst, src, grouped in pairs:
-                expand = (lambda x: expand_kv_heads(x, kv_heads, heads)) if grouped else (lambda x: x)
-                dst.weight.copy_(expand(src.weight))
-                if dst.bias is not None:
-                    dst.bias.copy_(expand(src.bias))
-            tm.output.weight.copy_(att.o_proj.weight)
-    return student
+# save_pretrained then writes auto_map and copies this file beside the weights, so
+# AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads the student.
+RwkvHybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,274 @@
+"""Teacher -> student conversion: one mapping of tensors (``student_tensors``), used both for a
+teacher already in memory (``student_from_teacher``) and for streaming a checkpoint directory
+from disk to disk (``convert_checkpoint``, the ``arwkv convert`` command).
+
+Everything but the attentions is copied bit-exactly (tied embeddings become two tensors).
+``init="transfer"`` (default): receptance, key, value, output <- q_proj, k_proj, v_proj, o_proj,
+grouped key/value heads expanded as the teacher uses them (transformers' repeat_kv: each kv
+head serves a contiguous group of query heads), biases kept unless ``keep_bias=False``.
+``init="fresh"``: ARWKV's initialisation (nn.Linear's default for the four projections).
+The time mixers' own parameters always start from ARWKV's initial values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .configuration_rwkv_hybrid import RwkvHybridConfig
+from .modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
+
+Tensor = torch.Tensor
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Files of a teacher checkpoint that travel unchanged (tokenizer and generation settings).
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "merges.txt", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                "chat_template.jinja", "chat_template.json")
+
+
+class ConversionError(ValueError):
+    """A teacher that cannot be converted; the message names what is wrong."""
+
+
+def expand_kv_heads(weight: Tensor, num_kv_heads: int, num_heads: int) -> Tensor:
+    """[num_kv_heads * d, ...] -> [num_heads * d, ...], each kv head repeated for the contiguous
+    group of query heads it serves (the order of transformers' repeat_kv)."""
+    if num_kv_heads == num_heads:
+        return weight
+    group = num_heads // num_kv_heads
+    d = weight.shape[0] // num_kv_heads
+    return weight.reshape(num_kv_heads, d, *weight.shape[1:]).repeat_interleave(group, dim=0).reshape(
+        num_heads * d, *weight.shape[1:])
+
+
+def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gate: bool = True,
+                   group_norm: bool = False, qkv_bias: bool = False) -> RwkvHybridConfig:
+    """The student's config: the teacher's keys, plus the time mixer's."""
+    t = teacher_config.to_dict()
+    for key in ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"):
+        t.pop(key, None)
+    heads = teacher_config.num_attention_heads
+    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
+    t.update(
+        head_size=head_size, head_size_divisor=8, wkv_version=7, wkv_has_gate=gate,
+        wkv_has_group_norm=group_norm, wkv_layers=None, teacher_model_type=teacher_config.model_type,
+        attention_hidden_size=heads * head_dim, wkv_qkv_bias=qkv_bias, tie_word_embeddings=False,
+        architectures=["RwkvHybridForCausalLM"],
+    )
+    return RwkvHybridConfig(**t)
+
+
+def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, init: str = "transfer",
+                    num_kv_heads: int | None = None, num_heads: int | None = None,
+                    seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of the student, in checkpoint order, from ``get(teacher_name)``.
+
+    Time mixers are built one layer at a time (seeded per layer), so memory stays at one
+    layer's worth beyond the tensor being yielded.
+    """
+    if init not in ("transfer", "fresh"):
+        raise ValueError(f"init must be 'transfer' or 'fresh', got {init!r}")
+    heads = num_heads or config.num_attention_heads
+    kv_heads = num_kv_heads or getattr(config, "num_key_value_heads", None) or heads
+    yield "model.embed_tokens.weight", get("model.embed_tokens.weight")
+    for i in range(config.num_hidden_layers):
+        t, s = f"model.layers.{i}.", f"model.layers.{i}.self_attn.time_mixer."
+        torch.manual_seed(seed * 100003 + i)
+        mixer = Rwkv7TimeMixer(config, i)
+        mixed = {}
+        if init == "transfer":
+            for mine, theirs, grouped in (("receptance", "q_proj", False), ("key", "k_proj", True),
+                                          ("value", "v_proj", True), ("output", "o_proj", False)):
+                names = ["weight"] + (["bias"] if getattr(mixer, mine).bias is not None else [])
+                for n in names:
+                    x = get(f"{t}self_attn.{theirs}.{n}")
+                    mixed[f"{mine}.{n}"] = expand_kv_heads(x, kv_heads, heads) if grouped else x
+        for name, value in mixer.state_dict().items():
+            yield s + name, mixed.get(name, value)
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            yield t + name, get(t + name)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{t}mlp.{proj}.weight", get(f"{t}mlp.{proj}.weight")
+            if getattr(config, "mlp_bias", False):
+                yield f"{t}mlp.{proj}.bias", get(f"{t}mlp.{proj}.bias")
+    yield "model.norm.weight", get("model.norm.weight")
+    yield "lm_head.weight", get("lm_head.weight")
+
+
+def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str], Tensor]:
+    """A teacher with tied embeddings has no lm_head tensor: the student gets its own copy."""
+    def getter(name: str) -> Tensor:
+        if name == "lm_head.weight" and tied:
+            return get("model.embed_tokens.weight").clone()
+        return get(name)
+    return getter
+
+
+@torch.no_grad()
+def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
+                         gate: bool = True, group_norm: bool = False, keep_bias: bool = True,
+                         seed: int = 0) -> RwkvHybridForCausalLM:
+    """The student of a teacher already in memory (a transformers decoder with the standard
+    layout: model.embed_tokens, model.layers[i].{self_attn, mlp, input_layernorm,
+    post_attention_layernorm}, model.norm, lm_head)."""
+    tcfg = teacher.config
+    has_bias = getattr(teacher.model.layers[0].self_attn.q_proj, "bias", None) is not None
+    config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
+                            qkv_bias=has_bias and keep_bias and init == "transfer")
+    weights = teacher.state_dict()
+    get = _with_tied_head(weights.__getitem__, "lm_head.weight" not in weights or
+                          bool(getattr(tcfg, "tie_word_embeddings", False)))
+    student = RwkvHybridForCausalLM(config).to(teacher.dtype)
+    state = dict(student_tensors(config, get, init=init, seed=seed,
+                                 num_kv_heads=getattr(tcfg, "num_key_value_heads", None),
+                                 num_heads=tcfg.num_attention_heads))
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+class TeacherCheckpoint:
+    """A Hugging Face checkpoint directory read tensor by tensor (single or sharded safetensors)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ConversionError(f"teacher {self.path} is not a directory")
+        if not (self.path / "config.json").is_file():
+            raise ConversionError(f"teacher {self.path} has no config.json")
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except Exception as err:  # noqa: BLE001 - any parse failure is reported in one line
+            raise ConversionError(f"teacher {self.path}/config.json cannot be read: {err}") from err
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise ConversionError(f"teacher index {index} is not a safetensors index: {err}") from err
+        elif (self.path / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise ConversionError(f"teacher {self.path} has no model.safetensors or "
+                                  "model.safetensors.index.json (only safetensors checkpoints are read)")
+        self._files: dict[str, object] = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.names: dict[str, str] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(self.path / f), framework="pt")
+                keys = list(handle.keys())
+            except Exception as err:  # noqa: BLE001
+                raise ConversionError(f"teacher shard {self.path / f} cannot be read: {err}") from err
+            self._files[f] = handle
+            self.names.update(dict.fromkeys(keys, f))
+
+    def get(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise ConversionError(f"teacher {self.path} has no tensor {name!r} (is it a decoder with the "
+                                  "standard layout: model.layers.N.self_attn.q_proj, ...?)")
+        return self._files[self.names[name]].get_tensor(name)
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    text = text.strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       init: str = "transfer", head_size: int = 64, gate: bool = True,
+                       group_norm: bool = False, keep_bias: bool = True, dtype: str = "bf16",
+                       overwrite: bool = False, max_shard_size: str = "2GB", seed: int = 0,
+                       wkv: int = 7) -> Path:
+    """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +
+    index, config.json (with auto_map), the teacher's generation/tokenizer files, and the
+    configuration/modeling .py files. Written to a temporary directory beside ``out_dir`` and
+    renamed into place, so a failure never leaves a directory that looks complete."""
+    from safetensors.torch import save_file
+
+    from .modeling_rwkv_hybrid import teacher_classes
+
+    if wkv != 7:
+        raise ConversionError(f"--wkv {wkv}: only RWKV-7 time mixing (7) is supported so far")
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConversionError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    teacher = TeacherCheckpoint(teacher_dir)
+    tcfg = teacher.config
+    try:
+        teacher_classes(tcfg.model_type)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
+    has_bias = "model.layers.0.self_attn.q_proj.bias" in teacher.names
+    config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
+                            qkv_bias=has_bias and keep_bias and init == "transfer")
+    config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
+                       "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"}
+    tied = "lm_head.weight" not in teacher.names
+    get = _with_tied_head(teacher.get, tied)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        limit, shard, shard_bytes, shards, weight_map, total = _parse_size(max_shard_size), {}, 0, [], {}, 0
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes
+            if shard:
+                name = f"shard-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                shards.append((name, list(shard)))
+                shard, shard_bytes = {}, 0
+
+        tensors = student_tensors(config, get, init=init, seed=seed,
+                                  num_kv_heads=getattr(tcfg, "num_key_value_heads", None),
+                                  num_heads=tcfg.num_attention_heads)
+        for name, tensor in tensors:
+            tensor = tensor.to(DTYPES[dtype]).contiguous()
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > limit:
+                flush()
+            shard[name] = tensor
+            shard_bytes += size
+            total += size
+        flush()
+        for k, (name, keys) in enumerate(shards):
+            final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            (tmp / name).rename(tmp / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        config.save_pretrained(tmp)
+        package = Path(__file__).parent
+        for source in ("configuration_rwkv_hybrid.py", "modeling_rwkv_hybrid.py"):
+            shutil.copy2(package / source, tmp / source)
+        for name in COPIED_FILES:
+            if (Path(teacher_dir) / name).is_file():
+                shutil.copy2(Path(teacher_dir) / name, tmp / name)
+        # into place: the old output (with --overwrite) goes only once the new one is complete
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,92 @@
+"""arwkv convert: a sharded teacher checkpoint on disk -> a student checkpoint that loads and
+equals the in-memory conversion; refusals and failures leave nothing that looks complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_model import VOCAB, tiny_teacher
+
+from arwkv.cli import main
+from arwkv.convert import ConversionError, convert_checkpoint, student_from_teacher
+from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    teacher = tiny_teacher("qwen2", tie=True)
+    teacher.save_pretrained(path, max_shard_size="200KB")  # several shards + index
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return path, teacher
+
+
+def test_convert_writes_a_loadable_student_equal_to_the_in_memory_one(teacher_dir, tmp_path, capsys):
+    path, teacher = teacher_dir
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(path), "--out", str(out), "--dtype", "fp32",
+                 "--head-size", "32", "--max-shard-size", "300KB"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "configuration_rwkv_hybrid.py",
+            "modeling_rwkv_hybrid.py", "tokenizer_config.json", "generation_config.json"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv_hybrid.RwkvHybridForCausalLM"
+    assert config["tie_word_embeddings"] is False and config["wkv_qkv_bias"] is True
+    loaded = RwkvHybridForCausalLM.from_pretrained(out).eval()
+    expected = student_from_teacher(teacher, head_size=32).eval()
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_convert_refuses_a_non_empty_output_and_overwrites_when_told(teacher_dir, tmp_path):
+    path, _ = teacher_dir
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="not empty; pass --overwrite"):
+        convert_checkpoint(path, out, head_size=32)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_checkpoint(path, out, head_size=32, overwrite=True, dtype="bf16")
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "is not a directory"),
+    ("no_config", "has no config.json"),
+    ("no_weights", "has no model.safetensors"),
+    ("corrupt", "cannot be read"),
+])
+def test_bad_teacher_is_one_line_and_leaves_no_output(teacher_dir, tmp_path, damage, message, capsys):
+    import shutil
+
+    path, _ = teacher_dir
+    bad = tmp_path / "bad"
+    if damage != "missing":
+        shutil.copytree(path, bad)
+    if damage == "no_config":
+        (bad / "config.json").unlink()
+    elif damage == "no_weights":
+        for f in bad.glob("model*.safetensors*"):
+            f.unlink()
+    elif damage == "corrupt":
+        shard = sorted(bad.glob("model-*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
+    out = tmp_path / "out"
+    assert main(["convert", "--teacher", str(bad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_unsupported_options_are_clear(teacher_dir, tmp_path):
+    path, _ = teacher_dir
+    with pytest.raises(ConversionError, match="only RWKV-7"):
+        convert_checkpoint(path, tmp_path / "o", wkv=6)
