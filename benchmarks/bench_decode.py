@@ -1,0 +1,103 @@
+"""Time and memory per generated token, by context position, for an ARWKV student and its
+teacher with a KV cache (same random teacher, converted; CPU by default).
+
+    python benchmarks/bench_decode.py                     # positions 64 ... 8192, a mid-size model
+    python benchmarks/bench_decode.py --positions 64,1024 --layers 4 --json out.json
+
+For each position p the prompt of p tokens is prefilled once, then --steps single-token
+decoding steps are timed (median). Cache bytes are read off the caches themselves: the
+student's per-layer states (constant in p) and the teacher's key/value tensors (linear in p).
+Goal: the student's time per token at the largest position within 1.2x of the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from arwkv.convert import student_from_teacher
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a student cache (LayerStates) or a transformers KV cache."""
+    if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "wkv"):
+        return sum(s.wkv.numel() * s.wkv.element_size() + s.shift.numel() * s.shift.element_size()
+                   for s in cache.layers)
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def per_token(model, prompt: torch.Tensor, steps: int, student: bool) -> tuple[float, int]:
+    """Median seconds per decoding step after prefilling `prompt`, and the cache bytes then."""
+    out = model(prompt, use_cache=True)
+    cache = out.cache if student else out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(token, cache=cache) if student else model(token, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+        cache = out.cache if student else out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+    return statistics.median(times), cache_bytes(cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--positions", default="64,256,1024,4096,8192")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=16, help="timed decoding steps per position (median)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    positions = [int(p) for p in args.positions.split(",")]
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(positions) + 64)
+    teacher = Qwen2ForCausalLM(config).eval()
+    student = student_from_teacher(teacher, head_size=64).eval()
+    meta = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+            "vocab": args.vocab, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(json.dumps(meta))
+    rows = []
+    for p in positions:
+        prompt = torch.randint(0, args.vocab, (1, p), generator=torch.Generator().manual_seed(p))
+        s_time, s_bytes = per_token(student, prompt, args.steps, student=True)
+        t_time, t_bytes = per_token(teacher, prompt, args.steps, student=False)
+        rows.append({"position": p, "student_ms": s_time * 1e3, "student_cache_mb": s_bytes / 1e6,
+                     "teacher_ms": t_time * 1e3, "teacher_cache_mb": t_bytes / 1e6})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(f"{'position':>8}  {'student ms/token':>16}  {'student cache MB':>16}  {'teacher ms/token':>16}  "
+          f"{'teacher KV MB':>13}")
+    for r in rows:
+        print(f"{r['position']:>8}  {r['student_ms']:>16.2f}  {r['student_cache_mb']:>16.2f}  "
+              f"{r['teacher_ms']:>16.2f}  {r['teacher_cache_mb']:>13.2f}")
+    ratio = rows[-1]["student_ms"] / rows[0]["student_ms"]
+    print(f"student time per token at {positions[-1]} / at {positions[0]}: {ratio:.2f}x (goal <= 1.2x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "student_ratio": ratio}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
