@@ -241,3 +241,17 @@ print("ok")
     env.update({k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME")})
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@torch.no_grad()
+def test_beam_search_scores_match_a_full_forward():
+    """Beam search reorders the recurrent cache: the score it reports for its best sequence is
+    the log-probability a fresh full forward gives that sequence."""
+    student = student_from_teacher(tiny_teacher(), head_size=32)
+    prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(9))
+    out = student.generate(prompt, num_beams=3, max_new_tokens=5, do_sample=False, length_penalty=0.0,
+                           pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    seq = out.sequences
+    logp = torch.log_softmax(student(seq).logits[0, 4:-1].float(), dim=-1)
+    recomputed = logp.gather(-1, seq[0, 5:, None]).sum()
+    torch.testing.assert_close(out.sequences_scores[0], recomputed, rtol=1e-4, atol=1e-4)
