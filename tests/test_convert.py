@@ -90,3 +90,22 @@ def test_unsupported_options_are_clear(teacher_dir, tmp_path):
     path, _ = teacher_dir
     with pytest.raises(ConversionError, match="only RWKV-7"):
         convert_checkpoint(path, tmp_path / "o", wkv=6)
+
+
+def test_generate_command_streams_tokens(teacher_dir, tmp_path, capsys):
+    """arwkv generate on a converted student with a (tiny, word-level) tokenizer beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path, _ = teacher_dir
+    out = tmp_path / "student"
+    convert_checkpoint(path, out, head_size=32, dtype="fp32")
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", eos_token="w1")
+    fast.save_pretrained(out)
+    assert main(["generate", "--model", str(out), "--prompt", "w5 w7 w9", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("w5 w7 w9") and len(captured.out.split()) == 7, captured.out
+    assert "tokens/s" in captured.err

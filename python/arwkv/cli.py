@@ -49,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype="auto").eval()
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     streamer = TextStreamer(tokenizer, skip_prompt=False)
