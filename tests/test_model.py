@@ -255,3 +255,49 @@ def test_beam_search_scores_match_a_full_forward():
     logp = torch.log_softmax(student(seq).logits[0, 4:-1].float(), dim=-1)
     recomputed = logp.gather(-1, seq[0, 5:, None]).sum()
     torch.testing.assert_close(out.sequences_scores[0], recomputed, rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
+    """A config with only the published rwkv_hybrid keys (Qwen2's plus head_size & co., none of
+    arwkv's optional additions) and weights under the published names load without a missing or
+    unexpected tensor."""
+    import json
+
+    from safetensors.torch import save_file
+
+    C, L, H = 128, 2, 2
+    config = {
+        "architectures": ["RwkvHybridForCausalLM"], "model_type": "rwkv_hybrid",
+        "auto_map": {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
+                     "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"},
+        "vocab_size": VOCAB, "hidden_size": C, "intermediate_size": 256, "num_hidden_layers": L,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "head_size": 64, "head_size_divisor": 8, "wkv_version": 7, "wkv_has_gate": True,
+        "wkv_has_group_norm": True, "torch_dtype": "float32",
+    }
+    g = torch.Generator().manual_seed(10)
+    shapes = {"model.embed_tokens.weight": (VOCAB, C), "model.norm.weight": (C,),
+              "lm_head.weight": (VOCAB, C)}
+    for i in range(L):
+        t = f"model.layers.{i}.self_attn.time_mixer."
+        shapes.update({t + n: (1, 1, C) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0",
+                                                  "k_k", "k_a")})
+        shapes.update({t + "w1": (C, 64), t + "w2": (64, C), t + "a1": (C, 64), t + "a2": (64, C),
+                       t + "v1": (C, 32), t + "v2": (32, C), t + "g1": (C, 128), t + "g2": (128, C),
+                       t + "r_k": (H, 64), t + "ln_x.weight": (C,), t + "ln_x.bias": (C,)})
+        shapes.update({t + f"{n}.weight": (C, C) for n in ("receptance", "key", "value", "output")})
+        m = f"model.layers.{i}."
+        shapes.update({m + "mlp.gate_proj.weight": (256, C), m + "mlp.up_proj.weight": (256, C),
+                       m + "mlp.down_proj.weight": (C, 256), m + "input_layernorm.weight": (C,),
+                       m + "post_attention_layernorm.weight": (C,)})
+    weights = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes.items()}
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = RwkvHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = model.state_dict()
+    assert all(torch.equal(state[n], w) for n, w in weights.items())
+    with torch.no_grad():
+        logits = model(torch.randint(0, VOCAB, (1, 8))).logits
+    assert torch.isfinite(logits).all()
