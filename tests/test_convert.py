@@ -88,8 +88,19 @@ def test_bad_teacher_is_one_line_and_leaves_no_output(teacher_dir, tmp_path, dam
 
 def test_unsupported_options_are_clear(teacher_dir, tmp_path):
     path, _ = teacher_dir
-    with pytest.raises(ConversionError, match="only RWKV-7"):
-        convert_checkpoint(path, tmp_path / "o", wkv=6)
+    with pytest.raises(ConversionError, match="expected 7 .RWKV-7. or 6"):
+        convert_checkpoint(path, tmp_path / "o", wkv=5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_rwkv6_student(teacher_dir, tmp_path):
+    path, teacher = teacher_dir
+    out = convert_checkpoint(path, tmp_path / "student6", head_size=32, dtype="fp32", wkv=6)
+    loaded = RwkvHybridForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.wkv_version == 6
+    expected = student_from_teacher(teacher, head_size=32, wkv=6).eval()
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_generate_command_streams_tokens(teacher_dir, tmp_path, capsys):

@@ -50,17 +50,20 @@ def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torc
 
 @pytest.mark.parametrize("gate,group_norm,head_size",
                          [(True, False, 32), (False, False, 64), (True, True, 32)])
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_full_sequence_equals_step_by_step(gate, group_norm, head_size):
-    student = student_from_teacher(tiny_teacher(), gate=gate, group_norm=group_norm, head_size=head_size)
+def test_full_sequence_equals_step_by_step(wkv, gate, group_norm, head_size):
+    student = student_from_teacher(tiny_teacher(), gate=gate, group_norm=group_norm, head_size=head_size,
+                                   wkv=wkv)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
     full = student(ids).logits
     assert rel_error(logits_step_by_step(student, ids), full) <= 1e-4
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_prefill_then_decode_equals_one_forward():
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+def test_prefill_then_decode_equals_one_forward(wkv):
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     ids = torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(2))
     full = student(ids)
     prefix = student(ids[:, :17])
@@ -71,9 +74,10 @@ def test_prefill_then_decode_equals_one_forward():
         assert rel_error(a.wkv, b.wkv) <= 1e-5 and torch.equal(a.shift, b.shift)
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_packed_sequences_equal_separate_calls():
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+def test_packed_sequences_equal_separate_calls(wkv):
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (5, 1, 12)]
     packed = student(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 5, 6, 18])).logits
@@ -145,8 +149,9 @@ def test_fresh_init_follows_arwkv_and_keeps_linear_default():
     assert decay.min() > 0.545 and decay.max() < 1
 
 
-def test_gradients_reach_every_time_mixer_parameter():
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+@pytest.mark.parametrize("wkv", [7, 6])
+def test_gradients_reach_every_time_mixer_parameter(wkv):
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     for p in student.parameters():  # nonzero low-rank paths so every parameter matters
         p.data.add_(torch.randn_like(p) * 1e-2)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
@@ -158,6 +163,9 @@ def test_gradients_reach_every_time_mixer_parameter():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     # the value residual carries gradient back into layer 0's value projection from later layers
     assert student.model.layers[0].self_attn.time_mixer.value.weight.grad.abs().sum() > 0
+    if wkv == 6:
+        assert student.config.wkv_version == 6 and hasattr(student.model.layers[0].self_attn.time_mixer,
+                                                           "time_faaaa")
 
 
 def test_bad_teacher_is_a_clear_error():
@@ -167,11 +175,12 @@ def test_bad_teacher_is_a_clear_error():
         student_from_teacher(tiny_teacher(), head_size=48)
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_left_padding_leaves_the_state_untouched():
+def test_left_padding_leaves_the_state_untouched(wkv):
     """A left-padded row gives the same logits at its real tokens, and the same cache, as the
     prompt alone."""
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     g = torch.Generator().manual_seed(6)
     short, long = torch.randint(0, VOCAB, (1, 5), generator=g), torch.randint(0, VOCAB, (1, 9), generator=g)
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
@@ -183,9 +192,10 @@ def test_left_padding_leaves_the_state_untouched():
         assert rel_error(a.wkv[0], b.wkv[0]) <= 1e-5 and rel_error(a.shift[0], b.shift[0]) <= 1e-6
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_generate_greedy_matches_manual_decoding_and_padding():
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+def test_generate_greedy_matches_manual_decoding_and_padding(wkv):
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(1, VOCAB, (1, 4), generator=g), torch.randint(1, VOCAB, (1, 7), generator=g)
     out_a = student.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -205,14 +215,15 @@ def test_generate_greedy_matches_manual_decoding_and_padding():
     assert sampled.shape == (1, 9)
 
 
-def test_save_load_round_trip_in_a_fresh_offline_process(tmp_path):
+@pytest.mark.parametrize("wkv", [7, 6])
+def test_save_load_round_trip_in_a_fresh_offline_process(tmp_path, wkv):
     """save_pretrained -> AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a new
     Python process, offline, reproduces the logits exactly."""
     import json
     import subprocess
     import sys
 
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     out = tmp_path / "student"
     student.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
@@ -243,11 +254,12 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
-def test_beam_search_scores_match_a_full_forward():
+def test_beam_search_scores_match_a_full_forward(wkv):
     """Beam search reorders the recurrent cache: the score it reports for its best sequence is
     the log-probability a fresh full forward gives that sequence."""
-    student = student_from_teacher(tiny_teacher(), head_size=32)
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
     prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(9))
     out = student.generate(prompt, num_beams=3, max_new_tokens=5, do_sample=False, length_penalty=0.0,
                            pad_token_id=0, return_dict_in_generate=True, output_scores=True)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--out", required=True, help="student checkpoint directory to write")
     convert.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
                          help="transfer: r,k,v,o <- q,k,v,o of the teacher (default); fresh: ARWKV's init")
-    convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="RWKV-7 (6: not yet)")
+    convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="time mixing: RWKV-7 or RWKV-6")
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     convert.add_argument("--head-size", type=int, default=64, choices=[16, 32, 64, 128])
     convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")

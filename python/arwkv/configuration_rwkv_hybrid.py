@@ -18,8 +18,8 @@ class RwkvHybridConfig(PretrainedConfig):
     Args (beyond the teacher's keys, which are kept as they are):
         head_size: WKV head size N (64 in the published models; 16, 32, 128 also run).
         head_size_divisor: scales the group-norm epsilon (``1e-5 * divisor**2``).
-        wkv_version: 7 (RWKV-7 time mixing; RWKV-6 comes later).
-        wkv_has_gate: output gate ``sigmoid(x G1) G2``.
+        wkv_version: 7 (RWKV-7 time mixing) or 6 (RWKV-6 "Finch", stock parameter names).
+        wkv_has_gate: output gate (RWKV-7: ``sigmoid(x G1) G2``; RWKV-6: ``silu(x Wg)``).
         wkv_has_group_norm: per-head GroupNorm of the WKV output.
         wkv_layers: indices of the layers that use time mixing (None: all).
         teacher_model_type: the teacher's ``model_type``; its MLP and RMSNorm classes are reused.
@@ -62,8 +62,8 @@ class RwkvHybridConfig(PretrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if self.wkv_version != 7:
-            raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not supported yet (7 is)")
+        if self.wkv_version not in (6, 7):
+            raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not 7 (RWKV-7) or 6 (RWKV-6)")
         if self.head_size not in (16, 32, 64, 128):
             raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of 16, 32, 64, 128")
         if self.attention_hidden_size % self.head_size:

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .configuration_rwkv_hybrid import RwkvHybridConfig
-from .modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
+from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, time_mixer_class
 
 Tensor = torch.Tensor
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +49,7 @@ def expand_kv_heads(weight: Tensor, num_kv_heads: int, num_heads: int) -> Tensor
 
 
 def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gate: bool = True,
-                   group_norm: bool = False, qkv_bias: bool = False) -> RwkvHybridConfig:
+                   group_norm: bool = False, qkv_bias: bool = False, wkv: int = 7) -> RwkvHybridConfig:
     """The student's config: the teacher's keys, plus the time mixer's."""
     t = teacher_config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"):
@@ -57,7 +57,7 @@ def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gat
     heads = teacher_config.num_attention_heads
     head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
     t.update(
-        head_size=head_size, head_size_divisor=8, wkv_version=7, wkv_has_gate=gate,
+        head_size=head_size, head_size_divisor=8, wkv_version=wkv, wkv_has_gate=gate,
         wkv_has_group_norm=group_norm, wkv_layers=None, teacher_model_type=teacher_config.model_type,
         attention_hidden_size=heads * head_dim, wkv_qkv_bias=qkv_bias, tie_word_embeddings=False,
         architectures=["RwkvHybridForCausalLM"],
@@ -81,7 +81,7 @@ def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, i
     for i in range(config.num_hidden_layers):
         t, s = f"model.layers.{i}.", f"model.layers.{i}.self_attn.time_mixer."
         torch.manual_seed(seed * 100003 + i)
-        mixer = Rwkv7TimeMixer(config, i)
+        mixer = time_mixer_class(config)(config, i)
         mixed = {}
         if init == "transfer":
             for mine, theirs, grouped in (("receptance", "q_proj", False), ("key", "k_proj", True),
@@ -114,14 +114,14 @@ def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str],
 @torch.no_grad()
 def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
                          gate: bool = True, group_norm: bool = False, keep_bias: bool = True,
-                         seed: int = 0) -> RwkvHybridForCausalLM:
+                         seed: int = 0, wkv: int = 7) -> RwkvHybridForCausalLM:
     """The student of a teacher already in memory (a transformers decoder with the standard
     layout: model.embed_tokens, model.layers[i].{self_attn, mlp, input_layernorm,
     post_attention_layernorm}, model.norm, lm_head)."""
     tcfg = teacher.config
     has_bias = getattr(teacher.model.layers[0].self_attn.q_proj, "bias", None) is not None
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
-                            qkv_bias=has_bias and keep_bias and init == "transfer")
+                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv)
     weights = teacher.state_dict()
     get = _with_tied_head(weights.__getitem__, "lm_head.weight" not in weights or
                           bool(getattr(tcfg, "tie_word_embeddings", False)))
@@ -200,8 +200,8 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
 
     from .modeling_rwkv_hybrid import teacher_classes
 
-    if wkv != 7:
-        raise ConversionError(f"--wkv {wkv}: only RWKV-7 time mixing (7) is supported so far")
+    if wkv not in (6, 7):
+        raise ConversionError(f"--wkv {wkv}: expected 7 (RWKV-7) or 6 (RWKV-6)")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out_dir)
@@ -215,7 +215,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
         raise ConversionError(str(err)) from err
     has_bias = "model.layers.0.self_attn.q_proj.bias" in teacher.names
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
-                            qkv_bias=has_bias and keep_bias and init == "transfer")
+                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv)
     config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
                        "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"}

@@ -1,4 +1,5 @@
-"""The ARWKV student: a Transformer decoder whose self-attentions are RWKV-7 time mixers.
+"""The ARWKV student: a Transformer decoder whose self-attentions are RWKV-7 (or RWKV-6) time
+mixers.
 
 Layer (arwkv-method.md section 2)::
 
@@ -90,6 +91,22 @@ def _orthogonal(rows: int, cols: int, scale: float) -> Tensor:
     return w * scale
 
 
+def token_shift(x: Tensor, state: LayerState | None, cu_seqlens: Tensor | None,
+                keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x [B, T, C] with padding zeroed (keep [B, T, 1]), and xx = shift(x) - x, where shift(x)_t =
+    x_{t-1}: the carried last token at t = 0, zeros at the start of each packed sequence."""
+    B, T, C = x.shape
+    if keep is not None:
+        x = x * keep
+    if cu_seqlens is None:
+        prev = state.shift.unsqueeze(1) if state is not None else x.new_zeros(B, 1, C)
+        shifted = torch.cat([prev, x[:, :-1]], dim=1)
+    else:
+        shifted = torch.cat([x.new_zeros(B, 1, C), x[:, :-1]], dim=1)
+        shifted[:, cu_seqlens[:-1].long()] = 0
+    return x, shifted - x
+
+
 class Rwkv7TimeMixer(nn.Module):
     """RWKV-7 time mixing for a [B, T, C] input, with D = attention_hidden_size = H * N."""
 
@@ -172,16 +189,7 @@ class Rwkv7TimeMixer(nn.Module):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
         keep = None if mask is None else mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
-        if keep is not None:
-            x = x * keep
-        if cu_seqlens is None:
-            prev = state.shift.unsqueeze(1) if state is not None else x.new_zeros(B, 1, C)
-            shifted = torch.cat([prev, x[:, :-1]], dim=1)
-        else:  # every packed sequence starts from a zero token shift
-            shifted = torch.cat([x.new_zeros(B, 1, C), x[:, :-1]], dim=1)
-            starts = cu_seqlens[:-1].long()
-            shifted[:, starts] = 0
-        xx = shifted - x
+        x, xx = token_shift(x, state, cu_seqlens, keep)
         xr, xw, xk, xv, xa = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a))
 
         r = self.receptance(xr)
@@ -215,12 +223,101 @@ class Rwkv7TimeMixer(nn.Module):
         return self.output(y), LayerState(shift=x[:, -1].detach().clone(), wkv=wkv), v_first
 
 
+class Rwkv6TimeMixer(nn.Module):
+    """RWKV-6 ("Finch") time mixing, stock parameter names: data-dependent token shift (a
+    5-way low-rank mixer), decay exp(-exp(time_decay + tanh(x W1) W2)), per-head bonus
+    ``time_faaaa`` [H, N], output gate silu(x_g Wg), optional GroupNorm."""
+
+    mix_rank, decay_rank = 32, 64
+
+    def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
+        super().__init__()
+        C, D, N = config.hidden_size, config.attention_hidden_size, config.head_size
+        self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
+        self.hidden_size, self.head_size, self.num_heads = C, N, D // N
+        self.has_gate, self.has_group_norm = config.wkv_has_gate, config.wkv_has_group_norm
+        for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * self.mix_rank))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, self.mix_rank, C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, D))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, self.decay_rank))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(self.decay_rank, D))
+        self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))
+        bias = config.wkv_qkv_bias
+        self.receptance = nn.Linear(C, D, bias=bias)
+        self.key = nn.Linear(C, D, bias=bias)
+        self.value = nn.Linear(C, D, bias=bias)
+        self.output = nn.Linear(D, C, bias=False)
+        if self.has_gate:
+            self.gate = nn.Linear(C, D, bias=False)
+        if self.has_group_norm:
+            self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * config.head_size_divisor**2)
+        self.reset_rwkv_parameters()
+
+    @torch.no_grad()
+    def reset_rwkv_parameters(self) -> None:
+        """The stock RWKV-6 initial values (the projections keep theirs or the teacher's)."""
+        C, D = self.hidden_size, self.time_decay.shape[-1]
+        L, layer = self.num_layers, self.layer_idx
+        r0 = layer / (L - 1) if L > 1 else 0.0
+        r1 = 1.0 - layer / L
+        ddd = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
+        self.time_maa_x.copy_(1 - ddd**r1)
+        self.time_maa_w.copy_(1 - ddd**r1)
+        self.time_maa_k.copy_(1 - ddd**r1)
+        self.time_maa_v.copy_(1 - (ddd**r1 + 0.3 * r0))
+        self.time_maa_r.copy_(1 - ddd ** (0.5 * r1))
+        self.time_maa_g.copy_(1 - ddd ** (0.5 * r1))
+        self.time_maa_w1.zero_()
+        self.time_maa_w2.uniform_(-0.01, 0.01)
+        n = torch.arange(D, dtype=torch.float64)
+        self.time_decay.copy_((-6 + 5 * (n / max(D - 1, 1)) ** (0.7 + 1.3 * r0)).view(1, 1, D))
+        self.time_decay_w1.zero_()
+        self.time_decay_w2.uniform_(-0.01, 0.01)
+        bonus = r0 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
+        self.time_faaaa.copy_(bonus.view(self.num_heads, self.head_size))
+
+    def forward(self, x: Tensor, state: LayerState | None = None, v_first: Tensor | None = None,
+                cu_seqlens: Tensor | None = None,
+                mask: Tensor | None = None) -> tuple[Tensor, LayerState, Tensor | None]:
+        """As Rwkv7TimeMixer.forward; v_first passes through untouched (no value residual)."""
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_size
+        keep = None if mask is None else mask.to(x.dtype).unsqueeze(-1)
+        x, xx = token_shift(x, state, cu_seqlens, keep)
+        mixed = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, self.mix_rank)
+        mixed = torch.bmm(mixed.transpose(0, 1), self.time_maa_w2).view(5, B, T, C)
+        mw, mk, mv, mr, mg = mixed.unbind(0)
+        xw = x + xx * (self.time_maa_w + mw)
+        r = self.receptance(x + xx * (self.time_maa_r + mr))
+        k = self.key(x + xx * (self.time_maa_k + mk))
+        v = self.value(x + xx * (self.time_maa_v + mv))
+        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        log_decay = -torch.exp(w.float()).to(x.dtype)
+        if keep is not None:  # padding: decay 1, nothing written
+            k, v, log_decay = k * keep, v * keep, log_decay * keep
+        heads = [t.reshape(B, T, H, N) for t in (r, log_decay, k, v)]
+        y, wkv = arwkv_ext.wkv6(*heads, self.time_faaaa.to(x.dtype),
+                                state.wkv if state is not None else None, cu_seqlens)
+        y = y.reshape(B, T, H * N)
+        if self.has_group_norm:
+            y = self.ln_x(y.view(B * T, H * N)).view(B, T, H * N)
+        if self.has_gate:
+            y = y * F.silu(self.gate(x + xx * (self.time_maa_g + mg)))
+        return self.output(y), LayerState(shift=x[:, -1].detach().clone(), wkv=wkv), v_first
+
+
+def time_mixer_class(config: RwkvHybridConfig) -> type[nn.Module]:
+    return {7: Rwkv7TimeMixer, 6: Rwkv6TimeMixer}[config.wkv_version]
+
+
 class RwkvHybridAttention(nn.Module):
     """Holds the time mixer where the teacher had its self-attention (``self_attn.time_mixer``)."""
 
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
         super().__init__()
-        self.time_mixer = Rwkv7TimeMixer(config, layer_idx)
+        self.time_mixer = time_mixer_class(config)(config, layer_idx)
 
     def forward(self, *args, **kwargs):
         return self.time_mixer(*args, **kwargs)
@@ -257,8 +354,8 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, Rwkv7TimeMixer):  # visited after its linears: ARWKV keeps their
-            module.reset_rwkv_parameters()         # nn.Linear default init
+        elif isinstance(module, (Rwkv7TimeMixer, Rwkv6TimeMixer)):  # visited after its linears:
+            module.reset_rwkv_parameters()                           # they keep nn.Linear's init
             for linear in (module.receptance, module.key, module.value, module.output):
                 linear.reset_parameters()
 
