@@ -120,3 +120,17 @@ def test_generate_command_streams_tokens(teacher_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("w5 w7 w9") and len(captured.out.split()) == 7, captured.out
     assert "tokens/s" in captured.err
+
+
+def test_convert_hybrid_from_the_command_line(teacher_dir, tmp_path):
+    path, teacher = teacher_dir
+    out = tmp_path / "hybrid"
+    assert main(["convert", "--teacher", str(path), "--out", str(out), "--dtype", "fp32", "--head-size", "32",
+                 "--wkv-layers", "1"]) == 0
+    loaded = RwkvHybridForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.wkv_layers == [1]
+    assert [layer.is_wkv for layer in loaded.model.layers] == [False, True, False]
+    expected = student_from_teacher(teacher, head_size=32, wkv_layers=[1]).eval()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)

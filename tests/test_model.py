@@ -313,3 +313,55 @@ def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
     with torch.no_grad():
         logits = model(torch.randint(0, VOCAB, (1, 8))).logits
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_hybrid_keeping_every_attention_layer_is_the_teacher():
+    """wkv_layers=[]: every layer keeps the teacher's attention, so the logits are the teacher's
+    (prefill, and decoding through the cache)."""
+    teacher = tiny_teacher(tie=False)
+    hybrid = student_from_teacher(teacher, head_size=32, wkv_layers=[])
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    want = teacher(ids).logits
+    assert rel_error(hybrid(ids).logits, want) <= 1e-5
+    assert rel_error(logits_step_by_step(hybrid, ids), want) <= 1e-5
+
+
+@pytest.mark.parametrize("wkv", [7, 6])
+@torch.no_grad()
+def test_hybrid_mixes_attention_and_time_mixing_consistently(wkv):
+    teacher = tiny_teacher()
+    hybrid = student_from_teacher(teacher, head_size=32, wkv=wkv, wkv_layers=[1])
+    assert [layer.is_wkv for layer in hybrid.model.layers] == [False, True, False]
+    kept, original = hybrid.model.layers[0].self_attn, teacher.model.layers[0].self_attn
+    assert torch.equal(kept.q_proj.weight, original.q_proj.weight)
+    ids = torch.randint(0, VOCAB, (2, 15), generator=torch.Generator().manual_seed(12))
+    full = hybrid(ids)
+    assert rel_error(logits_step_by_step(hybrid, ids), full.logits) <= 1e-4
+    prefix = hybrid(ids[:, :9])
+    rest = hybrid(ids[:, 9:], cache=prefix.cache)
+    assert rel_error(torch.cat([prefix.logits, rest.logits], 1), full.logits) <= 1e-5
+    # generation: a left-padded batch generates what each prompt does alone
+    g = torch.Generator().manual_seed(13)
+    a, b = torch.randint(1, VOCAB, (1, 4), generator=g), torch.randint(1, VOCAB, (1, 7), generator=g)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    out = hybrid.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out_a = hybrid.generate(a, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out_b = hybrid.generate(b, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 7:], out_a[0, 4:]) and torch.equal(out[1, 7:], out_b[0, 7:])
+
+
+def test_hybrid_converts_and_reloads(tmp_path):
+    from arwkv.convert import student_from_teacher as convert_in_memory
+
+    teacher = tiny_teacher()
+    hybrid = convert_in_memory(teacher, head_size=32, wkv_layers=[0, 2])
+    hybrid.save_pretrained(tmp_path / "h")
+    loaded = RwkvHybridForCausalLM.from_pretrained(tmp_path / "h").eval()
+    assert loaded.config.wkv_layers == [0, 2]
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, hybrid.eval()(ids).logits)
+    with pytest.raises(ValueError, match="wkv_layers \\[5\\] are not layers"):
+        convert_in_memory(teacher, head_size=32, wkv_layers=[5])

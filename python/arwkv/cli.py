@@ -37,7 +37,7 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert_checkpoint(args.teacher, args.out, init=args.init, head_size=args.head_size, gate=args.gate,
                              group_norm=args.group_norm, keep_bias=not args.drop_bias, dtype=args.dtype,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, seed=args.seed,
-                             wkv=args.wkv)
+                             wkv=args.wkv, wkv_layers=args.wkv_layers)
     print(f"arwkv convert: wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="transfer: r,k,v,o <- q,k,v,o of the teacher (default); fresh: ARWKV's init")
     convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="time mixing: RWKV-7 or RWKV-6")
     convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.add_argument("--wkv-layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                         help="comma-separated layers that get time mixing (default: all); the others "
+                         "keep the teacher's attention")
     convert.add_argument("--head-size", type=int, default=64, choices=[16, 32, 64, 128])
     convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")
     convert.add_argument("--group-norm", action="store_true", help="per-head GroupNorm of the WKV output")

@@ -21,7 +21,8 @@ class RwkvHybridConfig(PretrainedConfig):
         wkv_version: 7 (RWKV-7 time mixing) or 6 (RWKV-6 "Finch", stock parameter names).
         wkv_has_gate: output gate (RWKV-7: ``sigmoid(x G1) G2``; RWKV-6: ``silu(x Wg)``).
         wkv_has_group_norm: per-head GroupNorm of the WKV output.
-        wkv_layers: indices of the layers that use time mixing (None: all).
+        wkv_layers: indices of the layers that use time mixing (None: all); the others keep the
+            teacher's attention (a hybrid).
         teacher_model_type: the teacher's ``model_type``; its MLP and RMSNorm classes are reused.
         attention_hidden_size: width of r, k, v (the teacher's heads x head_dim; default
             hidden_size, as in the published models).
@@ -69,9 +70,16 @@ class RwkvHybridConfig(PretrainedConfig):
         if self.attention_hidden_size % self.head_size:
             raise ValueError(f"rwkv_hybrid: attention_hidden_size {self.attention_hidden_size} is not a "
                              f"multiple of head_size {self.head_size}")
-        if self.wkv_layers is not None and sorted(self.wkv_layers) != list(range(self.num_hidden_layers)):
-            raise ValueError("rwkv_hybrid: hybrid models (wkv_layers that keep some attention layers) "
-                             "are not supported yet; use wkv_layers=None")
+        if self.wkv_layers is not None:
+            bad = [i for i in self.wkv_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(f"rwkv_hybrid: wkv_layers {bad} are not layers of a "
+                                 f"{self.num_hidden_layers}-layer model")
+            self.wkv_layers = sorted(set(self.wkv_layers))
+
+    def is_wkv_layer(self, layer_idx: int) -> bool:
+        """Whether layer layer_idx uses time mixing (else it keeps the teacher's attention)."""
+        return self.wkv_layers is None or layer_idx in self.wkv_layers
 
     @property
     def num_wkv_heads(self) -> int:

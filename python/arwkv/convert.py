@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .configuration_rwkv_hybrid import RwkvHybridConfig
-from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, time_mixer_class
+from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, teacher_classes, time_mixer_class
 
 Tensor = torch.Tensor
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +49,8 @@ def expand_kv_heads(weight: Tensor, num_kv_heads: int, num_heads: int) -> Tensor
 
 
 def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gate: bool = True,
-                   group_norm: bool = False, qkv_bias: bool = False, wkv: int = 7) -> RwkvHybridConfig:
+                   group_norm: bool = False, qkv_bias: bool = False, wkv: int = 7,
+                   wkv_layers: list[int] | None = None) -> RwkvHybridConfig:
     """The student's config: the teacher's keys, plus the time mixer's."""
     t = teacher_config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"):
@@ -58,7 +59,7 @@ def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gat
     head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
     t.update(
         head_size=head_size, head_size_divisor=8, wkv_version=wkv, wkv_has_gate=gate,
-        wkv_has_group_norm=group_norm, wkv_layers=None, teacher_model_type=teacher_config.model_type,
+        wkv_has_group_norm=group_norm, wkv_layers=wkv_layers, teacher_model_type=teacher_config.model_type,
         attention_hidden_size=heads * head_dim, wkv_qkv_bias=qkv_bias, tie_word_embeddings=False,
         architectures=["RwkvHybridForCausalLM"],
     )
@@ -80,6 +81,14 @@ def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, i
     yield "model.embed_tokens.weight", get("model.embed_tokens.weight")
     for i in range(config.num_hidden_layers):
         t, s = f"model.layers.{i}.", f"model.layers.{i}.self_attn.time_mixer."
+        if not config.is_wkv_layer(i):  # a hybrid keeps this attention layer as it is
+            attention_cls = teacher_classes(config.teacher_model_type, kept_attention=True)["Attention"]
+            with torch.device("meta"):
+                attention = attention_cls(config, i)
+            for name in attention.state_dict():
+                yield f"{t}self_attn.{name}", get(f"{t}self_attn.{name}")
+            yield from _layer_rest(config, get, t)
+            continue
         torch.manual_seed(seed * 100003 + i)
         mixer = time_mixer_class(config)(config, i)
         mixed = {}
@@ -92,14 +101,20 @@ def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, i
                     mixed[f"{mine}.{n}"] = expand_kv_heads(x, kv_heads, heads) if grouped else x
         for name, value in mixer.state_dict().items():
             yield s + name, mixed.get(name, value)
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            yield t + name, get(t + name)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"{t}mlp.{proj}.weight", get(f"{t}mlp.{proj}.weight")
-            if getattr(config, "mlp_bias", False):
-                yield f"{t}mlp.{proj}.bias", get(f"{t}mlp.{proj}.bias")
+        yield from _layer_rest(config, get, t)
     yield "model.norm.weight", get("model.norm.weight")
     yield "lm_head.weight", get("lm_head.weight")
+
+
+def _layer_rest(config: RwkvHybridConfig, get: Callable[[str], Tensor],
+                t: str) -> Iterator[tuple[str, Tensor]]:
+    """A layer's norms and MLP, copied."""
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        yield t + name, get(t + name)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        yield f"{t}mlp.{proj}.weight", get(f"{t}mlp.{proj}.weight")
+        if getattr(config, "mlp_bias", False):
+            yield f"{t}mlp.{proj}.bias", get(f"{t}mlp.{proj}.bias")
 
 
 def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str], Tensor]:
@@ -114,14 +129,16 @@ def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str],
 @torch.no_grad()
 def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
                          gate: bool = True, group_norm: bool = False, keep_bias: bool = True,
-                         seed: int = 0, wkv: int = 7) -> RwkvHybridForCausalLM:
+                         seed: int = 0, wkv: int = 7,
+                         wkv_layers: list[int] | None = None) -> RwkvHybridForCausalLM:
     """The student of a teacher already in memory (a transformers decoder with the standard
     layout: model.embed_tokens, model.layers[i].{self_attn, mlp, input_layernorm,
     post_attention_layernorm}, model.norm, lm_head)."""
     tcfg = teacher.config
     has_bias = getattr(teacher.model.layers[0].self_attn.q_proj, "bias", None) is not None
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
-                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv)
+                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
+                            wkv_layers=wkv_layers)
     weights = teacher.state_dict()
     get = _with_tied_head(weights.__getitem__, "lm_head.weight" not in weights or
                           bool(getattr(tcfg, "tie_word_embeddings", False)))
@@ -191,7 +208,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
                        init: str = "transfer", head_size: int = 64, gate: bool = True,
                        group_norm: bool = False, keep_bias: bool = True, dtype: str = "bf16",
                        overwrite: bool = False, max_shard_size: str = "2GB", seed: int = 0,
-                       wkv: int = 7) -> Path:
+                       wkv: int = 7, wkv_layers: list[int] | None = None) -> Path:
     """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +
     index, config.json (with auto_map), the teacher's generation/tokenizer files, and the
     configuration/modeling .py files. Written to a temporary directory beside ``out_dir`` and
@@ -215,7 +232,8 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
         raise ConversionError(str(err)) from err
     has_bias = "model.layers.0.self_attn.q_proj.bias" in teacher.names
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
-                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv)
+                            qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
+                            wkv_layers=wkv_layers)
     config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
                        "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"}

@@ -40,21 +40,36 @@ class LayerState:
 
 
 class RwkvHybridCache:
-    """The recurrent cache of generate(): one LayerState per layer, whatever the context length
-    (constant memory), and how many tokens it has seen."""
+    """The cache of generate(): one LayerState per time-mixing layer, whatever the context length
+    (constant memory); in hybrids, the keys and values of the attention layers the student kept
+    (growing with the context, as the teacher's); and how many tokens it has seen."""
 
-    def __init__(self, layers: list[LayerState] | None = None, seen_tokens: int = 0) -> None:
+    def __init__(self, layers: list[LayerState | None] | None = None, seen_tokens: int = 0) -> None:
         self.layers = layers
         self.seen_tokens = seen_tokens
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, **kwargs) -> tuple[Tensor, Tensor]:
+        """Called by a kept attention layer: appends [B, H_kv, T, d] keys/values, returns all."""
+        if layer_idx in self.keys:
+            key = torch.cat([self.keys[layer_idx], key], dim=-2)
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Beam search: keep the rows of the beams that survive."""
         for st in self.layers or []:
-            st.shift = st.shift.index_select(0, beam_idx.to(st.shift.device))
-            st.wkv = st.wkv.index_select(0, beam_idx.to(st.wkv.device))
+            if st is not None:
+                st.shift = st.shift.index_select(0, beam_idx.to(st.shift.device))
+                st.wkv = st.wkv.index_select(0, beam_idx.to(st.wkv.device))
+        for store in (self.keys, self.values):
+            for i, t in store.items():
+                store[i] = t.index_select(0, beam_idx.to(t.device))
 
 
 @dataclass
@@ -66,8 +81,9 @@ class RwkvHybridCausalLMOutput(ModelOutput):
     cache: RwkvHybridCache | None = None
 
 
-def teacher_classes(model_type: str) -> tuple[type, type]:
-    """The MLP and RMSNorm classes of a transformers decoder family (qwen2, llama, mistral, qwen3,
+def teacher_classes(model_type: str, kept_attention: bool = False) -> dict[str, type]:
+    """The MLP and RMSNorm classes (and, for hybrids that keep attention layers, the Attention
+    and RotaryEmbedding classes) of a transformers decoder family (qwen2, llama, mistral, qwen3,
     ...), so the student computes them exactly as the teacher does."""
     try:
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -75,14 +91,14 @@ def teacher_classes(model_type: str) -> tuple[type, type]:
         raise ValueError(f"rwkv_hybrid: teacher model_type {model_type!r} is not a transformers "
                          "model") from err
     found = {}
-    for suffix in ("MLP", "RMSNorm"):
+    for suffix in ("MLP", "RMSNorm") + (("Attention", "RotaryEmbedding") if kept_attention else ()):
         names = [n for n, obj in vars(module).items()
                  if n.endswith(suffix) and isinstance(obj, type) and obj.__module__ == module.__name__]
         if len(names) != 1:
             raise ValueError(f"rwkv_hybrid: teacher model_type {model_type!r} has no single *{suffix} class "
                              "(a decoder with the standard layout is required)")
         found[suffix] = getattr(module, names[0])
-    return found["MLP"], found["RMSNorm"]
+    return found
 
 
 def _orthogonal(rows: int, cols: int, scale: float) -> Tensor:
@@ -324,17 +340,28 @@ class RwkvHybridAttention(nn.Module):
 
 
 class RwkvHybridDecoderLayer(nn.Module):
+    """The teacher's decoder layer with time mixing in place of self-attention, or (a layer a
+    hybrid keeps) with the teacher's own attention."""
+
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
         super().__init__()
-        mlp_cls, norm_cls = teacher_classes(config.teacher_model_type)
-        self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = RwkvHybridAttention(config, layer_idx)
-        self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = mlp_cls(config)
+        self.is_wkv = config.is_wkv_layer(layer_idx)
+        classes = teacher_classes(config.teacher_model_type, kept_attention=not self.is_wkv)
+        self.input_layernorm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
+        if self.is_wkv:
+            self.self_attn = RwkvHybridAttention(config, layer_idx)
+        else:
+            self.self_attn = classes["Attention"](config, layer_idx)
+        self.post_attention_layernorm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = classes["MLP"](config)
 
-    def forward(self, h: Tensor, state: LayerState | None, v_first: Tensor | None,
-                cu_seqlens: Tensor | None, mask: Tensor | None) -> tuple[Tensor, LayerState, Tensor]:
-        mixed, state, v_first = self.self_attn(self.input_layernorm(h), state, v_first, cu_seqlens, mask)
+    def forward(self, h: Tensor, state: LayerState | None, v_first: Tensor | None, cu_seqlens: Tensor | None,
+                mask: Tensor | None, attention: dict | None) -> tuple[Tensor, LayerState | None, Tensor]:
+        x = self.input_layernorm(h)
+        if self.is_wkv:
+            mixed, state, v_first = self.self_attn(x, state, v_first, cu_seqlens, mask)
+        else:  # attention: {"position_embeddings", "attention_mask", "cache"}
+            mixed = self.self_attn(x, **attention)[0]
         h = h + mixed
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, state, v_first
@@ -347,15 +374,12 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, (Rwkv7TimeMixer, Rwkv6TimeMixer)):  # visited after its linears:
-            module.reset_rwkv_parameters()                           # they keep nn.Linear's init
+        """transformers' defaults (linears, embeddings, norms, rotary buffers of kept attention
+        layers), then ARWKV's initial values for the time mixers, whose four projections keep
+        nn.Linear's own initialisation (a mixer is visited after its linears)."""
+        super()._init_weights(module)
+        if isinstance(module, (Rwkv7TimeMixer, Rwkv6TimeMixer)):
+            module.reset_rwkv_parameters()
             for linear in (module.receptance, module.key, module.value, module.output):
                 linear.reset_parameters()
 
@@ -363,30 +387,62 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
 class RwkvHybridModel(RwkvHybridPreTrainedModel):
     def __init__(self, config: RwkvHybridConfig) -> None:
         super().__init__(config)
-        _, norm_cls = teacher_classes(config.teacher_model_type)
+        hybrid = not all(config.is_wkv_layer(i) for i in range(config.num_hidden_layers))
+        classes = teacher_classes(config.teacher_model_type, kept_attention=hybrid)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          getattr(config, "pad_token_id", None))
         self.layers = nn.ModuleList(RwkvHybridDecoderLayer(config, i)
                                     for i in range(config.num_hidden_layers))
-        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = classes["RotaryEmbedding"](config) if hybrid else None
         self.post_init()
 
-    def forward(self, input_ids: Tensor, state: list[LayerState] | None = None,
+    def forward(self, input_ids: Tensor, cache: RwkvHybridCache | None = None,
                 cu_seqlens: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerState]]:
-        """input_ids: [B, T]; attention_mask: [B, T] with 0 at left padding (optional).
-        Returns the final hidden states [B, T, C] and the per-layer state after the last token
-        (pass it back to continue the sequences)."""
-        if cu_seqlens is not None and state is not None:
-            raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) start from zero state; "
-                             "pass state=None")
-        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+                attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerState | None]]:
+        """input_ids: [B, T]; cache: what earlier calls left (its recurrent states are read, its
+        attention keys/values extended in place); attention_mask: [B, past + T] (or [B, T]) with
+        0 at left padding. Returns the final hidden states [B, T, C] and the per-layer recurrent
+        state after the last token (None for kept attention layers)."""
+        B, T = input_ids.shape
+        state = cache.layers if cache is not None else None
+        if cu_seqlens is not None and (state is not None or self.rotary_emb is not None):
+            raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) need a model without kept "
+                             "attention layers and start from zero state (pass no cache)")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, -T:]
+        attention = None
+        if self.rotary_emb is not None:
+            attention = self._attention_inputs(input_ids, cache, attention_mask)
         h = self.embed_tokens(input_ids)
         v_first, new_state = None, []
         for i, layer in enumerate(self.layers):
-            h, s, v_first = layer(h, state[i] if state is not None else None, v_first, cu_seqlens, mask)
+            layer_state = state[i] if state is not None else None
+            h, s, v_first = layer(h, layer_state, v_first, cu_seqlens, mask, attention)
             new_state.append(s)
         return self.norm(h), new_state
+
+    def _attention_inputs(self, input_ids: Tensor, cache: RwkvHybridCache | None,
+                          attention_mask: Tensor | None) -> dict:
+        """Rotary embeddings and an additive causal + padding mask [B, 1, T, past + T] for the
+        attention layers a hybrid keeps (positions count real tokens only, so a left-padded row
+        sees the positions it would alone)."""
+        B, T = input_ids.shape
+        past = cache.seen_tokens if cache is not None else 0
+        full = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask is not None:
+            full[:, -attention_mask.shape[1]:] = attention_mask.to(full.dtype)
+        position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        dtype = self.embed_tokens.weight.dtype
+        keys, queries = torch.arange(past + T, device=full.device), past + torch.arange(T, device=full.device)
+        causal = keys[None, :] <= queries[:, None]
+        allowed = causal[None, :, :] & full[:, None, :].bool()
+        additive = torch.zeros(B, 1, T, past + T, dtype=dtype, device=full.device)
+        additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        x = self.embed_tokens.weight[:1].unsqueeze(0)  # only its dtype and device matter
+        return {"position_embeddings": self.rotary_emb(x, position_ids), "attention_mask": additive,
+                "cache": cache}
 
 
 class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
@@ -404,8 +460,9 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
         it (updated in place and returned); labels [B, T]: next-token cross-entropy (-100 is
         ignored); cu_seqlens: packed sequences (B = 1). logits_to_keep > 0 keeps the last ones.
         """
-        state = cache.layers if cache is not None else None
-        h, new_state = self.model(input_ids, state, cu_seqlens, attention_mask)
+        if use_cache is not False and cache is None and self.model.rotary_emb is not None:
+            cache = RwkvHybridCache()  # kept attention layers append their keys/values to it
+        h, new_state = self.model(input_ids, cache, cu_seqlens, attention_mask)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
@@ -422,8 +479,7 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
                                       **kwargs) -> dict:
         """After the prompt, only the tokens the cache has not seen go in (one per step)."""
         if cache is not None and cache.seen_tokens > 0:
-            input_ids = input_ids[:, cache.seen_tokens:]
-            attention_mask = None  # new tokens are never padding
+            input_ids = input_ids[:, cache.seen_tokens:]  # the full mask stays: kept attention reads it
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
                 "use_cache": use_cache, "logits_to_keep": kwargs.get("logits_to_keep", 0)}
 
