@@ -60,6 +60,7 @@ def test_convert_refuses_a_non_empty_output_and_overwrites_when_told(teacher_dir
 
 @pytest.mark.parametrize("damage,message", [
     ("missing", "is not a directory"),
+    ("unsupported", "has no single *RMSNorm class"),
     ("no_config", "has no config.json"),
     ("no_weights", "has no model.safetensors"),
     ("corrupt", "cannot be read"),
@@ -76,6 +77,10 @@ def test_bad_teacher_is_one_line_and_leaves_no_output(teacher_dir, tmp_path, dam
     elif damage == "no_weights":
         for f in bad.glob("model*.safetensors*"):
             f.unlink()
+    elif damage == "unsupported":  # a decoder family without the standard layout
+        config = json.loads((bad / "config.json").read_text())
+        config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (bad / "config.json").write_text(json.dumps(config))
     elif damage == "corrupt":
         shard = sorted(bad.glob("model-*.safetensors"))[0]
         shard.write_bytes(shard.read_bytes()[:100])

@@ -49,7 +49,7 @@ def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torc
 
 
 @pytest.mark.parametrize("gate,group_norm,head_size",
-                         [(True, False, 32), (False, False, 64), (True, True, 32)])
+                         [(True, False, 32), (False, False, 64), (True, True, 32), (True, False, 128)])
 @pytest.mark.parametrize("wkv", [7, 6])
 @torch.no_grad()
 def test_full_sequence_equals_step_by_step(wkv, gate, group_norm, head_size):
@@ -166,6 +166,16 @@ def test_gradients_reach_every_time_mixer_parameter(wkv):
     if wkv == 6:
         assert student.config.wkv_version == 6 and hasattr(student.model.layers[0].self_attn.time_mixer,
                                                            "time_faaaa")
+
+
+def test_drop_bias_option():
+    teacher = tiny_teacher()
+    kept = student_from_teacher(teacher, head_size=32)
+    dropped = student_from_teacher(teacher, head_size=32, keep_bias=False)
+    assert kept.config.wkv_qkv_bias and not dropped.config.wkv_qkv_bias
+    tm = dropped.model.layers[0].self_attn.time_mixer
+    assert tm.receptance.bias is None and tm.key.bias is None and tm.value.bias is None
+    assert torch.equal(tm.receptance.weight, teacher.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_bad_teacher_is_a_clear_error():
