@@ -4,6 +4,7 @@
 #   `bench_wkv.py --device cuda` (with flash-linear-attention when importable: carry its wheel,
 #   fla-core, in .whl/), and writes every log and table to $OUT (default benchmarks/results/gpu).
 #
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 #   bash benchmarks/gpu_check.sh            # everything
 #   STAGES="build bench" bash benchmarks/gpu_check.sh
 set -uo pipefail
