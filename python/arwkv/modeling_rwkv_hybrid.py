@@ -123,8 +123,9 @@ def token_shift(x: Tensor, state: LayerState | None, cu_seqlens: Tensor | None,
     return x, shifted - x
 
 
-class Rwkv7TimeMixer(nn.Module):
-    """RWKV-7 time mixing for a [B, T, C] input, with D = attention_hidden_size = H * N."""
+class TimeMixerBase(nn.Module):
+    """What the RWKV-7 and RWKV-6 time mixers share: their sizes, the four projections a
+    teacher's q/k/v/o can initialise, and the optional per-head GroupNorm."""
 
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
         super().__init__()
@@ -132,6 +133,24 @@ class Rwkv7TimeMixer(nn.Module):
         self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
         self.hidden_size, self.head_size, self.num_heads = C, N, D // N
         self.has_gate, self.has_group_norm = config.wkv_has_gate, config.wkv_has_group_norm
+        bias = config.wkv_qkv_bias
+        self.receptance = nn.Linear(C, D, bias=bias)
+        self.key = nn.Linear(C, D, bias=bias)
+        self.value = nn.Linear(C, D, bias=bias)
+        self.output = nn.Linear(D, C, bias=False)
+        if self.has_group_norm:
+            self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * config.head_size_divisor**2)
+
+    def reset_rwkv_parameters(self) -> None:
+        raise NotImplementedError
+
+
+class Rwkv7TimeMixer(TimeMixerBase):
+    """RWKV-7 time mixing for a [B, T, C] input, with D = attention_hidden_size = H * N."""
+
+    def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        C, D, N = config.hidden_size, config.attention_hidden_size, config.head_size
 
         def vec(n: int) -> nn.Parameter:
             return nn.Parameter(torch.zeros(1, 1, n))
@@ -151,13 +170,6 @@ class Rwkv7TimeMixer(nn.Module):
             self.g2 = nn.Parameter(torch.zeros(config.gate_low_rank, D))
         self.k_k, self.k_a = vec(D), vec(D)
         self.r_k = nn.Parameter(torch.zeros(self.num_heads, N))
-        bias = config.wkv_qkv_bias
-        self.receptance = nn.Linear(C, D, bias=bias)
-        self.key = nn.Linear(C, D, bias=bias)
-        self.value = nn.Linear(C, D, bias=bias)
-        self.output = nn.Linear(D, C, bias=False)
-        if self.has_group_norm:
-            self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * config.head_size_divisor**2)
         self.reset_rwkv_parameters()
 
     @torch.no_grad()
@@ -239,7 +251,7 @@ class Rwkv7TimeMixer(nn.Module):
         return self.output(y), LayerState(shift=x[:, -1].detach().clone(), wkv=wkv), v_first
 
 
-class Rwkv6TimeMixer(nn.Module):
+class Rwkv6TimeMixer(TimeMixerBase):
     """RWKV-6 ("Finch") time mixing, stock parameter names: data-dependent token shift (a
     5-way low-rank mixer), decay exp(-exp(time_decay + tanh(x W1) W2)), per-head bonus
     ``time_faaaa`` [H, N], output gate silu(x_g Wg), optional GroupNorm."""
@@ -247,11 +259,8 @@ class Rwkv6TimeMixer(nn.Module):
     mix_rank, decay_rank = 32, 64
 
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         C, D, N = config.hidden_size, config.attention_hidden_size, config.head_size
-        self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
-        self.hidden_size, self.head_size, self.num_heads = C, N, D // N
-        self.has_gate, self.has_group_norm = config.wkv_has_gate, config.wkv_has_group_norm
         for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * self.mix_rank))
@@ -260,15 +269,8 @@ class Rwkv6TimeMixer(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, self.decay_rank))
         self.time_decay_w2 = nn.Parameter(torch.zeros(self.decay_rank, D))
         self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))
-        bias = config.wkv_qkv_bias
-        self.receptance = nn.Linear(C, D, bias=bias)
-        self.key = nn.Linear(C, D, bias=bias)
-        self.value = nn.Linear(C, D, bias=bias)
-        self.output = nn.Linear(D, C, bias=False)
         if self.has_gate:
             self.gate = nn.Linear(C, D, bias=False)
-        if self.has_group_norm:
-            self.ln_x = nn.GroupNorm(self.num_heads, D, eps=1e-5 * config.head_size_divisor**2)
         self.reset_rwkv_parameters()
 
     @torch.no_grad()
@@ -378,7 +380,7 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
         layers), then ARWKV's initial values for the time mixers, whose four projections keep
         nn.Linear's own initialisation (a mixer is visited after its linears)."""
         super()._init_weights(module)
-        if isinstance(module, (Rwkv7TimeMixer, Rwkv6TimeMixer)):
+        if isinstance(module, TimeMixerBase):
             module.reset_rwkv_parameters()
             for linear in (module.receptance, module.key, module.value, module.output):
                 linear.reset_parameters()
