@@ -260,7 +260,9 @@ print("ok")
            "PATH": "/usr/bin:/bin"}
     import os
     env.update({k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME")})
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # from tmp_path: in a checkout's root, its arwkv_ext/ source folder would shadow the installed one
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
