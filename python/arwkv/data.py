@@ -1,0 +1,174 @@
+"""Training data: documents from files or saved datasets -> token ids -> fixed-length rows whose
+document boundaries travel as ``cu_seqlens``, so the recurrent state (and the token shift)
+restarts at every document.
+
+Accepted: a .txt file (one document), a .jsonl or .parquet file (one record per line/row), a
+directory of such files (sorted, recursively), or a dataset saved with ``datasets``
+(``save_to_disk``). Records are ``{"text": ...}`` or ``{"messages"|"conversations": [{role|from,
+content|value}, ...]}``; the latter are rendered with the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+Tensor = torch.Tensor
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# ShareGPT-style speaker names -> chat-template roles
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "tool": "tool"}
+
+
+class DataError(ValueError):
+    """Unreadable or malformed training data; the message names the file (and line)."""
+
+
+def iter_records(path: str | Path) -> Iterator[dict]:
+    """Every record under ``path``, in a fixed order."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist")
+    if p.is_dir():
+        if any((p / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            yield from _saved_dataset(p)
+            return
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"data directory {p} holds no {', '.join(FILE_SUFFIXES)} files")
+        for f in files:
+            yield from _file_records(f)
+    else:
+        yield from _file_records(p)
+
+
+def _saved_dataset(p: Path) -> Iterator[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as err:  # noqa: BLE001 - reported in one line
+        raise DataError(f"data directory {p} is not a readable saved dataset: {err}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"saved dataset {p} has splits {list(ds)} but no 'train'")
+        ds = ds["train"]
+    yield from ds
+
+
+def _file_records(f: Path) -> Iterator[dict]:
+    if f.suffix == ".txt":
+        yield {"text": f.read_text(encoding="utf-8")}
+    elif f.suffix == ".jsonl":
+        with f.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{f}:{number}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict):
+                    raise DataError(f"{f}:{number}: a record must be a JSON object")
+                yield record
+    elif f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(f)
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{f}: not a readable parquet file: {err}") from err
+        yield from table.to_pylist()
+    else:
+        raise DataError(f"{f}: unsupported data file (expected one of {', '.join(FILE_SUFFIXES)})")
+
+
+def record_text(record: dict, tokenizer) -> str:
+    """The text of a record: its "text", or its messages rendered with the chat template."""
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError("a record's 'text' must be a string")
+        return record["text"]
+    messages = record.get("messages", record.get("conversations"))
+    if not isinstance(messages, list):
+        raise DataError("a record needs 'text' or a 'messages'/'conversations' list; "
+                        f"got keys {sorted(record)}")
+    chat = []
+    for m in messages:
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in ROLES or not isinstance(content, str):
+            raise DataError(f"a message needs a known role/from ({', '.join(ROLES)}) and string content: {m}")
+        chat.append({"role": ROLES[role], "content": content})
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("chat records need a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(chat, tokenize=False)
+
+
+def tokenize_documents(records: Iterator[dict], tokenizer, append_eos: bool = True) -> list[list[int]]:
+    """Token ids per document (the tokenizer's EOS appended, so documents end visibly)."""
+    docs = []
+    eos = tokenizer.eos_token_id
+    for record in records:
+        ids = tokenizer(record_text(record, tokenizer), add_special_tokens=False)["input_ids"]
+        if append_eos and eos is not None:
+            ids = ids + [eos]
+        if ids:
+            docs.append(ids)
+    return docs
+
+
+def split_documents(docs: Sequence[list[int]], validation_fraction: float,
+                    seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """A deterministic split by whole documents (train, validation)."""
+    if not 0 <= validation_fraction < 1:
+        raise DataError(f"validation fraction {validation_fraction} is not in [0, 1)")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(len(docs) * validation_fraction)
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+@dataclass
+class PackedRow:
+    """One training row: seq_len token ids and where its documents start."""
+
+    input_ids: Tensor   # [seq_len] int64
+    cu_seqlens: Tensor  # [k + 1] int32: 0 = c_0 < ... < c_k = seq_len
+
+
+def pack_documents(docs: Sequence[list[int]], seq_len: int, seed: int) -> list[PackedRow]:
+    """Shuffles the documents (seeded), concatenates them and cuts the stream into rows of seq_len
+    tokens (the last, shorter piece is dropped). A document cut by a row end continues at the
+    start of the next row, where the state restarts anyway."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be positive, got {seq_len}")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, ids, starts = [], [], [0]
+    for i in order:
+        doc = docs[i]
+        pos = 0
+        while pos < len(doc):
+            take = min(len(doc) - pos, seq_len - len(ids))
+            ids.extend(doc[pos:pos + take])
+            pos += take
+            if len(ids) == seq_len:
+                rows.append(PackedRow(torch.tensor(ids, dtype=torch.long),
+                                      torch.tensor(starts + [seq_len], dtype=torch.int32)))
+                ids, starts = [], [0]
+        if ids and starts[-1] != len(ids):
+            starts.append(len(ids))  # the next document starts here
+    return rows
+
+
+def collate(rows: Sequence[PackedRow]) -> dict[str, Tensor]:
+    """Rows -> one packed batch for the model: input_ids [1, B * seq_len] and cu_seqlens over all
+    of them (the WKV ops take packed sequences with B = 1)."""
+    seq_len = rows[0].input_ids.numel()
+    cu = [torch.tensor([0], dtype=torch.int32)]
+    for k, row in enumerate(rows):
+        cu.append(row.cu_seqlens[1:] + k * seq_len)
+    return {"input_ids": torch.cat([r.input_ids for r in rows]).unsqueeze(0), "cu_seqlens": torch.cat(cu)}

@@ -1,0 +1,123 @@
+"""Training data: reading every accepted format, chat rendering, packing into rows with
+document boundaries, deterministic order and splits, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arwkv.data import (
+    DataError,
+    collate,
+    iter_records,
+    pack_documents,
+    record_text,
+    split_documents,
+    tokenize_documents,
+)
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "<user>", "<assistant>", "<system>"] + [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def test_every_format_and_a_directory_of_them(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("w1 w2 w3")
+    (d / "b.jsonl").write_text(json.dumps({"text": "w4"}) + "\n\n" + json.dumps({"text": "w5 w6"}) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"text": "w7"}, {"text": "w8 w9"}]), d / "sub" / "c.parquet")
+    (d / "ignored.md").write_text("not data")
+    assert [r["text"] for r in iter_records(d)] == ["w1 w2 w3", "w4", "w5 w6", "w7", "w8 w9"]
+    saved = tmp_path / "saved"
+    train = datasets.Dataset.from_list([{"text": "w10"}, {"text": "w11"}])
+    datasets.DatasetDict({"train": train}).save_to_disk(saved)
+    assert [r["text"] for r in iter_records(saved)] == ["w10", "w11"]
+    single = tmp_path / "single"
+    datasets.Dataset.from_list([{"text": "w12"}]).save_to_disk(single)
+    assert [r["text"] for r in iter_records(single)] == ["w12"]
+
+
+def test_chat_records_render_with_the_template(tokenizer):
+    messages = {"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "w1 w2"}, {"from": "gpt", "value": "w3"}]}
+    rendered = "<user> w1 w2 <assistant> w3 "
+    assert record_text(messages, tokenizer) == record_text(sharegpt, tokenizer) == rendered
+    docs = tokenize_documents(iter([messages, {"text": "w9"}]), tokenizer)
+    assert docs == [[2, 6, 7, 3, 8, 0], [14, 0]]  # EOS (id 0) closes each document
+
+
+def test_packing_keeps_the_stream_and_marks_document_starts():
+    docs = [list(range(100 * i, 100 * i + n)) for i, n in enumerate([3, 7, 1, 12, 5, 4, 9])]
+    rows = pack_documents(docs, seq_len=8, seed=3)
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(3)).tolist()
+    stream = [t for i in order for t in docs[i]]
+    assert len(rows) == len(stream) // 8
+    assert torch.equal(torch.cat([r.input_ids for r in rows]), torch.tensor(stream[: 8 * len(rows)]))
+    for row in rows:
+        cu = row.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == 8 and all(a < b for a, b in zip(cu, cu[1:], strict=False))
+        # every interior boundary is where a document's first token sits
+        firsts = {docs[i][0] for i in order}
+        for c in cu[1:-1]:
+            assert row.input_ids[c].item() in firsts
+        for c in range(1, 8):
+            if c not in cu:
+                assert row.input_ids[c].item() not in firsts
+    def ids(rs):
+        return [r.input_ids.tolist() for r in rs]
+
+    assert ids(pack_documents(docs, 8, seed=3)) == ids(rows)
+    assert ids(pack_documents(docs, 8, seed=4)) != ids(rows)
+
+
+def test_collate_packs_rows_for_the_op():
+    rows = pack_documents([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11, 12]], seq_len=4, seed=0)
+    batch = collate(rows)
+    assert batch["input_ids"].shape == (1, 4 * len(rows))
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[0] == 0 and cu[-1] == 4 * len(rows) and cu == sorted(set(cu))
+    assert all(k * 4 in cu for k in range(len(rows) + 1))  # every row starts a sequence
+
+
+def test_validation_split_is_deterministic_and_disjoint():
+    docs = [[i] for i in range(40)]
+    train, val = split_documents(docs, 0.25, seed=1)
+    assert len(val) == 10 and len(train) == 30 and not {d[0] for d in train} & {d[0] for d in val}
+    assert split_documents(docs, 0.25, seed=1) == (train, val)
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    ('{"text": "w1"}\n{"text": \n', "b.jsonl:2: not valid JSON"),
+    ('["w1"]\n', "b.jsonl:1: a record must be a JSON object"),
+    ('{"body": "w1"}\n', "needs 'text' or a 'messages'/'conversations' list"),
+])
+def test_bad_data_is_one_clear_error(tmp_path, tokenizer, content, message):
+    path = tmp_path / "b.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        tokenize_documents(iter_records(path), tokenizer)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no .txt, .jsonl, .parquet files"):
+        list(iter_records(empty))
