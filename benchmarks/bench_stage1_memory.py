@@ -1,0 +1,82 @@
+"""Peak memory of one stage-1 (attention alignment) step against the depth of the teacher.
+
+Each configuration runs in a fresh process and reports its peak RSS (ru_maxrss) after building a
+random Qwen2 teacher of the given depth and its student, then one step of the hooked aligner
+(one student layer graph at a time) or of the naive loss (every layer's graph kept, summed):
+
+    python benchmarks/bench_stage1_memory.py [--width 512] [--seq-len 1024] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+
+def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from arwkv.convert import student_from_teacher
+    from arwkv.distill import AttentionAligner, alignment_loss
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=1000, hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=width // 64, num_key_value_heads=2)
+    teacher = Qwen2ForCausalLM(config).eval()
+    student = student_from_teacher(teacher, head_size=64)
+    ids = torch.randint(0, 1000, (batch, seq_len))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "aligner":
+        AttentionAligner(teacher, student).step(ids)
+    else:  # keep every layer's graph, then one backward
+        seen = {}
+        hooks = [layer.self_attn.register_forward_hook(
+            lambda m, a, k, o, i=i: seen.__setitem__(i, (k["hidden_states"], o[0])), with_kwargs=True)
+            for i, layer in enumerate(teacher.model.layers)]
+        with torch.no_grad():
+            teacher.model(ids)
+        for h in hooks:
+            h.remove()
+        losses, v_first = [], None
+        for i, layer in enumerate(student.model.layers):
+            y, _, v = layer.self_attn.time_mixer(seen[i][0], None, v_first)
+            v_first = v.detach() if v_first is None else v_first
+            losses.append(alignment_loss(y, seen[i][1]))
+        torch.stack(losses).mean().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"layers": layers, "mode": mode, "rss_before_step_mb": before / 1e3, "peak_rss_mb": peak / 1e3,
+            "step_mb": (peak - before) / 1e3}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--child", nargs=2, metavar=("LAYERS", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_one(int(args.child[0]), args.width, args.seq_len, args.batch, args.child[1])))
+        return 0
+    print(f"width {args.width}, batch {args.batch} x {args.seq_len} tokens; peak RSS of a fresh process")
+    print(f"{'layers':>6}  {'mode':>8}  {'peak RSS MB':>11}  {'added by the step MB':>20}")
+    for layers in (2, 4, 8):
+        for mode in ("aligner", "naive"):
+            cmd = [sys.executable, __file__, "--width", str(args.width), "--seq-len", str(args.seq_len),
+                   "--batch", str(args.batch), "--child", str(layers), mode]
+            # a fixed mmap threshold: freed large blocks go back to the system, so RSS tracks live
+            # memory rather than glibc's growing heap
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{layers:>6}  {mode:>8}  {r['peak_rss_mb']:>11.0f}  {r['step_mb']:>20.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

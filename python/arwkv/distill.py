@@ -1,0 +1,100 @@
+"""Distillation stages (arwkv-method.md section 4). Stage 1 so far: attention alignment.
+
+Stage 1 trains each student time mixer to reproduce its layer's teacher attention output from
+the teacher's own input at that layer (teacher-forced, every layer at once). The student layer
+runs inside a forward hook on the teacher's attention, and its loss is back-propagated right
+there, so only one layer's student graph exists at a time: peak memory is the teacher's
+inference plus about one student layer's activations, whatever the depth.
+
+The value residual: time-mixing layers after the first take ``v_first`` from the first one, as
+in the model, but detached here (each layer trains on its own teacher-forced input; carrying
+layer 0's graph to every later layer would hold it for the whole pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
+
+Tensor = torch.Tensor
+
+
+def alignment_loss(student: Tensor, teacher: Tensor, kind: str = "rms", mask: Tensor | None = None) -> Tensor:
+    """Per-layer loss between attention outputs [B, T, C], over the tokens where mask [B, T] is 1.
+
+    rms: ARWKV's mean over tokens of ||y_teacher - y_student||_2 / sqrt(C) (a per-token RMS error);
+    mse: the mean squared error.
+    """
+    if kind not in ("rms", "mse"):
+        raise ValueError(f"alignment loss must be 'rms' or 'mse', got {kind!r}")
+    diff = student.float() - teacher.float()
+    per_token = diff.norm(dim=-1) / math.sqrt(diff.shape[-1]) if kind == "rms" else diff.square().mean(dim=-1)
+    if mask is None:
+        return per_token.mean()
+    weight = mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1)
+
+
+def time_mixer_parameters(student: RwkvHybridForCausalLM) -> list[nn.Parameter]:
+    """What stage 1 trains: the time mixers' parameters, nothing else."""
+    return [p for layer in student.model.layers if layer.is_wkv
+            for p in layer.self_attn.time_mixer.parameters()]
+
+
+class AttentionAligner:
+    """Stage 1 for one (teacher, student) pair: ``step(batch)`` accumulates gradients into the
+    student's time mixers and returns the per-layer losses (floats).
+
+    The teacher runs under no_grad in its own dtype; hooks on its attention modules feed each
+    layer's normed input to the matching student time mixer and back-propagate that layer's
+    loss (divided by the number of layers, so the gradient is that of their mean) before the
+    teacher moves on to the next layer.
+    """
+
+    def __init__(self, teacher: nn.Module, student: RwkvHybridForCausalLM, loss: str = "rms") -> None:
+        alignment_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), loss)  # validates the name
+        self.teacher, self.student, self.loss = teacher, student, loss
+        self.layers = [i for i, layer in enumerate(student.model.layers) if layer.is_wkv]
+        if len(teacher.model.layers) != len(student.model.layers):
+            raise ValueError(f"teacher has {len(teacher.model.layers)} layers, "
+                             f"student {len(student.model.layers)}")
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[float]:
+        """input_ids [B, T]; attention_mask [B, T] (0 at left padding, which does not count)."""
+        losses: dict[int, float] = {}
+        scale = 1.0 / len(self.layers)
+        v_first: list[Tensor | None] = [None]
+        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+
+        def hook_for(i: int) -> Callable:
+            mixer = self.student.model.layers[i].self_attn.time_mixer
+
+            def hook(module, args, kwargs, output):
+                x = args[0] if args else kwargs["hidden_states"]
+                target = output[0] if isinstance(output, tuple) else output
+                with torch.enable_grad():
+                    x_in = x.detach().to(mixer.output.weight.dtype)
+                    y, _, v = mixer(x_in, None, v_first[0], None, mask)
+                    if v_first[0] is None:
+                        v_first[0] = v.detach()
+                    loss = alignment_loss(y, target.detach(), self.loss, mask)
+                    (loss * scale).backward()
+                losses[i] = loss.item()
+
+            return hook
+
+        attentions = [self.teacher.model.layers[i].self_attn for i in self.layers]
+        handles = [a.register_forward_hook(hook_for(i), with_kwargs=True)
+                   for a, i in zip(attentions, self.layers, strict=True)]
+        try:
+            with torch.no_grad():
+                self.teacher.model(input_ids, attention_mask=attention_mask)
+        finally:
+            for h in handles:
+                h.remove()
+        return [losses[i] for i in self.layers]

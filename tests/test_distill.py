@@ -1,0 +1,122 @@
+"""Stage 1 (attention alignment): right losses and gradients (against a computation that keeps
+every graph), only time mixers train, it learns, and memory does not grow with depth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import VOCAB
+
+from arwkv.convert import student_from_teacher
+from arwkv.distill import AttentionAligner, alignment_loss, time_mixer_parameters
+from arwkv_ext.testing import rel_error
+
+
+def pair(layers: int = 3, width: int = 128, wkv_layers=None, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
+                                           num_hidden_layers=layers, num_attention_heads=4,
+                                           num_key_value_heads=2)).eval()
+    student = student_from_teacher(teacher, head_size=32, wkv_layers=wkv_layers)
+    for p in student.parameters():  # a student that does not already match at init
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return teacher, student
+
+
+def naive_losses(teacher, student, ids, mask=None):
+    """Capture every layer's attention input/output, then compute all student layers at once."""
+    seen = {}
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, a, k, o, i=i: seen.__setitem__(i, (k["hidden_states"], o[0])), with_kwargs=True)
+        for i, layer in enumerate(teacher.model.layers)]
+    with torch.no_grad():
+        teacher.model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    m = mask if mask is not None and not bool(mask.all()) else None
+    losses, v_first = [], None
+    for i, layer in enumerate(student.model.layers):
+        if not layer.is_wkv:
+            continue
+        x, y_t = seen[i]
+        y, _, v = layer.self_attn.time_mixer(x, None, v_first, None, m)
+        v_first = v.detach() if v_first is None else v_first
+        losses.append(alignment_loss(y, y_t, "rms", m))
+    return losses
+
+
+@pytest.mark.parametrize("wkv_layers", [None, [1, 2]])
+def test_stage1_losses_and_gradients_match_keeping_every_graph(wkv_layers):
+    teacher, student = pair(wkv_layers=wkv_layers)
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[0, :5] = 0  # left padding does not count
+    losses = AttentionAligner(teacher, student).step(ids, mask)
+    got = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    want_losses = naive_losses(teacher, student, ids, mask)
+    (torch.stack(want_losses).mean()).backward()
+    assert losses == pytest.approx([x.item() for x in want_losses], rel=1e-5)
+    want = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and all("time_mixer" in n for n in got)
+    # every time-mixer parameter trains, but the value-residual ones of the first time-mixing layer
+    # (it makes v_first and has no residual)
+    assert len(got) == len(time_mixer_parameters(student)) - 3
+    for n in got:
+        assert rel_error(got[n], want[n]) <= 1e-5, n
+    assert all(p.grad is None for n, p in teacher.named_parameters())
+
+
+def test_stage1_learns():
+    teacher, student = pair(layers=2)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    aligner = AttentionAligner(teacher, student, loss="mse")
+    opt = torch.optim.AdamW(time_mixer_parameters(student), lr=3e-3)
+    first = sum(aligner.step(ids))
+    for _ in range(30):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = sum(aligner.step(ids))
+    assert last < 0.5 * first, (first, last)
+
+
+class _Saved:
+    """A tensor autograd saved, and its size; the count drops when autograd lets it go."""
+
+    def __init__(self, t: torch.Tensor, tracker: dict) -> None:
+        self.t, self.size, self.tracker = t, t.numel() * t.element_size(), tracker
+        tracker["alive"] += self.size
+        tracker["peak"] = max(tracker["peak"], tracker["alive"])
+
+    def __del__(self) -> None:
+        self.tracker["alive"] -= self.size
+
+
+def peak_saved_bytes(fn) -> int:
+    """Largest number of bytes autograd held saved for backward at once while fn() ran."""
+    tracker = {"alive": 0, "peak": 0}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, tracker), lambda box: box.t):
+        fn()
+    return tracker["peak"]
+
+
+def test_stage1_memory_does_not_grow_with_depth():
+    """Bytes the student's autograd graphs hold at their peak: about one layer's, at any depth
+    (keeping every layer's graph, as a plain loss sum does, grows with the depth)."""
+    peaks, naive = {}, {}
+    for layers in (2, 8):
+        teacher, student = pair(layers=layers, width=128)
+        ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+        peaks[layers] = peak_saved_bytes(lambda t=teacher, s=student, i=ids: AttentionAligner(t, s).step(i))
+        naive[layers] = peak_saved_bytes(
+            lambda t=teacher, s=student, i=ids: torch.stack(naive_losses(t, s, i)).mean().backward())
+    assert peaks[8] < 1.2 * peaks[2], peaks
+    assert naive[8] > 3 * naive[2], naive  # the measure sees depth when graphs are kept
+
+
+def test_bad_options():
+    teacher, student = pair(layers=2)
+    with pytest.raises(ValueError, match="'rms' or 'mse'"):
+        AttentionAligner(teacher, student, loss="l1")
