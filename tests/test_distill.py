@@ -83,20 +83,30 @@ def test_stage1_learns():
 
 
 class _Saved:
-    """A tensor autograd saved, and its size; the count drops when autograd lets it go."""
+    """A tensor autograd saved; its storage counts once however many times it is saved, and
+    stops counting when autograd has let go of every copy."""
 
     def __init__(self, t: torch.Tensor, tracker: dict) -> None:
-        self.t, self.size, self.tracker = t, t.numel() * t.element_size(), tracker
-        tracker["alive"] += self.size
-        tracker["peak"] = max(tracker["peak"], tracker["alive"])
+        self.t, self.tracker = t, tracker
+        self.key = t.untyped_storage().data_ptr()
+        refs = tracker["refs"]
+        if refs.get(self.key, 0) == 0:
+            tracker["alive"] += t.untyped_storage().nbytes()
+            tracker["peak"] = max(tracker["peak"], tracker["alive"])
+        refs[self.key] = refs.get(self.key, 0) + 1
+        self.nbytes = t.untyped_storage().nbytes()
 
     def __del__(self) -> None:
-        self.tracker["alive"] -= self.size
+        refs = self.tracker["refs"]
+        refs[self.key] -= 1
+        if refs[self.key] == 0:
+            self.tracker["alive"] -= self.nbytes
 
 
 def peak_saved_bytes(fn) -> int:
-    """Largest number of bytes autograd held saved for backward at once while fn() ran."""
-    tracker = {"alive": 0, "peak": 0}
+    """Largest number of bytes of distinct storages autograd held saved for backward at once
+    while fn() ran."""
+    tracker = {"alive": 0, "peak": 0, "refs": {}}
     with torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, tracker), lambda box: box.t):
         fn()
     return tracker["peak"]
@@ -120,3 +130,48 @@ def test_bad_options():
     teacher, student = pair(layers=2)
     with pytest.raises(ValueError, match="'rms' or 'mse'"):
         AttentionAligner(teacher, student, loss="l1")
+
+
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 5), (2.0, 64)])
+def test_chunked_kl_equals_the_full_computation(temperature, chunk):
+    """Value and gradients equal KL(teacher || student) computed on full logits, with a mask."""
+    from arwkv.distill import chunked_kl
+
+    g = torch.Generator().manual_seed(4)
+    N, C, V = 37, 16, 50
+    hidden = torch.randn(N, C, generator=g, dtype=torch.float64).requires_grad_()
+    head = torch.randn(V, C, generator=g, dtype=torch.float64).requires_grad_()
+    t_hidden = torch.randn(N, 24, generator=g, dtype=torch.float64)
+    t_head = torch.randn(V + 6, 24, generator=g, dtype=torch.float64)  # a larger teacher vocabulary
+    teacher = (t_hidden @ t_head.t())[:, :V]  # truncated to the student's, as the paper did
+    mask = (torch.rand(N, generator=g) > 0.3).long()
+    got = chunked_kl(hidden, head, t_hidden, t_head, mask, temperature, chunk)
+    got_grads = torch.autograd.grad(got, [hidden, head])
+    s = torch.log_softmax(hidden @ head.t() / temperature, -1)
+    t = torch.log_softmax(teacher / temperature, -1)
+    per_token = (t.exp() * (t - s)).sum(-1)
+    want = (per_token * mask).sum() / mask.sum() * temperature**2
+    want_grads = torch.autograd.grad(want, [hidden, head])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert rel_error(a, b) <= 1e-5
+
+
+def test_chunked_kl_holds_one_chunk_of_logits():
+    """Saved-for-backward bytes peak at one chunk's logits (while that chunk is recomputed in the
+    backward), whatever the number of tokens; the plain computation saves several [N, V]."""
+    from arwkv.distill import _kl_chunk, chunked_kl
+
+    C, V, chunk = 32, 4000, 128
+    peaks, naive = {}, {}
+    for N in (256, 2048):
+        hidden = torch.randn(N, C, requires_grad=True)
+        head = torch.randn(V, C, requires_grad=True)
+        t_hidden, t_head = torch.randn(N, C), torch.randn(V, C)
+        peaks[N] = peak_saved_bytes(lambda h=hidden, w=head, th=t_hidden, tw=t_head: chunked_kl(
+            h, w, th, tw, chunk=chunk).backward())
+        naive[N] = peak_saved_bytes(lambda h=hidden, w=head, th=t_hidden, tw=t_head: _kl_chunk(
+            h, w, th, tw, 1.0).backward())
+    # growth = the hidden states themselves (student's and teacher's, N x C each), nothing V-wide
+    assert peaks[2048] - peaks[256] <= 1.05 * 2 * (2048 - 256) * C * 4, peaks
+    assert peaks[2048] < 8 * chunk * V * 4 and naive[2048] > 2048 * V * 4, (peaks, naive)

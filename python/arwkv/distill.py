@@ -98,3 +98,45 @@ class AttentionAligner:
             for h in handles:
                 h.remove()
         return [losses[i] for i in self.layers]
+
+
+def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+              temperature: float) -> Tensor:
+    """Sum over the chunk's tokens of KL(teacher || student) at the temperature (float32). The
+    teacher's logits are truncated to the student's vocabulary when the teacher's is larger."""
+    s_logits = (student_hidden @ student_head.t()).float()
+    with torch.no_grad():
+        t_logits = (teacher_hidden @ teacher_head.t()).float()[:, : s_logits.shape[-1]]
+    s = torch.log_softmax(s_logits / temperature, dim=-1)
+    t = torch.log_softmax(t_logits / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def chunked_kl(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+               mask: Tensor | None = None, temperature: float = 1.0, chunk: int = 512) -> Tensor:
+    """Mean over (unmasked) tokens of KL(teacher || student) over the full vocabulary.
+
+    student_hidden [N, C] and teacher_hidden [N, C_t] are the final hidden states (flattened over
+    batch and time), student_head [V, C] and teacher_head [V_t, C_t] the lm_head weights. Logits
+    are made chunk by chunk and again in the backward (activation checkpointing), so neither
+    model's N x V logits ever exist: only the hidden states are kept. Multiplied by
+    temperature**2, as usual, so gradients keep their scale.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    N = student_hidden.shape[0]
+    weight = None if mask is None else mask.reshape(-1).to(torch.float32)
+    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, N, chunk):
+        part = slice(start, min(N, start + chunk))
+        h, th = student_hidden[part], teacher_hidden[part]
+        if weight is not None:
+            keep = weight[part] > 0
+            if not bool(keep.any()):
+                continue
+            h, th = h[keep], th[keep]
+        total = total + checkpoint(_kl_chunk, h, student_head, th, teacher_head, temperature,
+                                   use_reentrant=False)
+    count = float(N) if weight is None else float(weight.sum().clamp(min=1))
+    return total / count * temperature**2
