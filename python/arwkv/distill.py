@@ -1,4 +1,5 @@
-"""Distillation stages (arwkv-method.md section 4). Stage 1 so far: attention alignment.
+"""Distillation stages (arwkv-method.md section 4): stage 1 (attention alignment) and stage 2's
+loss (chunked KL over the full vocabulary) so far.
 
 Stage 1 trains each student time mixer to reproduce its layer's teacher attention output from
 the teacher's own input at that layer (teacher-forced, every layer at once). The student layer
