@@ -121,3 +121,39 @@ def test_bad_data_is_one_clear_error(tmp_path, tokenizer, content, message):
     empty.mkdir()
     with pytest.raises(DataError, match="holds no .txt, .jsonl, .parquet files"):
         list(iter_records(empty))
+
+
+def test_sft_labels_cover_only_assistant_tokens(tokenizer):
+    from arwkv.data import sft_example
+
+    record = {"conversations": [{"from": "system", "value": "w1"}, {"from": "human", "value": "w2 w3"},
+                                {"from": "gpt", "value": "w4 w5"}, {"from": "human", "value": "w6"},
+                                {"from": "gpt", "value": "w7"}]}
+    ids, labels = sft_example(record, tokenizer)
+    text = [tokenizer.convert_ids_to_tokens(i) for i in ids]
+    assert text == ["<system>", "w1", "<user>", "w2", "w3", "<assistant>", "w4", "w5", "<user>", "w6",
+                    "<assistant>", "w7", "<eos>"]
+    labelled = [t for t, lab in zip(text, labels, strict=True) if lab != -100]
+    assert labelled == ["w4", "w5", "w7", "<eos>"]
+    assert all(lab in (-100, i) for lab, i in zip(labels, ids, strict=True))  # aligned, not shifted
+
+
+def test_sft_loss_is_transformers_loss_on_the_same_batch(tokenizer):
+    """The student's loss with these labels equals transformers' causal-LM loss on the same
+    logits and labels: the labels are shifted exactly once."""
+    from test_model import tiny_teacher
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from arwkv.convert import student_from_teacher
+    from arwkv.data import sft_example
+
+    student = student_from_teacher(tiny_teacher(), head_size=32)
+    record = {"messages": [{"role": "user", "content": "w2 w3 w9"},
+                           {"role": "assistant", "content": "w4 w5 w6"}]}
+    ids, labels = sft_example(record, tokenizer)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    out = student(ids, labels=labels)
+    reference = ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1])
+    torch.testing.assert_close(out.loss, reference, rtol=1e-6, atol=1e-6)
+    shifted_twice = torch.nn.functional.cross_entropy(out.logits[0, :-2], labels[0, 2:], ignore_index=-100)
+    assert not torch.isclose(out.loss, shifted_twice)

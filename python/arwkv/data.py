@@ -87,12 +87,9 @@ def _file_records(f: Path) -> Iterator[dict]:
         raise DataError(f"{f}: unsupported data file (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
-def record_text(record: dict, tokenizer) -> str:
-    """The text of a record: its "text", or its messages rendered with the chat template."""
-    if "text" in record:
-        if not isinstance(record["text"], str):
-            raise DataError("a record's 'text' must be a string")
-        return record["text"]
+def chat_messages(record: dict) -> list[dict]:
+    """A record's messages as chat-template input: [{"role", "content"}] (ShareGPT's from/value
+    and human/gpt accepted)."""
     messages = record.get("messages", record.get("conversations"))
     if not isinstance(messages, list):
         raise DataError("a record needs 'text' or a 'messages'/'conversations' list; "
@@ -103,6 +100,16 @@ def record_text(record: dict, tokenizer) -> str:
         if role not in ROLES or not isinstance(content, str):
             raise DataError(f"a message needs a known role/from ({', '.join(ROLES)}) and string content: {m}")
         chat.append({"role": ROLES[role], "content": content})
+    return chat
+
+
+def record_text(record: dict, tokenizer) -> str:
+    """The text of a record: its "text", or its messages rendered with the chat template."""
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError("a record's 'text' must be a string")
+        return record["text"]
+    chat = chat_messages(record)
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("chat records need a tokenizer with a chat template")
     return tokenizer.apply_chat_template(chat, tokenize=False)
@@ -172,3 +179,36 @@ def collate(rows: Sequence[PackedRow]) -> dict[str, Tensor]:
     for k, row in enumerate(rows):
         cu.append(row.cu_seqlens[1:] + k * seq_len)
     return {"input_ids": torch.cat([r.input_ids for r in rows]).unsqueeze(0), "cu_seqlens": torch.cat(cu)}
+
+
+def sft_example(record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """A chat record -> (input_ids, labels) for supervised fine-tuning: labels equal input_ids on
+    the assistant messages' tokens (and the EOS that closes the conversation) and -100 elsewhere.
+    Labels are aligned with input_ids, not shifted: the model shifts them, once.
+
+    Assistant spans are found by rendering the conversation up to each message with the chat
+    template, so any template works; tokens are mapped to characters with the fast tokenizer's
+    offsets.
+    """
+    chat = chat_messages(record)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    spans = []
+    for i, m in enumerate(chat):
+        if m["role"] != "assistant":
+            continue
+        before = ""
+        if i:
+            before = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(chat[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError("the chat template does not render conversations prefix by prefix; "
+                            "assistant spans cannot be located")
+        spans.append((len(before), len(through)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [t if any(a <= start < b for a, b in spans) else -100
+              for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id if spans and spans[-1][1] >= len(text.rstrip()) else -100)
+    return ids, labels
