@@ -22,7 +22,7 @@ def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dic
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from arwkv.convert import student_from_teacher
-    from arwkv.distill import AttentionAligner, alignment_loss
+    from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=1000, hidden_size=width, intermediate_size=2 * width,
@@ -34,20 +34,7 @@ def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dic
     if mode == "aligner":
         AttentionAligner(teacher, student).step(ids)
     else:  # keep every layer's graph, then one backward
-        seen = {}
-        hooks = [layer.self_attn.register_forward_hook(
-            lambda m, a, k, o, i=i: seen.__setitem__(i, (k["hidden_states"], o[0])), with_kwargs=True)
-            for i, layer in enumerate(teacher.model.layers)]
-        with torch.no_grad():
-            teacher.model(ids)
-        for h in hooks:
-            h.remove()
-        losses, v_first = [], None
-        for i, layer in enumerate(student.model.layers):
-            y, _, v = layer.self_attn.time_mixer(seen[i][0], None, v_first)
-            v_first = v.detach() if v_first is None else v_first
-            losses.append(alignment_loss(y, seen[i][1]))
-        torch.stack(losses).mean().backward()
+        torch.stack(alignment_losses_keeping_graphs(teacher, student, ids)).mean().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"layers": layers, "mode": mode, "rss_before_step_mb": before / 1e3, "peak_rss_mb": peak / 1e3,
             "step_mb": (peak - before) / 1e3}

@@ -101,6 +101,39 @@ class AttentionAligner:
         return [losses[i] for i in self.layers]
 
 
+def alignment_losses_keeping_graphs(teacher: nn.Module, student: RwkvHybridForCausalLM, input_ids: Tensor,
+                                    attention_mask: Tensor | None = None, loss: str = "rms") -> list[Tensor]:
+    """The plain stage-1 computation the aligner must match: capture every layer's attention
+    input and output in one teacher pass, then run every student time mixer on them, keeping
+    all their graphs. Per-layer losses (tensors, not yet back-propagated). For tests and
+    benchmarks: its memory grows with the depth."""
+    seen = {}
+
+    def capture(i: int) -> Callable:
+        def hook(module, args, kwargs, output):
+            seen[i] = (args[0] if args else kwargs["hidden_states"], output[0])
+        return hook
+
+    hooks = [layer.self_attn.register_forward_hook(capture(i), with_kwargs=True)
+             for i, layer in enumerate(teacher.model.layers)]
+    try:
+        with torch.no_grad():
+            teacher.model(input_ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+    losses, v_first = [], None
+    for i, layer in enumerate(student.model.layers):
+        if not layer.is_wkv:
+            continue
+        x, target = seen[i]
+        y, _, v = layer.self_attn.time_mixer(x, None, v_first, None, mask)
+        v_first = v.detach() if v_first is None else v_first
+        losses.append(alignment_loss(y, target, loss, mask))
+    return losses
+
+
 def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
               temperature: float) -> Tensor:
     """Sum over the chunk's tokens of KL(teacher || student) at the temperature (float32). The
