@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -373,7 +374,7 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
     config_class = RwkvHybridConfig
     base_model_prefix = "model"
     _no_split_modules = ["RwkvHybridDecoderLayer"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # gradient_checkpointing_enable() sets the model's flag
 
     def _init_weights(self, module: nn.Module) -> None:
         """transformers' defaults (linears, embeddings, norms, rotary buffers of kept attention
@@ -397,6 +398,7 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
                                     for i in range(config.num_hidden_layers))
         self.norm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = classes["RotaryEmbedding"](config) if hybrid else None
+        self.gradient_checkpointing = False  # recompute each layer in the backward when training
         self.post_init()
 
     def forward(self, input_ids: Tensor, cache: RwkvHybridCache | None = None,
@@ -421,7 +423,11 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         v_first, new_state = None, []
         for i, layer in enumerate(self.layers):
             layer_state = state[i] if state is not None else None
-            h, s, v_first = layer(h, layer_state, v_first, cu_seqlens, mask, attention)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, s, v_first = checkpoint(layer, h, layer_state, v_first, cu_seqlens, mask, attention,
+                                           use_reentrant=False)
+            else:
+                h, s, v_first = layer(h, layer_state, v_first, cu_seqlens, mask, attention)
             new_state.append(s)
         return self.norm(h), new_state
 
