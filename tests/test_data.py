@@ -92,10 +92,42 @@ def test_packing_keeps_the_stream_and_marks_document_starts():
 def test_collate_packs_rows_for_the_op():
     rows = pack_documents([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11, 12]], seq_len=4, seed=0)
     batch = collate(rows)
-    assert batch["input_ids"].shape == (1, 4 * len(rows))
+    B = len(rows)
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["labels"].shape == (B, 4)
     cu = batch["cu_seqlens"].tolist()
-    assert cu[0] == 0 and cu[-1] == 4 * len(rows) and cu == sorted(set(cu))
-    assert all(k * 4 in cu for k in range(len(rows) + 1))  # every row starts a sequence
+    assert cu[0] == 0 and cu[-1] == 4 * B and cu == sorted(set(cu))
+    assert all(k * 4 in cu for k in range(B + 1))  # every row starts a sequence
+    flat_pos, flat_lab = batch["position_ids"].flatten().tolist(), batch["labels"].flatten().tolist()
+    flat_ids = batch["input_ids"].flatten().tolist()
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        assert flat_pos[a:b] == list(range(b - a))  # positions restart at every document
+        assert flat_lab[a] == -100 and flat_lab[a + 1:b] == flat_ids[a + 1:b]
+
+
+def test_packed_sft_labels_travel_with_their_tokens():
+    docs, labels = [[1, 2, 3], [4, 5, 6, 7, 8]], [[-100, 2, 3], [-100, -100, 6, 7, -100]]
+    rows = pack_documents(docs, seq_len=4, seed=0, labels=labels)
+    label_of = {t: lab for d, ls in zip(docs, labels, strict=True) for t, lab in zip(d, ls, strict=True)}
+    for row in rows:
+        for t, lab in zip(row.input_ids.tolist(), row.labels.tolist(), strict=True):
+            assert lab == label_of[t]
+
+
+def test_teacher_attention_stays_inside_packed_documents():
+    """A transformers teacher given collate's position_ids (no attention mask, no cache) sees each
+    document alone: the same logits as running the documents one by one."""
+    from test_model import tiny_teacher
+
+    teacher = tiny_teacher().eval()
+    docs = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
+    batch = collate(pack_documents(docs, seq_len=6, seed=1))
+    with torch.no_grad():
+        packed = teacher(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        cu = batch["cu_seqlens"].tolist()
+        flat_ids, flat_logits = batch["input_ids"].flatten(), packed.flatten(0, 1)
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            alone = teacher(flat_ids[a:b][None]).logits[0]
+            torch.testing.assert_close(flat_logits[a:b], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_validation_split_is_deterministic_and_disjoint():
@@ -141,11 +173,11 @@ def test_sft_labels_cover_only_assistant_tokens(tokenizer):
 def test_sft_loss_is_transformers_loss_on_the_same_batch(tokenizer):
     """The student's loss with these labels equals transformers' causal-LM loss on the same
     logits and labels: the labels are shifted exactly once."""
-    from test_model import tiny_teacher
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from arwkv.convert import student_from_teacher
     from arwkv.data import sft_example
+    from test_model import tiny_teacher
 
     student = student_from_teacher(tiny_teacher(), head_size=32)
     record = {"messages": [{"role": "user", "content": "w2 w3 w9"},

@@ -141,44 +141,62 @@ def split_documents(docs: Sequence[list[int]], validation_fraction: float,
 
 @dataclass
 class PackedRow:
-    """One training row: seq_len token ids and where its documents start."""
+    """One training row: seq_len token ids, where its documents start, and (SFT) its labels."""
 
-    input_ids: Tensor   # [seq_len] int64
-    cu_seqlens: Tensor  # [k + 1] int32: 0 = c_0 < ... < c_k = seq_len
+    input_ids: Tensor            # [seq_len] int64
+    cu_seqlens: Tensor           # [k + 1] int32: 0 = c_0 < ... < c_k = seq_len
+    labels: Tensor | None = None  # [seq_len] int64, -100 where no loss is taken
 
 
-def pack_documents(docs: Sequence[list[int]], seq_len: int, seed: int) -> list[PackedRow]:
+def pack_documents(docs: Sequence[list[int]], seq_len: int, seed: int,
+                   labels: Sequence[list[int]] | None = None) -> list[PackedRow]:
     """Shuffles the documents (seeded), concatenates them and cuts the stream into rows of seq_len
     tokens (the last, shorter piece is dropped). A document cut by a row end continues at the
-    start of the next row, where the state restarts anyway."""
+    start of the next row, where the state restarts anyway. ``labels`` (one list per document,
+    aligned with it) are packed the same way."""
     if seq_len < 1:
         raise DataError(f"seq_len must be positive, got {seq_len}")
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows, ids, starts = [], [], [0]
+    rows, ids, lab, starts = [], [], [], [0]
     for i in order:
-        doc = docs[i]
+        doc, doc_labels = docs[i], labels[i] if labels is not None else None
         pos = 0
         while pos < len(doc):
             take = min(len(doc) - pos, seq_len - len(ids))
             ids.extend(doc[pos:pos + take])
+            if doc_labels is not None:
+                lab.extend(doc_labels[pos:pos + take])
             pos += take
             if len(ids) == seq_len:
                 rows.append(PackedRow(torch.tensor(ids, dtype=torch.long),
-                                      torch.tensor(starts + [seq_len], dtype=torch.int32)))
-                ids, starts = [], [0]
+                                      torch.tensor(starts + [seq_len], dtype=torch.int32),
+                                      torch.tensor(lab, dtype=torch.long) if labels is not None else None))
+                ids, lab, starts = [], [], [0]
         if ids and starts[-1] != len(ids):
             starts.append(len(ids))  # the next document starts here
     return rows
 
 
 def collate(rows: Sequence[PackedRow]) -> dict[str, Tensor]:
-    """Rows -> one packed batch for the model: input_ids [1, B * seq_len] and cu_seqlens over all
-    of them (the WKV ops take packed sequences with B = 1)."""
+    """Rows -> one batch: input_ids [B, T]; cu_seqlens over all B * T tokens (the WKV ops take
+    packed sequences: the student runs on input_ids.view(1, B * T)); position_ids [B, T] that
+    restart at every document (a Transformer teacher given them and no attention mask keeps its
+    attention inside documents); labels [B, T] for next-token losses: the row's SFT labels, or
+    the tokens themselves, with -100 at each document's first token (nothing before it in the
+    same document predicts it)."""
     seq_len = rows[0].input_ids.numel()
-    cu = [torch.tensor([0], dtype=torch.int32)]
+    cu, positions = [torch.tensor([0], dtype=torch.int32)], []
     for k, row in enumerate(rows):
         cu.append(row.cu_seqlens[1:] + k * seq_len)
-    return {"input_ids": torch.cat([r.input_ids for r in rows]).unsqueeze(0), "cu_seqlens": torch.cat(cu)}
+        lengths = (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).long()
+        starts = torch.repeat_interleave(row.cu_seqlens[:-1].long(), lengths)
+        positions.append(torch.arange(seq_len) - starts)
+    input_ids = torch.stack([r.input_ids for r in rows])
+    labels = torch.stack([r.labels if r.labels is not None else r.input_ids for r in rows]).clone()
+    position_ids = torch.stack(positions)
+    labels[position_ids == 0] = -100
+    return {"input_ids": input_ids, "cu_seqlens": torch.cat(cu), "position_ids": position_ids,
+            "labels": labels}
 
 
 def sft_example(record: dict, tokenizer) -> tuple[list[int], list[int]]:
