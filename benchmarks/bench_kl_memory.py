@@ -33,7 +33,7 @@ def child(mode: str, tokens: int, vocab: int, width: int) -> dict:
     if mode == "chunked":
         loss = chunked_kl(hidden, head, t_hidden, t_head, chunk=512)
     else:
-        loss = _kl_chunk(hidden, head, t_hidden, t_head, 1.0) / tokens
+        loss = _kl_chunk(hidden, head, t_hidden, t_head, 1.0)[0] / tokens
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

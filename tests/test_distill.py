@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import VOCAB
 
 from arwkv.convert import student_from_teacher
 from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs, time_mixer_parameters
 from arwkv_ext.testing import rel_error
+from test_model import VOCAB
 
 
 def pair(layers: int = 3, width: int = 128, wkv_layers=None, seed: int = 0):
@@ -149,7 +149,29 @@ def test_chunked_kl_holds_one_chunk_of_logits():
         peaks[N] = peak_saved_bytes(lambda h=hidden, w=head, th=t_hidden, tw=t_head: chunked_kl(
             h, w, th, tw, chunk=chunk).backward())
         naive[N] = peak_saved_bytes(lambda h=hidden, w=head, th=t_hidden, tw=t_head: _kl_chunk(
-            h, w, th, tw, 1.0).backward())
+            h, w, th, tw, 1.0)[0].backward())
     # growth = the hidden states themselves (student's and teacher's, N x C each), nothing V-wide
     assert peaks[2048] - peaks[256] <= 1.05 * 2 * (2048 - 256) * C * 4, peaks
     assert peaks[2048] < 8 * chunk * V * 4 and naive[2048] > 2048 * V * 4, (peaks, naive)
+
+
+def test_chunked_cross_entropy_equals_the_full_computation():
+    """The optional CE term: the mean next-token cross-entropy over the targets that are not
+    -100, from the same chunks (so logits are made once for KL and CE)."""
+    from arwkv.distill import chunked_logit_losses, next_token_targets
+
+    g = torch.Generator().manual_seed(5)
+    B, T, C, V = 3, 11, 16, 50
+    hidden = torch.randn(B * T, C, generator=g, dtype=torch.float64).requires_grad_()
+    head = torch.randn(V, C, generator=g, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100
+    targets = next_token_targets(labels)
+    assert targets[:, -1].eq(-100).all() and targets[:, :-1].equal(labels[:, 1:])
+    _, ce = chunked_logit_losses(hidden, head, torch.randn(B * T, 8, dtype=torch.float64),
+                                 torch.randn(V, 8, dtype=torch.float64), targets=targets.reshape(-1), chunk=7)
+    want = torch.nn.functional.cross_entropy(hidden @ head.t(), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(ce.double(), want, rtol=1e-6, atol=1e-8)
+    for a, b in zip(torch.autograd.grad(ce, [hidden, head]), torch.autograd.grad(want, [hidden, head]),
+                    strict=True):
+        assert rel_error(a, b) <= 1e-5

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
@@ -48,43 +49,56 @@ def time_mixer_parameters(student: RwkvHybridForCausalLM) -> list[nn.Parameter]:
 
 
 class AttentionAligner:
-    """Stage 1 for one (teacher, student) pair: ``step(batch)`` accumulates gradients into the
+    """Stage 1 for one (teacher, student) pair: ``step(...)`` accumulates gradients into the
     student's time mixers and returns the per-layer losses (floats).
 
     The teacher runs under no_grad in its own dtype; hooks on its attention modules feed each
     layer's normed input to the matching student time mixer and back-propagate that layer's
     loss (divided by the number of layers, so the gradient is that of their mean) before the
-    teacher moves on to the next layer.
+    teacher moves on to the next layer. ``mixers`` maps a layer index to what to call instead of
+    the student's own time mixer there (a DistributedDataParallel or FSDP wrapper of it).
     """
 
-    def __init__(self, teacher: nn.Module, student: RwkvHybridForCausalLM, loss: str = "rms") -> None:
+    def __init__(self, teacher: nn.Module, student: RwkvHybridForCausalLM, loss: str = "rms",
+                 mixers: dict[int, Callable] | None = None) -> None:
         alignment_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), loss)  # validates the name
         self.teacher, self.student, self.loss = teacher, student, loss
         self.layers = [i for i, layer in enumerate(student.model.layers) if layer.is_wkv]
         if len(teacher.model.layers) != len(student.model.layers):
             raise ValueError(f"teacher has {len(teacher.model.layers)} layers, "
                              f"student {len(student.model.layers)}")
+        self.mixers = {i: student.model.layers[i].self_attn.time_mixer for i in self.layers}
+        self.mixers.update(mixers or {})
 
-    def step(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[float]:
-        """input_ids [B, T]; attention_mask [B, T] (0 at left padding, which does not count)."""
+    def step(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+             position_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
+             scale: float = 1.0, backward: bool = True) -> list[float]:
+        """input_ids [B, T]; attention_mask [B, T] (0 at left padding, which does not count); or,
+        for packed rows, position_ids [B, T] restarting at each document (the teacher's view) and
+        cu_seqlens over the B * T tokens (the student's). The gradient is that of
+        ``scale * mean over layers``; backward=False only measures the losses."""
         losses: dict[int, float] = {}
-        scale = 1.0 / len(self.layers)
+        scale = scale / len(self.layers)
         v_first: list[Tensor | None] = [None]
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
 
         def hook_for(i: int) -> Callable:
-            mixer = self.student.model.layers[i].self_attn.time_mixer
+            mixer = self.mixers[i]
+            dtype = self.student.model.layers[i].self_attn.time_mixer.output.weight.dtype
 
             def hook(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 target = output[0] if isinstance(output, tuple) else output
-                with torch.enable_grad():
-                    x_in = x.detach().to(mixer.output.weight.dtype)
-                    y, _, v = mixer(x_in, None, v_first[0], None, mask)
+                with torch.set_grad_enabled(backward):
+                    x_in = x.detach().to(dtype)
+                    if cu_seqlens is not None:  # the student sees the rows as one packed sequence
+                        x_in = x_in.reshape(1, -1, x_in.shape[-1])
+                    y, _, v = mixer(x_in, None, v_first[0], cu_seqlens, mask)
                     if v_first[0] is None:
                         v_first[0] = v.detach()
-                    loss = alignment_loss(y, target.detach(), self.loss, mask)
-                    (loss * scale).backward()
+                    loss = alignment_loss(y.view_as(target), target.detach(), self.loss, mask)
+                    if backward:
+                        (loss * scale).backward()
                 losses[i] = loss.item()
 
             return hook
@@ -94,7 +108,8 @@ class AttentionAligner:
                    for a, i in zip(attentions, self.layers, strict=True)]
         try:
             with torch.no_grad():
-                self.teacher.model(input_ids, attention_mask=attention_mask)
+                self.teacher.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -118,7 +133,7 @@ def alignment_losses_keeping_graphs(teacher: nn.Module, student: RwkvHybridForCa
              for i, layer in enumerate(teacher.model.layers)]
     try:
         with torch.no_grad():
-            teacher.model(input_ids, attention_mask=attention_mask)
+            teacher.model(input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -135,42 +150,95 @@ def alignment_losses_keeping_graphs(teacher: nn.Module, student: RwkvHybridForCa
 
 
 def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
-              temperature: float) -> Tensor:
-    """Sum over the chunk's tokens of KL(teacher || student) at the temperature (float32). The
-    teacher's logits are truncated to the student's vocabulary when the teacher's is larger."""
+              temperature: float, targets: Tensor | None = None) -> Tensor:
+    """[2]: the sums over the chunk's tokens of KL(teacher || student) at the temperature and of
+    the student's cross-entropy on targets (next tokens, -100 ignored; 0 without targets), in
+    float32. The teacher's logits are truncated to the student's vocabulary when the teacher's
+    is larger."""
     s_logits = (student_hidden @ student_head.t()).float()
     with torch.no_grad():
         t_logits = (teacher_hidden @ teacher_head.t()).float()[:, : s_logits.shape[-1]]
     s = torch.log_softmax(s_logits / temperature, dim=-1)
     t = torch.log_softmax(t_logits / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum()
+    kl = (t.exp() * (t - s)).sum()
+    ce = (F.cross_entropy(s_logits, targets, ignore_index=-100, reduction="sum") if targets is not None
+          else kl.new_zeros(()))
+    return torch.stack([kl, ce])
 
 
-def chunked_kl(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
-               mask: Tensor | None = None, temperature: float = 1.0, chunk: int = 512) -> Tensor:
-    """Mean over (unmasked) tokens of KL(teacher || student) over the full vocabulary.
+def chunked_logit_losses(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor,
+                         teacher_head: Tensor, mask: Tensor | None = None, targets: Tensor | None = None,
+                         temperature: float = 1.0, chunk: int = 512) -> tuple[Tensor, Tensor | None]:
+    """Stage 2's losses: the mean over (unmasked) tokens of KL(teacher || student) over the full
+    vocabulary, and (given targets) the student's mean next-token cross-entropy.
 
     student_hidden [N, C] and teacher_hidden [N, C_t] are the final hidden states (flattened over
-    batch and time), student_head [V, C] and teacher_head [V_t, C_t] the lm_head weights. Logits
-    are made chunk by chunk and again in the backward (activation checkpointing), so neither
-    model's N x V logits ever exist: only the hidden states are kept. Multiplied by
-    temperature**2, as usual, so gradients keep their scale.
+    batch and time), student_head [V, C] and teacher_head [V_t, C_t] the lm_head weights, mask
+    [N] (0: no loss at this token), targets [N] the token each position predicts (-100: none).
+    Logits are made chunk by chunk and again in the backward (activation checkpointing), so
+    neither model's N x V logits ever exist: only the hidden states are kept. The KL is
+    multiplied by temperature**2, as usual, so gradients keep their scale.
     """
     from torch.utils.checkpoint import checkpoint
 
     N = student_hidden.shape[0]
     weight = None if mask is None else mask.reshape(-1).to(torch.float32)
     teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
-    total = student_hidden.new_zeros((), dtype=torch.float32)
+    total = student_hidden.new_zeros(2, dtype=torch.float32)
     for start in range(0, N, chunk):
         part = slice(start, min(N, start + chunk))
         h, th = student_hidden[part], teacher_hidden[part]
+        tgt = targets[part] if targets is not None else None
         if weight is not None:
             keep = weight[part] > 0
             if not bool(keep.any()):
                 continue
             h, th = h[keep], th[keep]
-        total = total + checkpoint(_kl_chunk, h, student_head, th, teacher_head, temperature,
+            tgt = tgt[keep] if tgt is not None else None
+        total = total + checkpoint(_kl_chunk, h, student_head, th, teacher_head, temperature, tgt,
                                    use_reentrant=False)
     count = float(N) if weight is None else float(weight.sum().clamp(min=1))
-    return total / count * temperature**2
+    kl = total[0] / count * temperature**2
+    if targets is None:
+        return kl, None
+    kept = targets if weight is None else targets[weight > 0]
+    return kl, total[1] / (kept != -100).sum().clamp(min=1)
+
+
+def chunked_kl(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+               mask: Tensor | None = None, temperature: float = 1.0, chunk: int = 512) -> Tensor:
+    """The KL part of :func:`chunked_logit_losses` alone."""
+    return chunked_logit_losses(student_hidden, student_head, teacher_hidden, teacher_head, mask,
+                                temperature=temperature, chunk=chunk)[0]
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """labels [B, T] (aligned with the inputs) -> what each position predicts [B, T]: labels
+    shifted left by one, -100 at each row's last position."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+class LogitDistillation(nn.Module):
+    """Stage 2's objective as a module around the student, so DistributedDataParallel or FSDP
+    wrap it and the student's lm_head is used inside the wrapped forward.
+
+    forward(input_ids [B, T], cu_seqlens [S + 1], labels [B, T], teacher_hidden [B, T, C_t],
+    teacher_head [V_t, C_t]) -> [3]: the loss (KL + ce_weight * CE), the KL, the CE (0 when
+    ce_weight is 0: then it is not computed).
+    """
+
+    def __init__(self, student: RwkvHybridForCausalLM, temperature: float = 1.0, ce_weight: float = 0.0,
+                 chunk: int = 512) -> None:
+        super().__init__()
+        self.student, self.temperature, self.ce_weight, self.chunk = student, temperature, ce_weight, chunk
+
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor, labels: Tensor, teacher_hidden: Tensor,
+                teacher_head: Tensor) -> Tensor:
+        B, T = input_ids.shape
+        hidden, _ = self.student.model(input_ids.reshape(1, B * T), cu_seqlens=cu_seqlens)
+        targets = next_token_targets(labels).reshape(-1) if self.ce_weight else None
+        kl, ce = chunked_logit_losses(hidden.reshape(B * T, -1), self.student.lm_head.weight,
+                                      teacher_hidden.reshape(B * T, -1), teacher_head, targets=targets,
+                                      temperature=self.temperature, chunk=self.chunk)
+        ce = ce if ce is not None else torch.zeros_like(kl)
+        return torch.stack([kl + self.ce_weight * ce, kl, ce])
