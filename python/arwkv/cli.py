@@ -64,6 +64,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    """One stage of distillation (or SFT), configured by flags and/or --config."""
+    from .distill_config import config_from_args
+    from .trainer import train
+
+    train(config_from_args(args))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Perplexity and tokens/s of a checkpoint on a dataset, as JSON."""
+    from .evaluate import evaluate
+
+    print(json.dumps(evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                              validation_fraction=args.validation_fraction, seed=args.seed,
+                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype), indent=2))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """RUN/loss.png from RUN/metrics.jsonl."""
+    from .monitor import plot_run
+
+    print(f"arwkv plot: wrote {plot_run(args.run_dir)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.set_defaults(run=_generate)
+
+    from .distill_config import add_arguments
+
+    distill = commands.add_parser("distill", help="train a student: stage 1, 2 or 3",
+                                  description="Flags and --config keys are the same (a flag wins). Under "
+                                  "torchrun the same command trains on every process.")
+    add_arguments(distill)
+    distill.set_defaults(run=_distill)
+
+    evaluate = commands.add_parser("eval", help="perplexity and tokens/s of a checkpoint on a dataset")
+    evaluate.add_argument("--model", required=True, help="checkpoint directory (student or teacher)")
+    evaluate.add_argument("--data", required=True, help="same formats as arwkv distill --data")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--validation-fraction", type=float, default=0.0,
+                          help="score only the validation split that arwkv distill makes with this "
+                          "fraction and --seed")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--max-tokens", type=int, help="stop after about this many tokens")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    evaluate.set_defaults(run=_eval)
+
+    plot = commands.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir")
+    plot.set_defaults(run=_plot)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,139 @@
+"""What a training run shows and leaves behind: RUN/metrics.jsonl (one JSON object per optimiser
+step), a progress bar on a terminal (plain lines otherwise), TensorBoard scalars when
+tensorboard is installed, and loss-curve PNGs (also ``arwkv plot RUN``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path, up_to_step: int | None = None) -> list[dict]:
+    """The complete records of RUN/metrics.jsonl (a line cut short by a killed run is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(record, dict)
+            and "step" in record
+            and (up_to_step is None or record["step"] <= up_to_step)
+        ):
+            records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Appends one line per step to RUN/metrics.jsonl, flushed at once. On resume from step s,
+    the file is first rewritten (atomically) with the records up to s only, so a resumed run's
+    log reads exactly like an uninterrupted one."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.path = run_dir / METRICS
+        if resume_step is not None:
+            kept = read_metrics(run_dir, resume_step)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self.file = self.path.open("a", encoding="utf-8")
+        self.writer = None
+        try:  # TensorBoard only when it is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """tqdm's bar (tokens/s, loss, lr, ETA) on a terminal; a plain line every ``every`` steps
+    otherwise (logs, CI, nohup)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool = True) -> None:
+        self.total, self.every, self.enabled = total, every, enabled
+        self.start_step, self.start_time = start, time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / max(step - self.start_step, 1) * (self.total - step)
+            print(
+                f"step {step}/{self.total} loss {loss:.4g} lr {lr:.2e} {tokens_per_s:.0f} tok/s "
+                f"eta {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """RUN/loss.png from RUN/metrics.jsonl: training (and validation) loss against the step, and
+    the learning rate. Written to a temporary file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    records = read_metrics(run)
+    if not records:
+        raise FileNotFoundError(f"{run / METRICS} holds no training records")
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot(steps, [r["loss"] for r in records], label="train")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax_loss.plot(*zip(*val, strict=True), "o-", label="validation")
+    stage = records[-1].get("stage")
+    ax_loss.set_ylabel("loss" + (f" (stage {stage})" if stage else ""))
+    ax_loss.set_yscale("log" if min(r["loss"] for r in records) > 0 else "linear")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr", 0.0) for r in records], color="tab:gray")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("optimiser step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    out = run / "loss.png"
+    tmp = run / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

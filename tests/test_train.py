@@ -1,0 +1,393 @@
+"""``arwkv distill`` end to end on a tiny teacher: the three stages, one config type for flags
+and files, the schedule and batch split, checkpoints that resume exactly after SIGKILL, two gloo
+processes (DDP and FSDP2) matching one process, ``arwkv eval`` and ``arwkv plot``, one-line
+errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from arwkv.cli import main
+from arwkv.distill_config import ConfigError, DistillConfig, load_config_file
+from arwkv.monitor import read_metrics
+from arwkv.trainer import BatchOrder, lr_factor, micro_batches
+from tiny_run import make_run_inputs
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory) -> dict[str, Path]:
+    return make_run_inputs(tmp_path_factory.mktemp("tiny"))
+
+
+def distill_args(inputs: dict[str, Path], out: Path, stage: int = 2, **flags) -> list[str]:
+    data = inputs["chat"] if stage == 3 else inputs["text"]
+    args = [
+        "distill",
+        "--stage",
+        str(stage),
+        "--student",
+        str(inputs["student"]),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+    ]
+    if stage != 3:
+        args += ["--teacher", str(inputs["teacher"])]
+    for key, value in flags.items():
+        flag = f"--{key.replace('_', '-')}"
+        args += (
+            [flag]
+            if value is True
+            else [f"--no-{key.replace('_', '-')}"]
+            if value is False
+            else [flag, str(value)]
+        )
+    return args
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out)]
+
+
+def run_cli(
+    args: list[str], cwd: Path, torchrun: int = 0, timeout: float = 300, **popen
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    """The command in a fresh process (one thread each, so sums are made in the same order)."""
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "-m", "arwkv.cli", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=cwd, env=env, **popen)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_flags_and_config_files_make_the_same_config(tmp_path, run_inputs):
+    flags = [
+        "distill",
+        "--stage",
+        "2",
+        "--teacher",
+        str(run_inputs["teacher"]),
+        "--student",
+        str(run_inputs["student"]),
+        "--data",
+        str(run_inputs["text"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--seq-len",
+        "64",
+        "--lr",
+        "0.001",
+        "--freeze-mlp",
+        "--schedule",
+        "constant",
+    ]
+    import argparse
+
+    from arwkv.distill_config import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from_flags = config_from_args(parser.parse_args(flags[1:]))
+    (tmp_path / "c.yaml").write_text(
+        f"stage: 2\nteacher: {run_inputs['teacher']}\nstudent: {run_inputs['student']}\n"
+        f"data: {run_inputs['text']}\nout: {tmp_path / 'o'}\nseq-len: 64\nlr: 0.001\nfreeze_mlp: true\n"
+        "schedule: constant\n"
+    )
+    (tmp_path / "c.toml").write_text(
+        f"stage = 2\nteacher = '{run_inputs['teacher']}'\nstudent = '{run_inputs['student']}'\n"
+        f"data = '{run_inputs['text']}'\nout = '{tmp_path / 'o'}'\nseq_len = 64\nlr = 1e-3\n"
+        "freeze_mlp = true\n"
+        "schedule = 'constant'\n"
+    )
+    for name in ("c.yaml", "c.toml"):
+        assert config_from_args(parser.parse_args(["--config", str(tmp_path / name)])) == from_flags
+    # a flag wins over the file
+    assert (
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--seq-len", "16"])).seq_len
+        == 16
+    )
+    assert (
+        from_flags.seq_len == 64
+        and from_flags.freeze_mlp
+        and from_flags.batch_size == DistillConfig().batch_size
+    )
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("seq_len: 64\nsequence_length: 3\n", "unknown key 'sequence_length'"),
+        ("seq_len: sixty\n", "seq_len = 'sixty' is not a int"),
+        ("freeze_mlp: 1\n", "freeze_mlp = 1 is not a bool"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
+def test_bad_config_files_are_one_line(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config_file(tmp_path / "c.yaml")
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = DistillConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(cfg, s) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert lr_factor(cfg, 100) == pytest.approx(0.1)
+    constant = DistillConfig(max_steps=100, warmup_steps=10, schedule="constant")
+    assert {lr_factor(constant, s) for s in range(10, 100)} == {1.0}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_global_batches_split_over_ranks_cover_each_row_once_per_epoch(world):
+    order = BatchOrder(rows=12, batch_size=4, seed=3)
+    epoch = [i for s in range(3) for i in order.batch(s)]
+    assert sorted(epoch) == list(range(12))
+    assert order.batch(3) != order.batch(0) or order.batch(4) != order.batch(1)  # a new order next epoch
+    for step in range(5):
+        rows = order.batch(step)
+        shares = [micro_batches(rows, 4 // world if world < 4 else 1, world, r) for r in range(world)]
+        assert sorted(i for share in shares for mb in share for i in mb) == sorted(rows)
+    assert BatchOrder(rows=12, batch_size=4, seed=3).batch(7) == order.batch(7)
+
+
+# ----------------------------------------------------------------------------- stages, in process
+
+
+def test_what_each_stage_trains(run_inputs):
+    from arwkv.trainer import load_student, make_optimizer, set_trainable
+
+    student = load_student(run_inputs["student"])
+    set_trainable(DistillConfig(stage=1), student)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert names and all(".time_mixer." in n for n in names)
+    assert "model.layers.0.self_attn.time_mixer.v1" not in names  # layer 0 makes v_first
+    assert "model.layers.1.self_attn.time_mixer.v1" in names
+    set_trainable(DistillConfig(stage=2, freeze_mlp=True, freeze_embeddings=True), student)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert not any(".mlp." in n or "embed_tokens" in n for n in names) and "lm_head.weight" in names
+    optimizer = make_optimizer(
+        DistillConfig(weight_decay=0.1), [p for p in student.parameters() if p.requires_grad]
+    )
+    for group in optimizer.param_groups:
+        assert all((p.ndim == 2) == (group["weight_decay"] == 0.1) for p in group["params"])
+        assert group["betas"] == (0.9, 0.95)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(run_inputs):
+    from arwkv.trainer import load_student
+
+    student = load_student(run_inputs["student"]).train()
+    ids = torch.randint(5, 60, (1, 24))
+    grads = []
+    for flag in (False, True):
+        student.zero_grad()
+        student.model.gradient_checkpointing = flag
+        student(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append([p.grad.clone() for p in student.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, stage, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"stage{stage}"
+    assert (
+        main(
+            distill_args(
+                run_inputs,
+                out,
+                stage,
+                max_steps=6,
+                save_every=2,
+                keep_last=2,
+                validation_fraction=0.1,
+                eval_every=3,
+                log_every=2,
+            )
+        )
+        == 0
+    )
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "tensorboard").iterdir())
+    err = capsys.readouterr().err
+    assert "step 2/6" in err and "step 6/6" in err  # plain progress lines when not on a terminal
+    student = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
+    assert type(student).__name__ == "RwkvHybridForCausalLM"
+    # the export is the last checkpoint's weights
+    saved = AutoModelForCausalLM.from_pretrained(
+        out / "checkpoints" / "step-00000006", trust_remote_code=True
+    )
+    for (name, a), b in zip(student.state_dict().items(), saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    if stage == 2:
+        assert records[-1]["kl"] < records[0]["kl"]  # it learns
+    if stage == 3:
+        assert records[-1]["loss"] < records[0]["loss"]
+
+
+# ----------------------------------------------------------------------------- resume, processes
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs):
+    args = dict(max_steps=8, save_every=3, micro_batch_size=2, log_every=100)
+    whole = run_cli(distill_args(run_inputs, tmp_path / "whole", **args), tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = run_cli(
+        distill_args(run_inputs, out, **args), tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while len(read_metrics(out)) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 5 <= len(read_metrics(out)) < 8
+    resumed = run_cli(distill_args(run_inputs, out, resume=True, **args), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "steps 3..8" in resumed.stderr or "steps 6..8" in resumed.stderr
+    assert losses(out) == losses(tmp_path / "whole")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("stage,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp"), (3, "fsdp")])
+def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy):
+    """The global batch (4 rows, micro-batches of 2) split over 2 processes gives one process's
+    losses: exactly under DDP, within float tolerance under FSDP2."""
+    args = dict(max_steps=3, micro_batch_size=2, log_every=100)
+    one = run_cli(distill_args(run_inputs, tmp_path / "one", stage, **args), tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(
+        distill_args(run_inputs, tmp_path / "two", stage, strategy=strategy, **args), tmp_path, torchrun=2
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stderr
+    if strategy == "ddp":
+        assert losses(tmp_path / "two") == losses(tmp_path / "one")
+    else:
+        assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert len(losses(tmp_path / "two")) == 3  # rank 0 alone writes the log
+
+
+# ----------------------------------------------------------------------------- eval, plot, errors
+
+
+def test_eval_reports_the_models_own_perplexity(run_inputs, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arwkv.data import iter_records, tokenize_documents
+    from arwkv.evaluate import windows
+
+    model_dir = run_inputs["student"]
+    assert (
+        main(["eval", "--model", str(model_dir), "--data", str(run_inputs["text"]), "--seq-len", "16"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    docs = tokenize_documents(iter_records(run_inputs["text"]), tokenizer)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for piece in windows(docs, 16):  # one window at a time, the model's own loss
+            ids = torch.tensor([piece])
+            nll += model(ids, labels=ids).loss.item() * (len(piece) - 1)
+            n += len(piece) - 1
+    assert report["predicted_tokens"] == n > 500
+    assert report["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert report["tokens_per_s"] > 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(run_inputs["text"]),
+                "--seq-len",
+                "16",
+                "--validation-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
+    assert 0 < json.loads(capsys.readouterr().out)["predicted_tokens"] < n
+
+
+def test_plot_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1 / s, "lr": 1e-3}) + "\n" for s in range(1, 5))
+        + '{"step": 5, "lo'
+    )  # a cut last line
+    assert main(["plot", str(run)]) == 0
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path / "none")]) == 1
+    assert "holds no training records" in capsys.readouterr().err
+
+
+def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
+    def error(args: list[str]) -> str:
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("arwkv "), err
+        return err[0]
+
+    assert "--data" in error(distill_args({**run_inputs, "text": tmp_path / "missing.jsonl"}, tmp_path / "o"))
+    assert "does not exist" in error(
+        distill_args({**run_inputs, "text": tmp_path / "missing.jsonl"}, tmp_path / "o")
+    )
+    (tmp_path / "c.toml").write_text("lr = 1e-3\nlearning_rate = 2\n")
+    assert "unknown key 'learning_rate'" in error(["distill", "--config", str(tmp_path / "c.toml")])
+    no_teacher = distill_args(run_inputs, tmp_path / "o")
+    del no_teacher[no_teacher.index("--teacher") : no_teacher.index("--teacher") + 2]
+    assert "--teacher is required" in error(no_teacher)
+    assert "not an ARWKV student" in error(
+        distill_args({**run_inputs, "student": run_inputs["teacher"]}, tmp_path / "o2", max_steps=1)
+    )
+    out = tmp_path / "run"
+    assert main(distill_args(run_inputs, out, max_steps=1)) == 0
+    capsys.readouterr()
+    assert "already holds a run" in error(distill_args(run_inputs, out, max_steps=1))
+    assert "seq_len=32, this run asks for seq_len=16" in error(
+        distill_args(run_inputs, out, max_steps=2, resume=True, seq_len=16)
+    )
+    assert "fewer than --batch-size 400" in error(distill_args(run_inputs, tmp_path / "o3", batch_size=400))
