@@ -377,3 +377,19 @@ def test_hybrid_converts_and_reloads(tmp_path):
         assert torch.equal(loaded(ids).logits, hybrid.eval()(ids).logits)
     with pytest.raises(ValueError, match="wkv_layers \\[5\\] are not layers"):
         convert_in_memory(teacher, head_size=32, wkv_layers=[5])
+
+
+@pytest.mark.parametrize("wkv", [7, 6])
+def test_bf16_autocast_over_float32_weights(wkv):
+    """Training on GPUs runs float32 master weights under bf16 autocast: the projections come out
+    in bf16 while the float32 mixes do not, and the op still gets one dtype; the loss stays close
+    to float32's and gradients reach the weights in float32."""
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv).float().train()
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    reference = student(ids, labels=ids, use_cache=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = student(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
+    assert student.lm_head.weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

@@ -237,8 +237,11 @@ class Rwkv7TimeMixer(TimeMixerBase):
             k, v, log_decay = k * keep, v * keep, log_decay * keep
             kk = kk * keep.unsqueeze(-1)
 
-        rh, kh, vh, ah = (t.view(B, T, H, N) for t in (r, k, v, a))
-        log_decay = log_decay.view(B, T, H, N)
+        # one dtype for the op: under autocast the projections come out in 16 bits, the
+        # float32 mixes (decay, a, kk) must follow them
+        dt = r.dtype
+        rh, kh, vh, ah = (t.view(B, T, H, N).to(dt) for t in (r, k, v, a))
+        log_decay, kk = log_decay.view(B, T, H, N).to(dt), kk.to(dt)
         y, wkv = arwkv_ext.wkv7(rh, log_decay, kh, vh, -kk, kk * ah,
                                 state.wkv if state is not None else None, cu_seqlens)
         y = y.reshape(B, T, H * N)
@@ -316,8 +319,8 @@ class Rwkv6TimeMixer(TimeMixerBase):
         log_decay = -torch.exp(w.float()).to(x.dtype)
         if keep is not None:  # padding: decay 1, nothing written
             k, v, log_decay = k * keep, v * keep, log_decay * keep
-        heads = [t.reshape(B, T, H, N) for t in (r, log_decay, k, v)]
-        y, wkv = arwkv_ext.wkv6(*heads, self.time_faaaa.to(x.dtype),
+        heads = [t.reshape(B, T, H, N).to(r.dtype) for t in (r, log_decay, k, v)]  # one dtype (autocast)
+        y, wkv = arwkv_ext.wkv6(*heads, self.time_faaaa.to(r.dtype),
                                 state.wkv if state is not None else None, cu_seqlens)
         y = y.reshape(B, T, H * N)
         if self.has_group_norm:
