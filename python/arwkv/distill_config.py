@@ -83,8 +83,12 @@ class DistillConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.lr <= 0 or self.temperature <= 0 or self.grad_clip < 0 or self.ce_weight < 0:
-            raise ConfigError("lr and temperature must be positive, grad_clip and ce_weight not negative")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"lr and temperature must be positive, got {self.lr} and {self.temperature}")
+        if min(self.grad_clip, self.ce_weight, self.weight_decay) < 0:
+            raise ConfigError("grad_clip, ce_weight and weight_decay must not be negative")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         return self
 
 
@@ -98,6 +102,11 @@ def _field_type(name: str) -> type:
 
 def _checked(name: str, value: Any, source: str) -> Any:
     kind = _field_type(name)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (
         isinstance(value, bool)
         if kind is bool
@@ -120,7 +129,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             raw = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):

@@ -50,7 +50,9 @@ class MetricsLog:
         try:  # TensorBoard only when it is installed
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            # records after resume_step (written before the kill) are dropped, as in metrics.jsonl
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         except ImportError:
             pass
 

@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -46,16 +47,37 @@ Tensor = torch.Tensor
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 # a resumed run must agree with its checkpoint on these (the rest, e.g. max_steps, may change)
-RESUME_KEYS = ("stage", "teacher", "student", "data", "seq_len", "batch_size", "seed", "validation_fraction")
+RESUME_KEYS = (
+    "stage",
+    "teacher",
+    "student",
+    "data",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "validation_fraction",
+    "lr",
+    "min_lr_ratio",
+    "schedule",
+    "warmup_steps",
+    "weight_decay",
+    "loss",
+    "temperature",
+    "ce_weight",
+    "freeze_mlp",
+    "freeze_embeddings",
+)
 
 
 @dataclasses.dataclass
 class Place:
-    """Where this process runs: its global rank, the world size and its device."""
+    """Where this process runs: its global rank, the world size, its device, and whether train()
+    made the process group (then it also ends it)."""
 
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -63,7 +85,9 @@ class Place:
 
 
 def setup_place(cfg: DistillConfig) -> Place:
-    """Joins the torchrun process group when there is one (NCCL/RCCL on GPUs, gloo on CPU)."""
+    """Joins the torchrun process group when there is one: NCCL/RCCL for GPU tensors, gloo for
+    CPU ones (the small loss reductions), with an hour's timeout so a slow checkpoint write on
+    rank 0 does not kill the others waiting at the barrier."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no GPU")
@@ -71,10 +95,12 @@ def setup_place(cfg: DistillConfig) -> Place:
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    owns = False
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
+        owns = True
     if dist.is_initialized():
-        return Place(dist.get_rank(), dist.get_world_size(), device)
+        return Place(dist.get_rank(), dist.get_world_size(), device, owns)
     return Place(0, 1, device)
 
 
@@ -103,6 +129,11 @@ def load_rows(cfg: DistillConfig, tokenizer) -> tuple[list, list]:
         train, val = (
             pack_documents(train_docs, cfg.seq_len, cfg.seed),
             pack_documents(val_docs, cfg.seq_len, cfg.seed),
+        )
+    if cfg.validation_fraction and not val:
+        raise DataError(
+            f"--validation-fraction {cfg.validation_fraction} holds out too little text for one row of "
+            f"{cfg.seq_len} tokens; raise it or shorten --seq-len"
         )
     if len(train) < cfg.batch_size:
         raise DataError(
@@ -233,6 +264,11 @@ class Stage:
 
     roots: list[nn.Module]
 
+    @staticmethod
+    def weight(batch: dict[str, Tensor]) -> int:
+        """How many tokens the micro-batch's loss is a mean over (its weight in the step's mean)."""
+        return batch["input_ids"].numel()
+
     def micro_step(self, batch: dict[str, Tensor], scale: float, backward: bool = True) -> list[float]:
         """[loss, ...parts] of the micro-batch; accumulates scale * grad(loss) when backward."""
         raise NotImplementedError
@@ -320,6 +356,10 @@ class SftStage(Stage):
     """Stage 3: the student's own next-token loss on the assistant tokens (labels shifted once, by
     the model)."""
 
+    @staticmethod
+    def weight(batch: dict[str, Tensor]) -> int:
+        return int((batch["labels"].reshape(-1)[1:] != -100).sum())
+
     def __init__(self, cfg: DistillConfig, student: RwkvHybridForCausalLM, place: Place) -> None:
         if cfg.strategy == "fsdp" and place.world > 1:
             for layer in student.model.layers:
@@ -330,12 +370,15 @@ class SftStage(Stage):
     def micro_step(self, batch, scale, backward=True):
         B, T = batch["input_ids"].shape
         with torch.set_grad_enabled(backward):
-            loss = self.model(
+            out = self.model(
                 batch["input_ids"].reshape(1, B * T),
                 cu_seqlens=batch["cu_seqlens"],
                 labels=batch["labels"].reshape(1, B * T),
                 use_cache=False,
-            ).loss
+            )
+            # no assistant token in this micro-batch: weight 0, but the backward still runs
+            # (DDP/FSDP expect every rank's) and contributes zeros, not NaN
+            loss = out.loss if self.weight(batch) else out.logits.sum() * 0.0
             if backward:
                 (loss * scale).backward()
         return [loss.item()]
@@ -368,7 +411,7 @@ def checkpoints(out: Path) -> list[Path]:
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
@@ -376,7 +419,7 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def write_student(
@@ -427,13 +470,29 @@ def save_checkpoint(
             },
             tmp / TRAINER_STATE,
         )
+        _sync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _sync_tree(root, files=False)
         for old in checkpoints(out)[: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if place.world > 1:
         dist.barrier()
+
+
+def _sync_tree(directory: Path, files: bool = True) -> None:
+    """fsync a directory's files (and itself), so a renamed checkpoint is complete on disk even
+    after a power loss, not only after a killed process."""
+    for f in directory.iterdir() if files else ():
+        if f.is_file():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_resumable(cfg: DistillConfig, saved: dict, where: Path) -> None:
@@ -465,10 +524,21 @@ def train(cfg: DistillConfig) -> Path:
         resume_from = found[-1] if cfg.resume and found else None
         state = None
         if resume_from is not None:
-            state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
-            check_resumable(cfg, state["config"], resume_from)
+            try:
+                state = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
+                saved_config = state["config"]
+            except Exception as err:  # noqa: BLE001 - truncated, foreign or old: one line
+                raise ConfigError(
+                    f"--resume: {resume_from / TRAINER_STATE} is not a readable arwkv "
+                    f"trainer state ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+                ) from err
+            check_resumable(cfg, saved_config, resume_from)
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
+            for stale in (
+                (out / CHECKPOINTS).glob(".step-*.partial-*") if (out / CHECKPOINTS).is_dir() else ()
+            ):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
 
         transformers.utils.logging.disable_progress_bar()  # its per-save bars would drown ours
         tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=True)
@@ -482,8 +552,10 @@ def train(cfg: DistillConfig) -> Path:
                 f"rows over {place.world} processes"
             )
         if cfg.stage != 1 and student.model.rotary_emb is not None:
-            raise ConfigError(f"--student {cfg.student} is a hybrid (it keeps attention layers): stages 2-3 "
-                              "train on packed rows, which only an all-time-mixing student takes for now")
+            raise ConfigError(
+                f"--student {cfg.student} is a hybrid (it keeps attention layers): stages 2-3 "
+                "train on packed rows, which only an all-time-mixing student takes for now"
+            )
         student.to(place.device)
         set_trainable(cfg, student)
         if cfg.activation_checkpointing and cfg.stage != 1:
@@ -526,21 +598,31 @@ def train(cfg: DistillConfig) -> Path:
             )
         for step in range(start, cfg.max_steps):
             began = time.perf_counter()
-            mine = micro_batches(order.batch(step), world_micro, place.world, place.rank)
+            # the step's loss is the mean over the global batch's tokens (stage 3: its labelled
+            # ones): micro-batch i weighs w_i / W; DDP/FSDP then average over the ranks
+            batches = [
+                collate([train_rows[i] for i in rows])
+                for rows in micro_batches(order.batch(step), world_micro, 1, 0)
+            ]
+            weights = [stage.weight(b) for b in batches]
+            total_weight = max(sum(weights), 1)
+            mine = list(zip(batches, weights, strict=True))[place.rank :: place.world]
             sums = None
-            for k, rows in enumerate(mine):
-                batch = to_device(collate([train_rows[i] for i in rows]), place.device)
+            for k, (batch, w) in enumerate(mine):
                 with gradient_sync(stage.roots, sync=k == len(mine) - 1), autocast:
-                    values = stage.micro_step(batch, scale=1.0 / len(mine))
+                    values = stage.micro_step(
+                        to_device(batch, place.device), scale=w * place.world / total_weight
+                    )
+                values = [v * w for v in values]
                 sums = values if sums is None else [a + b for a, b in zip(sums, values, strict=True)]
             total = torch.tensor(sums, dtype=torch.float64)
             if place.world > 1:
                 dist.all_reduce(total)
-            means = (total / (cfg.batch_size // world_micro)).tolist()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if cfg.grad_clip > 0
-                else torch.zeros(())
+            means = (total / total_weight).tolist()
+            if not math.isfinite(means[0]):  # before the update: the last checkpoint stays good
+                raise RuntimeError(f"loss is {means[0]} at step {step + 1}; lower --lr or check the data")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             )
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -563,8 +645,6 @@ def train(cfg: DistillConfig) -> Path:
             if log is not None:
                 log.write(record)
             progress.update(done, record["loss"], lr, record["tokens_per_s"])
-            if not math.isfinite(record["loss"]):
-                raise RuntimeError(f"loss is {record['loss']} at step {done}; lower --lr or check the data")
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
                 save_checkpoint(out, done, student, optimizer, scheduler, tokenizer, cfg, place)
         progress.close()
@@ -578,7 +658,7 @@ def train(cfg: DistillConfig) -> Path:
             )
         return final
     finally:
-        if dist.is_initialized():
+        if place.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -597,17 +677,17 @@ def load_student_dtype(path: str | Path) -> torch.dtype:
 
 @torch.no_grad()
 def validate(stage: Stage, rows: list, micro: int, place: Place, autocast) -> float:
-    """Mean loss over the validation rows' micro-batches, shared out over the ranks. Every rank
-    makes the same number of forward calls (FSDP's are collective): a rank short of work
-    repeats the first micro-batch with weight 0."""
+    """Mean loss over the validation tokens (stage 3: labelled ones), micro-batches shared out over
+    the ranks. Every rank makes the same number of forward calls (FSDP's are collective): a rank
+    short of work repeats the first micro-batch with weight 0."""
     chunks = [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]
     total = torch.zeros(2, dtype=torch.float64)
     for j in range(math.ceil(len(chunks) / place.world)):
         index = place.rank + j * place.world
-        weight = 1.0 if index < len(chunks) else 0.0
-        batch = to_device(collate([rows[i] for i in chunks[index if weight else 0]]), place.device)
+        batch = collate([rows[i] for i in chunks[index if index < len(chunks) else 0]])
+        weight = float(stage.weight(batch)) if index < len(chunks) else 0.0
         with autocast:
-            loss = stage.micro_step(batch, scale=1.0, backward=False)[0]
+            loss = stage.micro_step(to_device(batch, place.device), scale=1.0, backward=False)[0]
         total += torch.tensor([loss * weight, weight], dtype=torch.float64)
     if place.world > 1:
         dist.all_reduce(total)
