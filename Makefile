@@ -23,7 +23,7 @@ $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja packaging pytest hypothesis numpy ruff cmake \
-	  "transformers==5.24.0" safetensors datasets tqdm pyyaml matplotlib tensorboard
+	  "transformers==5.24.0" safetensors datasets tqdm pyyaml matplotlib tensorboard lm_eval accelerate
 	touch $@
 
 # --no-build-isolation: the kernels compile against the torch installed above, not a fresh one.

@@ -14,44 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from arwkv.convert import student_from_teacher
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a student cache (LayerStates) or a transformers KV cache."""
-    if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "wkv"):
-        return sum(s.wkv.numel() * s.wkv.element_size() + s.shift.numel() * s.shift.element_size()
-                   for s in cache.layers)
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
-
-
-@torch.no_grad()
-def per_token(model, prompt: torch.Tensor, steps: int, student: bool) -> tuple[float, int]:
-    """Median seconds per decoding step after prefilling `prompt`, and the cache bytes then."""
-    out = model(prompt, use_cache=True, logits_to_keep=1)  # as generate() does: no [B, T, V] logits
-    cache = out.cache if student else out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(token, cache=cache) if student else model(token, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-        cache = out.cache if student else out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-    return statistics.median(times), cache_bytes(cache)
+from arwkv.evaluate import decoding_speed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p in positions:
         prompt = torch.randint(0, args.vocab, (1, p), generator=torch.Generator().manual_seed(p))
-        s_time, s_bytes = per_token(student, prompt, args.steps, student=True)
-        t_time, t_bytes = per_token(teacher, prompt, args.steps, student=False)
+        s_time, s_bytes = decoding_speed(student, prompt, args.steps)
+        t_time, t_bytes = decoding_speed(teacher, prompt, args.steps)
         rows.append({"position": p, "student_ms": s_time * 1e3, "student_cache_mb": s_bytes / 1e6,
                      "teacher_ms": t_time * 1e3, "teacher_cache_mb": t_bytes / 1e6})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

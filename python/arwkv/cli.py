@@ -74,12 +74,19 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Perplexity and tokens/s of a checkpoint on a dataset, as JSON."""
-    from .evaluate import evaluate
+    """Perplexity and tokens/s of a checkpoint on a dataset, and/or an lm-evaluation-harness task, as JSON."""
+    from .evaluate import evaluate, lm_eval_task
 
-    print(json.dumps(evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                              validation_fraction=args.validation_fraction, seed=args.seed,
-                              max_tokens=args.max_tokens, device=args.device, dtype=args.dtype), indent=2))
+    if not args.data and not args.lm_eval_task:
+        raise ValueError("give --data (perplexity) and/or --lm-eval-task (an lm_eval task file)")
+    if args.data:
+        print(json.dumps(evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                                  validation_fraction=args.validation_fraction, seed=args.seed,
+                                  max_tokens=args.max_tokens, device=args.device, dtype=args.dtype),
+                         indent=2))
+    if args.lm_eval_task:
+        print(json.dumps(lm_eval_task(args.model, args.lm_eval_task, limit=args.limit, device=args.device,
+                                      dtype=args.dtype), indent=2))
     return 0
 
 
@@ -88,6 +95,18 @@ def _plot(args: argparse.Namespace) -> int:
     from .monitor import plot_run
 
     print(f"arwkv plot: wrote {plot_run(args.run_dir)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Convert the shipped teacher, distil it (stages 1-2), compare, report."""
+    from .demo import DemoPlan, run_demo
+
+    plan = DemoPlan.quick(args.init) if args.quick else DemoPlan(init=args.init)
+    for name in ("stage1_steps", "stage2_steps"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    run_demo(args.out, plan)
     return 0
 
 
@@ -132,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("eval", help="perplexity and tokens/s of a checkpoint on a dataset")
     evaluate.add_argument("--model", required=True, help="checkpoint directory (student or teacher)")
-    evaluate.add_argument("--data", required=True, help="same formats as arwkv distill --data")
+    evaluate.add_argument("--data", help="same formats as arwkv distill --data")
+    evaluate.add_argument("--lm-eval-task", metavar="YAML",
+                          help="also score with lm-evaluation-harness (hf backend) on this local task file")
+    evaluate.add_argument("--limit", type=int, help="lm_eval: at most this many documents")
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--validation-fraction", type=float, default=0.0,
@@ -147,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     plot = commands.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
     plot.set_defaults(run=_plot)
+
+    demo = commands.add_parser("demo", help="distil the shipped Qwen2 teacher on this CPU, report")
+    demo.add_argument("--out", default="arwkv-demo", help="for the students, runs, report")
+    demo.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
+                      help="student initialisation")
+    demo.add_argument("--stage1-steps", type=int)
+    demo.add_argument("--stage2-steps", type=int)
+    demo.add_argument("--quick", action="store_true", help="a few steps of everything (CI)")
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

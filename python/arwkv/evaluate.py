@@ -9,6 +9,7 @@ negative log-likelihood over all predicted tokens.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -102,3 +103,80 @@ def evaluate(
         "device": dev.type,
         "dtype": dtype,
     }
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a student cache (per-layer states, and a hybrid's kept keys and values) or a
+    transformers KV cache (per-layer keys and values)."""
+    tensors = []
+    for layer in cache.layers or []:
+        tensors += [getattr(layer, name, None) for name in ("wkv", "shift", "keys", "values")]
+    if isinstance(getattr(cache, "keys", None), dict):  # RwkvHybridCache's kept attention layers
+        tensors += list(cache.keys.values()) + list(cache.values.values())
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@torch.no_grad()
+def decoding_speed(model, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
+    """Median seconds per greedy decoding step after prefilling prompt [1, P], and the bytes of
+    the cache then. Works for a student (``cache``) and a transformers model (``past_key_values``)."""
+    out = model(prompt, use_cache=True, logits_to_keep=1)  # as generate() does: no [B, T, V] logits
+    student = hasattr(out, "cache")
+    cache = out.cache if student else out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model(token, cache=cache) if student else model(token, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+        cache = out.cache if student else out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+    return statistics.median(times), cache_bytes(cache)
+
+
+def lm_eval_task(
+    model_dir: str | Path,
+    task_file: str | Path,
+    *,
+    limit: int | None = None,
+    device: str = "auto",
+    batch_size: int = 1,
+    dtype: str = "fp32",
+) -> dict:
+    """Scores ``model_dir`` with lm-evaluation-harness (its Hugging Face backend, trust_remote_code)
+    on the task that a local YAML task file defines; relative ``dataset_kwargs.data_files`` paths
+    in it are taken relative to the file. Returns lm_eval's results for that task."""
+    import tempfile
+
+    import yaml
+
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError(
+            f"--lm-eval-task needs lm-evaluation-harness: pip install lm_eval accelerate ({err})"
+        ) from err
+    path = Path(task_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--lm-eval-task {path} does not exist")
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(spec, dict) or "task" not in spec:
+        raise ValueError(f"--lm-eval-task {path}: not an lm_eval task file (no 'task' key)")
+    files = spec.get("dataset_kwargs", {}).get("data_files")
+    if isinstance(files, dict):
+        spec["dataset_kwargs"]["data_files"] = {k: str((path.parent / v).resolve()) for k, v in files.items()}
+    dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    with tempfile.TemporaryDirectory() as include:
+        (Path(include) / path.name).write_text(yaml.safe_dump(spec), encoding="utf-8")
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir},trust_remote_code=True,dtype={torch_dtype}",
+            tasks=[spec["task"]],
+            task_manager=TaskManager(include_path=include),
+            device=dev,
+            batch_size=batch_size,
+            limit=limit,
+        )
+    return {"model": str(model_dir), "task": spec["task"], "results": results["results"][spec["task"]]}
