@@ -434,3 +434,31 @@ def test_sft_micro_batches_without_assistant_tokens(tmp_path, run_inputs):
         == 0
     )
     assert all(math.isfinite(loss) for loss in losses(out))
+
+
+def test_stage2_with_a_larger_teacher(tmp_path, run_inputs):
+    """A deeper, wider teacher with a larger vocabulary (same tokenizer) teaches the student in
+    stage 2; its extra logits are truncated to the student's vocabulary, with a warning."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tiny_run import WORDS, word_tokenizer
+
+    torch.manual_seed(3)
+    big = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(WORDS) + 8,
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    big.save_pretrained(tmp_path / "big")
+    word_tokenizer().save_pretrained(tmp_path / "big")
+    with pytest.warns(UserWarning, match="truncated to the student's vocabulary"):
+        assert (
+            main(distill_args({**run_inputs, "teacher": tmp_path / "big"}, tmp_path / "run", 2, max_steps=2))
+            == 0
+        )
+    assert len(losses(tmp_path / "run")) == 2 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
