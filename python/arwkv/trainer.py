@@ -556,7 +556,12 @@ def train(cfg: DistillConfig) -> Path:
                 f"--student {cfg.student} is a hybrid (it keeps attention layers): stages 2-3 "
                 "train on packed rows, which only an all-time-mixing student takes for now"
             )
-        student.to(place.device)
+        if cfg.stage == 1:  # only the time mixers run (on the teacher's inputs): the rest stays in host RAM
+            for layer in student.model.layers:
+                if layer.is_wkv:
+                    layer.self_attn.to(place.device)
+        else:
+            student.to(place.device)
         set_trainable(cfg, student)
         if cfg.activation_checkpointing and cfg.stage != 1:
             student.model.gradient_checkpointing = True
