@@ -17,7 +17,9 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME  ?= /usr/local/cuda
 RESULTS    := benchmarks/results
 
-.PHONY: bench test install lint cpp-test clean check-cuda check-hip
+DEMO_OUT ?= arwkv-demo
+
+.PHONY: demo bench test install lint cpp-test clean check-cuda check-hip
 
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,10 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 install: $(VENV)/.installed
+
+# main job: distils the shipped Qwen2 teacher into an RWKV-7 student on this CPU and reports
+demo: install
+	$(VENV)/bin/arwkv demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_wkv.py $(BENCH_ARGS)

@@ -1,0 +1,270 @@
+"""``arwkv demo``: the whole idea on a laptop CPU in a few minutes, with no download.
+
+A small Qwen2 teacher ships in ``arwkv/demo_assets/teacher`` (trained by
+tools/make_demo_teacher.py on text that ships with Python: the pydoc topics and the standard
+library's docstrings; ``train.jsonl`` / ``heldout.jsonl`` beside it). The demo converts it into an
+RWKV-7 student, runs stage 1 (attention alignment) and stage 2 (logit distillation) on the
+training split, then scores teacher and student on the held-out split, times decoding at a short
+and a long context, generates a sample from each, and writes OUT/report.md, OUT/report.json and
+the loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).parent / "demo_assets"
+PROMPT = "The for statement is used to"
+
+
+@dataclass
+class DemoPlan:
+    """What the demo runs; ``quick()`` is the seconds-long version CI runs (same code path)."""
+
+    init: str = "transfer"
+    stage1_steps: int = 60
+    stage1_lr: float = 3e-3
+    stage2_steps: int = 260
+    stage2_lr: float = 2e-3
+    seq_len: int = 128
+    batch_size: int = 8
+    eval_seq_len: int = 256
+    eval_tokens: int | None = None
+    contexts: tuple[int, int] = (64, 1024)
+    decode_steps: int = 16
+    sample_tokens: int = 40
+
+    @classmethod
+    def quick(cls, init: str = "transfer") -> DemoPlan:
+        return cls(
+            init=init,
+            stage1_steps=3,
+            stage2_steps=3,
+            seq_len=32,
+            batch_size=2,
+            eval_tokens=2000,
+            contexts=(16, 64),
+            decode_steps=2,
+            sample_tokens=8,
+        )
+
+
+def _say(text: str) -> None:
+    print(f"arwkv demo: {text}", file=sys.stderr, flush=True)
+
+
+def _prepare_out(out: Path) -> None:
+    """OUT may be new, empty, or an earlier demo's output (replaced); anything else is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.json").is_file() and not (out / ".arwkv-demo").is_file():
+            raise FileExistsError(f"--out {out} exists and is not an earlier demo's output; choose another")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".arwkv-demo").write_text("made by arwkv demo\n")
+
+
+def _decode_rows(
+    model_dir: Path, heldout_ids: list[int], contexts: tuple[int, ...], steps: int
+) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from .evaluate import decoding_speed
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    rows = []
+    for context in contexts:
+        prompt = torch.tensor([(heldout_ids * (context // max(len(heldout_ids), 1) + 1))[:context]])
+        seconds, cache = decoding_speed(model, prompt, steps)
+        rows.append(
+            {
+                "context": context,
+                "tokens_per_s": 1.0 / seconds,
+                "ms_per_token": seconds * 1e3,
+                "cache_bytes": cache,
+                # tokens the cache has seen: the prompt and the decoded ones
+                "cache_bytes_per_token_seen": cache / (context + steps),
+            }
+        )
+    return rows
+
+
+def _sample(model_dir: Path, tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
+    """Runs the demo into ``out``; returns the report (also written as OUT/report.json)."""
+    from .convert import convert_checkpoint
+    from .distill_config import DistillConfig
+    from .evaluate import evaluate
+    from .monitor import read_metrics
+    from .trainer import train
+
+    plan = plan or DemoPlan()
+    out = Path(out)
+    teacher = ASSETS / "teacher"
+    if not (teacher / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the demo teacher is missing from {teacher}; regenerate it with tools/make_demo_teacher.py"
+        )
+    _prepare_out(out)
+    began = time.perf_counter()
+    timings = {}
+
+    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init})")
+    t0 = time.perf_counter()
+    convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=32, dtype="fp32")
+    timings["convert_s"] = time.perf_counter() - t0
+
+    common = dict(
+        teacher=str(teacher),
+        data=str(ASSETS / "train.jsonl"),
+        seq_len=plan.seq_len,
+        batch_size=plan.batch_size,
+        log_every=20,
+        seed=0,
+    )
+    stages = [
+        (1, plan.stage1_steps, plan.stage1_lr, out / "student-init"),
+        (2, plan.stage2_steps, plan.stage2_lr, out / "stage1" / "student"),
+    ]
+    for stage, steps, lr, student in stages:
+        _say(
+            f"stage {stage} ({'attention alignment' if stage == 1 else 'logit distillation'}): {steps} steps "
+            f"of {plan.batch_size} x {plan.seq_len} tokens"
+        )
+        t0 = time.perf_counter()
+        train(
+            DistillConfig(
+                stage=stage,
+                student=str(student),
+                out=str(out / f"stage{stage}"),
+                max_steps=steps,
+                lr=lr,
+                warmup_steps=max(steps // 10, 1),
+                **common,
+            )
+        )
+        timings[f"stage{stage}_s"] = time.perf_counter() - t0
+        shutil.copy2(out / f"stage{stage}" / "loss.png", out / f"stage{stage}_loss.png")
+    student = out / "stage2" / "student"
+
+    _say("scoring teacher and student on the held-out split")
+    t0 = time.perf_counter()
+    heldout = str(ASSETS / "heldout.jsonl")
+    scores = {
+        name: evaluate(path, heldout, seq_len=plan.eval_seq_len, max_tokens=plan.eval_tokens, device="cpu")
+        for name, path in (
+            ("teacher", teacher),
+            ("student", student),
+            ("student_before", out / "student-init"),
+        )
+    }
+    timings["eval_s"] = time.perf_counter() - t0
+
+    _say(f"decoding speed and cache memory at contexts {plan.contexts}; samples")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    text = json.loads((ASSETS / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    decode = {
+        name: _decode_rows(path, ids, plan.contexts, plan.decode_steps)
+        for name, path in (("teacher", teacher), ("student", student))
+    }
+    samples = {
+        name: _sample(path, plan.sample_tokens) for name, path in (("teacher", teacher), ("student", student))
+    }
+    training_report = json.loads((teacher / "training_report.json").read_text())
+    report = {
+        "teacher_ppl": scores["teacher"]["perplexity"],
+        "student_ppl": scores["student"]["perplexity"],
+        "ratio": scores["student"]["perplexity"] / scores["teacher"]["perplexity"],
+        "student_ppl_before_distillation": scores["student_before"]["perplexity"],
+        "unigram_ppl": training_report.get("unigram_heldout_ppl"),
+        "init": plan.init,
+        "plan": {k: v for k, v in plan.__dict__.items()},
+        "heldout_tokens": scores["teacher"]["tokens"],
+        "final_losses": {f"stage{s}": read_metrics(out / f"stage{s}")[-1]["loss"] for s in (1, 2)},
+        "decode": decode,
+        "samples": samples,
+        "timings": timings,
+        "seconds": time.perf_counter() - began,
+        "threads": torch.get_num_threads(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_report(report))
+    _say(
+        f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'stage1_loss.png'}, "
+        f"{out / 'stage2_loss.png'}"
+    )
+    print(render_report(report))
+    return report
+
+
+def render_report(r: dict) -> str:
+    """report.md from the report's numbers."""
+    lines = [
+        "# arwkv demo",
+        "",
+        f"A Qwen2 teacher (shipped, trained on Python's own documentation) converted into an RWKV-7 student "
+        f"(`--init {r['init']}`) and distilled on this machine in {r['seconds']:.0f} s "
+        f"({r['threads']} threads): stage 1 for {r['plan']['stage1_steps']} steps, stage 2 for "
+        f"{r['plan']['stage2_steps']} steps.",
+        "",
+        f"## Held-out perplexity ({r['heldout_tokens']} tokens)",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| teacher (Transformer) | {r['teacher_ppl']:.2f} |",
+        f"| student (RWKV-7), distilled | {r['student_ppl']:.2f} |",
+        f"| student before distillation | {r['student_ppl_before_distillation']:.2f} |",
+    ]
+    if r.get("unigram_ppl"):
+        lines.append(f"| unigram model | {r['unigram_ppl']:.2f} |")
+    lines += [
+        "",
+        f"Student / teacher: **{r['ratio']:.3f}x** (goal <= 1.25x).",
+        "",
+        "## Decoding (one token at a time, after a prompt of the given length)",
+        "",
+        "| model | context | tokens/s | cache | cache bytes per token seen |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("teacher", "student"):
+        for row in r["decode"][name]:
+            lines.append(
+                f"| {name} | {row['context']} | {row['tokens_per_s']:.0f} | "
+                f"{row['cache_bytes'] / 1024:.1f} KiB | {row['cache_bytes_per_token_seen']:.0f} |"
+            )
+    lines += [
+        "",
+        "The student's cache is the same size at every context; the teacher's grows with it.",
+        "",
+        "## Samples (greedy)",
+        "",
+    ]
+    for name in ("teacher", "student"):
+        lines += [f"**{name}**:", "", "```", r["samples"][name], "```", ""]
+    lines += ["## Time", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["timings"].items()]
+    lines += ["", "Loss curves: `stage1_loss.png`, `stage2_loss.png`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""``arwkv demo``: the shipped teacher is what it claims to be, and a shortened demo (the same
+code path, a few steps) writes its report; ``arwkv eval --lm-eval-task`` scores a student with
+lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from arwkv.cli import main
+from arwkv.demo import ASSETS, DemoPlan, run_demo
+
+TEACHER = ASSETS / "teacher"
+
+
+def test_the_shipped_teacher_is_a_small_genuine_qwen2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+    size = sum(f.stat().st_size for f in TEACHER.iterdir())
+    assert size <= 20 * 2**20, size
+    model = AutoModelForCausalLM.from_pretrained(TEACHER)
+    cfg = model.config
+    assert isinstance(model, Qwen2ForCausalLM) and cfg.tie_word_embeddings
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    text = "def f(x):\n    return [i ** 2 for i in range(x)]  # squares"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+    report = json.loads((TEACHER / "training_report.json").read_text())
+    assert report["teacher_heldout_ppl"] < report["unigram_heldout_ppl"] / 4
+
+
+def test_the_teacher_report_is_what_eval_measures():
+    from arwkv.evaluate import evaluate
+
+    report = json.loads((TEACHER / "training_report.json").read_text())
+    measured = evaluate(TEACHER, ASSETS / "heldout.jsonl", seq_len=256, device="cpu")
+    assert measured["predicted_tokens"] == report["heldout_tokens_predicted"]
+    assert measured["perplexity"] == pytest.approx(report["teacher_heldout_ppl"], rel=1e-3)
+
+
+def test_quick_demo_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    report = run_demo(out, DemoPlan.quick())
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["teacher_ppl"] == report["teacher_ppl"] > 1 and saved["student_ppl"] > 1
+    assert saved["ratio"] == pytest.approx(saved["student_ppl"] / saved["teacher_ppl"])
+    for name in ("report.md", "stage1_loss.png", "stage2_loss.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "Held-out perplexity" in md and f"{saved['student_ppl']:.2f}" in md
+    student_rows, teacher_rows = saved["decode"]["student"], saved["decode"]["teacher"]
+    assert student_rows[0]["cache_bytes"] == student_rows[1]["cache_bytes"]  # constant state
+    assert teacher_rows[1]["cache_bytes"] > teacher_rows[0]["cache_bytes"]  # a growing KV cache
+    assert "arwkv demo: stage 2" in capsys.readouterr().err
+    # running it again replaces the earlier demo; a directory that is not a demo's is refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "mine")]) == 1
+    assert "is not an earlier demo's output" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_lm_eval_scores_a_student(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from arwkv.convert import convert_checkpoint
+
+    student = convert_checkpoint(TEACHER, tmp_path / "student", head_size=32, dtype="fp32")
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(student),
+                "--lm-eval-task",
+                str(ASSETS / "heldout_task.yaml"),
+                "--limit",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    assert result["task"] == "arwkv_demo_heldout"
+    assert result["results"]["word_perplexity,none"] > 1
+    assert torch.isfinite(torch.tensor(result["results"]["bits_per_byte,none"]))
