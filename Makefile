@@ -10,7 +10,8 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 BENCH_ARGS ?=   # e.g. BENCH_ARGS="--json results.json --ops wkv7"
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
-                                              csrc/gpu/* arwkv_ext/*.py python/arwkv/*.py)
+                                              csrc/gpu/* arwkv_ext/*.py python/arwkv/*.py \
+                                              python/arwkv/demo_assets/* python/arwkv/demo_assets/teacher/*)
 # GPU compile checks (no GPU needed): a CUDA torch in its own venv, clang-19 for gfx942.
 CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
