@@ -58,12 +58,21 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     # running it again replaces the earlier demo; a directory that is not a demo's is refused
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "mine" / "report.json").write_text("{}")  # a report alone does not make it a demo's
     assert main(["demo", "--quick", "--out", str(tmp_path / "mine")]) == 1
     assert "is not an earlier demo's output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (out / "notes.txt").write_text("mine")  # a rerun replaces the demo's own entries only
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").is_file()
+    assert main(["demo", "--quick", "--stage1-steps", "0", "--out", str(out)]) == 1
+    assert "stage1_steps must be at least 1" in capsys.readouterr().err
+    assert (out / "report.json").is_file()  # refused before anything was removed
 
 
-def test_lm_eval_scores_a_student(tmp_path, capsys):
+def test_lm_eval_scores_a_student(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))  # not the user's cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     from arwkv.convert import convert_checkpoint
@@ -86,7 +95,7 @@ def test_lm_eval_scores_a_student(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{") :])
+    result = json.loads(out[out.index("{") :])["lm_eval"]
     assert result["task"] == "arwkv_demo_heldout"
     assert result["results"]["word_perplexity,none"] > 1
     assert torch.isfinite(torch.tensor(result["results"]["bits_per_byte,none"]))

@@ -79,14 +79,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     if not args.data and not args.lm_eval_task:
         raise ValueError("give --data (perplexity) and/or --lm-eval-task (an lm_eval task file)")
+    report = {}
     if args.data:
-        print(json.dumps(evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                  validation_fraction=args.validation_fraction, seed=args.seed,
-                                  max_tokens=args.max_tokens, device=args.device, dtype=args.dtype),
-                         indent=2))
+        report = evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                          validation_fraction=args.validation_fraction, seed=args.seed,
+                          max_tokens=args.max_tokens, device=args.device, dtype=args.dtype)
     if args.lm_eval_task:
-        print(json.dumps(lm_eval_task(args.model, args.lm_eval_task, limit=args.limit, device=args.device,
-                                      dtype=args.dtype), indent=2))
+        report["lm_eval"] = lm_eval_task(args.model, args.lm_eval_task, limit=args.limit, device=args.device,
+                                         dtype=args.dtype)
+    print(json.dumps(report, indent=2))  # one JSON object
     return 0
 
 

@@ -12,6 +12,7 @@ the loss curves.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -60,14 +61,35 @@ def _say(text: str) -> None:
     print(f"arwkv demo: {text}", file=sys.stderr, flush=True)
 
 
+MARKER = ".arwkv-demo"
+# what a demo writes into OUT (all that a rerun removes)
+OUTPUTS = (
+    "student-init",
+    "stage1",
+    "stage2",
+    "report.md",
+    "report.json",
+    "stage1_loss.png",
+    "stage2_loss.png",
+)
+
+
 def _prepare_out(out: Path) -> None:
-    """OUT may be new, empty, or an earlier demo's output (replaced); anything else is refused."""
+    """OUT may be new, empty, or an earlier demo's output (its entries are replaced, nothing
+    else is touched); anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file")
     if out.exists() and any(out.iterdir()):
-        if not (out / "report.json").is_file() and not (out / ".arwkv-demo").is_file():
+        if not (out / MARKER).is_file():
             raise FileExistsError(f"--out {out} exists and is not an earlier demo's output; choose another")
-        shutil.rmtree(out)
+        for name in OUTPUTS:
+            entry = out / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".arwkv-demo").write_text("made by arwkv demo\n")
+    (out / MARKER).write_text("made by arwkv demo\n")
 
 
 def _decode_rows(
@@ -89,9 +111,10 @@ def _decode_rows(
                 "context": context,
                 "tokens_per_s": 1.0 / seconds,
                 "ms_per_token": seconds * 1e3,
+                # measured after the timed steps: the cache then holds context + steps tokens
+                "tokens_held": context + steps,
                 "cache_bytes": cache,
-                # tokens the cache has seen: the prompt and the decoded ones
-                "cache_bytes_per_token_seen": cache / (context + steps),
+                "cache_bytes_per_token_held": cache / (context + steps),
             }
         )
     return rows
@@ -120,6 +143,17 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
 
     plan = plan or DemoPlan()
     out = Path(out)
+    for name in (
+        "stage1_steps",
+        "stage2_steps",
+        "seq_len",
+        "batch_size",
+        "eval_seq_len",
+        "decode_steps",
+        "sample_tokens",
+    ):
+        if getattr(plan, name) < 1:
+            raise ValueError(f"demo: {name} must be at least 1, got {getattr(plan, name)}")
     teacher = ASSETS / "teacher"
     if not (teacher / "config.json").is_file():
         raise FileNotFoundError(
@@ -160,6 +194,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
                 max_steps=steps,
                 lr=lr,
                 warmup_steps=max(steps // 10, 1),
+                device="cpu",  # the demo is the CPU story; its numbers compare with other CPU runs
                 **common,
             )
         )
@@ -179,6 +214,9 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         )
     }
     timings["eval_s"] = time.perf_counter() - t0
+    predicted = {name: score["predicted_tokens"] for name, score in scores.items()}
+    if len(set(predicted.values())) != 1:  # same tokenizer, same windows: the ratio compares like with like
+        raise RuntimeError(f"demo: teacher and student were scored on different token counts {predicted}")
 
     _say(f"decoding speed and cache memory at contexts {plan.contexts}; samples")
     from transformers import AutoTokenizer
@@ -202,7 +240,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         "unigram_ppl": training_report.get("unigram_heldout_ppl"),
         "init": plan.init,
         "plan": {k: v for k, v in plan.__dict__.items()},
-        "heldout_tokens": scores["teacher"]["tokens"],
+        "heldout_tokens_predicted": scores["teacher"]["predicted_tokens"],
         "final_losses": {f"stage{s}": read_metrics(out / f"stage{s}")[-1]["loss"] for s in (1, 2)},
         "decode": decode,
         "samples": samples,
@@ -210,8 +248,10 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         "seconds": time.perf_counter() - began,
         "threads": torch.get_num_threads(),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # report.md first, report.json last and atomically: a complete report.json means a finished demo
     (out / "report.md").write_text(render_report(report))
+    (out / ".report.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(out / ".report.json.tmp", out / "report.json")
     _say(
         f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'stage1_loss.png'}, "
         f"{out / 'stage2_loss.png'}"
@@ -226,11 +266,11 @@ def render_report(r: dict) -> str:
         "# arwkv demo",
         "",
         f"A Qwen2 teacher (shipped, trained on Python's own documentation) converted into an RWKV-7 student "
-        f"(`--init {r['init']}`) and distilled on this machine in {r['seconds']:.0f} s "
+        f"(`--init {r['init']}`) and distilled on this machine's CPU in {r['seconds']:.0f} s "
         f"({r['threads']} threads): stage 1 for {r['plan']['stage1_steps']} steps, stage 2 for "
         f"{r['plan']['stage2_steps']} steps.",
         "",
-        f"## Held-out perplexity ({r['heldout_tokens']} tokens)",
+        f"## Held-out perplexity ({r['heldout_tokens_predicted']} predicted tokens)",
         "",
         "| model | perplexity |",
         "|---|---|",
@@ -246,18 +286,23 @@ def render_report(r: dict) -> str:
         "",
         "## Decoding (one token at a time, after a prompt of the given length)",
         "",
-        "| model | context | tokens/s | cache | cache bytes per token seen |",
+        "| model | context | tokens/s | cache (context + decoded tokens) | bytes per token held |",
         "|---|---|---|---|---|",
     ]
     for name in ("teacher", "student"):
         for row in r["decode"][name]:
             lines.append(
                 f"| {name} | {row['context']} | {row['tokens_per_s']:.0f} | "
-                f"{row['cache_bytes'] / 1024:.1f} KiB | {row['cache_bytes_per_token_seen']:.0f} |"
+                f"{row['cache_bytes'] / 1024:.1f} KiB ({row['tokens_held']} tokens) | "
+                f"{row['cache_bytes_per_token_held']:.0f} |"
             )
+    short, long = (r["decode"][name] for name in ("student", "teacher"))
     lines += [
         "",
-        "The student's cache is the same size at every context; the teacher's grows with it.",
+        f"From context {short[0]['context']} to {short[-1]['context']}, the student's cache goes from "
+        f"{short[0]['cache_bytes'] / 1024:.1f} to {short[-1]['cache_bytes'] / 1024:.1f} KiB, "
+        "the teacher's from "
+        f"{long[0]['cache_bytes'] / 1024:.1f} to {long[-1]['cache_bytes'] / 1024:.1f} KiB.",
         "",
         "## Samples (greedy)",
         "",

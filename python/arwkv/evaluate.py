@@ -160,12 +160,29 @@ def lm_eval_task(
     path = Path(task_file)
     if not path.is_file():
         raise FileNotFoundError(f"--lm-eval-task {path} does not exist")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:  # includes !function tags, which a copied task file cannot carry
+        raise ValueError(f"--lm-eval-task {path}: not readable YAML (a self-contained task file is "
+                         f"needed: no !function or include): {str(err).splitlines()[0]}") from err
     if not isinstance(spec, dict) or "task" not in spec:
         raise ValueError(f"--lm-eval-task {path}: not an lm_eval task file (no 'task' key)")
-    files = spec.get("dataset_kwargs", {}).get("data_files")
-    if isinstance(files, dict):
-        spec["dataset_kwargs"]["data_files"] = {k: str((path.parent / v).resolve()) for k, v in files.items()}
+
+    def local(p: str) -> str:
+        return str((path.parent / p).resolve())
+
+    kwargs = spec.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files")
+    if isinstance(files, str):
+        kwargs["data_files"] = local(files)
+    elif isinstance(files, list):
+        kwargs["data_files"] = [local(f) for f in files]
+    elif isinstance(files, dict):
+        kwargs["data_files"] = {
+            k: [local(f) for f in v] if isinstance(v, list) else local(v) for k, v in files.items()
+        }
+    if kwargs:
+        spec["dataset_kwargs"] = kwargs
     dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     with tempfile.TemporaryDirectory() as include:
