@@ -159,7 +159,7 @@ def main() -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from arwkv.data import collate, pack_documents
-    from arwkv.evaluate import windows
+    from arwkv.evaluate import score_windows, windows
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -234,12 +234,7 @@ def main() -> int:
             print(f"step {step} loss {loss.item():.3f} {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for piece in windows(heldout_ids, 256):
-            ids = torch.tensor([piece])
-            nll += model(ids, labels=ids).loss.item() * (len(piece) - 1)
-            count += len(piece) - 1
+    nll, count = score_windows(model, windows(heldout_ids, 256))  # as arwkv eval scores it
     report = {
         "teacher_heldout_ppl": math.exp(nll / count),
         "unigram_heldout_ppl": unigram_perplexity(

@@ -26,6 +26,28 @@ def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
     ]
 
 
+@torch.no_grad()
+def score_windows(model, pieces: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of a causal LM over windows of token ids (each
+    from an empty context), and how many tokens it predicted. Windows of equal length are
+    batched together."""
+    device = next(model.parameters()).device
+    by_length: dict[int, list[list[int]]] = {}
+    for p in pieces:
+        by_length.setdefault(len(p), []).append(p)
+    nll, count = 0.0, 0
+    for length in sorted(by_length):
+        group = by_length[length]
+        for i in range(0, len(group), batch_size):
+            ids = torch.tensor(group[i : i + batch_size], device=device)
+            logits = model(ids, use_cache=False).logits
+            nll += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            ).item()
+            count += ids[:, 1:].numel()
+    return nll, count
+
+
 def evaluate(
     model_dir: str | Path,
     data: str | Path,
@@ -71,21 +93,8 @@ def evaluate(
         pieces = kept
     if not pieces:
         raise DataError(f"{data} gives no text to score")
-    by_length: dict[int, list[list[int]]] = {}
-    for p in pieces:
-        by_length.setdefault(len(p), []).append(p)
-    nll, count = 0.0, 0
     start = time.perf_counter()
-    with torch.no_grad():
-        for length in sorted(by_length):
-            group = by_length[length]
-            for i in range(0, len(group), batch_size):
-                ids = torch.tensor(group[i : i + batch_size], device=dev)
-                logits = model(ids, use_cache=False).logits
-                nll += F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-                ).item()
-                count += ids[:, 1:].numel()
+    nll, count = score_windows(model, pieces, batch_size)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -163,8 +172,10 @@ def lm_eval_task(
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:  # includes !function tags, which a copied task file cannot carry
-        raise ValueError(f"--lm-eval-task {path}: not readable YAML (a self-contained task file is "
-                         f"needed: no !function or include): {str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"--lm-eval-task {path}: not readable YAML (a self-contained task file is "
+            f"needed: no !function or include): {str(err).splitlines()[0]}"
+        ) from err
     if not isinstance(spec, dict) or "task" not in spec:
         raise ValueError(f"--lm-eval-task {path}: not an lm_eval task file (no 'task' key)")
 
