@@ -14,10 +14,12 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # ShareGPT-style speaker names -> chat-template roles
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -128,9 +130,9 @@ def tokenize_documents(records: Iterator[dict], tokenizer, append_eos: bool = Tr
     return docs
 
 
-def split_documents(docs: Sequence[list[int]], validation_fraction: float,
-                    seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """A deterministic split by whole documents (train, validation)."""
+def split_documents(docs: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A deterministic split by whole documents (train, validation); documents may be token
+    lists or anything else (SFT examples), in their order."""
     if not 0 <= validation_fraction < 1:
         raise DataError(f"validation fraction {validation_fraction} is not in [0, 1)")
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()

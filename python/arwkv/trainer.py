@@ -113,16 +113,13 @@ def load_rows(cfg: DistillConfig, tokenizer) -> tuple[list, list]:
     records = list(iter_records(cfg.data))
     if cfg.stage == 3:
         examples = [sft_example(r, tokenizer) for r in records]
-        order = list(range(len(examples)))
-        train_idx, val_idx = split_documents([[i] for i in order], cfg.validation_fraction, cfg.seed)
 
-        def pack(idx: list[list[int]]) -> list:
-            picked = [examples[i[0]] for i in idx]
+        def pack(part: list[tuple[list[int], list[int]]]) -> list:
             return pack_documents(
-                [e[0] for e in picked], cfg.seq_len, cfg.seed, labels=[e[1] for e in picked]
+                [ids for ids, _ in part], cfg.seq_len, cfg.seed, labels=[lab for _, lab in part]
             )
 
-        train, val = pack(train_idx), pack(val_idx)
+        train, val = (pack(part) for part in split_documents(examples, cfg.validation_fraction, cfg.seed))
     else:
         docs = tokenize_documents(iter(records), tokenizer)
         train_docs, val_docs = split_documents(docs, cfg.validation_fraction, cfg.seed)
@@ -291,6 +288,13 @@ def _wrap(module: nn.Module, cfg: DistillConfig, place: Place) -> nn.Module:
     )
 
 
+def _shard_layers(student: RwkvHybridForCausalLM, cfg: DistillConfig, place: Place) -> None:
+    """FSDP2 shards each decoder layer on its own (then the root), so one layer is gathered at a time."""
+    if cfg.strategy == "fsdp" and place.world > 1:
+        for layer in student.model.layers:
+            _wrap(layer, cfg, place)
+
+
 class AlignmentStage(Stage):
     """Stage 1: AttentionAligner, with each time mixer wrapped on its own (it is called on its own)."""
 
@@ -325,9 +329,7 @@ class LogitStage(Stage):
     def __init__(
         self, cfg: DistillConfig, teacher: nn.Module, student: RwkvHybridForCausalLM, place: Place
     ) -> None:
-        if cfg.strategy == "fsdp" and place.world > 1:
-            for layer in student.model.layers:
-                _wrap(layer, cfg, place)
+        _shard_layers(student, cfg, place)
         self.teacher = teacher
         self.objective = _wrap(
             LogitDistillation(student, cfg.temperature, cfg.ce_weight, cfg.kl_chunk), cfg, place
@@ -361,9 +363,7 @@ class SftStage(Stage):
         return int((batch["labels"].reshape(-1)[1:] != -100).sum())
 
     def __init__(self, cfg: DistillConfig, student: RwkvHybridForCausalLM, place: Place) -> None:
-        if cfg.strategy == "fsdp" and place.world > 1:
-            for layer in student.model.layers:
-                _wrap(layer, cfg, place)
+        _shard_layers(student, cfg, place)
         self.model = _wrap(student, cfg, place)
         self.roots = [self.model] if place.world > 1 else []
 
