@@ -92,16 +92,18 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by arwkv demo\n")
 
 
-def _decode_rows(
-    model_dir: Path, heldout_ids: list[int], contexts: tuple[int, ...], steps: int
-) -> list[dict]:
-    from transformers import AutoModelForCausalLM
+def _load(model_dir: Path):
+    """A checkpoint (teacher or student) and its tokenizer, float32, for decoding on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def _decode_rows(model, heldout_ids: list[int], contexts: tuple[int, ...], steps: int) -> list[dict]:
     from .evaluate import decoding_speed
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=torch.float32
-    ).eval()
     rows = []
     for context in contexts:
         prompt = torch.tensor([(heldout_ids * (context // max(len(heldout_ids), 1) + 1))[:context]])
@@ -120,13 +122,7 @@ def _decode_rows(
     return rows
 
 
-def _sample(model_dir: Path, tokens: int) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=torch.float32
-    ).eval()
+def _sample(model, tokenizer, tokens: int) -> str:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -219,18 +215,13 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         raise RuntimeError(f"demo: teacher and student were scored on different token counts {predicted}")
 
     _say(f"decoding speed and cache memory at contexts {plan.contexts}; samples")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
     text = json.loads((ASSETS / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    decode = {
-        name: _decode_rows(path, ids, plan.contexts, plan.decode_steps)
-        for name, path in (("teacher", teacher), ("student", student))
-    }
-    samples = {
-        name: _sample(path, plan.sample_tokens) for name, path in (("teacher", teacher), ("student", student))
-    }
+    decode, samples = {}, {}
+    for name, path in (("teacher", teacher), ("student", student)):
+        model, tokenizer = _load(path)  # the same tokenizer for both (the student's is the teacher's copy)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        decode[name] = _decode_rows(model, ids, plan.contexts, plan.decode_steps)
+        samples[name] = _sample(model, tokenizer, plan.sample_tokens)
     training_report = json.loads((teacher / "training_report.json").read_text())
     report = {
         "teacher_ppl": scores["teacher"]["perplexity"],
