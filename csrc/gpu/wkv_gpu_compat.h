@@ -1,11 +1,15 @@
 // The one place where CUDA and HIP differ for the WKV kernels: runtime header, stream type,
-// lane shuffles and 16-bit float conversions. Everything else is written once, in CUDA spelling.
-// No ATen here: the kernel files compile standalone (nvcc, or clang -x hip for gfx942).
+// launch, lane shuffles and 16-bit float conversions. Everything else is written once, in CUDA
+// spelling. No ATen here: the kernel files compile standalone (nvcc, or clang -x hip for gfx942),
+// and, with ARWKV_GPU_EMULATION, as plain C++ on a CPU for the C++ tests (tests/cpp/gpu_emulator.h;
+// ARWKV_HIP defined beside it picks the HIP tiles and 64-lane waves).
 #pragma once
 
 #include <stdint.h>
 
-#if defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM) || defined(__HIPCC__)
+#if defined(ARWKV_GPU_EMULATION)
+#include "gpu_emulator.h"
+#elif defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM) || defined(__HIPCC__)
 #define ARWKV_HIP 1
 #include <hip/hip_runtime.h>
 #else
@@ -18,16 +22,28 @@
 namespace arwkv {
 namespace gpu {
 
-#if defined(ARWKV_HIP)
+#if defined(ARWKV_GPU_EMULATION)
+using gpuError_t = const char*;  // null: no error
+using gpuStream = void*;
+inline gpuError_t gpu_last_error() { return gpu_emu::take_error(); }
+inline bool gpu_ok(gpuError_t e) { return e == nullptr; }
+inline const char* gpu_error_string(gpuError_t e) { return e; }
+#define ARWKV_LAUNCH(kernel, grid, block, stream, ...) gpu_emu::launch(kernel, grid, block, __VA_ARGS__)
+#elif defined(ARWKV_HIP)
 using gpuError_t = hipError_t;
+using gpuStream = hipStream_t;
 inline gpuError_t gpu_last_error() { return hipGetLastError(); }
 inline bool gpu_ok(gpuError_t e) { return e == hipSuccess; }
 inline const char* gpu_error_string(gpuError_t e) { return hipGetErrorString(e); }
 #else
 using gpuError_t = cudaError_t;
+using gpuStream = cudaStream_t;
 inline gpuError_t gpu_last_error() { return cudaGetLastError(); }
 inline bool gpu_ok(gpuError_t e) { return e == cudaSuccess; }
 inline const char* gpu_error_string(gpuError_t e) { return cudaGetErrorString(e); }
+#endif
+#if !defined(ARWKV_GPU_EMULATION)
+#define ARWKV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #endif
 
 // Butterfly sum over groups of `width` adjacent lanes (width a power of two, at most 32), so it

@@ -458,16 +458,11 @@ inline const char* launch_status() {
   return gpu_ok(e) ? nullptr : gpu_error_string(e);
 }
 
-#if defined(ARWKV_HIP)
-using gpuStream = hipStream_t;
-#else
-using gpuStream = cudaStream_t;
-#endif
-
 template <class T, int V, class Tile, int MODE>
 void launch_rows_tile(const WkvParams& p) {
   const dim3 grid(unsigned(Tile::N / Tile::ROWS), unsigned(p.H), unsigned(p.num_seqs));
-  wkv_rows_kernel<T, V, Tile, MODE><<<grid, Tile::THREADS, 0, static_cast<gpuStream>(p.stream)>>>(p);
+  const auto kernel = wkv_rows_kernel<T, V, Tile, MODE>;
+  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(p.stream), p);
 }
 
 template <class T, int V, int N, int MODE>
@@ -487,7 +482,8 @@ template <class T, int V, int N>
 void launch_columns(const WkvParams& p) {
   using Tile = ColTile<N>;
   const dim3 grid(unsigned(N / Tile::COLS), unsigned(p.H), unsigned(p.num_seqs));
-  wkv_columns_kernel<T, V, N><<<grid, Tile::THREADS, 0, static_cast<gpuStream>(p.stream)>>>(p);
+  const auto kernel = wkv_columns_kernel<T, V, N>;
+  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(p.stream), p);
 }
 
 template <class T, int V, int N>

@@ -1,0 +1,315 @@
+// A CPU stand-in for the small part of the CUDA / HIP runtime the WKV kernels use, so that the
+// C++ tests run the GPU kernel source itself (csrc/gpu/wkv_gpu_kernels.cuh) on a machine with
+// no GPU. Included by wkv_gpu_compat.h when ARWKV_GPU_EMULATION is defined; never part of the
+// Python package.
+//
+// Every thread of a block is a fiber on one OS thread; blocks run one after another,
+// so `__shared__` is a function-local static. A fiber runs until it reaches __syncthreads() or
+// a lane shuffle, then the next one runs. What it checks that a real GPU would not report:
+//  - a barrier that not every thread of the block reaches (or a shuffle that not every lane of
+//    the warp takes part in) is a deadlock here: the launch fails with a message;
+//  - the order in which threads run between two barriers is forward, reverse or shuffled
+//    (set_schedule; shuffled also lets warps drift apart), so a missing barrier shows up as
+//    results that depend on the order.
+// Warp width: 32 (CUDA), or 64 when ARWKV_HIP is defined (the kernels then pick their HIP tiles).
+#pragma once
+
+#include <math.h>  // expf, fmaf in the global namespace, as in device code
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- CUDA spellings -------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// 16-bit floats, both spellings: CUDA's __half helpers and HIP's _Float16.
+using __half = _Float16;
+inline float __half2float(__half x) { return float(x); }
+inline __half __float2half_rn(float x) { return __half(x); }
+inline __half __ushort_as_half(uint16_t u) { return __builtin_bit_cast(__half, u); }
+inline uint16_t __half_as_ushort(__half x) { return __builtin_bit_cast(uint16_t, x); }
+
+namespace gpu_emu {
+
+#if defined(ARWKV_HIP)
+constexpr unsigned kWarp = 64;
+#else
+constexpr unsigned kWarp = 32;
+#endif
+
+// Fiber switching. On x86-64 a few instructions: swapcontext would also save the signal mask
+// with a system call on every switch, and the kernels switch at every shuffle (~10^8 times
+// in the test), which made the test several times slower.
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void arwkv_emu_switch(void** save_sp, void* load_sp);
+// Saves the callee-saved registers on the current stack, stores its pointer in *save_sp, and
+// continues on the stack load_sp with the registers saved there. (The SSE/x87 control words
+// are the same in every fiber, so they need no saving.)
+asm(R"(
+  .text
+  .p2align 4
+arwkv_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+)");
+inline void switch_context(Context& from, Context& to) { arwkv_emu_switch(&from.sp, to.sp); }
+// A stack whose first switch "returns" into entry, aligned as if entry had been called.
+inline void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top) - 8;  // 6 registers, entry, a slot for entry's "return"
+  for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+  sp[6] = reinterpret_cast<void*>(entry);
+  sp[7] = nullptr;
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+enum class Schedule { forward, reverse, shuffled };
+enum class Wait { none, warp, block, done };
+
+struct Fiber {
+  Context context;
+  Wait wait = Wait::none;
+};
+
+// State of the block being run (one at a time).
+struct Runtime {
+  std::vector<Fiber> fibers;
+  std::vector<std::vector<char>> stacks;
+  std::vector<float> exchange;  // one slot per thread, for shuffles
+  std::vector<int> order;
+  std::vector<char> held;  // warps held back this round
+  Context scheduler;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  Schedule schedule = Schedule::forward;
+  std::mt19937 random{12345};
+  std::string error;  // the first launch failure, reported by last_error()
+  int64_t switches = 0;
+};
+inline Runtime& runtime() {
+  static Runtime r;
+  return r;
+}
+
+inline void set_schedule(Schedule s) { runtime().schedule = s; }
+
+}  // namespace gpu_emu
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace gpu_emu {
+
+inline Fiber& current() { return runtime().fibers[threadIdx.x]; }
+
+inline void wait(Wait why) {
+  Runtime& rt = runtime();
+  Fiber& f = current();
+  f.wait = why;
+  ++rt.switches;
+  switch_context(f.context, rt.scheduler);
+}
+
+[[noreturn]] inline void fiber_entry() {
+  Runtime& rt = runtime();
+  rt.body(rt.body_arg);
+  Fiber& f = current();
+  f.wait = Wait::done;
+  switch_context(f.context, rt.scheduler);  // never resumed
+  std::abort();
+}
+
+// Lane `threadIdx.x ^ mask` of the same warp; every lane of the warp must call it.
+inline float shuffle_xor(float x, unsigned mask) {
+  Runtime& rt = runtime();
+  const unsigned t = threadIdx.x, lane = t % kWarp;
+  if ((lane ^ mask) >= kWarp) {
+    rt.error = "shuffle mask " + std::to_string(mask) + " leaves the warp";
+    std::fprintf(stderr, "gpu emulator: %s\n", rt.error.c_str());
+    std::abort();
+  }
+  rt.exchange[t] = x;
+  wait(Wait::warp);  // every lane has written
+  const float y = rt.exchange[t ^ mask];
+  wait(Wait::warp);  // every lane has read before anyone writes again
+  return y;
+}
+
+// Runs one block of `threads` fibers to completion; returns false (with runtime().error) on a
+// deadlock: threads waiting on a barrier that the others never reach.
+inline bool run_block(unsigned threads) {
+  Runtime& rt = runtime();
+  constexpr size_t kStack = 256 * 1024;
+  if (rt.stacks.size() < threads) rt.stacks.resize(threads, std::vector<char>(kStack));
+  rt.fibers.assign(threads, Fiber{});
+  rt.exchange.assign(threads, 0.f);
+  rt.order.resize(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = rt.fibers[t];
+    make_context(f.context, rt.stacks[t].data(), kStack, fiber_entry);
+  }
+  for (;;) {
+    for (unsigned t = 0; t < threads; ++t) rt.order[t] = int(t);
+    if (rt.schedule == Schedule::reverse) std::reverse(rt.order.begin(), rt.order.end());
+    if (rt.schedule == Schedule::shuffled) std::shuffle(rt.order.begin(), rt.order.end(), rt.random);
+    // Shuffled: besides the order, each round holds back a random half of the warps, so warps
+    // drift apart as they may on a GPU (where only a barrier keeps them together).
+    std::vector<char>& held = rt.held;
+    held.assign((threads + kWarp - 1) / kWarp, 0);
+    if (rt.schedule == Schedule::shuffled) {
+      bool any_runs = false;
+      for (unsigned t = 0; t < threads; t += kWarp) {
+        held[t / kWarp] = rt.random() % 2;
+        for (unsigned l = t; l < std::min(threads, t + kWarp); ++l)
+          any_runs = any_runs || (!held[t / kWarp] && rt.fibers[l].wait == Wait::none);
+      }
+      if (!any_runs) held.assign(held.size(), 0);
+    }
+    for (int t : rt.order) {
+      if (rt.fibers[t].wait != Wait::none || held[t / kWarp]) continue;
+      threadIdx = dim3(unsigned(t));
+      switch_context(rt.scheduler, rt.fibers[t].context);
+    }
+    // Release the barriers every participant has reached.
+    unsigned done = 0, at_block = 0;
+    for (unsigned w0 = 0; w0 < threads; w0 += kWarp) {
+      const unsigned w1 = std::min(threads, w0 + kWarp);
+      bool all_at_warp = true;
+      for (unsigned t = w0; t < w1; ++t) {
+        const Wait x = rt.fibers[t].wait;
+        done += x == Wait::done, at_block += x == Wait::block;
+        all_at_warp = all_at_warp && x == Wait::warp;
+      }
+      if (all_at_warp)
+        for (unsigned t = w0; t < w1; ++t) rt.fibers[t].wait = Wait::none;
+    }
+    if (done == threads) return true;
+    if (at_block == threads)
+      for (auto& f : rt.fibers) f.wait = Wait::none;
+    bool runnable = false;
+    for (auto& f : rt.fibers) runnable = runnable || f.wait == Wait::none;
+    if (!runnable) {
+      rt.error = "deadlock in block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) +
+                 ", " + std::to_string(blockIdx.z) + "): " + std::to_string(done) + " of " +
+                 std::to_string(threads) + " threads exited, " + std::to_string(at_block) +
+                 " wait at __syncthreads, the rest at a shuffle";
+      return false;
+    }
+  }
+}
+
+// kernel<<<grid, block>>>(args...): every block in turn, its threads as fibers.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+  Runtime& rt = runtime();
+  if (!rt.error.empty()) return;
+  if (block.y != 1 || block.z != 1) {
+    rt.error = "the emulator runs 1-D blocks only";
+    return;
+  }
+  struct Call {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Args>...> args;
+  } call{kernel, std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)};
+  rt.body = [](void* c) {
+    auto* k = static_cast<Call*>(c);
+    std::apply(k->kernel, k->args);
+  };
+  rt.body_arg = &call;
+  gridDim = grid, blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        if (!run_block(block.x)) return;
+      }
+}
+
+// The launch error since the last call (null when none), cleared like cudaGetLastError.
+inline const char* take_error() {
+  static std::string taken;
+  Runtime& rt = runtime();
+  if (rt.error.empty()) return nullptr;
+  taken = rt.error;
+  rt.error.clear();
+  return taken.c_str();
+}
+
+}  // namespace gpu_emu
+
+// Shuffles in both spellings (the compat header uses one or the other).
+inline float __shfl_xor_sync(unsigned mask, float x, int lane_mask) {
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "gpu emulator: partial-warp shuffle masks are not emulated\n");
+    std::abort();
+  }
+  return gpu_emu::shuffle_xor(x, unsigned(lane_mask));
+}
+inline float __shfl_xor(float x, int lane_mask) { return gpu_emu::shuffle_xor(x, unsigned(lane_mask)); }
+inline void __syncthreads() { gpu_emu::wait(gpu_emu::Wait::block); }
