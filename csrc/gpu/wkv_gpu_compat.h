@@ -46,18 +46,21 @@ inline const char* gpu_error_string(gpuError_t e) { return cudaGetErrorString(e)
 #define ARWKV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #endif
 
+// The value of lane (this lane ^ offset) of the same warp / wave; every lane must take part.
+__device__ __forceinline__ float lane_xor(float x, int offset) {
+#if defined(ARWKV_HIP)
+  return __shfl_xor(x, offset);  // width defaults to the whole wave
+#else
+  return __shfl_xor_sync(0xffffffffu, x, offset);
+#endif
+}
+
 // Butterfly sum over groups of `width` adjacent lanes (width a power of two, at most 32), so it
 // means the same on 32-lane warps and 64-lane waves. Every lane of the wave must take part.
 template <int width>
 __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-#if defined(ARWKV_HIP)
-    x += __shfl_xor(x, offset);  // width defaults to the whole wave; xor stays inside the group
-#else
-    x += __shfl_xor_sync(0xffffffffu, x, offset);
-#endif
-  }
+  for (int offset = width / 2; offset > 0; offset /= 2) x += lane_xor(x, offset);  // stays in the group
   return x;
 }
 

@@ -285,9 +285,52 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
   }
 }
 
+// Sums of NV values over groups of G adjacent lanes (NV <= G, both powers of two) with log2(G)
+// + NV - 1 shuffles instead of NV * log2(G): each halving step sends the half of the values the
+// partner lane keeps. Returns, on every lane, the sum of v[(lane % G) / (G / NV)]; the lanes with
+// lane % (G / NV) == 0 are one owner of each sum.
+// Bits of a where mask is set, of b elsewhere.
+__device__ __forceinline__ float select_bits(uint32_t mask, float a, float b) {
+  return __uint_as_float((__float_as_uint(a) & mask) | (__float_as_uint(b) & ~mask));
+}
+
+// Pointer q of four (q in 0..3), chosen with bitwise selects rather than lane masks.
+__device__ __forceinline__ void* select_ptr(int q, void* p0, void* p1, void* p2, void* p3) {
+  auto pick = [](uint32_t mask, uint64_t a, uint64_t b) {
+    return (a & (uint64_t(mask) * 0x100000001ull)) | (b & ~(uint64_t(mask) * 0x100000001ull));
+  };
+  const uint32_t odd = 0u - uint32_t(q & 1), high = 0u - uint32_t((q >> 1) & 1);
+  const uint64_t low_pair = pick(odd, uint64_t(p1), uint64_t(p0));
+  const uint64_t high_pair = pick(odd, uint64_t(p3), uint64_t(p2));
+  return reinterpret_cast<void*>(pick(high, high_pair, low_pair));
+}
+
+template <int G, int NV>
+__device__ __forceinline__ float group_sums_scattered(const float (&v)[NV], int lane) {
+  static_assert(NV >= 1 && NV <= G && (NV & (NV - 1)) == 0, "NV: a power of two, at most G");
+  float x[NV];
+#pragma unroll
+  for (int q = 0; q < NV; ++q) x[q] = v[q];
+#pragma unroll
+  for (int n = NV; n > 1; n /= 2) {  // n values left; partner at offset G * n / (2 * NV)
+    const int offset = G * n / (2 * NV);
+    // all ones where this lane keeps the upper half: a bitwise select, so the choice stays in a
+    // vector register (as lane masks, the unrolled loops' choices spill scalar registers on gfx942)
+    const uint32_t upper = 0u - uint32_t((lane & offset) != 0);
+#pragma unroll
+    for (int q = 0; q < n / 2; ++q) {
+      const float keep = select_bits(upper, x[q + n / 2], x[q]), send = select_bits(upper, x[q], x[q + n / 2]);
+      x[q] = keep + lane_xor(send, offset);
+    }
+  }
+  return group_sum<G / NV>(x[0]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Columns kernel (backward step 3): a thread holds RR rows of one key column j, G adjacent
 // lanes cover all N rows of the column, a block covers COLS columns of one (sequence, head).
+// A thread's rows are RR/4 groups of 4 interleaved across the G lanes (row(e) below), so the
+// lanes of a column read consecutive float4 of the staged row vectors: no bank conflicts.
 template <int N_>
 struct ColTile {
   static constexpr int N = N_;
@@ -313,17 +356,23 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
 
   const int gl = threadIdx.x % G, col_local = threadIdx.x / G;
   const int col0 = blockIdx.x * COLS, j = col0 + col_local;
-  const int i0 = gl * RR;  // first of this thread's rows
+  // this thread's e-th row
+  auto row = [gl](int e) { return ((e / 4) * G + gl) * 4 + e % 4; };
   const int h = blockIdx.y, s = blockIdx.z;
   const int64_t H = p.H;
   const Segment g = segment_of(p, s);
 
-  float dS[RR];  // dLoss/dS[i0 + e, j], walking backwards in time
+  float dS[RR];  // dLoss/dS[row(e), j], walking backwards in time
 #pragma unroll
   for (int e = 0; e < RR; ++e)
-    dS[e] = p.grad_state ? p.grad_state[((int64_t(s) * H + h) * N + i0 + e) * N + j] : 0.f;
+    dS[e] = p.grad_state ? p.grad_state[((int64_t(s) * H + h) * N + row(e)) * N + j] : 0.f;
   const float uj = V == 6 ? load<T>(p.u, int64_t(h) * N + j) : 0.f;
   float du = 0.f;
+  // The gradient whose column sums this lane stores in the walk back (chosen once, by bitwise
+  // selects: per-step branches or lane masks cost scalar registers and instructions on gfx942).
+  void* const own_grad = V == 7 ? select_ptr(gl / (G / 4), p.grad_k, p.grad_b, p.grad_w, p.grad_a)
+                                : select_ptr(gl / (G / 2), p.grad_k, p.grad_w, nullptr, nullptr);
+  const uint32_t k_lane = 0u - uint32_t(gl < G / 2);  // WKV-6: this lane's sum is grad_k's
 
   const int num_chunks = (g.len + kChunk - 1) / kChunk;
   for (int c = num_chunks - 1; c >= 0; --c) {
@@ -352,15 +401,15 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
     }
     __syncthreads();
 
-    // Recompute the chunk: prev[st] = S_{t-1}[i0.., j] for each step t = c0 + st; along the
+    // Recompute the chunk: prev[st][e] = S_{t-1}[row(e), j] for each step t = c0 + st; along the
     // way, grad_r (it needs S_t for WKV-7, S_{t-1} for WKV-6, never dS).
     float prev[kChunk][RR];
     float gyv[kChunk];  // WKV-6: grad_y_t . v_t
     float S[RR];
-    const float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N + int64_t(j) * N + i0;
+    const float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N + int64_t(j) * N;
 #pragma unroll
     for (int e = 0; e < RR; e += 4) {
-      const float4 x = *reinterpret_cast<const float4*>(snap + e);
+      const float4 x = *reinterpret_cast<const float4*>(snap + row(e));
       S[e] = x.x, S[e + 1] = x.y, S[e + 2] = x.z, S[e + 3] = x.w;
     }
 #pragma unroll
@@ -375,8 +424,8 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
 #pragma unroll
         for (int e = 0; e < RR; ++e) {
           prev[st][e] = S[e];
-          S[e] = fmaf(S[e], d, fmaf(rsa[st][i0 + e], bj, rv[st][i0 + e] * kj));
-          dr = fmaf(S[e], rgy[st][i0 + e], dr);
+          S[e] = fmaf(S[e], d, fmaf(rsa[st][row(e)], bj, rv[st][row(e)] * kj));
+          dr = fmaf(S[e], rgy[st][row(e)], dr);
         }
         dr = group_sum<G>(dr);
       } else {
@@ -384,9 +433,9 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
 #pragma unroll
         for (int e = 0; e < RR; ++e) {
           prev[st][e] = S[e];
-          dr = fmaf(S[e], rgy[st][i0 + e], dr);
-          gv = fmaf(rgy[st][i0 + e], rv[st][i0 + e], gv);
-          S[e] = fmaf(S[e], d, rv[st][i0 + e] * kj);
+          dr = fmaf(S[e], rgy[st][row(e)], dr);
+          gv = fmaf(rgy[st][row(e)], rv[st][row(e)], gv);
+          S[e] = fmaf(S[e], d, rv[st][row(e)] * kj);
         }
         dr = group_sum<G>(dr);
         gv = group_sum<G>(gv);
@@ -409,23 +458,17 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
         float dk = 0.f, db = 0.f, dw = 0.f, da = 0.f;
 #pragma unroll
         for (int e = 0; e < RR; ++e) {
-          const float ds = fmaf(rgy[st][i0 + e], rj, dS[e]);
-          dk = fmaf(ds, rv[st][i0 + e], dk);
-          db = fmaf(ds, rsa[st][i0 + e], db);
+          const float ds = fmaf(rgy[st][row(e)], rj, dS[e]);
+          dk = fmaf(ds, rv[st][row(e)], dk);
+          db = fmaf(ds, rsa[st][row(e)], db);
           dw = fmaf(ds, prev[st][e], dw);
-          da = fmaf(prev[st][e], rdsa[st][i0 + e], da);
-          dS[e] = fmaf(ds, d, rdsa[st][i0 + e] * aj);
+          da = fmaf(prev[st][e], rdsa[st][row(e)], da);
+          dS[e] = fmaf(ds, d, rdsa[st][row(e)] * aj);
         }
-        dk = group_sum<G>(dk);
-        db = group_sum<G>(db);
-        dw = group_sum<G>(dw);
-        da = group_sum<G>(da);
-        if (gl == 0) {
-          store<T>(p.grad_k, out, dk);
-          store<T>(p.grad_b, out, db);
-          store<T>(p.grad_w, out, dw * d);
-          store<T>(p.grad_a, out, da);
-        }
+        // the four column sums at once: lane q * G / 4 holds sum q, and stores it to own_grad
+        const float sums[4] = {dk, db, dw * d, da};
+        const float total = group_sums_scattered<G, 4>(sums, gl);
+        if (gl % (G / 4) == 0) store<T>(own_grad, out, total);
       } else {
         // dS is for S_t (y_t reads S_{t-1}): grad_k = dS^T v + u r (gy . v);
         // grad_w = d * sum dS S_{t-1}; then dS (for S_{t-1}) = dS diag(d) + gy r^T
@@ -433,17 +476,16 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
         float dk = 0.f, dw = 0.f;
 #pragma unroll
         for (int e = 0; e < RR; ++e) {
-          dk = fmaf(dS[e], rv[st][i0 + e], dk);
+          dk = fmaf(dS[e], rv[st][row(e)], dk);
           dw = fmaf(dS[e], prev[st][e], dw);
-          dS[e] = fmaf(dS[e], d, rgy[st][i0 + e] * rj);
+          dS[e] = fmaf(dS[e], d, rgy[st][row(e)] * rj);
         }
-        dk = group_sum<G>(dk);
-        dw = group_sum<G>(dw);
+        // both column sums at once: lane 0 holds grad_k's (the bonus term still to add), lane
+        // G/2 grad_w's; each stores its own to own_grad
+        const float sums[2] = {dk, dw * d};
+        const float total = group_sums_scattered<G, 2>(sums, gl);
         du = fmaf(rj * kj, gyv[st], du);
-        if (gl == 0) {
-          store<T>(p.grad_k, out, fmaf(uj * rj, gyv[st], dk));
-          store<T>(p.grad_w, out, dw * d);
-        }
+        if (gl % (G / 2) == 0) store<T>(own_grad, out, select_bits(k_lane, fmaf(uj * rj, gyv[st], total), total));
       }
     }
   }
