@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check in one call, for a bare GPU machine (CUDA torch, nvcc; no internet):
-#   builds arwkv in place for the GPU at hand, runs the GPU tests, the decode-launch check and
-#   `bench_wkv.py --device cuda` (with flash-linear-attention when importable: carry its wheel,
-#   fla-core, in .whl/), and writes every log and table to $OUT (default benchmarks/results/gpu).
+#   builds arwkv in place for the GPU at hand, times each kernel of one forward and backward
+#   (gpu_kernel_times.py), runs `bench_wkv.py --device cuda` (with flash-linear-attention when
+#   importable: carry its wheel, fla-core, in .whl/), the GPU tests and the decode-launch check,
+#   and writes every log and table to $OUT (default benchmarks/results/gpu). The order puts the
+#   numbers first: a 15-minute device budget may end during the (long) test grid.
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 #   bash benchmarks/gpu_check.sh            # everything
@@ -10,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
-STAGES=${STAGES:-"build tests decode bench"}
+STAGES=${STAGES:-"build kernels bench tests decode"}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -41,6 +43,19 @@ if has build; then
     tail -60 "$OUT/build.log"; exit 1
   fi
   $PY tools/ptxas_table.py "$OUT/build.log" --out "$OUT/ptxas.txt" | tail -3
+fi
+
+if has kernels; then
+  echo "== time per kernel (forward, backward)"
+  timeout ${KERNELS_TIMEOUT:-120} $PY benchmarks/gpu_kernel_times.py > "$OUT/kernel-times.txt" 2>&1 || status=1
+  grep -v USDT "$OUT/kernel-times.txt"
+fi
+
+if has bench; then
+  echo "== benchmark"
+  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/bench_wkv.py --device cuda --json "$OUT/bench.json" \
+    > "$OUT/bench.txt" 2>&1 || status=1
+  cat "$OUT/bench.txt"
 fi
 
 if has tests; then
@@ -75,12 +90,5 @@ for op, fn in (("wkv7", arwkv_ext.wkv7), ("wkv6", arwkv_ext.wkv6)):
         print(f"{op} T=1 B={B} H={H} N={N}: {len(kernels)} kernel launch(es) {kernels}; {us:.1f} us per call")
 PYEOF
   cat "$OUT/decode.txt"
-fi
-
-if has bench; then
-  echo "== benchmark"
-  timeout ${BENCH_TIMEOUT:-300} $PY benchmarks/bench_wkv.py --device cuda --json "$OUT/bench.json" \
-    > "$OUT/bench.txt" 2>&1 || status=1
-  cat "$OUT/bench.txt"
 fi
 exit $status

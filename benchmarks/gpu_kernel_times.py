@@ -1,0 +1,95 @@
+"""Device time of each kernel launched by one forward and one backward of the WKV ops, from the
+torch profiler: which of the backward's three passes (rows "snapshots", rows "state-grad",
+columns) costs what, before anyone tunes them (benchmarks/gpu_notes.md).
+
+    python benchmarks/gpu_kernel_times.py                       # the issue's two shapes, bf16
+    python benchmarks/gpu_kernel_times.py --shape 8,4096,64,64 --op wkv6
+
+On a CPU it lists the ops' CPU time instead (a smoke test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import arwkv_ext  # noqa: F401  (registers torch.ops.arwkv)
+from arwkv_ext.testing import make_inputs
+
+ROW_MODES = {"0": "rows forward", "1": "rows snapshots", "2": "rows state-grad"}
+
+
+def short_name(kernel: str) -> str:
+    """'void arwkv::gpu::wkv_rows_kernel<arwkv::gpu::Bf16, 7, arwkv::gpu::RowTile<64, 16, 128>, 1>(...)'
+    -> 'rows snapshots <64,16,128>'; other kernels keep their first 60 characters."""
+    m = re.search(r"wkv_rows_kernel<[^,]+, \d+, [\w:]*RowTile<(\d+), (\d+), (\d+)>, (\d)>", kernel)
+    if m:
+        return f"{ROW_MODES[m.group(4)]} <{m.group(1)},{m.group(2)},{m.group(3)}>"
+    m = re.search(r"wkv_columns_kernel<[^,]+, \d+, (\d+)>", kernel)
+    if m:
+        return f"columns <{m.group(1)}>"
+    return kernel[:60]
+
+
+def kernel_times(fn: Callable[[], object], device: str, repeat: int) -> dict[str, float]:
+    """Milliseconds per call of fn spent in each kernel (on a CPU: in each op)."""
+    for _ in range(2):  # warm-up
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(repeat):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if device == "cuda" and e.device_type == torch.autograd.DeviceType.CUDA:
+            times[short_name(e.name)] += e.device_time_total / 1e3 / repeat
+        elif device != "cuda" and e.name.startswith("arwkv::"):
+            times[e.name] += e.cpu_time_total / 1e3 / repeat
+    return dict(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", action="append", help="B,T,H,N (repeatable); default: the issue's two")
+    ap.add_argument("--op", choices=["wkv7", "wkv6", "both"], default="both")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape or ["8,4096,64,64", "1,32768,32,128"]]
+    if any(len(s) != 4 for s in shapes):
+        ap.error("--shape takes B,T,H,N")
+    dtype = getattr(torch, args.dtype)
+    ops = ["wkv7", "wkv6"] if args.op == "both" else [args.op]
+    for op in ops:
+        forward = getattr(torch.ops.arwkv, op)
+        backward = getattr(torch.ops.arwkv, op + "_backward")
+        for B, T, H, N in shapes:
+            xs = make_inputs(op, B, T, H, N, dtype=dtype, device=args.device)
+            state = torch.zeros(B, H, N, N, device=args.device)
+            gy = torch.randn(B, T, H, N, device=args.device).to(dtype)
+            gs = torch.randn(B, H, N, N, device=args.device)
+            print(f"== {op} B={B} T={T} H={H} N={N} {args.dtype} ({args.device}), ms per call")
+            for label, fn in (("forward", partial(forward, *xs, state, None)),
+                              ("backward", partial(backward, *xs, state, None, gy, gs))):
+                times = kernel_times(fn, args.device, args.repeat)
+                total = sum(times.values())
+                print(f"  {label}: {total:.3f} ms in all")
+                for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+                    print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}")
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
