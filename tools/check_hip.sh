@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the GPU kernels for AMD MI300X (gfx942) on a machine without ROCm or a GPU:
 # clang-19 compiles every kernel file device-side against Debian's HIP headers and ROCm device
-# libraries, then tools/hip_resource_table.py prints one row per kernel and checks the goals.
+# libraries (and its host side for syntax), then tools/hip_resource_table.py prints one row per
+# kernel and checks the goals.
 #
 #   tools/check_hip.sh [table-output-file]
 # Needs (installed here when missing, as root or through sudo): clang-19 lld-19 llvm-19
@@ -42,4 +43,11 @@ for src in csrc/gpu/wkv_gpu_f32.cu csrc/gpu/wkv_gpu_bf16.cu csrc/gpu/wkv_gpu_f16
     -S "$src" -o "$WORK/$(basename "$src" .cu).s" -Rpass-analysis=kernel-resource-usage \
     2>> "$WORK/remarks.log"
 done
+# The host side of the same files (the launchers) is compiled too, for syntax and types only:
+# linking it needs the ROCm runtime library, which this machine does not have.
+for src in csrc/gpu/wkv_gpu_f32.cu csrc/gpu/wkv_gpu_bf16.cu csrc/gpu/wkv_gpu_f16.cu; do
+  clang++-19 -x hip -std=c++20 --offload-arch=$ARCH --cuda-host-only --rocm-path=/usr -O3 -Werror \
+    -Wno-unused-command-line-argument -fsyntax-only "$src"
+done
+echo "check-hip: host side of the kernel files compiles"
 python3 tools/hip_resource_table.py "$WORK/remarks.log" --out "$OUT_TABLE"

@@ -55,6 +55,22 @@ __device__ __forceinline__ float lane_xor(float x, int offset) {
 #endif
 }
 
+// Element i of a T array in global memory, through a pointer the compiler cannot trace to a
+// kernel argument (one made from an integer): on gfx942 a plain store through it would be a
+// flat (generic) store, which also waits on the LDS counter; this one is a global store.
+template <class T>
+__device__ __forceinline__ void store_global(void* p, int64_t i, T x) {
+#if defined(ARWKV_HIP) && defined(__HIP_DEVICE_COMPILE__)
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16- or 32-bit elements");
+  if constexpr (sizeof(T) == 2)  // (structs cannot be assigned across address spaces: store bits)
+    ((__attribute__((address_space(1))) uint16_t*)p)[i] = __builtin_bit_cast(uint16_t, x);
+  else
+    ((__attribute__((address_space(1))) uint32_t*)p)[i] = __builtin_bit_cast(uint32_t, x);
+#else
+  static_cast<T*>(p)[i] = x;
+#endif
+}
+
 // Butterfly sum over groups of `width` adjacent lanes (width a power of two, at most 32), so it
 // means the same on 32-lane warps and 64-lane waves. Every lane of the wave must take part.
 template <int width>

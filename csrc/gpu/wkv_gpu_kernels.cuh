@@ -285,16 +285,13 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
   }
 }
 
-// Sums of NV values over groups of G adjacent lanes (NV <= G, both powers of two) with log2(G)
-// + NV - 1 shuffles instead of NV * log2(G): each halving step sends the half of the values the
-// partner lane keeps. Returns, on every lane, the sum of v[(lane % G) / (G / NV)]; the lanes with
-// lane % (G / NV) == 0 are one owner of each sum.
 // Bits of a where mask is set, of b elsewhere.
 __device__ __forceinline__ float select_bits(uint32_t mask, float a, float b) {
   return __uint_as_float((__float_as_uint(a) & mask) | (__float_as_uint(b) & ~mask));
 }
 
-// Pointer q of four (q in 0..3), chosen with bitwise selects rather than lane masks.
+// Pointer q of four (q in 0..3), chosen with bitwise selects rather than lane masks (store
+// through it with store_global: the compiler no longer knows it points to global memory).
 __device__ __forceinline__ void* select_ptr(int q, void* p0, void* p1, void* p2, void* p3) {
   auto pick = [](uint32_t mask, uint64_t a, uint64_t b) {
     return (a & (uint64_t(mask) * 0x100000001ull)) | (b & ~(uint64_t(mask) * 0x100000001ull));
@@ -305,6 +302,11 @@ __device__ __forceinline__ void* select_ptr(int q, void* p0, void* p1, void* p2,
   return reinterpret_cast<void*>(pick(high, high_pair, low_pair));
 }
 
+// Sums of NV values over groups of G adjacent lanes (NV <= G, both powers of two) with
+// NV - 1 + log2(G / NV) shuffles instead of NV * log2(G) (4 instead of 12 for G = 8, NV = 4):
+// each halving step sends the half of the values the partner lane keeps, then a butterfly
+// finishes the one value left. Returns, on every lane, the sum of v[(lane % G) / (G / NV)];
+// the lanes with lane % (G / NV) == 0 are one owner of each sum.
 template <int G, int NV>
 __device__ __forceinline__ float group_sums_scattered(const float (&v)[NV], int lane) {
   static_assert(NV >= 1 && NV <= G && (NV & (NV - 1)) == 0, "NV: a power of two, at most G");
@@ -468,7 +470,7 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
         // the four column sums at once: lane q * G / 4 holds sum q, and stores it to own_grad
         const float sums[4] = {dk, db, dw * d, da};
         const float total = group_sums_scattered<G, 4>(sums, gl);
-        if (gl % (G / 4) == 0) store<T>(own_grad, out, total);
+        if (gl % (G / 4) == 0) store_global<T>(own_grad, out, from_float<T>(total));
       } else {
         // dS is for S_t (y_t reads S_{t-1}): grad_k = dS^T v + u r (gy . v);
         // grad_w = d * sum dS S_{t-1}; then dS (for S_{t-1}) = dS diag(d) + gy r^T
@@ -485,7 +487,8 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
         const float sums[2] = {dk, dw * d};
         const float total = group_sums_scattered<G, 2>(sums, gl);
         du = fmaf(rj * kj, gyv[st], du);
-        if (gl % (G / 2) == 0) store<T>(own_grad, out, select_bits(k_lane, fmaf(uj * rj, gyv[st], total), total));
+        if (gl % (G / 2) == 0)
+          store_global<T>(own_grad, out, from_float<T>(select_bits(k_lane, fmaf(uj * rj, gyv[st], total), total)));
       }
     }
   }
