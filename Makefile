@@ -57,7 +57,7 @@ test: install cpp-test lint
 # Builds the whole extension with its CUDA kernels for sm_80 and sm_90 (PTX for sm_90) the way
 # `pip install` does on a CUDA torch, checks that it imports, and tabulates ptxas registers and
 # spills per kernel into benchmarks/results/check-cuda.txt (spills are reported, not fatal: with
-# nvcc 13.0 a few backward rows kernels spill 4-16 bytes).
+# nvcc 13.0 a few backward rows kernels spill 4-28 bytes).
 $(CUDA_VENV)/.deps:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip

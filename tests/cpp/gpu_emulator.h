@@ -8,14 +8,20 @@
 // a lane shuffle, then the next one runs. What it checks that a real GPU would not report:
 //  - a barrier that not every thread of the block reaches (or a shuffle that not every lane of
 //    the warp takes part in) is a deadlock here: the launch fails with a message;
-//  - the order in which threads run between two barriers is forward, reverse or shuffled
-//    (set_schedule; shuffled also lets warps drift apart), so a missing barrier shows up as
-//    results that depend on the order.
+//  - the order in which threads run between two barriers, and blocks run, is forward, reverse
+//    or shuffled (set_schedule; shuffled also lets warps drift apart), so a missing barrier, or
+//    shared memory read before this block wrote it, shows up as results that depend on the
+//    order.
+// What it does not model: a shuffle here also acts as a barrier of the whole warp, so code that
+// needs a __syncwarp between shared-memory accesses of one warp would pass (the kernels have none).
 // Warp width: 32 (CUDA), or 64 when ARWKV_HIP is defined (the kernels then pick their HIP tiles).
 #pragma once
 
 #include <math.h>  // expf, fmaf in the global namespace, as in device code
-#if !defined(__x86_64__)
+// The hand-written switch below follows the System V x86-64 ABI (Linux, ELF); elsewhere ucontext.
+#if defined(__x86_64__) && defined(__ELF__)
+#define ARWKV_EMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -78,7 +84,7 @@ constexpr unsigned kWarp = 32;
 // Fiber switching. On x86-64 a few instructions: swapcontext would also save the signal mask
 // with a system call on every switch, and the kernels switch at every shuffle (~10^8 times
 // in the test), which made the test several times slower.
-#if defined(__x86_64__)
+#if defined(ARWKV_EMU_ASM_SWITCH)
 struct Context {
   void* sp = nullptr;
 };
@@ -87,7 +93,7 @@ extern "C" void arwkv_emu_switch(void** save_sp, void* load_sp);
 // continues on the stack load_sp with the registers saved there. (The SSE/x87 control words
 // are the same in every fiber, so they need no saving.)
 asm(R"(
-  .text
+  .pushsection .text
   .p2align 4
 arwkv_emu_switch:
   pushq %rbp
@@ -105,6 +111,7 @@ arwkv_emu_switch:
   popq %rbx
   popq %rbp
   ret
+  .popsection
 )");
 inline void switch_context(Context& from, Context& to) { arwkv_emu_switch(&from.sp, to.sp); }
 // A stack whose first switch "returns" into entry, aligned as if entry had been called.
@@ -269,8 +276,8 @@ template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   Runtime& rt = runtime();
   if (!rt.error.empty()) return;
-  if (block.y != 1 || block.z != 1) {
-    rt.error = "the emulator runs 1-D blocks only";
+  if (block.y != 1 || block.z != 1 || block.x % kWarp != 0) {
+    rt.error = "the emulator runs 1-D blocks of whole warps only";
     return;
   }
   struct Call {
@@ -283,12 +290,19 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   };
   rt.body_arg = &call;
   gridDim = grid, blockDim = block;
+  // Blocks in the order of the schedule too: `__shared__` is a static that keeps the previous
+  // block's contents, so a block that reads shared memory it did not write reads another
+  // block's data, and differently in each order.
+  std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        if (!run_block(block.x)) return;
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  if (rt.schedule == Schedule::reverse) std::reverse(blocks.begin(), blocks.end());
+  if (rt.schedule == Schedule::shuffled) std::shuffle(blocks.begin(), blocks.end(), rt.random);
+  for (const dim3& b : blocks) {
+    blockIdx = b;
+    if (!run_block(block.x)) return;
+  }
 }
 
 // The launch error since the last call (null when none), cleared like cudaGetLastError.
