@@ -157,7 +157,7 @@ struct Runtime {
   void* body_arg = nullptr;
   Schedule schedule = Schedule::forward;
   std::mt19937 random{12345};
-  std::string error;  // the first launch failure, reported by last_error()
+  std::string error;  // the first launch failure, reported by take_error()
   int64_t switches = 0;
 };
 inline Runtime& runtime() {
@@ -166,6 +166,14 @@ inline Runtime& runtime() {
 }
 
 inline void set_schedule(Schedule s) { runtime().schedule = s; }
+
+// Puts items (threads, blocks) in the order of the schedule.
+template <class T>
+void arrange(std::vector<T>& items) {
+  Runtime& rt = runtime();
+  if (rt.schedule == Schedule::reverse) std::reverse(items.begin(), items.end());
+  if (rt.schedule == Schedule::shuffled) std::shuffle(items.begin(), items.end(), rt.random);
+}
 
 }  // namespace gpu_emu
 
@@ -197,8 +205,7 @@ inline float shuffle_xor(float x, unsigned mask) {
   Runtime& rt = runtime();
   const unsigned t = threadIdx.x, lane = t % kWarp;
   if ((lane ^ mask) >= kWarp) {
-    rt.error = "shuffle mask " + std::to_string(mask) + " leaves the warp";
-    std::fprintf(stderr, "gpu emulator: %s\n", rt.error.c_str());
+    std::fprintf(stderr, "gpu emulator: shuffle mask %u leaves the warp\n", mask);
     std::abort();
   }
   rt.exchange[t] = x;
@@ -223,8 +230,7 @@ inline bool run_block(unsigned threads) {
   }
   for (;;) {
     for (unsigned t = 0; t < threads; ++t) rt.order[t] = int(t);
-    if (rt.schedule == Schedule::reverse) std::reverse(rt.order.begin(), rt.order.end());
-    if (rt.schedule == Schedule::shuffled) std::shuffle(rt.order.begin(), rt.order.end(), rt.random);
+    arrange(rt.order);
     // Shuffled: besides the order, each round holds back a random half of the warps, so warps
     // drift apart as they may on a GPU (where only a barrier keeps them together).
     std::vector<char>& held = rt.held;
@@ -297,8 +303,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
-  if (rt.schedule == Schedule::reverse) std::reverse(blocks.begin(), blocks.end());
-  if (rt.schedule == Schedule::shuffled) std::shuffle(blocks.begin(), blocks.end(), rt.random);
+  arrange(blocks);
   for (const dim3& b : blocks) {
     blockIdx = b;
     if (!run_block(block.x)) return;

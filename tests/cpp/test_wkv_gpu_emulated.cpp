@@ -41,6 +41,12 @@ template <> const char* type_name<float>() { return "float32"; }
 template <> const char* type_name<gpu::Bf16>() { return "bf16"; }
 template <> const char* type_name<gpu::F16>() { return "fp16"; }
 
+// Half a unit in the last place, relative: the most rounding a float32 value to T may change it.
+template <class T> constexpr double half_ulp();
+template <> constexpr double half_ulp<float>() { return 0.0; }  // float32 outputs are not rounded
+template <> constexpr double half_ulp<gpu::Bf16>() { return 0x1p-8; }
+template <> constexpr double half_ulp<gpu::F16>() { return 0x1p-11; }
+
 // Storage of type T, and the values it holds as doubles.
 template <class T>
 std::vector<T> store_as(const Vec& x) {
@@ -172,11 +178,10 @@ void check(Problem p, const Case& c, const std::string& what) {
   // Each output is a float32 value (summation order differs from float64: a few 1e-6 of the
   // tensor's RMS here), rounded to T once: to within half a unit in the last place, 2^-8 of the
   // value for bf16 and 2^-11 for fp16. Checked element by element, and as a whole.
-  const double half_ulp = sizeof(T) == 4 ? 0.0 : type_name<T>()[0] == 'b' ? 0x1p-8 : 0x1p-11;
   for (size_t i = 0; i < names.size(); ++i) {
     // The state, its gradient and grad_u stay float32 whatever the inputs.
     const bool in_t = !(names[i] == "final_state" || names[i] == "grad_initial_state" || names[i] == "grad_u");
-    const double ulp = in_t ? half_ulp : 0.0;
+    const double ulp = in_t ? half_ulp<T>() : 0.0;
     const double e = rel(got[i], want[i]);
     expect(e <= 2e-5 + ulp, name + " " + names[i] + ": relative error " + std::to_string(e));
     double rms = 0;

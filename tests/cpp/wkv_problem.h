@@ -140,22 +140,17 @@ inline std::vector<Vec> cpu_gradients(const Problem& p, const WkvArgs& a64, cons
   for (size_t q = 0; q < cols.size(); ++q) io.grad_columns[q] = cols[q].data();
   io.grad_v = gv.data(), io.grad_initial_state = g0.data(), io.grad_u = gu.data();
   backward(a64, io, kSerial);
-  // Gradients in the order of p.inputs(): r, w, k, v, (a, b | u), initial_state.
-  std::vector<Vec> grads;
-  for (size_t q = 0; q < 3; ++q) {
+  auto column_grad = [&](size_t q) {  // the row splits' partial sums of grad_columns[q], added up
     Vec g(plane, 0.0);
     for (int64_t s = 0; s < splits; ++s)
       for (int64_t i = 0; i < plane; ++i) g[i] += cols[q][s * plane + i];
-    grads.push_back(g);
-  }
-  grads.push_back(gv);
+    return g;
+  };
+  // Gradients in the order of p.inputs(): r, w, k, v, (a, b | u), initial_state.
+  std::vector<Vec> grads{column_grad(0), column_grad(1), column_grad(2), gv};
   if (p.version == 7) {
-    for (size_t q = 3; q < 5; ++q) {
-      Vec g(plane, 0.0);
-      for (int64_t s = 0; s < splits; ++s)
-        for (int64_t i = 0; i < plane; ++i) g[i] += cols[q][s * plane + i];
-      grads.push_back(g);
-    }
+    grads.push_back(column_grad(3));
+    grads.push_back(column_grad(4));
   } else {
     Vec g(p.H * p.N, 0.0);
     for (size_t i = 0; i < gu.size(); ++i) g[i % g.size()] += gu[i];
