@@ -234,7 +234,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
                             qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
                             wkv_layers=wkv_layers)
-    config.dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
     config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
                        "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"}
     tied = "lm_head.weight" not in teacher.names

@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .convert import DTYPES
 from .data import DataError, iter_records, split_documents, tokenize_documents
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is there, else "cpu"; "cuda" and "cpu" stay as they are."""
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
@@ -69,10 +75,8 @@ def evaluate(
         raise FileNotFoundError(f"--model {model_dir} is not a checkpoint directory")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-    dev = torch.device(
-        "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dev = torch.device(resolve_device(device))
+    torch_dtype = DTYPES[dtype]
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = (
         AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch_dtype)
@@ -194,8 +198,8 @@ def lm_eval_task(
         }
     if kwargs:
         spec["dataset_kwargs"] = kwargs
-    dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    dev = resolve_device(device)
+    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     with tempfile.TemporaryDirectory() as include:
         (Path(include) / path.name).write_text(yaml.safe_dump(spec), encoding="utf-8")
         results = lm_eval.simple_evaluate(
