@@ -13,23 +13,33 @@ Tensor = torch.Tensor
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # The backward recomputes the state from the inputs (it keeps chunk snapshots of its own), so
+    # it needs every input and none of the outputs. An output whose gradient nobody produces
+    # (typically the final state) arrives as None rather than as a tensor of zeros, and the
+    # kernels treat a missing gradient as zero without reading one.
     ctx.save_for_backward(*inputs)
+    ctx.set_materialize_grads(False)
 
 
-def _wkv7_backward(ctx, grad_y: Tensor, grad_state: Tensor):
+def _asked(ctx, grads) -> tuple:
+    """The gradients of the inputs that require one; None for the others (and for cu_seqlens)."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False))
+
+
+def _wkv7_backward(ctx, grad_y: Tensor | None, grad_state: Tensor | None):
     r, w, k, v, a, b, initial_state, cu_seqlens = ctx.saved_tensors
     dr, dw, dk, dv, da, db, ds0 = torch.ops.arwkv.wkv7_backward(
         r, w, k, v, a, b, initial_state, cu_seqlens, grad_y, grad_state
     )
-    return dr, dw, dk, dv, da, db, (ds0 if initial_state is not None else None), None
+    return _asked(ctx, (dr, dw, dk, dv, da, db, ds0 if initial_state is not None else None, None))
 
 
-def _wkv6_backward(ctx, grad_y: Tensor, grad_state: Tensor):
+def _wkv6_backward(ctx, grad_y: Tensor | None, grad_state: Tensor | None):
     r, w, k, v, u, initial_state, cu_seqlens = ctx.saved_tensors
     dr, dw, dk, dv, du, ds0 = torch.ops.arwkv.wkv6_backward(
         r, w, k, v, u, initial_state, cu_seqlens, grad_y, grad_state
     )
-    return dr, dw, dk, dv, du, (ds0 if initial_state is not None else None), None
+    return _asked(ctx, (dr, dw, dk, dv, du, ds0 if initial_state is not None else None, None))
 
 
 torch.library.register_autograd("arwkv::wkv7", _wkv7_backward, setup_context=_setup_context)
