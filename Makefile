@@ -31,7 +31,7 @@ $(VENV)/.deps: Makefile
 
 # --no-build-isolation: the kernels compile against the torch installed above, not a fresh one.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
