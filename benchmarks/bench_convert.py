@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from arwkv.cli import RawDescriptionDefaultsFormatter
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -58,11 +61,13 @@ def write_teacher(path: Path, shard_bytes: int = 400_000_000) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, help="where to write (default: a temporary directory)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
+    ap.add_argument("--workdir", type=Path,
+                    help="where to write (default: arwkv-bench-convert-PID in the temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = ap.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="arwkv-bench-convert-"))
+    # not tempfile.mkdtemp: that directory would be private (0700); a kept one follows the umask
+    work = args.workdir or Path(tempfile.gettempdir()) / f"arwkv-bench-convert-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     teacher, student = work / "teacher", work / "student"
     teacher.mkdir(exist_ok=True)

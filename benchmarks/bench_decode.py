@@ -4,9 +4,12 @@ teacher with a KV cache (same random teacher, converted; CPU by default).
     python benchmarks/bench_decode.py                     # positions 64 ... 8192, a mid-size model
     python benchmarks/bench_decode.py --positions 64,1024 --layers 4 --json out.json
 
-For each position p the prompt of p tokens is prefilled once, then --steps single-token
-decoding steps are timed (median). Cache bytes are read off the caches themselves: the
-student's per-layer states (constant in p) and the teacher's key/value tensors (linear in p).
+For each position p the prompt of p tokens is prefilled once (untimed); then, from copies of
+that cache, --warmup untimed runs and --repeats timed runs each decode --steps tokens greedily
+at batch 1, and the time per token is the median over the timed runs of (run time / steps)
+(arwkv.evaluate.decoding_speed, which `arwkv demo` uses too). Cache bytes are read off the
+caches themselves: the student's per-layer states (constant in p) and the teacher's key/value
+tensors (linear in p).
 Goal: the student's time per token at the largest position within 1.2x of the smallest.
 """
 
@@ -19,21 +22,24 @@ import sys
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from arwkv.cli import RawDescriptionDefaultsFormatter
 from arwkv.convert import student_from_teacher
-from arwkv.evaluate import decoding_speed
+from arwkv.evaluate import decoding_method, decoding_speed
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--positions", default="64,256,1024,4096,8192")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--steps", type=int, default=32, help="timed decoding steps per position (median)")
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--json", metavar="PATH")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
+    ap.add_argument("--positions", default="64,256,1024,4096,8192", help="comma-separated context lengths")
+    ap.add_argument("--hidden", type=int, default=512, help="teacher hidden size")
+    ap.add_argument("--layers", type=int, default=8, help="teacher layers")
+    ap.add_argument("--heads", type=int, default=8, help="teacher query heads")
+    ap.add_argument("--kv-heads", type=int, default=2, help="teacher key/value heads")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    ap.add_argument("--steps", type=int, default=32, help="decoding steps per run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per position (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher = Qwen2ForCausalLM(config).eval()
     student = student_from_teacher(teacher, head_size=64).eval()
     meta = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-            "vocab": args.vocab, "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "vocab": args.vocab, "torch": torch.__version__,
+            **decoding_method(args.steps, args.repeats, args.warmup)}
     print(json.dumps(meta))
     rows = []
     for p in positions:
         prompt = torch.randint(0, args.vocab, (1, p), generator=torch.Generator().manual_seed(p))
-        s_time, s_bytes = decoding_speed(student, prompt, args.steps)
-        t_time, t_bytes = decoding_speed(teacher, prompt, args.steps)
+        s_time, s_bytes = decoding_speed(student, prompt, args.steps, args.repeats, args.warmup)
+        t_time, t_bytes = decoding_speed(teacher, prompt, args.steps, args.repeats, args.warmup)
         rows.append({"position": p, "student_ms": s_time * 1e3, "student_cache_mb": s_bytes / 1e6,
                      "teacher_ms": t_time * 1e3, "teacher_cache_mb": t_bytes / 1e6})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

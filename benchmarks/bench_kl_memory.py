@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from arwkv.cli import RawDescriptionDefaultsFormatter
+
 
 def child(mode: str, tokens: int, vocab: int, width: int) -> dict:
     import torch
@@ -41,10 +43,10 @@ def child(mode: str, tokens: int, vocab: int, width: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--width", type=int, default=896)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens T (B = 1)")
+    ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
+    ap.add_argument("--width", type=int, default=896, help="hidden width of student and teacher")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

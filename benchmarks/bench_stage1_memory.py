@@ -16,6 +16,8 @@ import resource
 import subprocess
 import sys
 
+from arwkv.cli import RawDescriptionDefaultsFormatter
+
 
 def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dict:
     import torch
@@ -41,10 +43,10 @@ def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dic
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=4)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
+    ap.add_argument("--width", type=int, default=512, help="teacher hidden size")
+    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per row")
+    ap.add_argument("--batch", type=int, default=4, help="rows per step")
     ap.add_argument("--child", nargs=2, metavar=("LAYERS", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -4,7 +4,8 @@ and, on a GPU, against flash-linear-attention's kernels when `fla` is importable
     python benchmarks/bench_wkv.py                       # CPU, float32, the two default shapes
     python benchmarks/bench_wkv.py --json results.json   # also write the table as JSON
     python benchmarks/bench_wkv.py --shapes 1,1024,16,64 --ops wkv7 --dtype bfloat16
-    python benchmarks/bench_wkv.py --device cuda         # GPU: bf16, the shapes, + peers
+    python benchmarks/bench_wkv.py --device cuda         # GPU: bf16, (B,T,H,N) = (8,4096,64,64)
+                                                         #   and (1,32768,32,128), + peers
 
 Measured in one run, on the same inputs: forward, backward (the backward op that autograd
 calls) and forward+backward (autograd, gradients of every input from y and final_state) times,
@@ -35,13 +36,17 @@ from datetime import datetime, timezone
 import torch
 
 import arwkv_ext
+from arwkv.cli import RawDescriptionDefaultsFormatter
+from arwkv.runtime import DTYPES as RUNTIME_DTYPES
+from arwkv.runtime import torch_dtype_name
 from arwkv_ext.reference import wkv6_reference, wkv7_reference
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# arwkv's dtypes under torch's names (float32, bfloat16, float16), as this script's --dtype takes them
+DTYPES = {torch_dtype_name(d): d for d in RUNTIME_DTYPES.values()}
 OPS = {"wkv7": (arwkv_ext.wkv7, wkv7_reference), "wkv6": (arwkv_ext.wkv6, wkv6_reference)}
 DEFAULT_SHAPES = "1,1024,16,64;4,2048,32,64"
-DEFAULT_GPU_SHAPES = "8,4096,64,64;1,32768,32,128"
+DEFAULT_GPU_SHAPES = "8,4096,64,64;1,32768,32,128"  # a wide batch at N = 64, one long sequence at N = 128
 
 
 def fla_peers(op: str) -> dict[str, Callable]:
@@ -204,9 +209,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on GPU")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionDefaultsFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the ops run")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--ops", default="wkv7,wkv6", help="comma-separated: wkv7, wkv6")
     p.add_argument("--shapes", type=parse_shapes,
                    help=f"B,T,H,N;B,T,H,N (default {DEFAULT_SHAPES} on CPU, {DEFAULT_GPU_SHAPES} on GPU)")
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 1024 on CPU, 256 on GPU)")
     p.add_argument("--err-steps", type=int, help="steps compared with the float64 reference "
                    "(default 256 on CPU, 32 on GPU: the float64 reference runs on the CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
 

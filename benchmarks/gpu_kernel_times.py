@@ -2,7 +2,8 @@
 torch profiler: which of the backward's three passes (rows "snapshots", rows "state-grad",
 columns) costs what, before anyone tunes them (benchmarks/gpu_notes.md).
 
-    python benchmarks/gpu_kernel_times.py                       # the issue's two shapes, bf16
+    python benchmarks/gpu_kernel_times.py                       # (B,T,H,N) = (8,4096,64,64) and
+                                                                # (1,32768,32,128), bf16
     python benchmarks/gpu_kernel_times.py --shape 8,4096,64,64 --op wkv6
 
 On a CPU it lists the ops' CPU time instead (a smoke test of this script).
@@ -20,8 +21,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import arwkv_ext  # noqa: F401  (registers torch.ops.arwkv)
+from arwkv.cli import RawDescriptionDefaultsFormatter
+from arwkv.runtime import DTYPES, torch_dtype_name
 from arwkv_ext.testing import make_inputs
 
+DEFAULT_SHAPES = ["8,4096,64,64", "1,32768,32,128"]  # a wide batch at N = 64, one long sequence at N = 128
 ROW_MODES = {"0": "rows forward", "1": "rows snapshots", "2": "rows state-grad"}
 
 
@@ -59,14 +63,18 @@ def kernel_times(fn: Callable[[], object], device: str, repeat: int) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", action="append", help="B,T,H,N (repeatable); default: the issue's two")
-    ap.add_argument("--op", choices=["wkv7", "wkv6", "both"], default="both")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=RawDescriptionDefaultsFormatter)
+    ap.add_argument("--shape", action="append",
+                    help=f"B,T,H,N (repeatable) (default: {' and '.join(DEFAULT_SHAPES)})")
+    ap.add_argument("--op", choices=["wkv7", "wkv6", "both"], default="both", help="which op")
+    ap.add_argument("--dtype", choices=[torch_dtype_name(d) for d in DTYPES.values()], default="bfloat16",
+                    help="input dtype")
+    ap.add_argument("--repeat", type=int, default=3, help="profiled calls (after 2 warm-up calls)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda when torch sees a GPU, else cpu")
     args = ap.parse_args()
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape or ["8,4096,64,64", "1,32768,32,128"]]
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape or DEFAULT_SHAPES]
     if any(len(s) != 4 for s in shapes):
         ap.error("--shape takes B,T,H,N")
     dtype = getattr(torch, args.dtype)

@@ -1,4 +1,19 @@
-"""The ``arwkv`` command."""
+"""arwkv converts a pretrained Transformer LLM (a Hugging Face decoder such as Qwen2, Llama or
+Mistral) into an RNN-attention student, whose self-attentions are RWKV-7 (or RWKV-6) time mixers
+with the teacher's MLPs, embeddings and norms, and distils the student from its teacher: stage 1
+aligns each time mixer with its layer's attention, stage 2 distils the logits, stage 3 is SFT.
+
+commands:
+  convert   teacher checkpoint directory -> student checkpoint directory
+  distill   train a student: stage 1, 2 or 3 (one process, or many under torchrun)
+  eval      perplexity and tokens/s on a dataset, or an lm-evaluation-harness task
+  generate  stream a continuation of a prompt
+  plot      draw a run's loss curves
+  demo      all of it on the shipped small Qwen2 teacher, on this CPU, in a few minutes
+  info      the build, the CPU code path and the GPU
+
+Run `arwkv COMMAND --help` for a command's options.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +64,9 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+    from .distill_config import check_checkpoint_dir
+
+    check_checkpoint_dir(args.model, "--model")  # not a Hub repository name: a directory
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype="auto").eval()
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
@@ -111,75 +129,134 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="arwkv", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="show the build, the CPU code path and the GPU").set_defaults(run=_info)
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends every option's help with its default (or "(required)"), unless the help already
+    says it (argparse.ArgumentDefaultsHelpFormatter would add a second one, and "None").
+    The benchmarks' scripts use it too."""
 
-    convert = commands.add_parser("convert", help="turn a Transformer checkpoint into an ARWKV student")
-    convert.add_argument("--teacher", required=True, help="Hugging Face checkpoint directory")
-    convert.add_argument("--out", required=True, help="student checkpoint directory to write")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
+class RawDescriptionDefaultsFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """DefaultsHelpFormatter that keeps the line breaks of the top-level description (its command list)."""
+
+
+def _head_size_choices() -> list[int] | None:
+    """The head sizes the compiled kernels run (arwkv_ext.HEAD_SIZES); None when the kernels
+    cannot be imported, so that --help still works (the student's config then refuses)."""
+    from .runtime import head_sizes
+
+    try:
+        return list(head_sizes())
+    except (ImportError, AttributeError):
+        return None
+
+
+def _add_command(commands: argparse._SubParsersAction, name: str, help_: str, run,
+                 description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows ``help_`` (or the longer ``description``) and every default."""
+    parser = commands.add_parser(name, help=help_, formatter_class=DefaultsHelpFormatter,
+                                 description=description or help_[0].upper() + help_[1:] + ".")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``arwkv`` command line: one subcommand per job."""
+    from .demo import DemoPlan
+    from .distill_config import add_arguments
+    from .runtime import DEVICES, DTYPES
+
+    parser = argparse.ArgumentParser(prog="arwkv", description=__doc__,
+                                     formatter_class=RawDescriptionDefaultsFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_command(commands, "info", "show the build, the CPU code path and the GPU", _info)
+
+    convert = _add_command(commands, "convert", "turn a Transformer checkpoint into an ARWKV student",
+                           _convert)
+    convert.add_argument("--teacher", required=True, metavar="DIR",
+                         help="Hugging Face checkpoint directory (safetensors) of the teacher")
+    convert.add_argument("--out", required=True, metavar="DIR", help="student checkpoint directory to write")
     convert.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
-                         help="transfer: r,k,v,o <- q,k,v,o of the teacher (default); fresh: ARWKV's init")
+                         help="transfer: r,k,v,o <- q,k,v,o of the teacher; fresh: ARWKV's init")
     convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="time mixing: RWKV-7 or RWKV-6")
-    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    convert.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the written weights")
     convert.add_argument("--wkv-layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
-                         help="comma-separated layers that get time mixing (default: all); the others "
-                         "keep the teacher's attention")
-    convert.add_argument("--head-size", type=int, default=64, choices=[16, 32, 64, 128])
+                         metavar="I,J,...", help="comma-separated layers that get time mixing "
+                         "(default: all); the others keep the teacher's attention")
+    convert.add_argument("--head-size", type=int, default=64, choices=_head_size_choices(),
+                         help="WKV head size N (the heads are attention width / N)")
     convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")
     convert.add_argument("--group-norm", action="store_true", help="per-head GroupNorm of the WKV output")
     convert.add_argument("--drop-bias", action="store_true", help="do not keep the teacher's q/k/v biases")
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the time mixers' random initial values")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    convert.set_defaults(run=_convert)
 
-    generate = commands.add_parser("generate", help="stream a continuation of a prompt and print tokens/s")
-    generate.add_argument("--model", required=True, help="checkpoint directory")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    generate.set_defaults(run=_generate)
+    generate = _add_command(commands, "generate", "stream a continuation of a prompt and print tokens/s",
+                            _generate)
+    generate.add_argument("--model", required=True, metavar="DIR",
+                          help="checkpoint directory (a student, or any causal LM)")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
 
-    from .distill_config import add_arguments
-
-    distill = commands.add_parser("distill", help="train a student: stage 1, 2 or 3",
-                                  description="Flags and --config keys are the same (a flag wins). Under "
-                                  "torchrun the same command trains on every process.")
+    distill = _add_command(commands, "distill", "train a student: stage 1, 2 or 3", _distill,
+                           description="Train a student: stage 1 (attention alignment), 2 (logit "
+                           "distillation) or 3 (SFT). Flags and --config keys are the same (a flag wins). "
+                           "Under torchrun the same command trains on every process.")
     add_arguments(distill)
-    distill.set_defaults(run=_distill)
 
-    evaluate = commands.add_parser("eval", help="perplexity and tokens/s of a checkpoint on a dataset")
-    evaluate.add_argument("--model", required=True, help="checkpoint directory (student or teacher)")
+    evaluate = _add_command(commands, "eval", "perplexity and tokens/s of a checkpoint on a dataset", _eval,
+                            description="Perplexity and tokens/s of a checkpoint on a dataset (--data), "
+                            "and/or its lm-evaluation-harness scores on a local task file, as one JSON "
+                            "object.")
+    evaluate.add_argument("--model", required=True, metavar="DIR",
+                          help="checkpoint directory (student or teacher)")
     evaluate.add_argument("--data", help="same formats as arwkv distill --data")
     evaluate.add_argument("--lm-eval-task", metavar="YAML",
                           help="also score with lm-evaluation-harness (hf backend) on this local task file")
-    evaluate.add_argument("--limit", type=int, help="lm_eval: at most this many documents")
+    evaluate.add_argument("--limit", type=int, help="lm_eval: at most this many documents (default: all)")
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     evaluate.add_argument("--validation-fraction", type=float, default=0.0,
                           help="score only the validation split that arwkv distill makes with this "
-                          "fraction and --seed")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--max-tokens", type=int, help="stop after about this many tokens")
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    evaluate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    evaluate.set_defaults(run=_eval)
+                          "fraction and --seed (0: all of --data)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    evaluate.add_argument("--max-tokens", type=int, help="stop after about this many tokens (default: all)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
+    evaluate.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype the model runs in")
 
-    plot = commands.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
-    plot.add_argument("run_dir")
-    plot.set_defaults(run=_plot)
+    plot = _add_command(commands, "plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl", _plot)
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of arwkv distill (its --out)")
 
-    demo = commands.add_parser("demo", help="distil the shipped Qwen2 teacher on this CPU, report")
-    demo.add_argument("--out", default="arwkv-demo", help="for the students, runs, report")
+    demo = _add_command(commands, "demo", "distil the shipped Qwen2 teacher on this CPU, report", _demo,
+                        description="Convert the shipped small Qwen2 teacher into an RWKV-7 student, distil "
+                        "it (stages 1 and 2) on this CPU, compare perplexity, decoding speed and cache "
+                        "memory, and write OUT/report.md (a few minutes, no download).")
+    demo.add_argument("--out", default="arwkv-demo", metavar="DIR", help="for the students, runs, report")
     demo.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
                       help="student initialisation")
-    demo.add_argument("--stage1-steps", type=int)
-    demo.add_argument("--stage2-steps", type=int)
+    full, quick = DemoPlan(), DemoPlan.quick()
+    for stage in (1, 2):
+        name = f"stage{stage}_steps"
+        demo.add_argument(f"--stage{stage}-steps", type=int, metavar="N",
+                          help=f"stage {stage} steps (default: {getattr(full, name)}; "
+                          f"{getattr(quick, name)} with --quick)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (CI)")
-    demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a refusal or failure is one line on stderr, ``arwkv COMMAND: ...``, and
+    exit status 1."""
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ImportError, RuntimeError, ValueError, OSError) as err:

@@ -12,11 +12,24 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 
+def _kernel_head_sizes() -> tuple[int, ...] | None:
+    """The head sizes the compiled WKV kernels run: ``arwkv_ext.HEAD_SIZES``, the one definition.
+    Imported here, lazily and absolutely, because this file is also copied into checkpoints and
+    loaded on its own (trust_remote_code). None without arwkv_ext: the config can still be read
+    (the model itself cannot run without the kernels, and says so when it is built)."""
+    try:
+        import arwkv_ext
+    except ImportError:
+        return None
+    return tuple(arwkv_ext.HEAD_SIZES)
+
+
 class RwkvHybridConfig(PretrainedConfig):
     """Teacher decoder + RWKV time mixing in place of self-attention.
 
     Args (beyond the teacher's keys, which are kept as they are):
-        head_size: WKV head size N (64 in the published models; 16, 32, 128 also run).
+        head_size: WKV head size N: one of the sizes the WKV kernels run (``arwkv_ext.HEAD_SIZES``;
+            64 in the published models).
         head_size_divisor: scales the group-norm epsilon (``1e-5 * divisor**2``).
         wkv_version: 7 (RWKV-7 time mixing) or 6 (RWKV-6 "Finch", stock parameter names).
         wkv_has_gate: output gate (RWKV-7: ``sigmoid(x G1) G2``; RWKV-6: ``silu(x Wg)``).
@@ -63,10 +76,13 @@ class RwkvHybridConfig(PretrainedConfig):
         self._validate()
 
     def _validate(self) -> None:
+        """Raises a one-line ValueError for a config the student cannot run."""
         if self.wkv_version not in (6, 7):
             raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not 7 (RWKV-7) or 6 (RWKV-6)")
-        if self.head_size not in (16, 32, 64, 128):
-            raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of 16, 32, 64, 128")
+        head_sizes = _kernel_head_sizes()
+        if head_sizes is not None and self.head_size not in head_sizes:
+            raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of "
+                             f"{', '.join(map(str, head_sizes))} (the head sizes the WKV kernels run)")
         if self.attention_hidden_size % self.head_size:
             raise ValueError(f"rwkv_hybrid: attention_hidden_size {self.attention_hidden_size} is not a "
                              f"multiple of head_size {self.head_size}")
@@ -83,6 +99,7 @@ class RwkvHybridConfig(PretrainedConfig):
 
     @property
     def num_wkv_heads(self) -> int:
+        """Heads of the time mixers: attention_hidden_size / head_size."""
         return self.attention_hidden_size // self.head_size
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,10 +22,12 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .configuration_rwkv_hybrid import RwkvHybridConfig
+from .distill_config import checkpoint_dir_problem
+from .files import _umask, atomic_directory
 from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, teacher_classes, time_mixer_class
+from .runtime import dtype_from_name, mix_seed, torch_dtype_name
 
 Tensor = torch.Tensor
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files of a teacher checkpoint that travel unchanged (tokenizer and generation settings).
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -71,8 +72,9 @@ def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, i
                     seed: int = 0) -> Iterator[tuple[str, Tensor]]:
     """Every tensor of the student, in checkpoint order, from ``get(teacher_name)``.
 
-    Time mixers are built one layer at a time (seeded per layer), so memory stays at one
-    layer's worth beyond the tensor being yielded.
+    Time mixers are built one layer at a time, seeded with ``mix_seed(seed, layer)``, so memory
+    stays at one layer's worth beyond the tensor being yielded and each layer's random initial
+    values depend only on the seed and its index.
     """
     if init not in ("transfer", "fresh"):
         raise ValueError(f"init must be 'transfer' or 'fresh', got {init!r}")
@@ -89,7 +91,7 @@ def student_tensors(config: RwkvHybridConfig, get: Callable[[str], Tensor], *, i
                 yield f"{t}self_attn.{name}", get(f"{t}self_attn.{name}")
             yield from _layer_rest(config, get, t)
             continue
-        torch.manual_seed(seed * 100003 + i)
+        torch.manual_seed(mix_seed(seed, i))
         mixer = time_mixer_class(config)(config, i)
         mixed = {}
         if init == "transfer":
@@ -157,10 +159,9 @@ class TeacherCheckpoint:
         from safetensors import safe_open
 
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise ConversionError(f"teacher {self.path} is not a directory")
-        if not (self.path / "config.json").is_file():
-            raise ConversionError(f"teacher {self.path} has no config.json")
+        problem = checkpoint_dir_problem(self.path)
+        if problem:
+            raise ConversionError(f"--teacher {self.path} {problem}")
         try:
             self.config = AutoConfig.from_pretrained(self.path)
         except Exception as err:  # noqa: BLE001 - any parse failure is reported in one line
@@ -189,6 +190,7 @@ class TeacherCheckpoint:
             self.names.update(dict.fromkeys(keys, f))
 
     def get(self, name: str) -> Tensor:
+        """The teacher's tensor ``name``, read from its shard."""
         if name not in self.names:
             raise ConversionError(f"teacher {self.path} has no tensor {name!r} (is it a decoder with the "
                                   "standard layout: model.layers.N.self_attn.q_proj, ...?)")
@@ -196,6 +198,7 @@ class TeacherCheckpoint:
 
 
 def _parse_size(text: str) -> int:
+    """``"500MB"`` -> 500_000_000 (KB, MB, GB are powers of 10; a bare number is bytes)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
     text = text.strip().upper()
     for unit, scale in units.items():
@@ -212,19 +215,21 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
     """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +
     index, config.json (with auto_map), the teacher's generation/tokenizer files, and the
     configuration/modeling .py files. Written to a temporary directory beside ``out_dir`` and
-    renamed into place, so a failure never leaves a directory that looks complete."""
+    renamed into place (files.atomic_directory; modes follow the umask), so a failure never
+    leaves a directory that looks complete, and an existing ``out_dir`` (with ``overwrite``) is
+    replaced only once the new one is complete."""
     from safetensors.torch import save_file
-
-    from .modeling_rwkv_hybrid import teacher_classes
 
     if wkv not in (6, 7):
         raise ConversionError(f"--wkv {wkv}: expected 7 (RWKV-7) or 6 (RWKV-6)")
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        torch_dtype = dtype_from_name(dtype)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
+    teacher = TeacherCheckpoint(teacher_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-    teacher = TeacherCheckpoint(teacher_dir)
     tcfg = teacher.config
     try:
         teacher_classes(tcfg.model_type)
@@ -234,15 +239,13 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
                             qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
                             wkv_layers=wkv_layers)
-    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    config.dtype = torch_dtype_name(torch_dtype)
     config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",
                        "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"}
     tied = "lm_head.weight" not in teacher.names
     get = _with_tied_head(teacher.get, tied)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         limit, shard, shard_bytes, shards, weight_map, total = _parse_size(max_shard_size), {}, 0, [], {}, 0
 
         def flush() -> None:
@@ -250,6 +253,9 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
             if shard:
                 name = f"shard-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                # safetensors writes its files private (0600); like every output here, the
+                # shard follows the umask
+                os.chmod(tmp / name, 0o666 & ~_umask())
                 shards.append((name, list(shard)))
                 shard, shard_bytes = {}, 0
 
@@ -257,7 +263,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
                                   num_kv_heads=getattr(tcfg, "num_key_value_heads", None),
                                   num_heads=tcfg.num_attention_heads)
         for name, tensor in tensors:
-            tensor = tensor.to(DTYPES[dtype]).contiguous()
+            tensor = tensor.to(torch_dtype).contiguous()
             size = tensor.numel() * tensor.element_size()
             if shard and shard_bytes + size > limit:
                 flush()
@@ -272,21 +278,11 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         config.save_pretrained(tmp)
+        # copyfile, not copy2: the copies get the umask's mode, like every other file written here
         package = Path(__file__).parent
         for source in ("configuration_rwkv_hybrid.py", "modeling_rwkv_hybrid.py"):
-            shutil.copy2(package / source, tmp / source)
+            shutil.copyfile(package / source, tmp / source)
         for name in COPIED_FILES:
             if (Path(teacher_dir) / name).is_file():
-                shutil.copy2(Path(teacher_dir) / name, tmp / name)
-        # into place: the old output (with --overwrite) goes only once the new one is complete
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copyfile(Path(teacher_dir) / name, tmp / name)
     return out

@@ -5,8 +5,9 @@ tools/make_demo_teacher.py on text that ships with Python: the pydoc topics and 
 library's docstrings; ``train.jsonl`` / ``heldout.jsonl`` beside it). The demo converts it into an
 RWKV-7 student, runs stage 1 (attention alignment) and stage 2 (logit distillation) on the
 training split, then scores teacher and student on the held-out split, times decoding at a short
-and a long context, generates a sample from each, and writes OUT/report.md, OUT/report.json and
-the loss curves.
+and a long context (batch 1, greedy; the median of several timed runs after a warm-up: see
+``evaluate.decoding_speed``), generates a sample from each, and writes OUT/report.md,
+OUT/report.json and the loss curves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .files import write_atomic
 
 ASSETS = Path(__file__).parent / "demo_assets"
 PROMPT = "The for statement is used to"
@@ -39,11 +42,14 @@ class DemoPlan:
     eval_seq_len: int = 256
     eval_tokens: int | None = None
     contexts: tuple[int, int] = (64, 1024)
-    decode_steps: int = 16
+    decode_steps: int = 16  # tokens decoded per run (5 timed runs: 80 timed steps per row)
+    decode_repeats: int = 5  # timed runs; the median is reported
+    decode_warmup: int = 1  # untimed runs before them
     sample_tokens: int = 40
 
     @classmethod
     def quick(cls, init: str = "transfer") -> DemoPlan:
+        """A few steps of everything: seconds, not minutes."""
         return cls(
             init=init,
             stage1_steps=3,
@@ -53,6 +59,7 @@ class DemoPlan:
             eval_tokens=2000,
             contexts=(16, 64),
             decode_steps=2,
+            decode_repeats=2,
             sample_tokens=8,
         )
 
@@ -61,6 +68,8 @@ def _say(text: str) -> None:
     print(f"arwkv demo: {text}", file=sys.stderr, flush=True)
 
 
+# the DemoPlan fields that `arwkv demo` sets from a flag, named in refusals
+FLAGS = {"stage1_steps": "--stage1-steps", "stage2_steps": "--stage2-steps"}
 MARKER = ".arwkv-demo"
 # what a demo writes into OUT (all that a rerun removes)
 OUTPUTS = (
@@ -92,7 +101,7 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by arwkv demo\n")
 
 
-def _load(model_dir: Path):
+def _load(model_dir: Path) -> tuple:
     """A checkpoint (teacher or student) and its tokenizer, float32, for decoding on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,19 +110,23 @@ def _load(model_dir: Path):
     return model.eval(), tokenizer
 
 
-def _decode_rows(model, heldout_ids: list[int], contexts: tuple[int, ...], steps: int) -> list[dict]:
+def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
+    """One row per context length of plan.contexts: tokens/s of greedy decoding at batch 1 after
+    a prompt of that many held-out tokens (repeated when the text is shorter), and the cache."""
     from .evaluate import decoding_speed
 
     rows = []
-    for context in contexts:
+    steps = plan.decode_steps
+    for context in plan.contexts:
         prompt = torch.tensor([(heldout_ids * (context // max(len(heldout_ids), 1) + 1))[:context]])
-        seconds, cache = decoding_speed(model, prompt, steps)
+        seconds, cache = decoding_speed(model, prompt, steps, repeats=plan.decode_repeats,
+                                        warmup=plan.decode_warmup)
         rows.append(
             {
                 "context": context,
                 "tokens_per_s": 1.0 / seconds,
                 "ms_per_token": seconds * 1e3,
-                # measured after the timed steps: the cache then holds context + steps tokens
+                # measured after a timed run: the cache then holds context + steps tokens
                 "tokens_held": context + steps,
                 "cache_bytes": cache,
                 "cache_bytes_per_token_held": cache / (context + steps),
@@ -123,6 +136,7 @@ def _decode_rows(model, heldout_ids: list[int], contexts: tuple[int, ...], steps
 
 
 def _sample(model, tokenizer, tokens: int) -> str:
+    """PROMPT continued greedily by ``tokens`` tokens."""
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -133,8 +147,9 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     """Runs the demo into ``out``; returns the report (also written as OUT/report.json)."""
     from .convert import convert_checkpoint
     from .distill_config import DistillConfig
-    from .evaluate import evaluate
+    from .evaluate import decoding_method, evaluate
     from .monitor import read_metrics
+    from .stages import STAGES
     from .trainer import train
 
     plan = plan or DemoPlan()
@@ -146,10 +161,16 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         "batch_size",
         "eval_seq_len",
         "decode_steps",
+        "decode_repeats",
         "sample_tokens",
     ):
         if getattr(plan, name) < 1:
-            raise ValueError(f"demo: {name} must be at least 1, got {getattr(plan, name)}")
+            flag = FLAGS.get(name)
+            raise ValueError(
+                f"{name} must be at least 1, got {getattr(plan, name)}" + (f" ({flag})" if flag else "")
+            )
+    if plan.decode_warmup < 0:
+        raise ValueError(f"decode_warmup must not be negative, got {plan.decode_warmup}")
     teacher = ASSETS / "teacher"
     if not (teacher / "config.json").is_file():
         raise FileNotFoundError(
@@ -178,7 +199,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     ]
     for stage, steps, lr, student in stages:
         _say(
-            f"stage {stage} ({'attention alignment' if stage == 1 else 'logit distillation'}): {steps} steps "
+            f"stage {stage} ({STAGES[stage].title}): {steps} steps "
             f"of {plan.batch_size} x {plan.seq_len} tokens"
         )
         t0 = time.perf_counter()
@@ -214,14 +235,21 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     if len(set(predicted.values())) != 1:  # same tokenizer, same windows: the ratio compares like with like
         raise RuntimeError(f"demo: teacher and student were scored on different token counts {predicted}")
 
-    _say(f"decoding speed and cache memory at contexts {plan.contexts}; samples")
+    _say(
+        f"decoding speed (median of {plan.decode_repeats} runs of {plan.decode_steps} steps) and cache "
+        f"memory at contexts {plan.contexts}; samples"
+    )
+    t0 = time.perf_counter()
     text = json.loads((ASSETS / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
     decode, samples = {}, {}
     for name, path in (("teacher", teacher), ("student", student)):
         model, tokenizer = _load(path)  # the same tokenizer for both (the student's is the teacher's copy)
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        decode[name] = _decode_rows(model, ids, plan.contexts, plan.decode_steps)
+        decode[name] = _decode_rows(model, ids, plan)
         samples[name] = _sample(model, tokenizer, plan.sample_tokens)
+    timings["decode_and_samples_s"] = time.perf_counter() - t0
+    # other processes on the CPU move these timings more than anything: say how busy it was
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     training_report = json.loads((teacher / "training_report.json").read_text())
     report = {
         "teacher_ppl": scores["teacher"]["perplexity"],
@@ -234,21 +262,51 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         "heldout_tokens_predicted": scores["teacher"]["predicted_tokens"],
         "final_losses": {f"stage{s}": read_metrics(out / f"stage{s}")[-1]["loss"] for s in (1, 2)},
         "decode": decode,
+        "decode_method": {
+            **decoding_method(plan.decode_steps, plan.decode_repeats, plan.decode_warmup),
+            "contexts": list(plan.contexts),
+            "dtype": "float32",
+            "device": "cpu",
+            "load_average_1min": load,
+            "cpus": os.cpu_count(),
+        },
         "samples": samples,
         "timings": timings,
         "seconds": time.perf_counter() - began,
         "threads": torch.get_num_threads(),
     }
     # report.md first, report.json last and atomically: a complete report.json means a finished demo
-    (out / "report.md").write_text(render_report(report))
-    (out / ".report.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(out / ".report.json.tmp", out / "report.json")
+    write_atomic(out / "report.md", render_report(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     _say(
         f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'stage1_loss.png'}, "
         f"{out / 'stage2_loss.png'}"
     )
     print(render_report(report))
     return report
+
+
+def _decode_method_text(r: dict) -> str:
+    """One sentence saying what the decoding table measures."""
+    m = r.get("decode_method")
+    if not m:  # a report written before decode_method existed
+        return "Batch 1, greedy decoding."
+
+    def runs(n: int, what: str) -> str:
+        return f"{n} {what} run{'' if n == 1 else 's'}"
+
+    return (
+        f"Batch {m['batch']}, greedy, {m['dtype']} on the {m['device'].upper()} with {m['threads']} threads. "
+        f"After the prompt (prefilled once, untimed), {runs(m['warmup_runs'], 'untimed warm-up')}, then "
+        f"{runs(m['repeats'], 'timed')} of {m['steps']} decoding steps, each from a copy of the prompt's "
+        "cache; tokens/s is 1 / the median over the timed runs of (run time / steps)."
+        + (
+            f" The machine's 1-minute load average was {m['load_average_1min']:.1f} on {m['cpus']} CPUs "
+            "(other processes slow decoding down, most of all when the load exceeds the CPUs)."
+            if m.get("load_average_1min") is not None
+            else ""
+        )
+    )
 
 
 def render_report(r: dict) -> str:
@@ -276,6 +334,8 @@ def render_report(r: dict) -> str:
         f"Student / teacher: **{r['ratio']:.3f}x** (goal <= 1.25x).",
         "",
         "## Decoding (one token at a time, after a prompt of the given length)",
+        "",
+        _decode_method_text(r),
         "",
         "| model | context | tokens/s | cache (context + decoded tokens) | bytes per token held |",
         "|---|---|---|---|---|",

@@ -1,5 +1,7 @@
-"""Distillation stages (arwkv-method.md section 4): stage 1 (attention alignment) and stage 2's
-loss (chunked KL over the full vocabulary) so far.
+"""The losses of ARWKV's distillation stages (the ARWKV paper, Lin et al. 2025; README section
+"Distillation"): stage 1, attention alignment (``AttentionAligner``), and stage 2, logit
+distillation (``LogitDistillation``: chunked KL over the full vocabulary). Stage 3 (SFT) is the
+student's own next-token loss; trainer.py runs all three.
 
 Stage 1 trains each student time mixer to reproduce its layer's teacher attention output from
 the teacher's own input at that layer (teacher-forced, every layer at once). The student layer

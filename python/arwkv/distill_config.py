@@ -7,23 +7,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .runtime import DEVICES
 
 
 class ConfigError(ValueError):
     """A bad flag, config file or key; the message is one line naming what is wrong."""
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+def checkpoint_dir_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a checkpoint directory (a directory holding config.json),
+    as the end of a sentence that starts with the path; None when it is one. Every command that
+    takes a model directory words its refusal with this."""
+    p = Path(path)
+    if not p.exists():
+        return "is not a directory: it does not exist"
+    if not p.is_dir():
+        return "is not a directory"
+    if not (p / "config.json").is_file():
+        return "has no config.json: it holds no checkpoint"
+    return None
+
+
+def check_checkpoint_dir(path: str | Path, flag: str) -> Path:
+    """``path`` as a Path when it is a checkpoint directory; else a one-line ConfigError naming
+    ``flag`` (``--model``, ``--teacher``, ...)."""
+    problem = checkpoint_dir_problem(path)
+    if problem:
+        raise ConfigError(f"{flag} {path} {problem}")
+    return Path(path)
+
+
+def _opt(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None) -> Any:
+    """A config field: its default, help text and allowed values (a tuple, or a function giving
+    one, for values defined elsewhere)."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _stages() -> dict:
+    """The stage registry (imported late: the stages themselves use this module)."""
+    from .stages import STAGES
+
+    return STAGES
 
 
 @dataclass
 class DistillConfig:
     # what to train, from what
-    stage: int = _opt(1, "1: attention alignment, 2: logit distillation, 3: SFT", (1, 2, 3))
+    stage: int = _opt(1, "1: attention alignment, 2: logit distillation, 3: SFT", lambda: tuple(_stages()))
     teacher: str | None = _opt(None, "teacher checkpoint directory (stages 1 and 2)")
     student: str | None = _opt(None, "student checkpoint directory (from arwkv convert, or an earlier stage)")
     data: str | None = _opt(None, "a .txt/.jsonl/.parquet file, a directory of them, or a saved dataset")
@@ -58,23 +98,25 @@ class DistillConfig:
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
     seed: int = _opt(0, "data order and split")
     strategy: str = _opt("ddp", "under torchrun: DistributedDataParallel or FSDP2", ("ddp", "fsdp"))
-    device: str = _opt("auto", "auto: the GPU when there is one", ("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "auto: the GPU when there is one", DEVICES)
     log_every: int = _opt(10, "plain progress line every N steps when not on a terminal")
 
     def validate(self) -> DistillConfig:
         """Raises ConfigError for missing paths and impossible values; returns self."""
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(
                     f"{f.name} = {getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}"
                 )
-        for name in ("student", "data", "out") + (("teacher",) if self.stage in (1, 2) else ()):
+        needs_teacher = _stages()[self.stage].needs_teacher
+        for name in ("student", "data", "out") + (("teacher",) if needs_teacher else ()):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required for stage {self.stage}")
-        for name in ("student", "data") + (("teacher",) if self.stage in (1, 2) else ()):
-            if not Path(getattr(self, name)).exists():
-                raise ConfigError(f"--{name} {getattr(self, name)} does not exist")
+        if not Path(self.data).exists():
+            raise ConfigError(f"--data {self.data} does not exist")
+        for name in ("student",) + (("teacher",) if needs_teacher else ()):
+            check_checkpoint_dir(getattr(self, name), f"--{name}")
         for name in ("seq_len", "batch_size", "max_steps", "kl_chunk", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -157,21 +199,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (default SUPPRESS, so only the flags given reach the namespace), plus --config."""
-    parser.add_argument("--config", help="YAML or TOML file whose keys mirror these flags")
+    """One flag per field (default SUPPRESS, so only the flags given reach the namespace), plus
+    --config. Each help text ends with the field's default, which applies when neither the flag
+    nor the --config file sets it."""
+    parser.add_argument("--config", help="YAML or TOML file whose keys mirror these flags (default: none)")
     for name, f in FIELDS.items():
-        flag, kind, help_ = f"--{name.replace('_', '-')}", _field_type(name), f.metadata["help"]
+        flag, kind = f"--{name.replace('_', '-')}", _field_type(name)
+        default = "none" if f.default is None else f.default
+        help_ = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
             )
         else:
             parser.add_argument(
-                flag,
-                type=kind,
-                default=argparse.SUPPRESS,
-                choices=f.metadata["choices"],
-                help=f"{help_} (default: {f.default})",
+                flag, type=kind, default=argparse.SUPPRESS, choices=_choices(f), help=help_
             )
 
 

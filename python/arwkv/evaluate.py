@@ -4,10 +4,14 @@ Transformer teacher, scored the same way) on a text dataset.
 Each document is cut into windows of at most seq_len tokens, every window starting from an empty
 context (the same for a Transformer and an RNN); the perplexity is exp of the mean next-token
 negative log-likelihood over all predicted tokens.
+
+Also here: ``decoding_speed``, the decoding measurement that ``arwkv demo`` and
+benchmarks/bench_decode.py share.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -16,13 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .convert import DTYPES
 from .data import DataError, iter_records, split_documents, tokenize_documents
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is there, else "cpu"; "cuda" and "cpu" stay as they are."""
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+from .distill_config import check_checkpoint_dir
+from .runtime import dtype_from_name, resolve_device, torch_dtype_name
 
 
 def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
@@ -71,12 +71,11 @@ def evaluate(
     "tokens_per_s", ...}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"--model {model_dir} is not a checkpoint directory")
+    check_checkpoint_dir(model_dir, "--model")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-    dev = torch.device(resolve_device(device))
-    torch_dtype = DTYPES[dtype]
+    dev = resolve_device(device)
+    torch_dtype = dtype_from_name(dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = (
         AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch_dtype)
@@ -129,22 +128,59 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def decoding_method(steps: int, repeats: int, warmup: int) -> dict:
+    """What ``decoding_speed`` measures with these settings, for reports next to its numbers."""
+    return {
+        "batch": 1,
+        "decoding": "greedy, one token per forward, with the cache",
+        "steps": steps,
+        "repeats": repeats,
+        "warmup_runs": warmup,
+        "statistic": "median over the repeats of (time of the run / steps)",
+        "threads": torch.get_num_threads(),
+    }
+
+
 @torch.no_grad()
-def decoding_speed(model, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
-    """Median seconds per greedy decoding step after prefilling prompt [1, P], and the bytes of
-    the cache then. Works for a student (``cache``) and a transformers model (``past_key_values``)."""
-    out = model(prompt, use_cache=True, logits_to_keep=1)  # as generate() does: no [B, T, V] logits
+def decoding_speed(
+    model, prompt: torch.Tensor, steps: int, repeats: int = 5, warmup: int = 1
+) -> tuple[float, int]:
+    """Seconds per greedy decoding step at batch 1 after the prompt [1, P], and the bytes of the
+    cache after ``steps`` steps. Works for a student (``cache``) and a transformers model
+    (``past_key_values``).
+
+    The prompt is prefilled once, untimed (with ``logits_to_keep=1``, as generate() does). Then
+    ``warmup`` untimed runs and ``repeats`` timed runs each decode ``steps`` tokens from their
+    own copy of that cache, so every run measures the same positions P ... P + steps - 1 (one
+    run decoding many steps would measure a KV cache that keeps growing). The result is the
+    median over the timed runs of (run time / steps), so that a run disturbed by another
+    process moves it little."""
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"decoding_speed: steps {steps} and repeats {repeats} must be at least 1, "
+                         f"warmup {warmup} not negative")
+    out = model(prompt, use_cache=True, logits_to_keep=1)
     student = hasattr(out, "cache")
-    cache = out.cache if student else out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
+    prefilled = out.cache if student else out.past_key_values
+    first = out.logits[:, -1:].argmax(-1)
+    cuda = prompt.device.type == "cuda"
+    per_step, cache = [], prefilled
+    for run in range(warmup + repeats):
+        cache, token = copy.deepcopy(prefilled), first
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model(token, cache=cache) if student else model(token, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-        cache = out.cache if student else out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-    return statistics.median(times), cache_bytes(cache)
+        for _ in range(steps):
+            if student:
+                out = model(token, cache=cache)
+            else:
+                out = model(token, past_key_values=cache, use_cache=True)
+            cache = out.cache if student else out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+        if cuda:
+            torch.cuda.synchronize()
+        if run >= warmup:
+            per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step), cache_bytes(cache)
 
 
 def lm_eval_task(
@@ -163,6 +199,7 @@ def lm_eval_task(
 
     import yaml
 
+    check_checkpoint_dir(model_dir, "--model")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -198,8 +235,8 @@ def lm_eval_task(
         }
     if kwargs:
         spec["dataset_kwargs"] = kwargs
-    dev = resolve_device(device)
-    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    dev = resolve_device(device).type
+    torch_dtype = torch_dtype_name(dtype_from_name(dtype))
     with tempfile.TemporaryDirectory() as include:
         (Path(include) / path.name).write_text(yaml.safe_dump(spec), encoding="utf-8")
         results = lm_eval.simple_evaluate(

@@ -1,7 +1,8 @@
 """The ARWKV student: a Transformer decoder whose self-attentions are RWKV-7 (or RWKV-6) time
 mixers.
 
-Layer (arwkv-method.md section 2)::
+Layer (the architecture of the ARWKV paper, Lin et al. 2025: the teacher's decoder layer with
+its self-attention replaced by time mixing)::
 
     h = h + TimeMix(RMSNorm_in(h));  h = h + MLP(RMSNorm_post(h))      # MLP and norms: the teacher's
 
@@ -15,7 +16,9 @@ generated token is constant.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -175,8 +178,9 @@ class Rwkv7TimeMixer(TimeMixerBase):
 
     @torch.no_grad()
     def reset_rwkv_parameters(self) -> None:
-        """The reference code's initial values (arwkv-method.md section 2) for everything but the
-        four C x D projections (those keep nn.Linear's default or are copied from a teacher)."""
+        """The initial values of the RWKV-7 reference code (BlinkDL's RWKV-LM, as ARWKV uses them)
+        for everything but the four C x D projections (those keep nn.Linear's default or are
+        copied from a teacher)."""
         C, D = self.hidden_size, self.w0.shape[-1]
         L, layer = self.num_layers, self.layer_idx
         r0 = layer / (L - 1) if L > 1 else 0.0
@@ -462,6 +466,16 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
         self.model = RwkvHybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' save_pretrained, then the weight files made readable as the umask allows:
+        safetensors writes them private (0600), unlike every other file of the checkpoint."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            mask = os.umask(0)
+            os.umask(mask)
+            for weights in Path(save_directory).glob("*.safetensors"):
+                os.chmod(weights, 0o666 & ~mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 cache: RwkvHybridCache | None = None, use_cache: bool | None = None,

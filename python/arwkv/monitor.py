@@ -4,11 +4,13 @@ tensorboard is installed, and loss-curve PNGs (also ``arwkv plot RUN``)."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from .files import write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -42,9 +44,7 @@ class MetricsLog:
         self.path = run_dir / METRICS
         if resume_step is not None:
             kept = read_metrics(run_dir, resume_step)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = self.path.open("a", encoding="utf-8")
         self.writer = None
         try:  # TensorBoard only when it is installed
@@ -57,6 +57,7 @@ class MetricsLog:
             pass
 
     def write(self, record: dict) -> None:
+        """One step's record: a line of metrics.jsonl (flushed) and its numbers to TensorBoard."""
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -106,13 +107,16 @@ class Progress:
 
 def plot_run(run_dir: str | Path) -> Path:
     """RUN/loss.png from RUN/metrics.jsonl: training (and validation) loss against the step, and
-    the learning rate. Written to a temporary file, then renamed."""
+    the learning rate. Written to a temporary file, then renamed (files.write_atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run = Path(run_dir)
+    if not run.is_dir():
+        what = "is not a directory" if run.exists() else "does not exist"
+        raise FileNotFoundError(f"run directory {run} {what}, so it holds no training records")
     records = read_metrics(run)
     if not records:
         raise FileNotFoundError(f"{run / METRICS} holds no training records")
@@ -133,9 +137,7 @@ def plot_run(run_dir: str | Path) -> Path:
     ax_lr.grid(alpha=0.3)
     fig.suptitle(run.name)
     fig.tight_layout()
-    out = run / "loss.png"
-    tmp = run / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(run / "loss.png", png.getvalue())
