@@ -23,7 +23,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .configuration_rwkv_hybrid import RwkvHybridConfig
 from .distill_config import checkpoint_dir_problem
-from .files import _umask, atomic_directory
+from .files import atomic_directory
 from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, teacher_classes, time_mixer_class
 from .runtime import dtype_from_name, mix_seed, torch_dtype_name
 
@@ -253,9 +253,6 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
             if shard:
                 name = f"shard-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                # safetensors writes its files private (0600); like every output here, the
-                # shard follows the umask
-                os.chmod(tmp / name, 0o666 & ~_umask())
                 shards.append((name, list(shard)))
                 shard, shard_bytes = {}, 0
 

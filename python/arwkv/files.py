@@ -18,6 +18,11 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (0o644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
 def fsync_tree(directory: Path, files: bool = True) -> None:
     """fsync a directory's files (when ``files``) and the directory itself, so that what was
     renamed into place is complete on disk after a power loss, not only after a killed process."""
@@ -57,7 +62,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,9 +73,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yields an empty temporary directory beside ``final``; when the block ends without error,
-    its contents are fsynced and it is renamed to ``final`` (an existing ``final`` is removed only
-    then, and only when ``replace``). On error the temporary directory is removed, so a failure
-    never leaves a directory that looks complete."""
+    its files get the umask's mode (some writers, e.g. safetensors, make them private), are
+    fsynced, and it is renamed to ``final`` (an existing ``final`` is removed only then, and only
+    when ``replace``). On error the temporary directory is removed, so a failure never leaves a
+    directory that looks complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(final)
@@ -78,6 +84,9 @@ def atomic_directory(final: str | os.PathLike, replace: bool = True) -> Iterator
     tmp.mkdir(mode=0o777)  # the umask applies
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, file_mode())
         fsync_tree(tmp)
         if final.exists():
             if not replace:
