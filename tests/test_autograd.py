@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import arwkv_ext
 from arwkv_ext.testing import make_inputs, rel_error
+from fixtures import OP_NAMES, OPS
 
-OPS = {"wkv7": arwkv_ext.wkv7, "wkv6": arwkv_ext.wkv6}
 
-
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gradient_only_for_inputs_that_ask(op):
     inputs = make_inputs(op, 2, 13, 3, 16, seed=3)
     inputs[0].requires_grad_()  # r only
@@ -37,7 +34,7 @@ class RecordBackwardCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_unused_final_state_is_not_materialised(op):
     """Only y is used: the backward op gets grad_state=None, not a tensor of zeros."""
     inputs = [x.requires_grad_() for x in make_inputs(op, 1, 9, 2, 16, seed=1)]
@@ -49,7 +46,7 @@ def test_unused_final_state_is_not_materialised(op):
     assert grad_y is not None and grad_state is None
 
 
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 @pytest.mark.parametrize("used", ["y", "state"])
 def test_unused_output_is_a_zero_gradient(op, used):
     """Differentiating through one output only gives the same gradients as passing an explicit
@@ -65,7 +62,8 @@ def test_unused_output_is_a_zero_gradient(op, used):
     want = torch.autograd.grad(
         (y2, state2),
         leaves,
-        grad_outputs=(gy if used == "y" else torch.zeros_like(y2), gs if used == "state" else torch.zeros_like(state2)),
+        grad_outputs=(gy if used == "y" else torch.zeros_like(y2),
+                      gs if used == "state" else torch.zeros_like(state2)),
     )
     for g, w in zip(got, want, strict=True):
         assert rel_error(g, w) == 0.0

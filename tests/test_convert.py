@@ -11,7 +11,7 @@ import torch
 from arwkv.cli import main
 from arwkv.convert import ConversionError, convert_checkpoint, student_from_teacher
 from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
-from test_model import VOCAB, tiny_teacher
+from fixtures import VOCAB, tiny_teacher
 
 
 @pytest.fixture(scope="module")

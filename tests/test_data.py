@@ -17,22 +17,12 @@ from arwkv.data import (
     split_documents,
     tokenize_documents,
 )
-
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+from fixtures import tiny_teacher, vocabulary, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<eos>", "<unk>", "<user>", "<assistant>", "<system>"] + [f"w{i}" for i in range(50)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_tokenizer(vocabulary(50))
 
 
 def test_every_format_and_a_directory_of_them(tmp_path):
@@ -116,8 +106,6 @@ def test_packed_sft_labels_travel_with_their_tokens():
 def test_teacher_attention_stays_inside_packed_documents():
     """A transformers teacher given collate's position_ids (no attention mask, no cache) sees each
     document alone: the same logits as running the documents one by one."""
-    from test_model import tiny_teacher
-
     teacher = tiny_teacher().eval()
     docs = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
     batch = collate(pack_documents(docs, seq_len=6, seed=1))
@@ -177,7 +165,6 @@ def test_sft_loss_is_transformers_loss_on_the_same_batch(tokenizer):
 
     from arwkv.convert import student_from_teacher
     from arwkv.data import sft_example
-    from test_model import tiny_teacher
 
     student = student_from_teacher(tiny_teacher(), head_size=32)
     record = {"messages": [{"role": "user", "content": "w2 w3 w9"},

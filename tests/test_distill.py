@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from arwkv.convert import student_from_teacher
-from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs, time_mixer_parameters
+from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs
 from arwkv_ext.testing import rel_error
-from test_model import VOCAB
+from fixtures import VOCAB, time_mixer_parameters, tiny_teacher
 
 
 def pair(layers: int = 3, width: int = 128, wkv_layers=None, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
-                                           num_hidden_layers=layers, num_attention_heads=4,
-                                           num_key_value_heads=2)).eval()
+    teacher = tiny_teacher(tie=False, seed=seed, hidden=width, intermediate=2 * width, layers=layers)
     student = student_from_teacher(teacher, head_size=32, wkv_layers=wkv_layers)
     for p in student.parameters():  # a student that does not already match at init
         p.data.add_(torch.randn_like(p) * 0.02)

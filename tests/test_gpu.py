@@ -1,42 +1,42 @@
 """The GPU kernels (CUDA or ROCm) against the float64 reference and the CPU kernel, over the same
 grid as the CPU tests, plus the GPU-specific paths: row bands split across blocks (few heads),
-long sequences with extreme decays, decoding, layouts, streams. Skipped without a GPU build and
-a GPU."""
+layouts, streams. Skipped without a GPU build and a GPU. (Long sequences with extreme decays,
+and decoding step by step, run on every device in test_ops.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_reference_grid import DTYPES, HEAD_SIZES, LENGTHS, TOLERANCE, reference
 
 import arwkv_ext
-from arwkv_ext.testing import make_inputs, rel_error
-from helpers import OPS, REFERENCES, run_with_grads
-
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and len(arwkv_ext.build_info["kernels"]) > 1),
-    reason="needs a GPU and an arwkv build with GPU kernels",
+from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
+from fixtures import (
+    DTYPES,
+    HEAD_SIZES,
+    LENGTHS,
+    NEEDS_GPU,
+    OP_NAMES,
+    OPS,
+    REFERENCES,
+    TOLERANCE,
+    flat,
+    on,
+    output_names,
+    reference,
 )
+
+pytestmark = NEEDS_GPU
 DEV = "cuda"
 # GPU against the CPU kernel, same inputs and dtype: float32 differs only by summation order;
 # 16-bit outputs may round to the neighbouring value.
 CPU_AGREEMENT = {"float32": 2e-5, "bfloat16": 8e-3, "float16": 8e-3}
 
 
-def names(op: str, with_state: bool) -> list[str]:
-    out = ["y", "final_state", "r", "w", "k", "v"] + (["a", "b"] if op == "wkv7" else ["u"])
-    return out + (["initial_state"] if with_state else [])
-
-
-def on(device, xs):
-    return [None if x is None else x.to(device) for x in xs]
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("N", HEAD_SIZES)
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gpu_matches_reference_and_cpu(op, N, T, with_state, packed):
     """The CPU grid (every dtype, and gradients from y, from final_state, from both) on the
     GPU, against the float64 reference and against the CPU kernel. One test per reference, so
@@ -52,7 +52,7 @@ def test_gpu_matches_reference_and_cpu(op, N, T, with_state, packed):
             assert y.device.type == "cuda" and y.dtype == inputs[0].dtype and state.dtype == torch.float32
             y_cpu, state_cpu, grads_cpu = run_with_grads(OPS[op], inputs, s0, cu, gy, gs)
             expected = [(a if use_y else 0) + (b if use_s else 0) for a, b in zip(g_y, g_s, strict=True)]
-            checks = zip(names(op, s0 is not None), [y, state, *grads], [y_ref, state_ref, *expected],
+            checks = zip(output_names(op, s0 is not None), [y, state, *grads], [y_ref, state_ref, *expected],
                          [y_cpu, state_cpu, *grads_cpu], strict=True)
             for name, x, want, x_cpu in checks:
                 where = f"{dtype}, grads from {grads_from}, {name}"
@@ -67,7 +67,7 @@ def test_gpu_matches_reference_and_cpu(op, N, T, with_state, packed):
 
 
 @pytest.mark.parametrize("B,H,N", [(1, 1, 128), (1, 2, 64), (1, 3, 32), (3, 1, 16), (2, 40, 64)])
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gpu_row_splits_and_head_counts(op, B, H, N):
     """Few heads (rows split over many narrow blocks) and many heads (wide blocks) both agree
     with the CPU kernel."""
@@ -77,59 +77,11 @@ def test_gpu_row_splits_and_head_counts(op, B, H, N):
     gy, gs = torch.randn(B, T, H, N), torch.randn(B, H, N, N)
     got = run_with_grads(OPS[op], on(DEV, xs), *on(DEV, [s0, None, gy, gs]))
     want = run_with_grads(OPS[op], xs, s0, None, gy, gs)
-    pairs = zip(names(op, True), [got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True)
-    for name, a, b in pairs:
+    for name, a, b in zip(output_names(op, True), flat(got), flat(want), strict=True):
         assert rel_error(a, b) <= 2e-5, f"{name}: {rel_error(a, b):.2e}"
 
 
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
-def test_gpu_float32_long_sequence_wide_decays(op):
-    """T = 4096, log decays down to -20: within 1e-4 of float64 (no division by the decay)."""
-    N, T = 64, 4096
-    inputs = make_inputs(op, 1, T, 2, N, decay="wide", min_log_decay=-20.0, seed=5)
-    s0 = torch.randn(1, 2, N, N) * 0.5
-    g = torch.Generator().manual_seed(0)
-    gy = torch.randn(1, T, 2, N, generator=g, dtype=torch.float64)
-    gs = torch.randn(1, 2, N, N, generator=g, dtype=torch.float64)
-    got = run_with_grads(OPS[op], on(DEV, inputs), *on(DEV, [s0, None, gy.float(), gs.float()]))
-    # float64 on the CPU kernel (tied to the step-by-step reference by the CPU tests)
-    want = run_with_grads(OPS[op], [x.double() for x in inputs], s0.double(), None, gy, gs)
-    pairs = zip(names(op, True), [got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True)
-    for name, a, b in pairs:
-        assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 1e-4, f"{name}: {rel_error(a, b):.2e}"
-
-
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
-def test_gpu_bfloat16_long_many_sequences(op):
-    """bf16, model-like, T = 16384 packed into uneven sequences, against float64."""
-    T, H, N = 16384, 2, 64
-    inputs = make_inputs(op, 1, T, H, N, dtype=torch.bfloat16, seed=11)
-    cu = torch.tensor([0, 1, 17, 5000, 5001, 12345, T])
-    g = torch.Generator().manual_seed(1)
-    gy = torch.randn(1, T, H, N, generator=g).bfloat16()
-    gs = torch.randn(6, H, N, N, generator=g)
-    got = run_with_grads(OPS[op], on(DEV, inputs), *on(DEV, [None, cu, gy, gs]))
-    want = run_with_grads(OPS[op], [x.double() for x in inputs], None, cu, gy.double(), gs.double())
-    for name, a, b in zip(names(op, False), [got[0], got[1], *got[2]], [want[0], want[1], *want[2]],
-                          strict=True):
-        assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 2e-2, f"{name}: {rel_error(a, b):.2e}"
-
-
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
-def test_gpu_decode_steps_equal_one_pass(op):
-    xs = on(DEV, make_inputs(op, 2, 12, 3, 64, seed=4))
-    y_full, s_full = OPS[op](*xs)
-    state, ys = None, []
-    for t in range(12):
-        y, state = OPS[op](*[x[:, t:t + 1] if x.dim() == 4 else x for x in xs], state)
-        ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, s_full, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gpu_layouts_empty_and_stream(op):
     """Strided inputs, T = 0, and a side stream give the same answers as the plain call."""
     B, T, H, N = 2, 11, 3, 32
@@ -153,7 +105,7 @@ def test_gpu_layouts_empty_and_stream(op):
     torch.testing.assert_close(state, s, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_gpu_opcheck_and_compile(op):
     xs = [x.requires_grad_() for x in on(DEV, make_inputs(op, 1, 9, 2, 32, dtype=torch.bfloat16, seed=2))]
     s0 = torch.randn(1, 2, 32, 32, device=DEV, requires_grad=True)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arwkv_ext.testing import make_inputs, rel_error
-from helpers import OPS, REFERENCES
+from fixtures import OPS, REFERENCES
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-10}
 

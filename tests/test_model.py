@@ -6,37 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 from arwkv.convert import expand_kv_heads, student_from_teacher
 from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from arwkv_ext.testing import rel_error
-
-VOCAB = 101
-
-
-def tiny_teacher(family: str = "qwen2", tie: bool = True, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    if family == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
-    if family == "qwen3":  # head_dim 64 x 4 heads = 256 != hidden 128
-        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=64)).eval()
-    raise ValueError(family)
+from fixtures import VOCAB, tiny_teacher
 
 
 def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The op contract beyond the reference grid: registration (opcheck, torch.compile), exact
-float64 gradients (gradcheck), numerics at long T and extreme decays, memory layouts, T = 0,
-and agreement between the CPU instruction-set paths."""
+float64 gradients (gradcheck), numerics at long T and extreme decays (on the CPU and, where there
+is one, the GPU), memory layouts, T = 0, and agreement between the CPU instruction-set paths."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import arwkv_ext
-from arwkv_ext.testing import make_inputs, rel_error
-from helpers import OPS, REFERENCES, run_with_grads
-
-OP_NAMES = ["wkv7", "wkv6"]
+from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
+from fixtures import DEVICES, OP_NAMES, OPS, REFERENCES, flat, on, output_names
 
 
 def sample_args(op: str, B=1, T=7, H=2, N=16, dtype=torch.float32, state=True, packed=False,
@@ -72,41 +70,45 @@ def test_torch_compile_fullgraph(op):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_float32_long_sequence_wide_decays(op):
+def test_float32_long_sequence_wide_decays(op, device):
     """float32, T = 4096, log decays down to -20: y, state and every gradient within 1e-4 of
-    float64 (the backward recomputes states; it never divides by the decay)."""
+    float64 (the backward recomputes states; it never divides by the decay). On the CPU, one head
+    against the step-by-step reference; on a GPU, two heads against the float64 CPU kernel
+    (which the CPU case and the reference grid tie to the reference)."""
     N, T = 64, 4096
-    inputs = make_inputs(op, 1, T, 1, N, decay="wide", min_log_decay=-20.0, seed=5)
-    s0 = torch.randn(1, 1, N, N) * 0.5
+    H, float64 = (1, REFERENCES[op]) if device == "cpu" else (2, OPS[op])
+    inputs = make_inputs(op, 1, T, H, N, decay="wide", min_log_decay=-20.0, seed=5)
+    s0 = torch.randn(1, H, N, N) * 0.5
     g = torch.Generator().manual_seed(0)
-    gy = torch.randn(1, T, 1, N, generator=g, dtype=torch.float64)
-    gs = torch.randn(1, 1, N, N, generator=g, dtype=torch.float64)
-    got = run_with_grads(OPS[op], inputs, s0, None, gy, gs)
-    want = run_with_grads(REFERENCES[op], [x.double() for x in inputs], s0.double(), None, gy, gs)
-    got, want = [got[0], got[1], *got[2]], [want[0], want[1], *want[2]]
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+    gy = torch.randn(1, T, H, N, generator=g, dtype=torch.float64)
+    gs = torch.randn(1, H, N, N, generator=g, dtype=torch.float64)
+    got = run_with_grads(OPS[op], on(device, inputs), *on(device, [s0, None, gy, gs]))
+    want = run_with_grads(float64, [x.double() for x in inputs], s0.double(), None, gy, gs)
+    for name, a, b in zip(output_names(op, True), flat(got), flat(want), strict=True):
         assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 1e-4, f"output {i}: {rel_error(a, b):.2e}"
+        assert rel_error(a, b) <= 1e-4, f"{name}: {rel_error(a, b):.2e}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_bfloat16_model_like_inputs_T16384(op):
-    """bfloat16 inputs shaped like a real model (decays >= 0.545), T = 16384, within 2e-2 of a
-    float64 computation. The float64 computation here is the float64 kernel, which the
-    reference grid and gradcheck tie to the step-by-step reference (that one would take
-    minutes at this length)."""
+def test_bfloat16_model_like_inputs_T16384(op, device):
+    """bfloat16 inputs shaped like a real model (decays >= 0.545), T = 16384 (on a GPU packed
+    into uneven sequences), within 2e-2 of a float64 computation. The float64 computation here
+    is the float64 CPU kernel, which the reference grid and gradcheck tie to the step-by-step
+    reference (that one would take minutes at this length)."""
     B, T, H, N = 1, 16384, 2, 64
     inputs = make_inputs(op, B, T, H, N, dtype=torch.bfloat16, seed=11)
+    cu = None if device == "cpu" else torch.tensor([0, 1, 17, 5000, 5001, 12345, T])
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
-    gs = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
-    got = run_with_grads(OPS[op], inputs, None, None, gy.bfloat16(), gs.float())
-    want = run_with_grads(OPS[op], [x.double() for x in inputs], None, None, gy.bfloat16().double(),
-                          gs.float().double())
-    for i, (a, b) in enumerate(zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True)):
+    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).bfloat16()
+    gs = torch.randn(B if cu is None else len(cu) - 1, H, N, N, generator=g, dtype=torch.float64).float()
+    got = run_with_grads(OPS[op], on(device, inputs), *on(device, [None, cu, gy, gs]))
+    want = run_with_grads(OPS[op], [x.double() for x in inputs], None, cu, gy.double(), gs.double())
+    for name, a, b in zip(output_names(op, False), flat(got), flat(want), strict=True):
         assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 2e-2, f"output {i}: {rel_error(a, b):.2e}"
+        assert rel_error(a, b) <= 2e-2, f"{name}: {rel_error(a, b):.2e}"
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
@@ -146,10 +148,12 @@ def test_empty_sequence(op):
     assert state.abs().sum() == 0 and state.shape == (2, 2, 16, 16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_decode_steps_equal_one_pass(op):
-    """T = 1 steps carrying the state reproduce one pass over the sequence."""
-    xs = make_inputs(op, 2, 12, 2, 64, seed=4)
+def test_decode_steps_equal_one_pass(op, device):
+    """T = 1 steps carrying the state reproduce one pass over the sequence (2 heads on the CPU,
+    3 on a GPU)."""
+    xs = on(device, make_inputs(op, 2, 12, 2 if device == "cpu" else 3, 64, seed=4))
     y_full, s_full = OPS[op](*xs)
     state, ys = None, []
     for t in range(12):

@@ -21,7 +21,7 @@ from arwkv.cli import main
 from arwkv.distill_config import ConfigError, DistillConfig, load_config_file
 from arwkv.monitor import read_metrics
 from arwkv.trainer import BatchOrder, lr_factor, micro_batches
-from tiny_run import make_run_inputs
+from fixtures import WORDS, chat_record, make_run_inputs, markov_text, tiny_teacher, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -412,22 +412,10 @@ def test_sft_micro_batches_without_assistant_tokens(tmp_path, run_inputs):
     """Rows cut from long user turns can hold no labelled token: they weigh nothing in the step's
     mean (no NaN), and the step's loss is the mean over the batch's labelled tokens."""
     g = torch.Generator().manual_seed(1)
-    from tiny_run import markov_text
-
     data = tmp_path / "long_user.jsonl"
     with data.open("w") as f:
         for _ in range(12):
-            f.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": markov_text(g, 60)},
-                            {"role": "assistant", "content": markov_text(g, 3)},
-                        ]
-                    }
-                )
-                + "\n"
-            )
+            f.write(json.dumps(chat_record(markov_text(g, 60), markov_text(g, 3))) + "\n")
     out = tmp_path / "run"
     assert (
         main(distill_args({**run_inputs, "chat": data}, out, 3, seq_len=16, micro_batch_size=1, max_steps=4))
@@ -439,21 +427,7 @@ def test_sft_micro_batches_without_assistant_tokens(tmp_path, run_inputs):
 def test_stage2_with_a_larger_teacher(tmp_path, run_inputs):
     """A deeper, wider teacher with a larger vocabulary (same tokenizer) teaches the student in
     stage 2; its extra logits are truncated to the student's vocabulary, with a warning."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from tiny_run import WORDS, word_tokenizer
-
-    torch.manual_seed(3)
-    big = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(WORDS) + 8,
-            hidden_size=96,
-            intermediate_size=192,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    big = tiny_teacher(tie=False, seed=3, vocab=len(WORDS) + 8, hidden=96, intermediate=192, layers=3)
     big.save_pretrained(tmp_path / "big")
     word_tokenizer().save_pretrained(tmp_path / "big")
     with pytest.warns(UserWarning, match="truncated to the student's vocabulary"):

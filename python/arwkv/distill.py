@@ -44,12 +44,6 @@ def alignment_loss(student: Tensor, teacher: Tensor, kind: str = "rms", mask: Te
     return (per_token * weight).sum() / weight.sum().clamp(min=1)
 
 
-def time_mixer_parameters(student: RwkvHybridForCausalLM) -> list[nn.Parameter]:
-    """What stage 1 trains: the time mixers' parameters, nothing else."""
-    return [p for layer in student.model.layers if layer.is_wkv
-            for p in layer.self_attn.time_mixer.parameters()]
-
-
 class AttentionAligner:
     """Stage 1 for one (teacher, student) pair: ``step(...)`` accumulates gradients into the
     student's time mixers and returns the per-layer losses (floats).

@@ -1,0 +1,219 @@
+"""What the tests share, in one place (no test module imports another):
+
+- the ops and their step-by-step references by name, and the devices the op tests run on;
+- the reference grid (dtypes, head sizes, lengths, tolerances) and its cached float64 results;
+- a tiny random teacher of several families;
+- a whole distillation set-up small enough for tests: a word-level tokenizer with a chat
+  template, a tiny Qwen2 teacher saved with it, its converted student, and text and chat data
+  drawn from a fixed Markov chain over the words (so there is something to learn);
+- copies of helpers only the tests use (so the product need not keep them).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import arwkv_ext
+from arwkv_ext.reference import wkv6_reference, wkv7_reference
+from arwkv_ext.testing import make_inputs
+
+# ---------------------------------------------------------------------------------------------
+# The ops and where they run
+
+OP_NAMES = ["wkv7", "wkv6"]
+OPS = {"wkv7": arwkv_ext.wkv7, "wkv6": arwkv_ext.wkv6}
+REFERENCES = {"wkv7": wkv7_reference, "wkv6": wkv6_reference}
+
+# A GPU case runs only where there is a GPU and the extension was built with kernels for it.
+NEEDS_GPU = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: torch.cuda.is_available() is False"),
+    pytest.mark.skipif(len(arwkv_ext.build_info["kernels"]) < 2,
+                       reason="arwkv_ext was built without GPU kernels (CPU only)"),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
+
+
+def on(device, xs):
+    """The tensors of xs on device (None stays None)."""
+    return [None if x is None else x.to(device) for x in xs]
+
+
+def output_names(op: str, with_state: bool) -> list[str]:
+    """Names of run_with_grads' results in order: y, final_state, then each input's gradient."""
+    out = ["y", "final_state", "r", "w", "k", "v"] + (["a", "b"] if op == "wkv7" else ["u"])
+    return out + (["initial_state"] if with_state else [])
+
+
+def flat(result) -> list[torch.Tensor]:
+    """run_with_grads' (y, final_state, grads) as one list, in output_names' order."""
+    y, state, grads = result
+    return [y, state, *grads]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference grid: dtype x N x T x with/without initial_state x with/without cu_seqlens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Relative Frobenius error against float64. 16-bit inputs return y and gradients rounded to
+# 16 bits, so their bound reflects that rounding, not the float32 arithmetic inside.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+HEAD_SIZES = [16, 32, 64, 128]
+LENGTHS = [1, 2, 15, 16, 17, 100, 1000]
+GRID_HEADS = 2
+
+
+def packing(T: int) -> list[int]:
+    """Up to three packed sequences of uneven lengths covering [0, T)."""
+    cuts = sorted({0, T // 3, (2 * T) // 3 + 1, T} - {T + 1})
+    return [c for c in cuts if c <= T]
+
+
+@functools.cache
+def reference(op: str, N: int, T: int, with_state: bool, packed: bool):
+    """float64 reference with gradients from y and from the state, shared by every dtype.
+
+    The inputs are rounded to bfloat16 once, so float32, bfloat16 and float16 copies of them
+    hold the same numbers and one float64 reference serves all three.
+    """
+    B, H = 1 if packed else 2, GRID_HEADS
+    inputs = [x.to(torch.bfloat16).float() for x in make_inputs(op, B, T, H, N, seed=N * 1000 + T)]
+    cu = torch.tensor(packing(T), dtype=torch.int32) if packed else None
+    S = len(packing(T)) - 1 if packed else B
+    g = torch.Generator().manual_seed(T)
+    s0 = torch.randn(S, H, N, N, generator=g) * 0.3 if with_state else None  # non-symmetric
+    gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
+    gs = torch.randn(S, H, N, N, generator=g, dtype=torch.float64)
+    leaves = [x.double().requires_grad_() for x in inputs]
+    if s0 is not None:
+        leaves.append(s0.double().requires_grad_())
+    y, state = REFERENCES[op](*leaves[: len(inputs)], leaves[-1] if s0 is not None else None, cu)
+    g_y = torch.autograd.grad((y * gy).sum(), leaves, retain_graph=True, allow_unused=True)
+    g_s = torch.autograd.grad((state * gs).sum(), leaves, allow_unused=True)
+    zero = [torch.zeros_like(x) for x in leaves]
+    g_y = [z if g is None else g for g, z in zip(g_y, zero, strict=True)]
+    g_s = [z if g is None else g for g, z in zip(g_s, zero, strict=True)]
+    return inputs, s0, cu, gy, gs, y.detach(), state.detach(), g_y, g_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny teachers
+
+VOCAB = 101
+
+
+def tiny_teacher(family: str = "qwen2", tie: bool = True, seed: int = 0, *, vocab: int = VOCAB,
+                 hidden: int = 128, intermediate: int = 192, layers: int = 3, **config):
+    """A random teacher (eval mode) of a transformers family, 4 attention heads over 2 key/value
+    heads; config adds to (or overrides) its config's arguments."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=tie, **config)
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    if family == "qwen3":  # head_dim 64 x 4 heads = 256 != hidden 128
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=64)).eval()
+    raise ValueError(family)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny distillation run: word tokenizer, Markov data, teacher and student on disk
+
+
+def vocabulary(n_words: int = 59) -> list[str]:
+    """The special tokens, then the words w0 ... w{n_words - 1}."""
+    return ["<eos>", "<unk>", "<user>", "<assistant>", "<system>"] + [f"w{i}" for i in range(n_words)]
+
+
+WORDS = vocabulary()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def word_tokenizer(words: list[str] = WORDS):
+    """A whitespace word-level fast tokenizer over words (id = position), with CHAT_TEMPLATE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def markov_text(g: torch.Generator, length: int) -> str:
+    """Words where each one mostly determines the next (w_i -> w_{(3 i + 1) mod 59} or a random one)."""
+    i = int(torch.randint(59, (1,), generator=g))
+    out = []
+    for _ in range(length):
+        out.append(f"w{i}")
+        i = (
+            (3 * i + 1) % 59
+            if torch.rand((), generator=g) < 0.8
+            else int(torch.randint(59, (1,), generator=g))
+        )
+    return " ".join(out)
+
+
+def chat_record(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def make_run_inputs(
+    root: Path, layers: int = 2, hidden: int = 64, docs: int = 48, seed: int = 0
+) -> dict[str, Path]:
+    """root/teacher, root/student (converted, fp32), root/text.jsonl, root/chat.jsonl."""
+    from arwkv.convert import convert_checkpoint
+
+    teacher = tiny_teacher(seed=seed, vocab=len(WORDS), hidden=hidden, intermediate=2 * hidden,
+                           layers=layers, eos_token_id=0, max_position_embeddings=512)
+    teacher.save_pretrained(root / "teacher")
+    word_tokenizer().save_pretrained(root / "teacher")
+    convert_checkpoint(root / "teacher", root / "student", head_size=16, dtype="fp32")
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 40, (docs,), generator=g).tolist()
+    with (root / "text.jsonl").open("w") as f:
+        for n in lengths:
+            f.write(json.dumps({"text": markov_text(g, n)}) + "\n")
+    with (root / "chat.jsonl").open("w") as f:
+        for n in lengths:
+            f.write(json.dumps(chat_record(markov_text(g, max(n // 3, 2)), markov_text(g, n))) + "\n")
+    return {
+        "teacher": root / "teacher",
+        "student": root / "student",
+        "text": root / "text.jsonl",
+        "chat": root / "chat.jsonl",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers only the tests use, copied from the product
+
+
+def time_mixer_parameters(student) -> list[torch.nn.Parameter]:
+    """What stage 1 trains: the time mixers' parameters, nothing else (as arwkv.distill's)."""
+    return [p for layer in student.model.layers if layer.is_wkv
+            for p in layer.self_attn.time_mixer.parameters()]
