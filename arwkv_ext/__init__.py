@@ -45,6 +45,10 @@ build_info = _check_build()
 from . import _C, reference  # _C: loading it registers torch.ops.arwkv.*
 from .ops import wkv6, wkv7
 
+HEAD_SIZES: tuple[int, ...] = tuple(_C.head_sizes())
+"""The head sizes N (last dimension of r, w, k, ...) the kernels support, from the one list the
+kernels are compiled with (``kHeadSizes`` in csrc/wkv_problem.h)."""
+
 
 def cpu_isa() -> str:
     """The instruction set the CPU kernels use now: ``avx512``, ``avx2`` or ``baseline``.
@@ -60,4 +64,4 @@ def cpu_isas_supported() -> list[str]:
     return _C.cpu_isas_supported()
 
 
-__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_isas_supported", "build_info"]
+__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_isas_supported", "build_info", "HEAD_SIZES"]

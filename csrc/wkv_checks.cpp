@@ -4,10 +4,10 @@
 
 #include <string>
 
+#include "wkv_problem.h"
+
 namespace arwkv {
 namespace {
-
-const int64_t kHeadSizes[] = {16, 32, 64, 128};
 
 // Names as Python users write them ("torch.float32", not c10's "Float").
 std::string dtype_name(at::ScalarType t) {
@@ -27,6 +27,13 @@ void check_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
                    op, ": ", name, " has dtype ", dtype_name(dt),
                    "; expected float32, bfloat16, float16 or float64 (float64 on CPU only)");
+}
+
+// "16, 32, 64, 128"
+std::string head_size_list() {
+  std::string out;
+  for (int n : kHeadSizes) out += (out.empty() ? "" : ", ") + std::to_string(n);
+  return out;
 }
 
 }  // namespace
@@ -56,10 +63,8 @@ WkvShape check_wkv_inputs(const char* op, int version, const at::Tensor& r, cons
     TORCH_CHECK_VALUE(t->device() == r.device(), op, ": ", name, " is on ", t->device(),
                       " but r is on ", r.device(), "; all tensors must be on one device");
   }
-  bool head_ok = false;
-  for (int64_t n : kHeadSizes) head_ok |= (N == n);
-  TORCH_CHECK_VALUE(head_ok, op, ": head size N = ", N, " (last dimension of r) is not supported; ",
-                    "expected one of 16, 32, 64, 128");
+  TORCH_CHECK_VALUE(is_supported_head_size(N), op, ": head size N = ", N,
+                    " (last dimension of r) is not supported; expected one of ", head_size_list());
   TORCH_CHECK_VALUE(B >= 1 && H >= 1, op, ": r has shape ", r.sizes(), "; B and H must be at least 1");
 
   if (u) {

@@ -1,5 +1,6 @@
-// Argument checks shared by every backend (CPU, Meta, and the GPU kernels to come): one
-// place that says what torch.ops.arwkv.wkv7 / wkv6 accept. Messages name the argument.
+// Argument checks shared by every backend (CPU, CUDA / ROCm and Meta), run by the adapter
+// (wkv_adapter.cpp) before it fills a problem: one place that says what torch.ops.arwkv.wkv7 /
+// wkv6 accept. Messages name the argument.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,77 +1,16 @@
-// The op schemas (written once, here), their Meta (fake) implementations, and the Python
-// module arwkv_ext._C, which exists only so that importing it loads this library.
+// The op schemas (written once, here; wkv_adapter.cpp registers their CPU, GPU and Meta
+// implementations), and the Python module arwkv_ext._C: importing it loads this library, and it
+// tells Python the head sizes and CPU instruction sets.
 #include <Python.h>
 
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <exception>
 
 #include "cpu/wkv_cpu.h"
-#include "wkv_checks.h"
+#include "wkv_problem.h"
 
 namespace arwkv {
-namespace {
-
-using at::Tensor;
-using std::optional;
-
-Tensor empty_like_shape(const Tensor& like, at::IntArrayRef shape, at::ScalarType dtype) {
-  return at::empty(shape, like.options().dtype(dtype));
-}
-
-std::tuple<Tensor, Tensor> wkv7_meta(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
-                                     const Tensor& a, const Tensor& b, const optional<Tensor>& initial_state,
-                                     const optional<Tensor>& cu_seqlens) {
-  auto g = check_wkv_inputs("arwkv.wkv7", 7, r, w, k, v, &a, &b, nullptr, initial_state, cu_seqlens);
-  return {at::empty_like(r, at::MemoryFormat::Contiguous),
-          empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
-}
-
-std::tuple<Tensor, Tensor> wkv6_meta(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v,
-                                     const Tensor& u, const optional<Tensor>& initial_state,
-                                     const optional<Tensor>& cu_seqlens) {
-  auto g = check_wkv_inputs("arwkv.wkv6", 6, r, w, k, v, nullptr, nullptr, &u, initial_state, cu_seqlens);
-  return {at::empty_like(r, at::MemoryFormat::Contiguous),
-          empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv7_backward_meta(
-    const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& a, const Tensor& b,
-    const optional<Tensor>& initial_state, const optional<Tensor>& cu_seqlens,
-    const optional<Tensor>& grad_y, const optional<Tensor>& grad_state) {
-  const char* op = "arwkv.wkv7_backward";
-  auto g = check_wkv_inputs(op, 7, r, w, k, v, &a, &b, nullptr, initial_state, cu_seqlens);
-  check_wkv_grads(op, g, r, grad_y, grad_state);
-  auto like = [&] { return at::empty_like(r, at::MemoryFormat::Contiguous); };
-  return {like(), like(), like(), like(), like(), like(),
-          empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv6_backward_meta(
-    const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& u,
-    const optional<Tensor>& initial_state, const optional<Tensor>& cu_seqlens,
-    const optional<Tensor>& grad_y, const optional<Tensor>& grad_state) {
-  const char* op = "arwkv.wkv6_backward";
-  auto g = check_wkv_inputs(op, 6, r, w, k, v, nullptr, nullptr, &u, initial_state, cu_seqlens);
-  check_wkv_grads(op, g, r, grad_y, grad_state);
-  auto like = [&] { return at::empty_like(r, at::MemoryFormat::Contiguous); };
-  return {like(), like(), like(), like(), empty_like_shape(r, {g.H, g.N}, r.scalar_type()),
-          empty_like_shape(r, {g.S, g.H, g.N, g.N}, g.state_dtype)};
-}
-
-#ifndef ARWKV_WITH_GPU
-// A CPU-only build: a GPU tensor gets one clear sentence instead of the dispatcher's list of
-// backends.
-template <class... Args>
-std::tuple<Tensor, Tensor> no_gpu_kernels(const Tensor& r, const Args&...) {
-  TORCH_CHECK(false, "arwkv: this build has CPU kernels only (it was built against a CPU torch, or with "
-              "ARWKV_BUILD_TARGET=cpu); r is on ", r.device(), ": reinstall arwkv against a CUDA or ROCm "
-              "torch, or move the inputs to the CPU");
-}
-#endif
-
-}  // namespace
 
 TORCH_LIBRARY(arwkv, m) {
   m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, "
@@ -86,20 +25,6 @@ TORCH_LIBRARY(arwkv, m) {
   m.def("wkv6_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, "
         "Tensor? initial_state, Tensor? cu_seqlens, Tensor? grad_y, Tensor? grad_state) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-#ifndef ARWKV_WITH_GPU  // otherwise csrc/gpu/wkv_gpu_ops.cpp registers the GPU kernels
-TORCH_LIBRARY_IMPL(arwkv, CUDA, m) {
-  m.impl("wkv7", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
-  m.impl("wkv6", &no_gpu_kernels<Tensor, Tensor, Tensor, Tensor, optional<Tensor>, optional<Tensor>>);
-}
-#endif
-
-TORCH_LIBRARY_IMPL(arwkv, Meta, m) {
-  m.impl("wkv7", &wkv7_meta);
-  m.impl("wkv6", &wkv6_meta);
-  m.impl("wkv7_backward", &wkv7_backward_meta);
-  m.impl("wkv6_backward", &wkv6_backward_meta);
 }
 
 }  // namespace arwkv
@@ -127,7 +52,15 @@ static PyObject* arwkv_cpu_isas_supported(PyObject*, PyObject*) {
   return out;
 }
 
+static PyObject* arwkv_head_sizes(PyObject*, PyObject*) {
+  PyObject* out = PyTuple_New(arwkv::kNumHeadSizes);
+  if (!out) return nullptr;
+  for (int i = 0; i < arwkv::kNumHeadSizes; ++i) PyTuple_SET_ITEM(out, i, PyLong_FromLong(arwkv::kHeadSizes[i]));
+  return out;
+}
+
 static PyMethodDef kMethods[] = {
+    {"head_sizes", arwkv_head_sizes, METH_NOARGS, "The head sizes N the kernels support, as a tuple."},
     {"cpu_isa", arwkv_cpu_isa, METH_NOARGS,
      "Instruction set the CPU kernels use now (ARWKV_CPU_ISA overrides the best supported)."},
     {"cpu_isas_supported", arwkv_cpu_isas_supported, METH_NOARGS,

@@ -8,12 +8,12 @@
 
 namespace arwkv::cpu {
 
-int64_t row_splits(const WkvArgs& p) {
+int64_t row_splits(const WkvProblem& p, int num_threads) {
   // Split the value rows of a head across tasks only when there are too few heads to keep
   // every thread busy; each split keeps at least 16 rows.
   int64_t splits = 1;
   const int64_t heads = p.num_seqs * p.H;
-  while (heads * splits < 2 * int64_t(p.num_threads) && p.N / (2 * splits) >= 16) splits *= 2;
+  while (heads * splits < 2 * int64_t(num_threads) && p.N / (2 * splits) >= 16) splits *= 2;
   return splits;
 }
 
@@ -70,19 +70,19 @@ Isa active_isa() {
   return Isa::baseline;
 }
 
-void forward(const WkvArgs& args, const WkvForwardOut& out, const ParallelFor& pf) {
+void forward(const WkvProblem& p, const ParallelFor& pf) {
   switch (active_isa()) {
-    case Isa::avx512: return avx512::forward(args, out, pf);
-    case Isa::avx2: return avx2::forward(args, out, pf);
-    default: return baseline::forward(args, out, pf);
+    case Isa::avx512: return avx512::forward(p, pf);
+    case Isa::avx2: return avx2::forward(p, pf);
+    default: return baseline::forward(p, pf);
   }
 }
 
-void backward(const WkvArgs& args, const WkvBackwardIO& io, const ParallelFor& pf) {
+void backward(const WkvBackwardProblem& p, const ParallelFor& pf) {
   switch (active_isa()) {
-    case Isa::avx512: return avx512::backward(args, io, pf);
-    case Isa::avx2: return avx2::backward(args, io, pf);
-    default: return baseline::backward(args, io, pf);
+    case Isa::avx512: return avx512::backward(p, pf);
+    case Isa::avx2: return avx2::backward(p, pf);
+    default: return baseline::backward(p, pf);
   }
 }
 

@@ -25,11 +25,7 @@
 #else
 // Not an x86-64 build: the dispatcher never selects this instruction set.
 namespace arwkv::cpu::avx512 {
-void forward(const WkvArgs& args, const WkvForwardOut& out, const ParallelFor& pf) {
-  baseline::forward(args, out, pf);
-}
-void backward(const WkvArgs& args, const WkvBackwardIO& io, const ParallelFor& pf) {
-  baseline::backward(args, io, pf);
-}
+void forward(const WkvProblem& p, const ParallelFor& pf) { baseline::forward(p, pf); }
+void backward(const WkvBackwardProblem& p, const ParallelFor& pf) { baseline::backward(p, pf); }
 }  // namespace arwkv::cpu::avx512
 #endif

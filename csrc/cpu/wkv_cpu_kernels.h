@@ -186,12 +186,12 @@ template <class A> struct Scratch {
 struct Segment {
   int64_t batch, t_begin, t_end;
 };
-inline Segment segment(const WkvArgs& p, int64_t s) {
+inline Segment segment(const WkvProblem& p, int64_t s) {
   if (p.cu_seqlens) return {0, p.cu_seqlens[s], p.cu_seqlens[s + 1]};
   return {s, 0, p.T};
 }
 // Offset of element (batch, t, h, 0) in a [B, T, H, N] tensor.
-inline int64_t offset(const WkvArgs& p, int64_t batch, int64_t t, int64_t h) {
+inline int64_t offset(const WkvProblem& p, int64_t batch, int64_t t, int64_t h) {
   return ((batch * p.T + t) * p.H + h) * p.N;
 }
 
@@ -207,7 +207,7 @@ template <class In, class A> struct Chunk {
     for (int64_t i = 0; i < kChunk * N_; ++i) a.p[i] = b.p[i] = A(0);
   }
 
-  void pack(const WkvArgs& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
+  void pack(const WkvProblem& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
             const In* grad_y) {
     const In* rin = static_cast<const In*>(p.r);
     const In* win = static_cast<const In*>(p.w);
@@ -230,7 +230,7 @@ template <class In, class A> struct Chunk {
 
   // Rows of one head are H * N elements apart, so each step's inputs sit on another page,
   // where hardware prefetchers stop: ask for the next chunk while this one is computed.
-  void prefetch(const WkvArgs& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
+  void prefetch(const WkvProblem& p, int64_t batch, int64_t h, int64_t t0, int64_t n, int64_t row0,
                 const In* grad_y) const {
     const In* inputs[] = {static_cast<const In*>(p.r), static_cast<const In*>(p.w),
                           static_cast<const In*>(p.k), static_cast<const In*>(p.a),
@@ -307,7 +307,7 @@ inline void step6(A* St, int64_t N, const A* d, const A* k, const A* r, A ruk, c
 // Writes y (if y_out), the final state (if final_out) and, if snapshots, the state at the
 // start of every chunk as [chunk][row][key].
 template <class In, class A, int RV>
-void forward_rows(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
+void forward_rows(const WkvProblem& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
                   A* final_out, A* snapshots) {
   using V = typename VecOf<A>::V;
   constexpr int W = VecOf<A>::W, RW = RV * W;
@@ -378,7 +378,7 @@ void forward_rows(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_
 constexpr int64_t kShortSegment = 4;
 
 template <class In, class A>
-void forward_rows_short(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
+void forward_rows_short(const WkvProblem& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y_out,
                         A* final_out, A* snapshots) {
   using V = typename VecOf<A>::V;
   constexpr int W = VecOf<A>::W;
@@ -432,7 +432,7 @@ void forward_rows_short(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, 
 }
 
 template <class In, class A>
-void forward_rows_any(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y,
+void forward_rows_any(const WkvProblem& p, int64_t seg, int64_t h, int64_t row0, int64_t rows, In* y,
                       A* final_out, A* snapshots) {
   constexpr int W = VecOf<A>::W;
   const Segment sg = segment(p, seg);
@@ -445,8 +445,18 @@ void forward_rows_any(const WkvArgs& p, int64_t seg, int64_t h, int64_t row0, in
 }
 
 // ---- backward ---------------------------------------------------------------------------
+// Where one call's backward tasks write: the per-split partial column sums and grad_u, and
+// grad_v and grad_initial_state, all in the accumulation type. backward_typed() below adds the
+// partial sums up (and converts them) into the problem's gradients.
+template <class A> struct Partials {
+  A* columns[5] = {};           // r, w, k and (WKV-7) a, b: each [splits, B, T, H, N]
+  A* v = nullptr;               // [B, T, H, N]
+  A* u = nullptr;               // WKV-6: [splits, S, H, N]
+  A* initial_state = nullptr;   // [S, H, N, N]
+};
+
 template <class In, class A>
-void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64_t h, int64_t split,
+void backward_rows(const WkvBackwardProblem& p, const Partials<A>& io, int64_t seg, int64_t h, int64_t split,
                    int64_t rows) {
   using V = typename VecOf<A>::V;
   constexpr int W = VecOf<A>::W;
@@ -457,15 +467,15 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
   const int64_t chunks = (len + kChunk - 1) / kChunk;
   const int64_t plane = p.B * p.T * p.H * p.N;  // one [B, T, H, N] gradient
   A* gcol[5] = {};  // this split's partial column gradients: r, w, k, a, b
-  for (int q = 0; q < (v7 ? 5 : 3); ++q) gcol[q] = static_cast<A*>(io.grad_columns[q]) + split * plane;
-  A* gv = static_cast<A*>(io.grad_v);
+  for (int q = 0; q < (v7 ? 5 : 3); ++q) gcol[q] = io.columns[q] + split * plane;
+  A* gv = io.v;
 
   Scratch<A> snaps(chunks * rows * N);
   forward_rows_any<In, A>(p, seg, h, row0, rows, nullptr, nullptr, snaps.p);
 
   // dS = d loss / d S_t, rows [row0, row0 + rows) of this head, [row][key].
   Scratch<A> dS(rows * N);
-  const A* gs = static_cast<const A*>(io.grad_state);
+  const A* gs = static_cast<const A*>(p.grad_state);
   for (int64_t i = 0; i < rows * N; ++i) dS.p[i] = gs ? gs[(seg * H + h) * N * N + row0 * N + i] : A(0);
 
   Chunk<In, A> ch(N, rows);
@@ -475,7 +485,7 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
   Scratch<A> du(N);
   for (int64_t j = 0; j < N; ++j) du.p[j] = 0;
   if (!v7) load_row(static_cast<const In*>(p.u) + h * N, u.p, N);
-  const In* gy_in = static_cast<const In*>(io.grad_y);
+  const In* gy_in = static_cast<const In*>(p.grad_y);
 
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t t0 = sg.t_begin + c * kChunk;
@@ -607,10 +617,10 @@ void backward_rows(const WkvArgs& p, const WkvBackwardIO& io, int64_t seg, int64
       }
     }
   }
-  A* g0 = static_cast<A*>(io.grad_initial_state) + (seg * H + h) * N * N + row0 * N;
+  A* g0 = io.initial_state + (seg * H + h) * N * N + row0 * N;
   for (int64_t i = 0; i < rows * N; ++i) g0[i] = dS.p[i];
   if (!v7) {
-    A* gu = static_cast<A*>(io.grad_u) + ((split * p.num_seqs + seg) * H + h) * N;
+    A* gu = io.u + ((split * p.num_seqs + seg) * H + h) * N;
     for (int64_t j = 0; j < N; ++j) gu[j] = du.p[j];
   }
 }
@@ -628,56 +638,103 @@ struct FlushDenormals {
 
 // The tasks of one call: (segment, head, row split) triples, run by the caller's threads.
 template <class In, class A, bool kBackward> struct Tasks {
-  const WkvArgs* p;
-  const WkvForwardOut* out;
-  const WkvBackwardIO* io;
+  const WkvProblem* p;
+  const Partials<A>* io;  // backward only
   int64_t splits;
 
   static void run(void* ctx, int64_t begin, int64_t end) {
     const Tasks& ts = *static_cast<const Tasks*>(ctx);
-    const WkvArgs& p = *ts.p;
+    const WkvProblem& p = *ts.p;
     const int64_t rows = p.N / ts.splits;
     FlushDenormals ftz;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seg = task / (p.H * ts.splits), h = task / ts.splits % p.H, split = task % ts.splits;
       if constexpr (kBackward)
-        backward_rows<In, A>(p, *ts.io, seg, h, split, rows);
+        backward_rows<In, A>(static_cast<const WkvBackwardProblem&>(p), *ts.io, seg, h, split, rows);
       else
-        forward_rows_any<In, A>(p, seg, h, split * rows, rows, static_cast<In*>(ts.out->y),
-                                static_cast<A*>(ts.out->final_state), nullptr);
+        forward_rows_any<In, A>(p, seg, h, split * rows, rows, static_cast<In*>(p.y),
+                                static_cast<A*>(p.final_state), nullptr);
     }
   }
 };
 
+template <class X, class Y> struct SameType { static constexpr bool value = false; };
+template <class X> struct SameType<X, X> { static constexpr bool value = true; };
+
+// out[i] = sum over s < terms of src[s * stride + i], converted to In, for i in [0, n): the
+// row splits' partial sums added up in split order, in the accumulation type.
+template <class In, class A> struct SumTerms {
+  const A* src;
+  In* out;
+  int64_t n, stride, terms;
+  static constexpr int64_t kBlock = 4096;  // elements per task
+
+  static void run(void* ctx, int64_t begin, int64_t end) {
+    const SumTerms& st = *static_cast<const SumTerms*>(ctx);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i1 = (blk + 1) * kBlock < st.n ? (blk + 1) * kBlock : st.n;
+      for (int64_t i = blk * kBlock; i < i1; ++i) {
+        A acc = st.src[i];
+        for (int64_t s = 1; s < st.terms; ++s) acc += st.src[s * st.stride + i];
+        from_acc(acc, st.out + i);
+      }
+    }
+  }
+  void operator()(const ParallelFor& pf) {
+    if (n > 0) pf((n + kBlock - 1) / kBlock, this, &SumTerms::run);
+  }
+};
+
 template <class In, class A>
-void forward_typed(const WkvArgs& p, const WkvForwardOut& out, const ParallelFor& pf) {
-  Tasks<In, A, false> ts{&p, &out, nullptr, row_splits(p)};
+void forward_typed(const WkvProblem& p, const ParallelFor& pf) {
+  Tasks<In, A, false> ts{&p, nullptr, row_splits(p, pf.num_threads)};
   pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A, false>::run);
 }
 
 template <class In, class A>
-void backward_typed(const WkvArgs& p, const WkvBackwardIO& io, const ParallelFor& pf) {
-  Tasks<In, A, true> ts{&p, nullptr, &io, row_splits(p)};
-  pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A, true>::run);
+void backward_typed(const WkvBackwardProblem& p, const ParallelFor& pf) {
+  const int64_t splits = row_splits(p, pf.num_threads);
+  const int64_t plane = p.B * p.T * p.H * p.N, hn = p.H * p.N;
+  const int ncols = p.version == 7 ? 5 : 3;
+  void* const grads[5] = {p.grad_r, p.grad_w, p.grad_k, p.grad_a, p.grad_b};
+  // With one split and float32 / float64 inputs, the tasks write the gradients themselves.
+  constexpr bool kSame = SameType<In, A>::value;
+  const bool direct = kSame && splits == 1;
+  Scratch<A> columns(direct ? 0 : ncols * splits * plane), gv(kSame ? 0 : plane);
+  Scratch<A> gu(p.version == 6 ? splits * p.num_seqs * hn : 0);
+  Partials<A> io;
+  for (int q = 0; q < ncols; ++q)
+    io.columns[q] = direct ? static_cast<A*>(grads[q]) : columns.p + q * splits * plane;
+  io.v = kSame ? static_cast<A*>(p.grad_v) : gv.p;
+  io.u = gu.p;
+  io.initial_state = static_cast<A*>(p.grad_initial_state);
+  Tasks<In, A, true> ts{&p, &io, splits};
+  pf(p.num_seqs * p.H * splits, &ts, &Tasks<In, A, true>::run);
+
+  if (!direct)
+    for (int q = 0; q < ncols; ++q)
+      SumTerms<In, A>{io.columns[q], static_cast<In*>(grads[q]), plane, plane, splits}(pf);
+  if (!kSame) SumTerms<In, A>{io.v, static_cast<In*>(p.grad_v), plane, plane, 1}(pf);
+  if (p.version == 6) SumTerms<In, A>{io.u, static_cast<In*>(p.grad_u), hn, hn, splits * p.num_seqs}(pf);
 }
 
 }  // namespace
 
-void forward(const WkvArgs& p, const WkvForwardOut& out, const ParallelFor& pf) {
+void forward(const WkvProblem& p, const ParallelFor& pf) {
   switch (p.dtype) {
-    case DType::f32: return forward_typed<float, float>(p, out, pf);
-    case DType::f64: return forward_typed<double, double>(p, out, pf);
-    case DType::bf16: return forward_typed<bf16, float>(p, out, pf);
-    case DType::f16: return forward_typed<f16h, float>(p, out, pf);
+    case DType::f32: return forward_typed<float, float>(p, pf);
+    case DType::f64: return forward_typed<double, double>(p, pf);
+    case DType::bf16: return forward_typed<bf16, float>(p, pf);
+    case DType::f16: return forward_typed<f16h, float>(p, pf);
   }
 }
 
-void backward(const WkvArgs& p, const WkvBackwardIO& io, const ParallelFor& pf) {
+void backward(const WkvBackwardProblem& p, const ParallelFor& pf) {
   switch (p.dtype) {
-    case DType::f32: return backward_typed<float, float>(p, io, pf);
-    case DType::f64: return backward_typed<double, double>(p, io, pf);
-    case DType::bf16: return backward_typed<bf16, float>(p, io, pf);
-    case DType::f16: return backward_typed<f16h, float>(p, io, pf);
+    case DType::f32: return backward_typed<float, float>(p, pf);
+    case DType::f64: return backward_typed<double, double>(p, pf);
+    case DType::bf16: return backward_typed<bf16, float>(p, pf);
+    case DType::f16: return backward_typed<f16h, float>(p, pf);
   }
 }
 

@@ -1,8 +1,14 @@
-// Plain C++ interface of the GPU kernels (no ATen, no CUDA headers), shared by the kernel files
-// and the torch adapter wkv_gpu_ops.cpp.
+// Plain C++ interface of the GPU kernels (no ATen, no CUDA headers), shared by the kernel files,
+// the torch side of the GPU backend (wkv_gpu_backend.cpp) and the C++ emulator tests. The
+// problem itself is the shared description in csrc/wkv_problem.h; what is here belongs to the
+// GPU backend alone: where to launch, the backward's scratch, and how a launch failed.
 #pragma once
 
 #include <stdint.h>
+
+#include <string>
+
+#include "../wkv_problem.h"
 
 namespace arwkv {
 namespace gpu {
@@ -15,42 +21,51 @@ struct F16 { uint16_t bits; };
 // recomputes from (one [N, N] float32 snapshot per chunk and head).
 constexpr int kChunk = 8;
 
-// Everything a launch needs. Sequence tensors are contiguous [B, T, H, N] (token-major, so
-// element (token, h, j) sits at (token * H + h) * N + j); states are float32 [S, H, N, N] with
-// S[s, h, i, j], i = value row, j = key. Pointers that are not used may be null.
-struct WkvParams {
-  int version = 7;                 // 7: a, b; 6: u
-  int64_t B = 0, T = 0, H = 0, N = 0;
-  int64_t num_seqs = 0;            // S: B, or the number of sequences packed by cu_seqlens
-  const void *r = nullptr, *w = nullptr, *k = nullptr, *v = nullptr;
-  const void *a = nullptr, *b = nullptr, *u = nullptr;  // u: [H, N]
-  const float* initial_state = nullptr;                 // null: zeros
-  const int64_t* cu_seqlens = nullptr;                  // device [S + 1], or null
-  // forward
-  void* y = nullptr;
-  float* final_state = nullptr;
-  // backward: gradients in the inputs' dtype, except the float32 state gradient and grad_u,
-  // which is float32 [S, H, N] (one partial sum per sequence; the caller adds them up).
-  const void* grad_y = nullptr;        // null: zeros
-  const float* grad_state = nullptr;   // null: zeros
-  void *grad_r = nullptr, *grad_w = nullptr, *grad_k = nullptr, *grad_v = nullptr;
-  void *grad_a = nullptr, *grad_b = nullptr;
-  float* grad_u_partial = nullptr;
-  float* grad_initial_state = nullptr;
-  // backward scratch, see backward_scratch_floats()
-  float* snapshots = nullptr;      // [num_chunk_slots, H, N, N], each snapshot stored transposed
-  float* sa = nullptr;             // [B * T, H, N]: S a_t per step (WKV-7)
-  float* dsa = nullptr;            // [B * T, H, N]: its gradient (WKV-7)
-  int num_sms = 1;                 // multiprocessors of the device (chooses how rows are split)
-  void* stream = nullptr;          // cudaStream_t / hipStream_t to launch on
+// Where and how to launch.
+struct Device {
+  int num_sms = 1;         // multiprocessors of the device (chooses how rows are split)
+  void* stream = nullptr;  // cudaStream_t / hipStream_t to launch on
+};
+
+// Device memory the backward needs besides the problem's own (float32; see backward_scratch).
+struct BackwardScratch {
+  float* snapshots = nullptr;       // [num_chunk_slots, H, N, N], each snapshot stored transposed
+  float* sa = nullptr;              // WKV-7: [B * T, H, N], S a_t per step
+  float* dsa = nullptr;             // WKV-7: its gradient
+  float* grad_u_partial = nullptr;  // WKV-6: [S, H, N], grad_u per sequence (the caller adds them up)
 };
 
 // Snapshot slots: sequence s uses ceil(len_s / kChunk) slots from floor(start_s / kChunk) + s on.
-inline int64_t num_chunk_slots(const WkvParams& p) { return (p.B * p.T) / kChunk + p.num_seqs + 1; }
+inline int64_t num_chunk_slots(const WkvProblem& p) { return (p.B * p.T) / kChunk + p.num_seqs + 1; }
 
-// Each returns nullptr on success, or the launch error's text.
-template <class T> const char* forward(const WkvParams& p);
-template <class T> const char* backward(const WkvParams& p);
+// Sizes in floats of the scratch buffers of a backward problem.
+struct BackwardScratchSizes {
+  int64_t snapshots, sa, dsa, grad_u_partial;
+};
+inline BackwardScratchSizes backward_scratch(const WkvProblem& p) {
+  const int64_t steps = p.B * p.T * p.H * p.N;
+  return {num_chunk_slots(p) * p.H * p.N * p.N, p.version == 7 ? steps : 0, p.version == 7 ? steps : 0,
+          p.version == 6 ? p.num_seqs * p.H * p.N : 0};
+}
+
+// The outcome of forward() / backward(): which kernel failed to launch, and why.
+struct LaunchStatus {
+  const char* error = nullptr;   // null: every launch succeeded
+  const char* kernel = nullptr;  // e.g. "wkv7_backward_columns"
+  const char* dtype = nullptr;   // "f32", "bf16" or "f16"
+  int N = 0;
+  bool ok() const { return error == nullptr; }
+};
+
+// "GPU kernel wkv7_backward_columns<bf16, N=64> launch failed: <error>"
+inline std::string describe(const LaunchStatus& s) {
+  return std::string("GPU kernel ") + (s.kernel ? s.kernel : "?") + "<" + (s.dtype ? s.dtype : "?") +
+         ", N=" + std::to_string(s.N) + "> launch failed: " + (s.error ? s.error : "no error");
+}
+
+// T: float, Bf16 or F16, the problem's dtype (float64 has no GPU kernels).
+template <class T> LaunchStatus forward(const WkvProblem& p, const Device& d);
+template <class T> LaunchStatus backward(const WkvBackwardProblem& p, const BackwardScratch& s, const Device& d);
 
 }  // namespace gpu
 }  // namespace arwkv

@@ -17,7 +17,13 @@
 //         grad_r, grad_w, grad_k (grad_a, grad_b | grad_u) as column sums over its rows.
 //    Nothing is shared between heads or sequences, and every output element is written by
 //    exactly one thread: results are deterministic.
+//
+// Interface: wkv_gpu.h (the problem is csrc/wkv_problem.h; the scratch, stream and multiprocessor
+// count are the GPU backend's own). Each kernel takes the problem and the scratch by value.
 #pragma once
+
+#include <type_traits>
+#include <utility>
 
 #include "wkv_gpu_compat.h"
 
@@ -39,7 +45,7 @@ struct Segment {
   int64_t first_slot;  // its first snapshot slot
 };
 
-__device__ __forceinline__ Segment segment_of(const WkvParams& p, int s) {
+__device__ __forceinline__ Segment segment_of(const WkvProblem& p, int s) {
   Segment g;
   if (p.cu_seqlens) {
     g.bos = p.cu_seqlens[s];
@@ -102,7 +108,7 @@ static_assert(kChunk % kStage == 0, "a chunk is whole stages");
 // Stages n steps from step c0 on: the key vectors r, decay = exp(w), k, a, b (WKV-7) or r, decay, k
 // (WKV-6) for all N keys, and one per-row value (v or grad_y) for the block's rows.
 template <class T, int V, int N, int ROWS, int THREADS>
-__device__ __forceinline__ void stage_rows(const WkvParams& p, const Segment& g, int h, int row0, int c0,
+__device__ __forceinline__ void stage_rows(const WkvProblem& p, const Segment& g, int h, int row0, int c0,
                                            int n, const void* row_src, float (*kr)[N], float (*kd)[N],
                                            float (*kk)[N], float (*ka)[N], float (*kb)[N],
                                            float (*xr)[ROWS]) {
@@ -125,7 +131,8 @@ __device__ __forceinline__ void stage_rows(const WkvParams& p, const Segment& g,
 }
 
 template <class T, int V, class Tile, int MODE>
-__global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams p) {
+__global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvBackwardProblem p,
+                                                                  const BackwardScratch sc) {
   constexpr int N = Tile::N, L = Tile::L, ROWS = Tile::ROWS, Q = Tile::Q, THREADS = Tile::THREADS;
   __shared__ __align__(16) float kr[kStage][N];
   __shared__ __align__(16) float kd[kStage][N];
@@ -143,7 +150,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
 
   float S[Q][4];  // this thread's keys of row i (of S, or of dS in kStateGrad mode)
   float u[Q][4];  // WKV-6 bonus for these keys
-  const float* init = MODE == kStateGrad ? p.grad_state : p.initial_state;
+  const float* init = static_cast<const float*>(MODE == kStateGrad ? p.grad_state : p.initial_state);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
     const int j = Tile::key(q, lane, 0);
@@ -158,7 +165,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
     const int c = MODE == kStateGrad ? num_chunks - 1 - step : step;
     const int c0 = c * kChunk, n = min(kChunk, g.len - c0);
     if (MODE == kSnapshots) {  // the state before this chunk, transposed: [key][row]
-      float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N;
+      float* snap = sc.snapshots + ((g.first_slot + c) * H + h) * N * N;
 #pragma unroll
       for (int q = 0; q < Q; ++q)
 #pragma unroll
@@ -210,7 +217,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
               y = group_sum<L>(y);
               if (lane == 0) store<T>(p.y, out, y);
             } else if (lane == 0) {
-              p.sa[out] = sa;
+              sc.sa[out] = sa;
             }
           } else {
             // y = sum_j r_j (S_ij + u_j k_j v_i);  S = S diag(d) + v k^T
@@ -254,7 +261,7 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
             }
             if (lane == 0) {
               store<T>(p.grad_v, out, dv);
-              p.dsa[out] = dsa;
+              sc.dsa[out] = dsa;
             }
           } else {
             // grad_v = dS k + gy (r . u k);  dS = dS diag(d) + gy r^T
@@ -276,7 +283,8 @@ __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvParams
     }
   }
 
-  float* final_out = MODE == kForward ? p.final_state : MODE == kStateGrad ? p.grad_initial_state : nullptr;
+  float* final_out =
+      static_cast<float*>(MODE == kForward ? p.final_state : MODE == kStateGrad ? p.grad_initial_state : nullptr);
   if (final_out) {
 #pragma unroll
     for (int q = 0; q < Q; ++q)
@@ -344,7 +352,8 @@ struct ColTile {
 };
 
 template <class T, int V, int N>
-__global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const WkvParams p) {
+__global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const WkvBackwardProblem p,
+                                                                           const BackwardScratch sc) {
   using Tile = ColTile<N>;
   constexpr int RR = Tile::RR, G = Tile::G, COLS = Tile::COLS, THREADS = Tile::THREADS;
   // row vectors of the chunk: v, grad_y, and for WKV-7 sa and dsa
@@ -367,7 +376,7 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
   float dS[RR];  // dLoss/dS[row(e), j], walking backwards in time
 #pragma unroll
   for (int e = 0; e < RR; ++e)
-    dS[e] = p.grad_state ? p.grad_state[((int64_t(s) * H + h) * N + row(e)) * N + j] : 0.f;
+    dS[e] = p.grad_state ? static_cast<const float*>(p.grad_state)[((int64_t(s) * H + h) * N + row(e)) * N + j] : 0.f;
   const float uj = V == 6 ? load<T>(p.u, int64_t(h) * N + j) : 0.f;
   float du = 0.f;
   // The gradient whose column sums this lane stores in the walk back (chosen once, by bitwise
@@ -386,8 +395,8 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
       rv[st][i] = load<T>(p.v, off);
       rgy[st][i] = p.grad_y ? load<T>(p.grad_y, off) : 0.f;
       if (V == 7) {
-        rsa[st][i] = p.sa[off];
-        rdsa[st][i] = p.dsa[off];
+        rsa[st][i] = sc.sa[off];
+        rdsa[st][i] = sc.dsa[off];
       }
     }
     for (int idx = threadIdx.x; idx < n * COLS; idx += THREADS) {
@@ -408,7 +417,7 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
     float prev[kChunk][RR];
     float gyv[kChunk];  // WKV-6: grad_y_t . v_t
     float S[RR];
-    const float* snap = p.snapshots + ((g.first_slot + c) * H + h) * N * N + int64_t(j) * N;
+    const float* snap = sc.snapshots + ((g.first_slot + c) * H + h) * N * N + int64_t(j) * N;
 #pragma unroll
     for (int e = 0; e < RR; e += 4) {
       const float4 x = *reinterpret_cast<const float4*>(snap + row(e));
@@ -492,98 +501,124 @@ __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const 
       }
     }
   }
-  if (V == 6 && gl == 0) p.grad_u_partial[(int64_t(s) * H + h) * N + j] = du;
+  if (V == 6 && gl == 0) sc.grad_u_partial[(int64_t(s) * H + h) * N + j] = du;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launchers.
+// Launchers. Each launch is checked at once, so a failure names its kernel.
 
-inline const char* launch_status() {
+template <class T> constexpr const char* dtype_name();
+template <> constexpr const char* dtype_name<float>() { return "f32"; }
+template <> constexpr const char* dtype_name<Bf16>() { return "bf16"; }
+template <> constexpr const char* dtype_name<F16>() { return "f16"; }
+
+// The kernels' names in launch errors, by version and step.
+template <int V, int MODE>
+constexpr const char* rows_kernel_name() {
+  if (MODE == kForward) return V == 7 ? "wkv7_forward_rows" : "wkv6_forward_rows";
+  if (MODE == kSnapshots) return V == 7 ? "wkv7_backward_snapshots" : "wkv6_backward_snapshots";
+  return V == 7 ? "wkv7_backward_state_grad" : "wkv6_backward_state_grad";
+}
+template <int V>
+constexpr const char* columns_kernel_name() {
+  return V == 7 ? "wkv7_backward_columns" : "wkv6_backward_columns";
+}
+
+template <class T, int N>
+LaunchStatus launch_status(const char* kernel) {
   const gpuError_t e = gpu_last_error();
-  return gpu_ok(e) ? nullptr : gpu_error_string(e);
+  LaunchStatus s;
+  if (!gpu_ok(e)) s = {gpu_error_string(e), kernel, dtype_name<T>(), N};
+  return s;
 }
 
 template <class T, int V, class Tile, int MODE>
-void launch_rows_tile(const WkvParams& p) {
+void launch_rows_tile(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
   const dim3 grid(unsigned(Tile::N / Tile::ROWS), unsigned(p.H), unsigned(p.num_seqs));
   const auto kernel = wkv_rows_kernel<T, V, Tile, MODE>;
-  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(p.stream), p);
+  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(d.stream), p, sc);
 }
 
 template <class T, int V, int N, int MODE>
-void launch_rows(const WkvParams& p) {
+LaunchStatus launch_rows(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
   using Wide = typename WideRows<N>::Tile;
   using Narrow = typename NarrowRows<N>::Tile;
   // Fewer wide blocks than two per multiprocessor leaves most of the GPU idle (decoding, one
   // long sequence): split each head into more, narrower row bands instead.
   const int64_t wide_blocks = p.num_seqs * p.H * (N / Wide::ROWS);
-  if (wide_blocks >= 2 * int64_t(p.num_sms))
-    launch_rows_tile<T, V, Wide, MODE>(p);
+  if (wide_blocks >= 2 * int64_t(d.num_sms))
+    launch_rows_tile<T, V, Wide, MODE>(p, sc, d);
   else
-    launch_rows_tile<T, V, Narrow, MODE>(p);
+    launch_rows_tile<T, V, Narrow, MODE>(p, sc, d);
+  return launch_status<T, N>(rows_kernel_name<V, MODE>());
 }
 
 template <class T, int V, int N>
-void launch_columns(const WkvParams& p) {
+LaunchStatus launch_columns(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
   using Tile = ColTile<N>;
   const dim3 grid(unsigned(N / Tile::COLS), unsigned(p.H), unsigned(p.num_seqs));
   const auto kernel = wkv_columns_kernel<T, V, N>;
-  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(p.stream), p);
+  ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(d.stream), p, sc);
+  return launch_status<T, N>(columns_kernel_name<V>());
 }
 
 template <class T, int V, int N>
-const char* forward_n(const WkvParams& p) {
-  launch_rows<T, V, N, kForward>(p);
-  return launch_status();
+LaunchStatus forward_n(const WkvProblem& p, const Device& d) {
+  WkvBackwardProblem args;  // the kernels' one argument type; no gradients in the forward
+  static_cast<WkvProblem&>(args) = p;
+  return launch_rows<T, V, N, kForward>(args, BackwardScratch{}, d);
 }
 
 template <class T, int V, int N>
-const char* backward_n(const WkvParams& p) {
-  launch_rows<T, V, N, kSnapshots>(p);
-  if (const char* err = launch_status()) return err;
-  launch_rows<T, V, N, kStateGrad>(p);
-  if (const char* err = launch_status()) return err;
-  launch_columns<T, V, N>(p);
-  return launch_status();
+LaunchStatus backward_n(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+  LaunchStatus s = launch_rows<T, V, N, kSnapshots>(p, sc, d);
+  if (s.ok()) s = launch_rows<T, V, N, kStateGrad>(p, sc, d);
+  if (s.ok()) s = launch_columns<T, V, N>(p, sc, d);
+  return s;
+}
+
+// f(std::integral_constant<int, N>) for the problem's head size N, one instantiation per entry
+// of kHeadSizes (the one list; a head size added there needs its row tiles above).
+template <class F, size_t... I>
+LaunchStatus with_head_size(int64_t n, const char* kernel, const char* dtype, F&& f, std::index_sequence<I...>) {
+  LaunchStatus s{"unsupported head size", kernel, dtype, int(n)};
+  (void)((n == kHeadSizes[I] ? (s = f(std::integral_constant<int, kHeadSizes[I]>{}), true) : false) || ...);
+  return s;
+}
+template <class F>
+LaunchStatus with_head_size(int64_t n, const char* kernel, const char* dtype, F&& f) {
+  return with_head_size(n, kernel, dtype, static_cast<F&&>(f), std::make_index_sequence<kNumHeadSizes>());
 }
 
 template <class T, int V>
-const char* forward_v(const WkvParams& p) {
-  switch (p.N) {
-    case 16: return forward_n<T, V, 16>(p);
-    case 32: return forward_n<T, V, 32>(p);
-    case 64: return forward_n<T, V, 64>(p);
-    case 128: return forward_n<T, V, 128>(p);
-    default: return "arwkv: unsupported head size";
-  }
+LaunchStatus forward_v(const WkvProblem& p, const Device& d) {
+  return with_head_size(p.N, rows_kernel_name<V, kForward>(), dtype_name<T>(),
+                        [&](auto n) { return forward_n<T, V, decltype(n)::value>(p, d); });
 }
 
 template <class T, int V>
-const char* backward_v(const WkvParams& p) {
-  switch (p.N) {
-    case 16: return backward_n<T, V, 16>(p);
-    case 32: return backward_n<T, V, 32>(p);
-    case 64: return backward_n<T, V, 64>(p);
-    case 128: return backward_n<T, V, 128>(p);
-    default: return "arwkv: unsupported head size";
-  }
+LaunchStatus backward_v(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+  return with_head_size(p.N, rows_kernel_name<V, kSnapshots>(), dtype_name<T>(),
+                        [&](auto n) { return backward_n<T, V, decltype(n)::value>(p, sc, d); });
 }
 
 template <class T>
-const char* forward(const WkvParams& p) {
-  if (p.num_seqs == 0 || p.H == 0) return nullptr;
-  return p.version == 7 ? forward_v<T, 7>(p) : forward_v<T, 6>(p);
+LaunchStatus forward(const WkvProblem& p, const Device& d) {
+  if (p.num_seqs == 0 || p.H == 0) return {};
+  return p.version == 7 ? forward_v<T, 7>(p, d) : forward_v<T, 6>(p, d);
 }
 
 template <class T>
-const char* backward(const WkvParams& p) {
-  if (p.num_seqs == 0 || p.H == 0) return nullptr;
-  return p.version == 7 ? backward_v<T, 7>(p) : backward_v<T, 6>(p);
+LaunchStatus backward(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+  if (p.num_seqs == 0 || p.H == 0) return {};
+  return p.version == 7 ? backward_v<T, 7>(p, sc, d) : backward_v<T, 6>(p, sc, d);
 }
 
 }  // namespace gpu
 }  // namespace arwkv
 
-#define ARWKV_INSTANTIATE_GPU_KERNELS(T)                               \
-  template const char* arwkv::gpu::forward<T>(const arwkv::gpu::WkvParams&); \
-  template const char* arwkv::gpu::backward<T>(const arwkv::gpu::WkvParams&);
+#define ARWKV_INSTANTIATE_GPU_KERNELS(T)                                                                   \
+  template arwkv::gpu::LaunchStatus arwkv::gpu::forward<T>(const arwkv::WkvProblem&,                       \
+                                                           const arwkv::gpu::Device&);                     \
+  template arwkv::gpu::LaunchStatus arwkv::gpu::backward<T>(                                               \
+      const arwkv::WkvBackwardProblem&, const arwkv::gpu::BackwardScratch&, const arwkv::gpu::Device&);

@@ -159,6 +159,8 @@ struct Runtime {
   std::mt19937 random{12345};
   std::string error;  // the first launch failure, reported by take_error()
   int64_t switches = 0;
+  int fail_countdown = 0;  // > 0: the launch that brings it to 0 fails with fail_message
+  std::string fail_message;
 };
 inline Runtime& runtime() {
   static Runtime r;
@@ -166,6 +168,13 @@ inline Runtime& runtime() {
 }
 
 inline void set_schedule(Schedule s) { runtime().schedule = s; }
+
+// Makes the n-th launch from now on fail with `message` (as a real launch may, e.g. for want of
+// resources), to test what the launchers report.
+inline void fail_launch(int n, const char* message) {
+  runtime().fail_countdown = n;
+  runtime().fail_message = message;
+}
 
 // Puts items (threads, blocks) in the order of the schedule.
 template <class T>
@@ -282,6 +291,10 @@ template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   Runtime& rt = runtime();
   if (!rt.error.empty()) return;
+  if (rt.fail_countdown > 0 && --rt.fail_countdown == 0) {
+    rt.error = rt.fail_message;
+    return;
+  }
   if (block.y != 1 || block.z != 1 || block.x % kWarp != 0) {
     rt.error = "the emulator runs 1-D blocks of whole warps only";
     return;

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "wkv_problem.h"
+#include "test_problems.h"
 
 namespace {
 
@@ -30,7 +30,10 @@ void check(Problem p, int threads, const std::string& name) {
   std::vector<std::vector<float>> in32;
   for (size_t i = 0; i < n_in; ++i) in32.push_back(cast<float>(*xs[i]));
   std::vector<float> s32 = cast<float>(p.s0), y32(y_ref.size()), f32(s_ref.size());
-  forward(args_for(p, in32, s32, threads), {y32.data(), f32.data()}, kSerial);
+  const ParallelFor pf = serial_threads(threads);
+  WkvProblem a32 = problem_for(p, in32, s32.data());
+  a32.y = y32.data(), a32.final_state = f32.data();
+  forward(a32, pf);
   expect(rel(cast<double>(Vec(y32.begin(), y32.end())), y_ref) < 1e-5, name + " float32 y");
   expect(rel(cast<double>(Vec(f32.begin(), f32.end())), s_ref) < 1e-5, name + " float32 state");
 
@@ -38,8 +41,10 @@ void check(Problem p, int threads, const std::string& name) {
   std::vector<std::vector<double>> in64;
   for (size_t i = 0; i < n_in; ++i) in64.push_back(*xs[i]);
   Vec y64(y_ref.size()), f64(s_ref.size());
-  const WkvArgs a64 = args_for(p, in64, p.s0, threads);
-  forward(a64, {y64.data(), f64.data()}, kSerial);
+  WkvProblem a64 = problem_for(p, in64, p.s0.data());
+  a64.y = y64.data(), a64.final_state = f64.data();
+  forward(a64, pf);
+  a64.y = a64.final_state = nullptr;
   expect(rel(y64, y_ref) < 1e-12 && rel(f64, s_ref) < 1e-12, name + " float64 forward");
 
   std::mt19937 gen(7);
@@ -47,7 +52,7 @@ void check(Problem p, int threads, const std::string& name) {
   Vec gy(y_ref.size()), gs(s_ref.size());
   for (auto& e : gy) e = normal(gen);
   for (auto& e : gs) e = normal(gen);
-  const std::vector<Vec> grads = cpu_gradients(p, a64, gy, gs);
+  const std::vector<Vec> grads = cpu_gradients(p, a64, gy, gs, pf);
 
   // Directional derivative of L = <y, gy> + <S, gs> along a random direction D.
   std::vector<Vec> dir;
@@ -84,7 +89,7 @@ int main() {
     if (!isa_supported(isa)) continue;
     setenv("ARWKV_CPU_ISA", isa_name(isa), 1);
     for (int version : {7, 6})
-      for (int64_t N : {16, 32, 64, 128}) {
+      for (int64_t N : arwkv::kHeadSizes) {
         const std::string tag = std::string(isa_name(isa)) + " wkv" + std::to_string(version) + " N=" +
                                 std::to_string(N);
         check(make_problem(version, 2, 19, 2, N, {}, 1), 1, tag + " batch");

@@ -12,10 +12,12 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gpu/wkv_gpu_kernels.cuh"
-#include "wkv_problem.h"
+#include "test_problems.h"
 
 namespace gpu = arwkv::gpu;
 
@@ -79,46 +81,44 @@ T nan_as() {
 // in the order of Problem::inputs(). Outputs and scratch start as NaN (torch allocates them
 // uninitialised), so an element no thread writes shows.
 template <class T>
-std::vector<Vec> run_gpu(Problem p, const Vec& gy, const Vec& gs, const Case& c, std::string& error) {
+std::vector<Vec> run_gpu(Problem p, const Vec& gy, const Vec& gs, const Case& c, gpu::LaunchStatus& status) {
   const int64_t plane = p.B * p.T * p.H * p.N, states = p.S() * p.H * p.N * p.N;
   std::vector<std::vector<T>> in;
   for (Vec* x : p.inputs()) in.push_back(store_as<T>(*x));
   const std::vector<float> s0 = cast<float>(p.s0), gs32 = cast<float>(gs);
   const std::vector<T> gy_t = store_as<T>(gy);
   const float nan = std::nanf("");
+  const gpu::Device device{c.num_sms, nullptr};
 
-  gpu::WkvParams x;
-  x.version = p.version;
-  x.B = p.B, x.T = p.T, x.H = p.H, x.N = p.N;
-  x.num_seqs = p.S();
-  x.r = in[0].data(), x.w = in[1].data(), x.k = in[2].data(), x.v = in[3].data();
-  if (p.version == 7) x.a = in[4].data(), x.b = in[5].data();
-  else x.u = in[4].data();
+  WkvProblem x = problem_for(p, in, static_cast<const T*>(nullptr));
+  x.dtype = std::is_same_v<T, float> ? DType::f32 : std::is_same_v<T, gpu::Bf16> ? DType::bf16 : DType::f16;
   x.initial_state = c.initial_state ? s0.data() : nullptr;
-  x.cu_seqlens = p.cu.empty() ? nullptr : p.cu.data();
-  x.num_sms = c.num_sms;
-
   std::vector<T> y(plane, nan_as<T>());
   std::vector<float> final_state(states, nan);
   x.y = y.data(), x.final_state = final_state.data();
-  const char* err = gpu::forward<T>(x);
+  status = gpu::forward<T>(x, device);
 
+  WkvBackwardProblem bp;
+  static_cast<WkvProblem&>(bp) = x;
+  bp.y = bp.final_state = nullptr;
   std::vector<std::vector<T>> grads(p.version == 7 ? 6 : 4, std::vector<T>(plane, nan_as<T>()));
-  std::vector<float> grad_u_partial(p.S() * p.H * p.N, nan), grad_s0(states, nan);
-  std::vector<float> snapshots(gpu::num_chunk_slots(x) * p.H * p.N * p.N, nan), sa(plane, nan), dsa(plane, nan);
-  x.grad_y = c.grad_y ? gy_t.data() : nullptr;
-  x.grad_state = c.grad_state ? gs32.data() : nullptr;
-  x.grad_r = grads[0].data(), x.grad_w = grads[1].data(), x.grad_k = grads[2].data(), x.grad_v = grads[3].data();
-  if (p.version == 7) x.grad_a = grads[4].data(), x.grad_b = grads[5].data();
-  else x.grad_u_partial = grad_u_partial.data();
-  x.grad_initial_state = grad_s0.data();
-  x.snapshots = snapshots.data(), x.sa = sa.data(), x.dsa = dsa.data();
-  if (!err) err = gpu::backward<T>(x);
-  error = err ? err : "";
+  std::vector<float> grad_s0(states, nan);
+  bp.grad_y = c.grad_y ? gy_t.data() : nullptr;
+  bp.grad_state = c.grad_state ? gs32.data() : nullptr;
+  bp.grad_r = grads[0].data(), bp.grad_w = grads[1].data(), bp.grad_k = grads[2].data();
+  bp.grad_v = grads[3].data();
+  if (p.version == 7) bp.grad_a = grads[4].data(), bp.grad_b = grads[5].data();
+  bp.grad_initial_state = grad_s0.data();
+  // The GPU backend's scratch (on a GPU: torch allocations, uninitialised)
+  const gpu::BackwardScratchSizes size = gpu::backward_scratch(bp);
+  std::vector<float> snapshots(size.snapshots, nan), sa(size.sa, nan), dsa(size.dsa, nan);
+  std::vector<float> grad_u_partial(size.grad_u_partial, nan);
+  const gpu::BackwardScratch scratch{snapshots.data(), sa.data(), dsa.data(), grad_u_partial.data()};
+  if (status.ok()) status = gpu::backward<T>(bp, scratch, device);
 
   std::vector<Vec> out{values(y), values(final_state)};
   for (auto& g : grads) out.push_back(values(g));
-  if (p.version == 6) {
+  if (p.version == 6) {  // the GPU backend adds the sequences' grad_u up
     Vec gu(p.H * p.N, 0.0);
     for (size_t i = 0; i < grad_u_partial.size(); ++i) gu[i % gu.size()] += grad_u_partial[i];
     out.push_back(gu);
@@ -159,17 +159,19 @@ void check(Problem p, const Case& c, const std::string& what) {
   std::vector<std::vector<double>> in64;
   std::vector<Vec*> xs = p.inputs();
   for (size_t i = 0; i + 1 < xs.size(); ++i) in64.push_back(*xs[i]);
-  const WkvArgs a64 = args_for(p, in64, p.s0, 1);
+  WkvProblem a64 = problem_for(p, in64, p.s0.data());
   Vec y_ref(gy.size()), s_ref(p.s0.size());
-  forward(a64, {y_ref.data(), s_ref.data()}, kSerial);
+  a64.y = y_ref.data(), a64.final_state = s_ref.data();
+  forward(a64, kSerial);
+  a64.y = a64.final_state = nullptr;
   std::vector<Vec> want{y_ref, s_ref};
-  for (Vec& g : cpu_gradients(p, a64, gy, gs)) want.push_back(g);
+  for (Vec& g : cpu_gradients(p, a64, gy, gs, kSerial)) want.push_back(g);
 
-  std::string error;
+  gpu::LaunchStatus status;
   gpu_emu::set_schedule(gpu_emu::Schedule::forward);
-  const std::vector<Vec> got = run_gpu<T>(p, gy, gs, c, error);
-  expect(error.empty(), name + ": launch failed: " + error);
-  if (!error.empty()) return;
+  const std::vector<Vec> got = run_gpu<T>(p, gy, gs, c, status);
+  expect(status.ok(), name + ": " + gpu::describe(status));
+  if (!status.ok()) return;
 
   std::vector<std::string> names{"y", "final_state", "grad_r", "grad_w", "grad_k", "grad_v"};
   if (p.version == 7) names.insert(names.end(), {"grad_a", "grad_b"});
@@ -194,24 +196,45 @@ void check(Problem p, const Case& c, const std::string& what) {
 
   for (auto schedule : {gpu_emu::Schedule::reverse, gpu_emu::Schedule::shuffled}) {
     gpu_emu::set_schedule(schedule);
-    const std::vector<Vec> again = run_gpu<T>(p, gy, gs, c, error);
-    expect(error.empty() && again == got, name + ": results depend on the order threads and blocks run in (" +
-                                              (schedule == gpu_emu::Schedule::reverse ? "reverse" : "shuffled") +
-                                              ")" + (error.empty() ? "" : ": " + error));
+    const std::vector<Vec> again = run_gpu<T>(p, gy, gs, c, status);
+    expect(status.ok() && again == got, name + ": results depend on the order threads and blocks run in (" +
+                                             (schedule == gpu_emu::Schedule::reverse ? "reverse" : "shuffled") +
+                                             ")" + (status.ok() ? "" : ": " + gpu::describe(status)));
   }
   gpu_emu::set_schedule(gpu_emu::Schedule::forward);
+}
+
+// A launch that fails is reported with the kernel's name, input type and head size.
+void check_launch_failure_names_kernel() {
+  const Problem p = make_problem(7, 1, 5, 1, 64, {}, 1);
+  const Vec gy(p.B * p.T * p.H * p.N, 1.0), gs(p.s0.size(), 1.0);
+  gpu::LaunchStatus status;
+  // launches: 1 forward, 2 backward snapshots, 3 backward state gradient, 4 backward columns
+  const std::pair<int, std::string> cases[] = {
+      {1, "GPU kernel wkv7_forward_rows<bf16, N=64> launch failed: injected"},
+      {2, "GPU kernel wkv7_backward_snapshots<bf16, N=64> launch failed: injected"},
+      {4, "GPU kernel wkv7_backward_columns<bf16, N=64> launch failed: injected"}};
+  for (const auto& [n, want] : cases) {
+    gpu_emu::fail_launch(n, "injected");
+    run_gpu<gpu::Bf16>(p, gy, gs, Case{}, status);
+    const std::string got = status.ok() ? "(no failure)" : gpu::describe(status);
+    expect(got == want, std::string(kPlatform) + ": failed launch " + std::to_string(n) + " reads \"" + got +
+                            "\", expected \"" + want + "\"");
+  }
+  gpu_emu::fail_launch(0, "");
 }
 
 }  // namespace
 
 int main() {
+  check_launch_failure_names_kernel();
   const Case many_blocks{1}, few_sms_per_block{1 << 20};
   Case no_state = many_blocks, decoding = few_sms_per_block, no_grad_y = many_blocks;
   no_state.initial_state = no_state.grad_state = false;
   decoding.grad_state = false;
   no_grad_y.grad_y = false;
   for (int version : {7, 6})
-    for (int64_t N : {16, 32, 64, 128}) {
+    for (int64_t N : arwkv::kHeadSizes) {
       unsigned seed = unsigned(version * 1000 + N);
       check<float>(make_problem(version, 2, 19, 2, N, {}, seed++), many_blocks, "batch");
       check<float>(make_problem(version, 1, 23, 1, N, {0, 5, 5, 6, 23}, seed++), few_sms_per_block,

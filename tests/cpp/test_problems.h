@@ -1,5 +1,6 @@
 // Shared by the C++ kernel tests: random WKV problems, the naive double-precision recurrence,
-// and the CPU kernel's gradients (the yardstick of the emulated GPU kernels).
+// the kernels' problem description (csrc/wkv_problem.h) filled from them, and the CPU kernel's
+// gradients (the yardstick of the emulated GPU kernels).
 #pragma once
 
 #include <cmath>
@@ -8,14 +9,20 @@
 #include <vector>
 
 #include "cpu/wkv_cpu.h"
+#include "wkv_problem.h"
 
 using namespace arwkv::cpu;
+using arwkv::DType;
+using arwkv::WkvBackwardProblem;
+using arwkv::WkvProblem;
 using Vec = std::vector<double>;
 
 inline void serial(void*, int64_t n, void* ctx, TaskFn fn) {
   for (int64_t i = 0; i < n; ++i) fn(ctx, i, i + 1);  // one task at a time, like many threads
 }
-inline const ParallelFor kSerial{nullptr, &serial};
+// One task at a time, as if on `threads` threads (which decides the backward's row splits).
+inline ParallelFor serial_threads(int threads) { return {nullptr, &serial, threads}; }
+inline const ParallelFor kSerial = serial_threads(1);
 
 struct Problem {
   int version;
@@ -106,10 +113,11 @@ inline Problem make_problem(int version, int64_t B, int64_t T, int64_t H, int64_
 
 template <class T> std::vector<T> cast(const Vec& x) { return std::vector<T>(x.begin(), x.end()); }
 
+// The kernels' view of a problem whose inputs are stored as T (float or double; in the order of
+// Problem::inputs() without the state) and whose initial state is s0 (null: zeros). Outputs unset.
 template <class T>
-WkvArgs args_for(const Problem& p, const std::vector<std::vector<T>>& in, const std::vector<T>& s0,
-                 int threads) {
-  WkvArgs a;
+WkvProblem problem_for(const Problem& p, const std::vector<std::vector<T>>& in, const T* s0) {
+  WkvProblem a;
   a.version = p.version;
   a.dtype = sizeof(T) == 8 ? DType::f64 : DType::f32;
   a.B = p.B, a.T = p.T, a.H = p.H, a.N = p.N;
@@ -118,8 +126,7 @@ WkvArgs args_for(const Problem& p, const std::vector<std::vector<T>>& in, const 
   a.r = in[0].data(), a.w = in[1].data(), a.k = in[2].data(), a.v = in[3].data();
   if (p.version == 7) a.a = in[4].data(), a.b = in[5].data();
   else a.u = in[4].data();
-  a.initial_state = s0.data();
-  a.num_threads = threads;
+  a.initial_state = s0;
   return a;
 }
 
@@ -129,33 +136,22 @@ inline double rel(const std::vector<double>& x, const Vec& ref) {
   return std::sqrt(num / (den > 0 ? den : 1));
 }
 
-// The CPU kernel's gradients of L = <y, gy> + <final state, gs>, in the order of
-// Problem::inputs(): r, w, k, v, (a, b | u), initial_state; row splits summed.
-inline std::vector<Vec> cpu_gradients(const Problem& p, const WkvArgs& a64, const Vec& gy, const Vec& gs) {
-  const int64_t splits = row_splits(a64), plane = p.B * p.T * p.H * p.N;
-  std::vector<Vec> cols(p.version == 7 ? 5 : 3, Vec(splits * plane));
-  Vec gv(plane), g0(gs.size()), gu(splits * p.S() * p.H * p.N);
-  WkvBackwardIO io;
-  io.grad_y = gy.data(), io.grad_state = gs.data();
-  for (size_t q = 0; q < cols.size(); ++q) io.grad_columns[q] = cols[q].data();
-  io.grad_v = gv.data(), io.grad_initial_state = g0.data(), io.grad_u = gu.data();
-  backward(a64, io, kSerial);
-  auto column_grad = [&](size_t q) {  // the row splits' partial sums of grad_columns[q], added up
-    Vec g(plane, 0.0);
-    for (int64_t s = 0; s < splits; ++s)
-      for (int64_t i = 0; i < plane; ++i) g[i] += cols[q][s * plane + i];
-    return g;
-  };
-  // Gradients in the order of p.inputs(): r, w, k, v, (a, b | u), initial_state.
-  std::vector<Vec> grads{column_grad(0), column_grad(1), column_grad(2), gv};
-  if (p.version == 7) {
-    grads.push_back(column_grad(3));
-    grads.push_back(column_grad(4));
-  } else {
-    Vec g(p.H * p.N, 0.0);
-    for (size_t i = 0; i < gu.size(); ++i) g[i % g.size()] += gu[i];
-    grads.push_back(g);
-  }
-  grads.push_back(g0);
+// The CPU kernel's gradients of L = <y, gy> + <final state, gs> for a float64 problem, in the
+// order of Problem::inputs(): r, w, k, v, (a, b | u), initial_state.
+inline std::vector<Vec> cpu_gradients(const Problem& p, const WkvProblem& a64, const Vec& gy, const Vec& gs,
+                                      const ParallelFor& pf) {
+  const int64_t plane = p.B * p.T * p.H * p.N;
+  std::vector<Vec> grads(p.version == 7 ? 7 : 6);  // r, w, k, v, (a, b | u), initial_state
+  for (size_t i = 0; i + 1 < grads.size(); ++i) grads[i].assign(i == 4 && p.version == 6 ? p.H * p.N : plane, NAN);
+  grads.back().assign(gs.size(), NAN);
+  WkvBackwardProblem bp;
+  static_cast<WkvProblem&>(bp) = a64;
+  bp.grad_y = gy.data(), bp.grad_state = gs.data();
+  bp.grad_r = grads[0].data(), bp.grad_w = grads[1].data(), bp.grad_k = grads[2].data();
+  bp.grad_v = grads[3].data();
+  if (p.version == 7) bp.grad_a = grads[4].data(), bp.grad_b = grads[5].data();
+  else bp.grad_u = grads[4].data();
+  bp.grad_initial_state = grads.back().data();
+  backward(bp, pf);
   return grads;
 }

@@ -1,0 +1,55 @@
+// The torch side of the GPU backend (CUDA / ROCm): the stream and multiprocessor count of the
+// current device, the backward's scratch (torch allocations), the launches (wkv_gpu.h), and the
+// sum of grad_u over sequences.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include "../wkv_backends.h"
+#include "wkv_gpu.h"
+
+namespace arwkv {
+namespace {
+
+gpu::Device current_device() {
+  return {at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream()};
+}
+
+void check_launch(const char* op, const gpu::LaunchStatus& status) {
+  TORCH_CHECK(status.ok(), op, ": ", gpu::describe(status));
+}
+
+float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+void gpu_forward(const char* op, const WkvProblem& p, at::Device) {
+  const gpu::Device device = current_device();
+  switch (p.dtype) {
+    case DType::bf16: return check_launch(op, gpu::forward<gpu::Bf16>(p, device));
+    case DType::f16: return check_launch(op, gpu::forward<gpu::F16>(p, device));
+    default: return check_launch(op, gpu::forward<float>(p, device));
+  }
+}
+
+void gpu_backward(const char* op, const WkvBackwardProblem& p, at::Device where) {
+  const gpu::Device device = current_device();
+  // Scratch: one snapshot per chunk, (WKV-7) S a_t and its gradient per step, (WKV-6) grad_u per
+  // sequence.
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(where);
+  const gpu::BackwardScratchSizes size = gpu::backward_scratch(p);
+  const at::Tensor snapshots = at::empty({size.snapshots}, f32), sa = at::empty({size.sa}, f32),
+                   dsa = at::empty({size.dsa}, f32), grad_u_partial = at::empty({size.grad_u_partial}, f32);
+  const gpu::BackwardScratch scratch{data_or_null(snapshots), data_or_null(sa), data_or_null(dsa),
+                                     data_or_null(grad_u_partial)};
+  switch (p.dtype) {
+    case DType::bf16: check_launch(op, gpu::backward<gpu::Bf16>(p, scratch, device)); break;
+    case DType::f16: check_launch(op, gpu::backward<gpu::F16>(p, scratch, device)); break;
+    default: check_launch(op, gpu::backward<float>(p, scratch, device)); break;
+  }
+  if (p.version == 6) {
+    at::Tensor grad_u = at::from_blob(p.grad_u, {p.H, p.N}, at::TensorOptions().dtype(scalar_type(p.dtype)).device(where));
+    grad_u.copy_(grad_u_partial.view({p.num_seqs, p.H, p.N}).sum(0));
+  }
+}
+
+}  // namespace arwkv
