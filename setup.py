@@ -9,6 +9,10 @@ Build switches (environment variables):
     TORCH_CUDA_ARCH_LIST  CUDA architectures        (default "8.0;9.0")
     PYTORCH_ROCM_ARCH     ROCm architectures        (default "gfx942")
     MAX_JOBS              parallel compile jobs      (default: from CPU count and free memory)
+    ARWKV_BUILD_DIR       build folder               (default: build; `make check-cuda` uses a fresh one)
+
+Sources, C++ standard and optimisation flags come from csrc/build.json, which CMakeLists.txt and
+tools/check_hip.sh read too.
 """
 
 from __future__ import annotations
@@ -33,22 +37,14 @@ except ImportError:
 
 ROOT = Path(__file__).parent
 TARGETS = ("auto", "cpu", "cuda", "rocm")
-CPU_SOURCES = [
-    "csrc/wkv_ops.cpp",
-    "csrc/wkv_checks.cpp",
-    "csrc/cpu/wkv_cpu_ops.cpp",
-    "csrc/cpu/wkv_cpu.cpp",
-    "csrc/cpu/wkv_cpu_baseline.cpp",
-    "csrc/cpu/wkv_cpu_avx2.cpp",
-    "csrc/cpu/wkv_cpu_avx512.cpp",
-]
-# One .cu per input type, so they compile in parallel; on ROCm torch hipifies them at build time.
-GPU_SOURCES = [
-    "csrc/gpu/wkv_gpu_ops.cpp",
-    "csrc/gpu/wkv_gpu_f32.cu",
-    "csrc/gpu/wkv_gpu_bf16.cu",
-    "csrc/gpu/wkv_gpu_f16.cu",
-]
+BUILD = json.loads((ROOT / "csrc" / "build.json").read_text())
+STD = f"-std=c++{BUILD['cxx_standard']}"
+# The torch ops (adapter, checks, schemas) and the CPU kernels, in every build.
+CPU_SOURCES = BUILD["sources"]["torch_ops"] + BUILD["sources"]["cpu_kernels"]
+# The GPU backend and one kernel file per input type, so they compile in parallel; on ROCm torch
+# hipifies them at build time.
+GPU_SOURCES = BUILD["sources"]["gpu_backend"] + BUILD["sources"]["gpu_kernels"]
+INCLUDE_DIRS = [str(ROOT / d) for d in BUILD["include_dirs"]]
 CPU_ISAS = ["baseline", "avx2", "avx512"] if os.uname().machine in ("x86_64", "AMD64") else ["baseline"]
 
 
@@ -147,20 +143,20 @@ def cuda_include_dirs() -> list[str]:
 def gpu_compile_args(target: str, archs: list[str]) -> list[str]:
     """Device compiler flags. Arch flags come from TORCH_CUDA_ARCH_LIST / PYTORCH_ROCM_ARCH,
     which torch turns into -gencode / --offload-arch (PTX for the newest CUDA arch)."""
+    flags = [*BUILD["gpu_flags"], STD]
     if target == "cuda":
-        flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        flags += BUILD["nvcc_flags"]
         if os.environ.get("ARWKV_PTXAS_VERBOSE") == "1":  # registers and spills per kernel
             flags.append("-Xptxas=-v")
-        return flags
-    return ["-O3", "-std=c++20"]
+    return flags
 
 
-cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fno-math-errno", *openmp_flags()]
+cxx_flags = [*BUILD["cxx_flags"], STD, *openmp_flags()]
 if target == "cpu":
     extension = CppExtension(
         name="arwkv_ext._C",
         sources=CPU_SOURCES,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=INCLUDE_DIRS,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=openmp_flags(),
     )
@@ -175,7 +171,7 @@ else:
     extension = CUDAExtension(
         name="arwkv_ext._C",
         sources=CPU_SOURCES + GPU_SOURCES,
-        include_dirs=[str(ROOT / "csrc"), *(cuda_include_dirs() if target == "cuda" else [])],
+        include_dirs=[*INCLUDE_DIRS, *(cuda_include_dirs() if target == "cuda" else [])],
         extra_compile_args={
             "cxx": cxx_flags + gpu_define,
             "nvcc": gpu_compile_args(target, archs) + gpu_define,
@@ -183,7 +179,10 @@ else:
         extra_link_args=openmp_flags(),
     )
 
+# A build folder of its own (ARWKV_BUILD_DIR), e.g. an empty one so that everything compiles again.
+build_dir = os.environ.get("ARWKV_BUILD_DIR")
 setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildWithInfo},
+    options={"build": {"build_base": build_dir}} if build_dir else {},
 )

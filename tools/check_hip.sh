@@ -2,7 +2,8 @@
 # Compile check of the GPU kernels for AMD MI300X (gfx942) on a machine without ROCm or a GPU:
 # clang-19 compiles every kernel file device-side against Debian's HIP headers and ROCm device
 # libraries (and its host side for syntax), then tools/hip_resource_table.py prints one row per
-# kernel and checks the goals.
+# kernel and checks the goals. The kernel files, C++ standard and flags come from csrc/build.json,
+# as setup.py and CMakeLists.txt take them.
 #
 #   tools/check_hip.sh [table-output-file]
 # Needs (installed here when missing, as root or through sudo): clang-19 lld-19 llvm-19
@@ -13,6 +14,16 @@ OUT_TABLE=${1:-benchmarks/results/check-hip.txt}
 ARCH=gfx942
 WORK=build/check-hip
 mkdir -p "$WORK"
+# The value of csrc/build.json at a key path; a list one item a line.
+build_json() {
+  python3 -c 'import json, sys
+v = json.load(open("csrc/build.json"))
+for key in sys.argv[1:]: v = v[key]
+print("\n".join(map(str, v)) if isinstance(v, list) else v)' "$@"
+}
+mapfile -t KERNEL_FILES < <(build_json sources gpu_kernels)
+mapfile -t GPU_FLAGS < <(build_json gpu_flags)
+GPU_FLAGS+=("-std=c++$(build_json cxx_standard)")
 
 need=()
 command -v clang++-19 >/dev/null || need+=(clang-19 lld-19)
@@ -36,17 +47,17 @@ rm -f "$LIBS/oclc_isa_version_942.bc"
 llvm-dis-19 $BITCODE/oclc_isa_version_940.bc -o - | sed 's/9400/9402/' | llvm-as-19 -o "$LIBS/oclc_isa_version_942.bc"
 
 : > "$WORK/remarks.log"
-for src in csrc/gpu/wkv_gpu_f32.cu csrc/gpu/wkv_gpu_bf16.cu csrc/gpu/wkv_gpu_f16.cu; do
+for src in "${KERNEL_FILES[@]}"; do
   echo "check-hip: $src -> $ARCH"
-  clang++-19 -x hip -std=c++20 --offload-arch=$ARCH --cuda-device-only --rocm-path=/usr \
-    --rocm-device-lib-path="$LIBS" -O3 -Werror -Wno-unused-command-line-argument \
+  clang++-19 -x hip "${GPU_FLAGS[@]}" --offload-arch=$ARCH --cuda-device-only --rocm-path=/usr \
+    --rocm-device-lib-path="$LIBS" -Werror -Wno-unused-command-line-argument \
     -S "$src" -o "$WORK/$(basename "$src" .cu).s" -Rpass-analysis=kernel-resource-usage \
     2>> "$WORK/remarks.log"
 done
 # The host side of the same files (the launchers) is compiled too, for syntax and types only:
 # linking it needs the ROCm runtime library, which this machine does not have.
-for src in csrc/gpu/wkv_gpu_f32.cu csrc/gpu/wkv_gpu_bf16.cu csrc/gpu/wkv_gpu_f16.cu; do
-  clang++-19 -x hip -std=c++20 --offload-arch=$ARCH --cuda-host-only --rocm-path=/usr -O3 -Werror \
+for src in "${KERNEL_FILES[@]}"; do
+  clang++-19 -x hip "${GPU_FLAGS[@]}" --offload-arch=$ARCH --cuda-host-only --rocm-path=/usr -Werror \
     -Wno-unused-command-line-argument -fsyntax-only "$src"
 done
 echo "check-hip: host side of the kernel files compiles"
