@@ -1,17 +1,21 @@
 SHELL := /bin/bash
-# The two commands of the README, each doing its own set-up in .venv:
-#   make bench   benchmark the WKV kernels against the reference recurrence (the main job for now)
-#   make test    the whole test suite: C++ kernel test, Python tests, lint
+# The README's commands, each doing its own set-up in .venv:
+#   make demo    distils the shipped Qwen2 teacher into an RWKV-7 student on this CPU (the main job)
+#   make bench   benchmark the WKV kernels against the reference recurrence
+#   make test    the whole test suite: C++ kernel tests, Python tests, lint
+# and the GPU kernels' compile checks, which need no GPU: make check-cuda, make check-hip.
+# Every target can be run again in the same tree and gives the same answer.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch (on this project's machines it lies on local disk). Override to build
-# against another, e.g. `make test TORCH=torch==2.14.1`.
+# against another, e.g. `make test TORCH=torch==2.14.1`. Every other dependency comes from
+# pyproject.toml: its [project] dependencies and these extras.
 TORCH  ?= torch==2.13.0
+EXTRAS := test,lm-eval,tensorboard,dev
 BENCH_ARGS ?=   # e.g. BENCH_ARGS="--json results.json --ops wkv7"
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
-                                              csrc/gpu/* arwkv_ext/*.py python/arwkv/*.py \
-                                              python/arwkv/demo_assets/* python/arwkv/demo_assets/teacher/*)
+# What the compiled kernels are built from (the Python code is used in place: editable install).
+SOURCES := setup.py pyproject.toml $(wildcard csrc/* csrc/cpu/* csrc/gpu/*)
 # GPU compile checks (no GPU needed): a CUDA torch in its own venv, clang-19 for gfx942.
 CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
@@ -20,19 +24,34 @@ RESULTS    := benchmarks/results
 
 DEMO_OUT ?= arwkv-demo
 
-.PHONY: demo bench test install lint cpp-test clean check-cuda check-hip
+# pyproject.toml's build requirements, dependencies and the extras named as argument, one a line,
+# less torch (installed as $(TORCH): a plain `torch` could fetch a multi-GB CUDA build).
+PROJECT_DEPS = $(PY) -c 'import re, sys; \
+  toml = __import__("tomllib") if sys.version_info >= (3, 11) else __import__("pip._vendor.tomli", fromlist=["load"]); \
+  p = toml.load(open("pyproject.toml", "rb")); \
+  deps = p["build-system"]["requires"] + p["project"]["dependencies"] + \
+    [d for e in sys.argv[1].split(",") for d in p["project"]["optional-dependencies"][e]]; \
+  print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0] != "torch"))'
 
-$(VENV)/.deps: Makefile
+.PHONY: demo bench test install lint cpp-test clean check-cuda check-hip FORCE
+
+$(VENV)/.deps: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja packaging pytest hypothesis numpy ruff cmake \
-	  "transformers==5.24.0" safetensors datasets tqdm pyyaml matplotlib tensorboard lm_eval accelerate
+	$(PROJECT_DEPS) $(EXTRAS) > $(VENV)/requirements.txt
+	$(PY) -m pip install -q "$(TORCH)" -r $(VENV)/requirements.txt
 	touch $@
 
-# --no-build-isolation: the kernels compile against the torch installed above, not a fresh one.
-$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+# Editable: the kernels are built into arwkv_ext/ and the Python packages are used from the
+# source tree, so `import arwkv_ext` works from the repository root too. --no-build-isolation: the
+# kernels compile against the torch installed above, not a fresh one. Rebuilt when a source of
+# the kernels or the packaging changes, or when the in-place build is gone (make clean, git clean).
+BUILT := $(and $(wildcard arwkv_ext/_C*.so),$(wildcard arwkv_ext/_build_info.json))
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES) $(if $(BUILT),,FORCE)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+FORCE:
 
 install: $(VENV)/.installed
 
@@ -57,7 +76,8 @@ test: install cpp-test lint
 # Builds the whole extension with its CUDA kernels for sm_80 and sm_90 (PTX for sm_90) the way
 # `pip install` does on a CUDA torch, checks that it imports, and tabulates ptxas registers and
 # spills per kernel into benchmarks/results/check-cuda.txt (spills are reported, not fatal: with
-# nvcc 13.0 a few backward rows kernels spill 4-28 bytes).
+# nvcc 13.0 a few backward rows kernels spill 4-12 bytes). It builds in a fresh folder each time,
+# so that every kernel is compiled (and tabulated) again.
 $(CUDA_VENV)/.deps:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip
@@ -65,9 +85,10 @@ $(CUDA_VENV)/.deps:
 	touch $@
 
 check-cuda: $(CUDA_VENV)/.deps
-	mkdir -p build
+	rm -rf build/check-cuda
+	mkdir -p build/check-cuda
 	set -o pipefail; CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH ARWKV_BUILD_TARGET=cuda \
-	  TORCH_CUDA_ARCH_LIST="8.0;9.0" ARWKV_PTXAS_VERBOSE=1 \
+	  ARWKV_BUILD_DIR=build/check-cuda TORCH_CUDA_ARCH_LIST="8.0;9.0" ARWKV_PTXAS_VERBOSE=1 \
 	  $(CUDA_VENV)/bin/pip install -v --no-build-isolation --no-deps . > build/check-cuda.log 2>&1 \
 	  || (tail -40 build/check-cuda.log; exit 1)
 	cd build && ../$(CUDA_VENV)/bin/python -c "import arwkv_ext; print('imports:', arwkv_ext.build_info)"
@@ -79,5 +100,6 @@ check-cuda: $(CUDA_VENV)/.deps
 check-hip:
 	tools/check_hip.sh $(RESULTS)/check-hip.txt
 
+# Everything the targets above made: the venvs, the build folders, the in-place kernels.
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build dist *.egg-info arwkv_ext/_C*.so arwkv_ext/_build_info.json
