@@ -60,7 +60,8 @@ fi
 
 if has tests; then
   echo "== GPU tests"
-  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${TEST_WORKERS:-8} tests/test_gpu.py \
+  # the GPU grid, and the device-parametrised long-sequence and decode tests of test_ops.py
+  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${TEST_WORKERS:-8} tests/test_gpu.py tests/test_ops.py -k "test_gpu or cuda" \
     > "$OUT/tests.log" 2>&1 || status=1
   tail -25 "$OUT/tests.log"
 fi
