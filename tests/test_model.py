@@ -255,10 +255,10 @@ def test_beam_search_scores_match_a_full_forward(wkv):
     torch.testing.assert_close(out.sequences_scores[0], recomputed, rtol=1e-4, atol=1e-4)
 
 
-def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
-    """A config with only the published rwkv_hybrid keys (Qwen2's plus head_size & co., none of
-    arwkv's optional additions) and weights under the published names load without a missing or
-    unexpected tensor."""
+def write_published_checkpoint(directory, tied: bool = False, **extra_config) -> dict[str, torch.Tensor]:
+    """A 2-layer checkpoint in the published rwkv_hybrid layout (Qwen2's config keys plus
+    head_size & co., none of arwkv's optional additions; weights under the published names) in
+    ``directory``; with ``tied``, tie_word_embeddings and no lm_head tensor. Returns the weights."""
     import json
 
     from safetensors.torch import save_file
@@ -270,13 +270,14 @@ def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
                      "AutoModelForCausalLM": "modeling_rwkv_hybrid.RwkvHybridForCausalLM"},
         "vocab_size": VOCAB, "hidden_size": C, "intermediate_size": 256, "num_hidden_layers": L,
         "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": tied,
         "head_size": 64, "head_size_divisor": 8, "wkv_version": 7, "wkv_has_gate": True,
-        "wkv_has_group_norm": True, "torch_dtype": "float32",
+        "wkv_has_group_norm": True, "torch_dtype": "float32", **extra_config,
     }
     g = torch.Generator().manual_seed(10)
-    shapes = {"model.embed_tokens.weight": (VOCAB, C), "model.norm.weight": (C,),
-              "lm_head.weight": (VOCAB, C)}
+    shapes = {"model.embed_tokens.weight": (VOCAB, C), "model.norm.weight": (C,)}
+    if not tied:
+        shapes["lm_head.weight"] = (VOCAB, C)
     for i in range(L):
         t = f"model.layers.{i}.self_attn.time_mixer."
         shapes.update({t + n: (1, 1, C) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0",
@@ -290,8 +291,15 @@ def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
                        m + "mlp.down_proj.weight": (C, 256), m + "input_layernorm.weight": (C,),
                        m + "post_attention_layernorm.weight": (C,)})
     weights = {n: torch.randn(s, generator=g) * 0.05 for n, s in shapes.items()}
-    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
+    """A config with only the published rwkv_hybrid keys and weights under the published names
+    load without a missing or unexpected tensor."""
+    weights = write_published_checkpoint(tmp_path)
     model, info = RwkvHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     state = model.state_dict()
@@ -299,6 +307,26 @@ def test_a_checkpoint_in_the_published_layout_loads(tmp_path):
     with torch.no_grad():
         logits = model(torch.randint(0, VOCAB, (1, 8))).logits
     assert torch.isfinite(logits).all()
+
+
+def test_tied_embeddings_without_lm_head_are_tied(tmp_path):
+    """tie_word_embeddings and no lm_head tensor (the published small configs): the output layer
+    is the input embedding, as transformers ties the teacher's, not a random matrix."""
+    weights = write_published_checkpoint(tmp_path, tied=True)
+    model = RwkvHybridForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(model.lm_head.weight, weights["model.embed_tokens.weight"])
+    h = torch.randn(3, 128)
+    torch.testing.assert_close(model.lm_head(h), h @ weights["model.embed_tokens.weight"].T)
+
+
+def test_published_num_wkv_heads_is_accepted_and_checked(tmp_path):
+    """The published configuration class writes num_wkv_heads: a matching value loads, a wrong
+    one is a one-line error naming it."""
+    write_published_checkpoint(tmp_path, num_wkv_heads=2)
+    assert RwkvHybridForCausalLM.from_pretrained(tmp_path).config.num_wkv_heads == 2
+    write_published_checkpoint(tmp_path, num_wkv_heads=3)
+    with pytest.raises(ValueError, match="num_wkv_heads 3 does not match"):
+        RwkvHybridForCausalLM.from_pretrained(tmp_path)
 
 
 @torch.no_grad()

@@ -53,6 +53,9 @@ class RwkvHybridConfig(PretrainedConfig):
                  attention_hidden_size: int | None = None, wkv_qkv_bias: bool = False,
                  decay_low_rank: int = 64, a_low_rank: int = 64, v_low_rank: int = 32,
                  gate_low_rank: int = 128, **kwargs) -> None:
+        # The published configuration class also writes num_wkv_heads, which here follows from
+        # attention_hidden_size / head_size: accepted when it agrees, refused when it does not.
+        published_heads = kwargs.pop("num_wkv_heads", None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -74,6 +77,10 @@ class RwkvHybridConfig(PretrainedConfig):
         self.gate_low_rank = gate_low_rank
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
+        if published_heads is not None and published_heads != self.num_wkv_heads:
+            raise ValueError(f"rwkv_hybrid: num_wkv_heads {published_heads} does not match "
+                             f"attention_hidden_size {self.attention_hidden_size} / head_size "
+                             f"{self.head_size} = {self.num_wkv_heads}")
 
     def _validate(self) -> None:
         """Raises a one-line ValueError for a config the student cannot run."""

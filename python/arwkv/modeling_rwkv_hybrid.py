@@ -461,6 +461,11 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
 
 
 class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
+    # With tie_word_embeddings (as in the published small configs, whose checkpoints hold no
+    # lm_head tensor) the output layer is the input embedding, as transformers ties it for the
+    # teacher; arwkv convert writes untied students (tie_word_embeddings false, two tensors).
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
     def __init__(self, config: RwkvHybridConfig) -> None:
         super().__init__(config)
         self.model = RwkvHybridModel(config)
