@@ -319,6 +319,27 @@ def test_tied_embeddings_without_lm_head_are_tied(tmp_path):
     torch.testing.assert_close(model.lm_head(h), h @ weights["model.embed_tokens.weight"].T)
 
 
+def test_a_missing_tensor_is_reported_and_the_loaded_ones_are_kept(tmp_path):
+    """A checkpoint that lacks one time-mixer tensor: one warning line names it, and the layer's
+    other tensors keep their loaded values (the mixer's initialisation rewrites the whole mixer,
+    so this checks that it does not); an extra tensor is named too."""
+    from safetensors.torch import load_file, save_file
+
+    weights = write_published_checkpoint(tmp_path)
+    gone = "model.layers.0.self_attn.time_mixer.w1"
+    kept = {n: w for n, w in weights.items() if n != gone}
+    save_file({**kept, "model.layers.0.extra": torch.zeros(2)}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == set(kept) | {"model.layers.0.extra"}
+    with pytest.warns(UserWarning) as record:
+        model = RwkvHybridForCausalLM.from_pretrained(tmp_path)
+    lines = [str(w.message) for w in record if "rwkv_hybrid" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert gone in lines[0] and "1 missing" in lines[0] and "model.layers.0.extra" in lines[0]
+    state = model.state_dict()
+    assert all(torch.equal(state[n], w) for n, w in kept.items())
+
+
 def test_published_num_wkv_heads_is_accepted_and_checked(tmp_path):
     """The published configuration class writes num_wkv_heads: a matching value loads, a wrong
     one is a one-line error naming it."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,9 +390,16 @@ class RwkvHybridPreTrainedModel(PreTrainedModel):
         nn.Linear's own initialisation (a mixer is visited after its linears)."""
         super()._init_weights(module)
         if isinstance(module, TimeMixerBase):
+            # Only what a checkpoint did not provide gets initial values: the reset below
+            # rewrites the whole mixer, so the loaded tensors (flagged by transformers) go back.
+            loaded = {name: p.detach().clone() for name, p in module.named_parameters()
+                      if getattr(p, "_is_hf_initialized", False)}
             module.reset_rwkv_parameters()
             for linear in (module.receptance, module.key, module.value, module.output):
                 linear.reset_parameters()
+            with torch.no_grad():
+                for name, value in loaded.items():
+                    module.get_parameter(name).copy_(value)
 
 
 class RwkvHybridModel(RwkvHybridPreTrainedModel):
@@ -471,6 +479,24 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
         self.model = RwkvHybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, and one warning line naming the tensors a checkpoint
+        lacks (they get initial values; the loaded ones are kept) or has in excess (ignored)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = []
+        kinds = (("missing_keys", "missing (initialised anew)"), ("unexpected_keys", "unexpected (ignored)"))
+        for kind, what in kinds:
+            names = sorted(info.get(kind) or ())
+            if names:
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                problems.append(f"{len(names)} {what}: {shown}")
+        if problems:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            warnings.warn(f"rwkv_hybrid: {source}: tensors {'; '.join(problems)}", stacklevel=2)
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """transformers' save_pretrained, then the weight files made readable as the umask allows:
