@@ -45,6 +45,21 @@ def test_convert_writes_a_loadable_student_equal_to_the_in_memory_one(teacher_di
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_default_dtype_is_the_teachers_own(tmp_path, teacher_dtype):
+    """Without --dtype the student keeps the teacher's dtype (a float32 teacher used to become
+    bf16), and every copied weight is bit for bit the teacher's."""
+    teacher = tiny_teacher("qwen2", tie=False).to(teacher_dtype)
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = convert_checkpoint(tmp_path / "teacher", tmp_path / "student", head_size=32)
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(teacher_dtype).removeprefix("torch.")
+    loaded = RwkvHybridForCausalLM.from_pretrained(out, dtype="auto")
+    state, teacher_state = loaded.state_dict(), teacher.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.0.mlp.up_proj.weight"):
+        assert state[name].dtype == teacher_dtype and torch.equal(state[name], teacher_state[name]), name
+
+
 def test_convert_refuses_a_non_empty_output_and_overwrites_when_told(teacher_dir, tmp_path):
     path, _ = teacher_dir
     out = tmp_path / "student"

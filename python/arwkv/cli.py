@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
                          help="transfer: r,k,v,o <- q,k,v,o of the teacher; fresh: ARWKV's init")
     convert.add_argument("--wkv", type=int, choices=[7, 6], default=7, help="time mixing: RWKV-7 or RWKV-6")
-    convert.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the written weights")
+    convert.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                         help="dtype of the written weights; auto: the teacher's own, so its weights "
+                         "are copied bit for bit")
     convert.add_argument("--wkv-layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
                          metavar="I,J,...", help="comma-separated layers that get time mixing "
                          "(default: all); the others keep the teacher's attention")

@@ -209,24 +209,27 @@ def _parse_size(text: str) -> int:
 
 def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        init: str = "transfer", head_size: int = 64, gate: bool = True,
-                       group_norm: bool = False, keep_bias: bool = True, dtype: str = "bf16",
+                       group_norm: bool = False, keep_bias: bool = True, dtype: str = "auto",
                        overwrite: bool = False, max_shard_size: str = "2GB", seed: int = 0,
                        wkv: int = 7, wkv_layers: list[int] | None = None) -> Path:
     """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +
     index, config.json (with auto_map), the teacher's generation/tokenizer files, and the
-    configuration/modeling .py files. Written to a temporary directory beside ``out_dir`` and
-    renamed into place (files.atomic_directory; modes follow the umask), so a failure never
-    leaves a directory that looks complete, and an existing ``out_dir`` (with ``overwrite``) is
-    replaced only once the new one is complete."""
+    configuration/modeling .py files. ``dtype`` "auto" keeps the teacher's own (the dtype of its
+    stored embedding), so every copied weight is copied bit for bit. Written to a temporary
+    directory beside ``out_dir`` and renamed into place (files.atomic_directory; modes follow the
+    umask), so a failure never leaves a directory that looks complete, and an existing
+    ``out_dir`` (with ``overwrite``) is replaced only once the new one is complete."""
     from safetensors.torch import save_file
 
     if wkv not in (6, 7):
         raise ConversionError(f"--wkv {wkv}: expected 7 (RWKV-7) or 6 (RWKV-6)")
     try:
-        torch_dtype = dtype_from_name(dtype)
+        torch_dtype = None if dtype == "auto" else dtype_from_name(dtype)
     except ValueError as err:
-        raise ConversionError(str(err)) from err
+        raise ConversionError(f"{err} or auto") from err
     teacher = TeacherCheckpoint(teacher_dir)
+    if torch_dtype is None:  # the teacher's own dtype: no weight is rounded on the way
+        torch_dtype = teacher.get("model.embed_tokens.weight").dtype
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"output {out} exists and is not empty; pass --overwrite to replace it")
