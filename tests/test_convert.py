@@ -35,7 +35,7 @@ def test_convert_writes_a_loadable_student_equal_to_the_in_memory_one(teacher_di
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv_hybrid.RwkvHybridForCausalLM"
-    assert config["tie_word_embeddings"] is False and config["wkv_qkv_bias"] is True
+    assert config["tie_word_embeddings"] is False and config["wkv_qkv_bias"] is False  # published layout
     loaded = RwkvHybridForCausalLM.from_pretrained(out).eval()
     expected = student_from_teacher(teacher, head_size=32).eval()
     for (name, a), (_, b) in zip(loaded.state_dict().items(), expected.state_dict().items(), strict=True):
@@ -58,6 +58,18 @@ def test_default_dtype_is_the_teachers_own(tmp_path, teacher_dtype):
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                  "model.layers.0.mlp.up_proj.weight"):
         assert state[name].dtype == teacher_dtype and torch.equal(state[name], teacher_state[name]), name
+
+
+def test_keep_bias_copies_the_biases_and_says_where_they_run(teacher_dir, tmp_path, capsys):
+    path, teacher = teacher_dir
+    out = tmp_path / "student"
+    args = ["convert", "--teacher", str(path), "--out", str(out), "--head-size", "32", "--keep-bias"]
+    assert main(args) == 0
+    assert "runs only in arwkv" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["wkv_qkv_bias"] is True
+    loaded = RwkvHybridForCausalLM.from_pretrained(out)
+    bias = loaded.model.layers[0].self_attn.time_mixer.receptance.bias
+    assert torch.equal(bias, teacher.model.layers[0].self_attn.q_proj.bias.to(bias.dtype))
 
 
 def test_convert_refuses_a_non_empty_output_and_overwrites_when_told(teacher_dir, tmp_path):

@@ -61,7 +61,7 @@ def test_packed_sequences_equal_separate_calls(wkv):
 
 def test_transfer_copies_teacher_weights_exactly_and_unties_embeddings():
     teacher = tiny_teacher(tie=True)
-    student = student_from_teacher(teacher, head_size=32)
+    student = student_from_teacher(teacher, head_size=32, keep_bias=True)
     t, s = teacher.state_dict(), student.state_dict()
     for name, value in t.items():
         if ".self_attn." in name or name == "model.rotary_emb.inv_freq":
@@ -142,10 +142,12 @@ def test_gradients_reach_every_time_mixer_parameter(wkv):
                                                            "time_faaaa")
 
 
-def test_drop_bias_option():
+def test_biases_dropped_by_default_and_kept_when_asked():
+    """The default is the published layout (no receptance/key/value biases); keep_bias=True copies
+    the teacher's."""
     teacher = tiny_teacher()
-    kept = student_from_teacher(teacher, head_size=32)
-    dropped = student_from_teacher(teacher, head_size=32, keep_bias=False)
+    kept = student_from_teacher(teacher, head_size=32, keep_bias=True)
+    dropped = student_from_teacher(teacher, head_size=32)
     assert kept.config.wkv_qkv_bias and not dropped.config.wkv_qkv_bias
     tm = dropped.model.layers[0].self_attn.time_mixer
     assert tm.receptance.bias is None and tm.key.bias is None and tm.value.bias is None

@@ -50,9 +50,12 @@ def _convert(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = convert_checkpoint(args.teacher, args.out, init=args.init, head_size=args.head_size, gate=args.gate,
-                             group_norm=args.group_norm, keep_bias=not args.drop_bias, dtype=args.dtype,
+                             group_norm=args.group_norm, keep_bias=args.keep_bias, dtype=args.dtype,
                              overwrite=args.overwrite, max_shard_size=args.max_shard_size, seed=args.seed,
                              wkv=args.wkv, wkv_layers=args.wkv_layers)
+    if args.keep_bias:
+        print("arwkv convert: note: the student keeps the teacher's q/k/v biases; such a checkpoint runs "
+              "only in arwkv (the published ARWKV code and llama.cpp have no place for them)")
     print(f"arwkv convert: wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -122,6 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoPlan, run_demo
 
     plan = DemoPlan.quick(args.init) if args.quick else DemoPlan(init=args.init)
+    plan.keep_bias = args.keep_bias
     for name in ("stage1_steps", "stage2_steps"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -196,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="WKV head size N (the heads are attention width / N)")
     convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")
     convert.add_argument("--group-norm", action="store_true", help="per-head GroupNorm of the WKV output")
-    convert.add_argument("--drop-bias", action="store_true", help="do not keep the teacher's q/k/v biases")
+    convert.add_argument("--keep-bias", action="store_true",
+                         help="keep the teacher's q/k/v biases on receptance/key/value (runs only in arwkv; "
+                         "the published ARWKV layout and llama.cpp have none)")
+    convert.add_argument("--drop-bias", action="store_true",
+                         help="the default now (biases are dropped unless --keep-bias); for old scripts")
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the time mixers' random initial values")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -251,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(f"--stage{stage}-steps", type=int, metavar="N",
                           help=f"stage {stage} steps (default: {getattr(full, name)}; "
                           f"{getattr(quick, name)} with --quick)")
+    demo.add_argument("--keep-bias", action="store_true",
+                      help="the student keeps the teacher's q/k/v biases (as arwkv convert --keep-bias)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (CI)")
     return parser
 

@@ -5,7 +5,10 @@ from disk to disk (``convert_checkpoint``, the ``arwkv convert`` command).
 Everything but the attentions is copied bit-exactly (tied embeddings become two tensors).
 ``init="transfer"`` (default): receptance, key, value, output <- q_proj, k_proj, v_proj, o_proj,
 grouped key/value heads expanded as the teacher uses them (transformers' repeat_kv: each kv
-head serves a contiguous group of query heads), biases kept unless ``keep_bias=False``.
+head serves a contiguous group of query heads). The teacher's q/k/v biases are dropped unless
+``keep_bias=True``: the published ARWKV layout, its inference code and llama.cpp have no
+receptance/key/value biases (the published code silently ignores them), so only arwkv runs a
+student that keeps them.
 ``init="fresh"``: ARWKV's initialisation (nn.Linear's default for the four projections).
 The time mixers' own parameters always start from ARWKV's initial values.
 """
@@ -130,7 +133,7 @@ def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str],
 
 @torch.no_grad()
 def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
-                         gate: bool = True, group_norm: bool = False, keep_bias: bool = True,
+                         gate: bool = True, group_norm: bool = False, keep_bias: bool = False,
                          seed: int = 0, wkv: int = 7,
                          wkv_layers: list[int] | None = None) -> RwkvHybridForCausalLM:
     """The student of a teacher already in memory (a transformers decoder with the standard
@@ -209,7 +212,7 @@ def _parse_size(text: str) -> int:
 
 def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        init: str = "transfer", head_size: int = 64, gate: bool = True,
-                       group_norm: bool = False, keep_bias: bool = True, dtype: str = "auto",
+                       group_norm: bool = False, keep_bias: bool = False, dtype: str = "auto",
                        overwrite: bool = False, max_shard_size: str = "2GB", seed: int = 0,
                        wkv: int = 7, wkv_layers: list[int] | None = None) -> Path:
     """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +

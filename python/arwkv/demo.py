@@ -33,7 +33,9 @@ class DemoPlan:
     """What the demo runs; ``quick()`` is the seconds-long version CI runs (same code path)."""
 
     init: str = "transfer"
-    # Step counts chosen by measurement (2 cores, AVX-512, transfer init): stage 1 / stage 2 =
+    keep_bias: bool = False  # the teacher's q/k/v biases on the student (runs only in arwkv)
+    # Step counts chosen by measurement (2 cores, AVX-512, transfer init keeping the teacher's
+    # q/k/v biases, the default then): stage 1 / stage 2 =
     # 60/260 -> 1.050x the teacher's held-out perplexity in 81 s, 60/400 -> 1.016x in 115 s,
     # 120/400 -> 1.009x in 121 s, 200/380 -> 1.009x in 130 s, 240/340 -> 1.007x in 135 s. The
     # slower AVX2 machines take about 2.1x as long, and the whole demo must stay under 5 minutes
@@ -185,9 +187,11 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     began = time.perf_counter()
     timings = {}
 
-    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init})")
+    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init}"
+         f"{', --keep-bias' if plan.keep_bias else ''})")
     t0 = time.perf_counter()
-    convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=32, dtype="fp32")
+    convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=32, dtype="fp32",
+                       keep_bias=plan.keep_bias)
     timings["convert_s"] = time.perf_counter() - t0
 
     common = dict(
