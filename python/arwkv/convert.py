@@ -194,10 +194,17 @@ class TeacherCheckpoint:
 
     def get(self, name: str) -> Tensor:
         """The teacher's tensor ``name``, read from its shard."""
+        return self._shard(name).get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, without reading its data (an empty slice)."""
+        return self._shard(name).get_slice(name)[:0].dtype
+
+    def _shard(self, name: str):
         if name not in self.names:
             raise ConversionError(f"teacher {self.path} has no tensor {name!r} (is it a decoder with the "
                                   "standard layout: model.layers.N.self_attn.q_proj, ...?)")
-        return self._files[self.names[name]].get_tensor(name)
+        return self._files[self.names[name]]
 
 
 def _parse_size(text: str) -> int:
@@ -232,7 +239,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
         raise ConversionError(f"{err} or auto") from err
     teacher = TeacherCheckpoint(teacher_dir)
     if torch_dtype is None:  # the teacher's own dtype: no weight is rounded on the way
-        torch_dtype = teacher.get("model.embed_tokens.weight").dtype
+        torch_dtype = teacher.dtype("model.embed_tokens.weight")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConversionError(f"output {out} exists and is not empty; pass --overwrite to replace it")
