@@ -200,11 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="WKV head size N (the heads are attention width / N)")
     convert.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True, help="output gate")
     convert.add_argument("--group-norm", action="store_true", help="per-head GroupNorm of the WKV output")
-    convert.add_argument("--keep-bias", action="store_true",
-                         help="keep the teacher's q/k/v biases on receptance/key/value (runs only in arwkv; "
-                         "the published ARWKV layout and llama.cpp have none)")
-    convert.add_argument("--drop-bias", action="store_true",
-                         help="the default now (biases are dropped unless --keep-bias); for old scripts")
+    bias = convert.add_mutually_exclusive_group()
+    bias.add_argument("--keep-bias", action="store_true",
+                      help="keep the teacher's q/k/v biases on receptance/key/value (runs only in arwkv; "
+                      "the published ARWKV layout and llama.cpp have none)")
+    bias.add_argument("--drop-bias", action="store_true",
+                      help="the default now (biases are dropped unless --keep-bias); for old scripts")
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the time mixers' random initial values")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
