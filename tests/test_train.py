@@ -182,15 +182,16 @@ def test_global_batches_split_over_ranks_cover_each_row_once_per_epoch(world):
 
 
 def test_what_each_stage_trains(run_inputs):
-    from arwkv.trainer import load_student, make_optimizer, set_trainable
+    from arwkv.stages import make_stage
+    from arwkv.trainer import load_student, make_optimizer
 
     student = load_student(run_inputs["student"])
-    set_trainable(DistillConfig(stage=1), student)
+    make_stage(DistillConfig(stage=1)).set_trainable(student)
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     assert names and all(".time_mixer." in n for n in names)
     assert "model.layers.0.self_attn.time_mixer.v1" not in names  # layer 0 makes v_first
     assert "model.layers.1.self_attn.time_mixer.v1" in names
-    set_trainable(DistillConfig(stage=2, freeze_mlp=True, freeze_embeddings=True), student)
+    make_stage(DistillConfig(stage=2, freeze_mlp=True, freeze_embeddings=True)).set_trainable(student)
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     assert not any(".mlp." in n or "embed_tokens" in n for n in names) and "lm_head.weight" in names
     optimizer = make_optimizer(

@@ -313,7 +313,3 @@ def make_stage(cfg: DistillConfig) -> Stage:
         raise ConfigError(f"--stage {cfg.stage}: expected one of {', '.join(map(str, STAGES))}")
     return STAGES[cfg.stage](cfg)
 
-
-def set_trainable(cfg: DistillConfig, student: RwkvHybridForCausalLM) -> None:
-    """requires_grad on what cfg's stage trains (see each stage's set_trainable)."""
-    make_stage(cfg).set_trainable(student)

@@ -33,10 +33,9 @@ from .distill_config import ConfigError, DistillConfig
 from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from .monitor import MetricsLog, Progress, plot_run
 from .runtime import mix_seed, resolve_device
-from .stages import STAGES, Stage, make_stage, set_trainable
+from .stages import Stage, make_stage
 
 __all__ = [
-    "STAGES",
     "BatchOrder",
     "Place",
     "Stage",
@@ -46,7 +45,6 @@ __all__ = [
     "lr_factor",
     "make_optimizer",
     "micro_batches",
-    "set_trainable",
     "setup_place",
     "train",
 ]
@@ -93,10 +91,9 @@ def setup_place(cfg: DistillConfig) -> Place:
 # ----------------------------------------------------------------------------- data
 
 
-def load_rows(cfg: DistillConfig, tokenizer, stage: Stage | None = None) -> tuple[list, list]:
+def load_rows(cfg: DistillConfig, tokenizer, stage: Stage) -> tuple[list, list]:
     """Training and validation rows (PackedRow) of cfg.seq_len tokens, packed as the stage packs
     them (stage 3: SFT examples with their assistant-only labels; stages 1-2: plain documents)."""
-    stage = stage or make_stage(cfg)
     train, val = stage.pack(list(iter_records(cfg.data)), tokenizer)
     if cfg.validation_fraction and not val:
         raise DataError(
