@@ -1,7 +1,7 @@
 // The one adapter between torch and the kernels. For every op (wkv7, wkv6 and their backward)
 // and every backend (CPU, CUDA / ROCm, Meta) it checks the arguments (wkv_checks.h), makes
-// contiguous, 16-byte aligned copies of the inputs where they are not (the GPU kernels load
-// float4), allocates the outputs, fills the problem description (wkv_problem.h) once, and hands
+// contiguous copies of the inputs where they are not (16-byte aligned for the GPU kernels, which
+// load float4), allocates the outputs, fills the problem description (wkv_problem.h) once, and hands
 // it to the backend (wkv_backends.h). The Meta backend stops after allocating: it gives shapes,
 // dtypes and argument errors to torch.compile and fake tensors without running anything.
 #include <ATen/ATen.h>
@@ -64,10 +64,11 @@ struct Filled {
   WkvShape g{};
   Problem p;
   std::vector<Tensor> keep;
+  bool align16 = false;  // the GPU kernels load float4; the CPU kernels need no alignment
 
   const void* hold(const Tensor& t) {
     Tensor c = t.contiguous();
-    if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+    if (align16 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
     keep.push_back(c);
     return c.data_ptr();
   }
@@ -80,6 +81,7 @@ struct Filled {
     p.B = g.B, p.T = g.T, p.H = g.H, p.N = g.N;
     p.num_seqs = g.S;
     if (backend == Backend::meta) return;  // no data to point at
+    align16 = backend == Backend::gpu;
     p.r = hold(x.r), p.w = hold(x.w), p.k = hold(x.k), p.v = hold(x.v);
     if (x.a) p.a = hold(*x.a), p.b = hold(*x.b);
     if (x.u) p.u = hold(*x.u);
