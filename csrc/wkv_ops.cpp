@@ -1,16 +1,21 @@
 // The op schemas (written once, here; wkv_adapter.cpp registers their CPU, GPU and Meta
 // implementations), and the Python module arwkv_ext._C: importing it loads this library, and it
-// tells Python the head sizes and CPU instruction sets.
+// tells Python the head sizes and CPU instruction sets, and runs the GPU tiles' self-test.
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include <exception>
+#include <string>
 
 #include "cpu/wkv_cpu.h"
 #include "wkv_problem.h"
 
 namespace arwkv {
+
+#ifdef ARWKV_WITH_GPU
+std::string gpu_tile_selftest();  // csrc/gpu/wkv_gpu_backend.cpp
+#endif
 
 TORCH_LIBRARY(arwkv, m) {
   m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, "
@@ -59,12 +64,30 @@ static PyObject* arwkv_head_sizes(PyObject*, PyObject*) {
   return out;
 }
 
+static PyObject* arwkv_gpu_tile_selftest(PyObject*, PyObject*) {
+#ifdef ARWKV_WITH_GPU
+  try {
+    return PyUnicode_FromString(arwkv::gpu_tile_selftest().c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+#else
+  PyErr_SetString(PyExc_RuntimeError, "arwkv was built without GPU kernels");
+#endif
+  return nullptr;
+}
+
 static PyMethodDef kMethods[] = {
     {"head_sizes", arwkv_head_sizes, METH_NOARGS, "The head sizes N the kernels support, as a tuple."},
     {"cpu_isa", arwkv_cpu_isa, METH_NOARGS,
      "Instruction set the CPU kernels use now (ARWKV_CPU_ISA overrides the best supported)."},
     {"cpu_isas_supported", arwkv_cpu_isas_supported, METH_NOARGS,
      "Instruction sets compiled into this build that this CPU can run."},
+    {"gpu_tile_selftest", arwkv_gpu_tile_selftest, METH_NOARGS,
+     "Checks the tensor-core tiles' fragment layouts on the current GPU: 'bf16 ok, f16 ok', or the "
+     "first wrong element."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods,

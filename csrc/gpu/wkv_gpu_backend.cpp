@@ -1,13 +1,23 @@
 // The torch side of the GPU backend (CUDA / ROCm): the stream and multiprocessor count of the
-// current device, the backward's scratch (torch allocations), the launches (wkv_gpu.h), and the
-// sum of grad_u over sequences.
+// current device, the backward's scratch (torch allocations), the launches (wkv_gpu.h), the
+// sum of grad_u over sequences, and the tensor-core tiles' self-test.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+
+#include <cmath>
+#include <string>
 
 #include "../wkv_backends.h"
 #include "wkv_gpu.h"
 
 namespace arwkv {
+namespace gpu::tiles {
+// wkv_gpu_tiles_selftest.cuh (compiled in wkv_gpu_f32.cu)
+int64_t tile_selftest_floats();
+LaunchStatus tile_selftest(float* out, const Device& d);
+std::string tile_selftest_report(const float* out);
+}  // namespace gpu::tiles
+
 namespace {
 
 gpu::Device current_device() {
@@ -50,6 +60,15 @@ void gpu_backward(const char* op, const WkvBackwardProblem& p, at::Device where)
     at::Tensor grad_u = at::from_blob(p.grad_u, {p.H, p.N}, at::TensorOptions().dtype(scalar_type(p.dtype)).device(where));
     grad_u.copy_(grad_u_partial.view({p.num_seqs, p.H, p.N}).sum(0));
   }
+}
+
+// The tile layer's fragment layouts checked on the current device: (row, column)-encoded
+// products through every load, bf16 and fp16; "bf16 ok, f16 ok" or the first wrong element.
+std::string gpu_tile_selftest() {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, at::cuda::current_device());
+  const at::Tensor out = at::full({gpu::tiles::tile_selftest_floats()}, NAN, f32);  // NaN where no lane stores
+  check_launch("gpu_tile_selftest", gpu::tiles::tile_selftest(out.data_ptr<float>(), current_device()));
+  return gpu::tiles::tile_selftest_report(out.cpu().data_ptr<float>());
 }
 
 }  // namespace arwkv

@@ -112,5 +112,182 @@ __device__ __forceinline__ F16 from_float<F16>(float x) {
 #endif
 }
 
+// ---- Tensor-core tiles ----------------------------------------------------------------------
+// D = A B + C for one 16 x 16 x 16 tile per warp (CUDA) or wave (HIP): A is 16 rows x 16 k and
+// B is 16 k x 16 columns, both bf16 or fp16 (T = Bf16 or F16), C and D are fp32. CUDA runs it as
+// two mma.sync.m16n8k16 (sm_80 and newer), one per 8-column half of B, C and D; gfx942 as one
+// v_mfma_f32_16x16x16{bf16_1k,f16}. Every lane of the warp / wave must take part in mma().
+//
+// A lane holds kTileAB elements of A and of B, two to a 32-bit register (the lower element in
+// the low half), and kTileAcc fp32 elements of C / D. Element e of lane l (l = threadIdx.x %
+// kWarpSize: blocks are 1-D):
+//  CUDA, g = l / 4, t = l % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+//  type"; element e of A is a_e, of B and C/D element e % 4 of the (e / 4)-th m16n8k16):
+//    A  row g + 8 * (e / 2 % 2),  k  2t + e % 2 + 8 * (e / 4)
+//    B  k   2t + e % 2 + 8 * (e / 2 % 2),  column g + 8 * (e / 4)
+//    C  row g + 8 * (e / 2 % 2),  column 2t + e % 2 + 8 * (e / 4)
+//  gfx942, q = l / 16 (AMD Matrix Instruction Calculator, CDNA3, v_mfma_f32_16x16x16_{bf16,f16}):
+//    A  row l % 16,  k 4q + e;   B  k 4q + e,  column l % 16;   C  row 4q + e,  column l % 16
+// (So the accumulator is element for element an A operand on CUDA and a B operand on gfx942.)
+// Loads take row-major arrays in shared or global memory with a leading dimension, of T or of
+// float (rounded to T, to nearest even); gfx942 has no ldmatrix, so these are plain loads.
+#if defined(ARWKV_HIP)
+constexpr int kWarpSize = 64;
+constexpr int kTileAB = 4, kTileAcc = 4;
+__device__ __forceinline__ int tile_a_row(int l, int) { return l % 16; }
+__device__ __forceinline__ int tile_a_k(int l, int e) { return 4 * (l / 16) + e; }
+__device__ __forceinline__ int tile_b_k(int l, int e) { return 4 * (l / 16) + e; }
+__device__ __forceinline__ int tile_b_col(int l, int) { return l % 16; }
+__device__ __forceinline__ int tile_acc_row(int l, int e) { return 4 * (l / 16) + e; }
+__device__ __forceinline__ int tile_acc_col(int l, int) { return l % 16; }
+#else
+constexpr int kWarpSize = 32;
+constexpr int kTileAB = 8, kTileAcc = 8;
+__device__ __forceinline__ int tile_a_row(int l, int e) { return l / 4 + 8 * (e / 2 % 2); }
+__device__ __forceinline__ int tile_a_k(int l, int e) { return 2 * (l % 4) + e % 2 + 8 * (e / 4); }
+__device__ __forceinline__ int tile_b_k(int l, int e) { return 2 * (l % 4) + e % 2 + 8 * (e / 2 % 2); }
+__device__ __forceinline__ int tile_b_col(int l, int e) { return l / 4 + 8 * (e / 4); }
+__device__ __forceinline__ int tile_acc_row(int l, int e) { return l / 4 + 8 * (e / 2 % 2); }
+__device__ __forceinline__ int tile_acc_col(int l, int e) { return 2 * (l % 4) + e % 2 + 8 * (e / 4); }
+#endif
+
+__device__ __forceinline__ int lane_id() { return int(threadIdx.x % unsigned(kWarpSize)); }
+
+// Which instruction a 16-bit type takes (only Bf16 and F16 have one).
+template <class T> struct TileType;
+template <> struct TileType<Bf16> { static constexpr bool bf16 = true; };
+template <> struct TileType<F16> { static constexpr bool bf16 = false; };
+
+// This lane's elements of an A / B operand (T: Bf16 or F16) and of an accumulator.
+template <class T>
+struct TileA {
+  uint32_t reg[kTileAB / 2];
+};
+template <class T>
+struct TileB {
+  uint32_t reg[kTileAB / 2];
+};
+struct TileAcc {
+  float x[kTileAcc];
+  // Row and column of this lane's element e, for element-wise work (masks, scales).
+  __device__ static int row(int e) { return tile_acc_row(lane_id(), e); }
+  __device__ static int col(int e) { return tile_acc_col(lane_id(), e); }
+};
+
+// The bits of one operand element: a T as it is, a float rounded to T.
+template <class T>
+__device__ __forceinline__ uint32_t tile_bits(T x) { return x.bits; }
+template <class T>
+__device__ __forceinline__ uint32_t tile_bits(float x) { return from_float<T>(x).bits; }
+
+// Registers of an operand whose element e this lane reads from p[at(lane, e)].
+template <class T, class S, class At>
+__device__ __forceinline__ void gather_tile(uint32_t (&reg)[kTileAB / 2], const S* p, At at) {
+  const int l = lane_id();
+#pragma unroll
+  for (int e = 0; e < kTileAB; e += 2)
+    reg[e / 2] = tile_bits<T>(p[at(l, e)]) | tile_bits<T>(p[at(l, e + 1)]) << 16;
+}
+
+// A[i][k] = p[i * ld + k]; transposed: A[i][k] = p[k * ld + i] (p holds A^T). S: T or float.
+template <class T, class S>
+__device__ __forceinline__ TileA<T> load_tile_a(const S* p, int ld) {
+  TileA<T> a;
+  gather_tile<T>(a.reg, p, [ld](int l, int e) { return tile_a_row(l, e) * ld + tile_a_k(l, e); });
+  return a;
+}
+template <class T, class S>
+__device__ __forceinline__ TileA<T> load_tile_a_transposed(const S* p, int ld) {
+  TileA<T> a;
+  gather_tile<T>(a.reg, p, [ld](int l, int e) { return tile_a_k(l, e) * ld + tile_a_row(l, e); });
+  return a;
+}
+// B[k][j] = p[k * ld + j]; transposed: B[k][j] = p[j * ld + k] (p holds B^T). S: T or float.
+template <class T, class S>
+__device__ __forceinline__ TileB<T> load_tile_b(const S* p, int ld) {
+  TileB<T> b;
+  gather_tile<T>(b.reg, p, [ld](int l, int e) { return tile_b_k(l, e) * ld + tile_b_col(l, e); });
+  return b;
+}
+template <class T, class S>
+__device__ __forceinline__ TileB<T> load_tile_b_transposed(const S* p, int ld) {
+  TileB<T> b;
+  gather_tile<T>(b.reg, p, [ld](int l, int e) { return tile_b_col(l, e) * ld + tile_b_k(l, e); });
+  return b;
+}
+
+// The accumulator: every element v, or C[i][j] = p[i * ld + j]; store D[i][j] to p[i * ld + j].
+__device__ __forceinline__ TileAcc fill_tile_acc(float v) {
+  TileAcc c;
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e) c.x[e] = v;
+  return c;
+}
+__device__ __forceinline__ TileAcc load_tile_acc(const float* p, int ld) {
+  TileAcc c;
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e) c.x[e] = p[TileAcc::row(e) * ld + TileAcc::col(e)];
+  return c;
+}
+__device__ __forceinline__ void store_tile_acc(float* p, int ld, const TileAcc& d) {
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e) p[TileAcc::row(e) * ld + TileAcc::col(e)] = d.x[e];
+}
+
+// D = A B + C, products and sums in fp32 (every lane of the warp / wave takes part). Only the
+// innermost step differs in the emulator: there gpu_emulator.h computes it from the same
+// registers, with the hardware's lane maps of its own, so a wrong map above shows in the tests.
+template <class T>
+__device__ __forceinline__ TileAcc mma(const TileA<T>& a, const TileB<T>& b, const TileAcc& c) {
+  TileAcc d = c;
+#if defined(ARWKV_HIP)
+#if defined(ARWKV_GPU_EMULATION)
+  gpu_emu::mfma_f32_16x16x16(TileType<T>::bf16, a.reg, b.reg, c.x, d.x);
+#elif defined(__HIP_DEVICE_COMPILE__)
+  typedef float f32x4 __attribute__((ext_vector_type(4)));
+  const f32x4 acc = __builtin_bit_cast(f32x4, c);  // (bit casts of the structs: arrays would decay)
+  f32x4 r;
+  if constexpr (TileType<T>::bf16) {
+    typedef short i16x4 __attribute__((ext_vector_type(4)));
+    r = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(__builtin_bit_cast(i16x4, a), __builtin_bit_cast(i16x4, b), acc,
+                                                  0, 0, 0);
+  } else {
+    typedef _Float16 f16x4 __attribute__((ext_vector_type(4)));
+    r = __builtin_amdgcn_mfma_f32_16x16x16f16(__builtin_bit_cast(f16x4, a), __builtin_bit_cast(f16x4, b), acc, 0,
+                                              0, 0);
+  }
+  d = __builtin_bit_cast(TileAcc, r);
+#endif
+#else
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7: B registers 2h, 2h + 1; C / D elements 4h .. 4h + 3
+    const float* ch = c.x + 4 * h;
+    float* dh = d.x + 4 * h;
+#if defined(ARWKV_GPU_EMULATION)
+    const uint32_t bh[2] = {b.reg[2 * h], b.reg[2 * h + 1]};
+    gpu_emu::mma_m16n8k16(TileType<T>::bf16, a.reg, bh, ch, dh);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (TileType<T>::bf16)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%10,%11,%12,%13};\n"
+          : "=f"(dh[0]), "=f"(dh[1]), "=f"(dh[2]), "=f"(dh[3])
+          : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[2 * h]), "r"(b.reg[2 * h + 1]),
+            "f"(ch[0]), "f"(ch[1]), "f"(ch[2]), "f"(ch[3]));
+    else
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%10,%11,%12,%13};\n"
+          : "=f"(dh[0]), "=f"(dh[1]), "=f"(dh[2]), "=f"(dh[3])
+          : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[2 * h]), "r"(b.reg[2 * h + 1]),
+            "f"(ch[0]), "f"(ch[1]), "f"(ch[2]), "f"(ch[3]));
+#elif defined(__CUDA_ARCH__)
+    __trap();  // the tiles need sm_80 or newer
+#endif
+  }
+#endif
+  return d;
+}
+
 }  // namespace gpu
 }  // namespace arwkv

@@ -4,10 +4,11 @@
 // Python package.
 //
 // Every thread of a block is a fiber on one OS thread; blocks run one after another,
-// so `__shared__` is a function-local static. A fiber runs until it reaches __syncthreads() or
-// a lane shuffle, then the next one runs. What it checks that a real GPU would not report:
-//  - a barrier that not every thread of the block reaches (or a shuffle that not every lane of
-//    the warp takes part in) is a deadlock here: the launch fails with a message;
+// so `__shared__` is a function-local static. A fiber runs until it reaches __syncthreads(), a
+// lane shuffle or a matrix product, then the next one runs. What it checks that a real GPU would
+// not report:
+//  - a barrier that not every thread of the block reaches (or a shuffle or matrix product that
+//    not every lane of the warp takes part in) is a deadlock here: the launch fails with a message;
 //  - the order in which threads run between two barriers, and blocks run, is forward, reverse
 //    or shuffled (set_schedule; shuffled also lets warps drift apart), so a missing barrier, or
 //    shared memory read before this block wrote it, shows up as results that depend on the
@@ -15,6 +16,10 @@
 // What it does not model: a shuffle here also acts as a barrier of the whole warp, so code that
 // needs a __syncwarp between shared-memory accesses of one warp would pass (the kernels have none).
 // Warp width: 32 (CUDA), or 64 when ARWKV_HIP is defined (the kernels then pick their HIP tiles).
+// Tensor cores: the tile layer's innermost step (wkv_gpu_compat.h, mma()) is the warp-wide
+// mma.sync.m16n8k16 on 32 lanes, or the wave-wide v_mfma_f32_16x16x16 on 64 lanes, emulated here
+// from the lanes' registers with the hardware's fragment layouts (written out below on their own,
+// not taken from the tile layer).
 #pragma once
 
 #include <math.h>  // expf, fmaf in the global namespace, as in device code
@@ -138,6 +143,13 @@ inline void make_context(Context& c, char* stack, size_t size, void (*entry)()) 
 #endif
 
 enum class Schedule { forward, reverse, shuffled };
+
+// One lane's operand registers of a matrix instruction: 16-bit elements two to a register, the
+// lower-numbered one in the low half (CUDA: A 4 registers, B 2; gfx942: A 2, B 2).
+struct MatrixRegs {
+  uint32_t a[4] = {}, b[4] = {};
+};
+
 enum class Wait { none, warp, block, done };
 
 struct Fiber {
@@ -150,6 +162,7 @@ struct Runtime {
   std::vector<Fiber> fibers;
   std::vector<std::vector<char>> stacks;
   std::vector<float> exchange;  // one slot per thread, for shuffles
+  std::vector<MatrixRegs> matrix;  // one slot per thread, for matrix products
   std::vector<int> order;
   std::vector<char> held;  // warps held back this round
   Context scheduler;
@@ -224,6 +237,97 @@ inline float shuffle_xor(float x, unsigned mask) {
   return y;
 }
 
+// ---- Matrix instructions ---------------------------------------------------------------------
+// Operands are 16-bit values already (the tile layer rounds when it loads); their products are
+// exact in fp32 (8 x 8 or 11 x 11 significant bits, barring over- or underflow), and D = C + the
+// 16 products added one by one in fp32, in increasing k. The hardware adds in an order (and, on
+// NVIDIA, with an internal alignment) of its own, so sums that round may differ in the last bits
+// from this; sums whose partial sums are all exact in fp32 (as in the tests) agree bit for bit.
+
+// Element i (low to high) of a register array of 16-bit values, as a float.
+inline float matrix_element(const uint32_t* regs, int i, bool bf16) {
+  const uint16_t bits = uint16_t(regs[i / 2] >> (16 * (i % 2)));
+  if (bf16) {
+    float x;
+    const uint32_t u = uint32_t(bits) << 16;
+    std::memcpy(&x, &u, 4);
+    return x;
+  }
+  return float(__builtin_bit_cast(_Float16, bits));
+}
+
+// Every lane of the warp deposits its registers; returns the warp's lane 0 slot (a collective:
+// every lane must call it, then matrix_done()).
+inline const MatrixRegs* matrix_gather(const uint32_t* a, int na, const uint32_t* b, int nb) {
+  Runtime& rt = runtime();
+  MatrixRegs& mine = rt.matrix[threadIdx.x];
+  for (int r = 0; r < na; ++r) mine.a[r] = a[r];
+  for (int r = 0; r < nb; ++r) mine.b[r] = b[r];
+  wait(Wait::warp);  // every lane has written
+  return &rt.matrix[threadIdx.x - threadIdx.x % kWarp];
+}
+inline void matrix_done() { wait(Wait::warp); }  // every lane has read before anyone writes again
+
+inline float dot16(float c, const float (&a)[16], const float* b, int stride) {
+  for (int k = 0; k < 16; ++k) c += a[k] * b[k * stride];  // (exact products: fused or not, the same)
+  return c;
+}
+
+#if !defined(ARWKV_HIP)
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = A B + c for the calling lane's 4
+// elements of C / D. Lane layouts as the PTX ISA gives them ("Matrix Fragments for mma.m16n8k16
+// with floating point type"), groupID = lane >> 2, threadID_in_group = lane % 4:
+//   A (16 x 16) a0..a7: row groupID for a0, a1, a4, a5, else groupID + 8;
+//                       col threadID_in_group * 2 + (i & 1), + 8 for a4..a7
+//   B (16 x 8)  b0..b3: row threadID_in_group * 2 + (i & 1), + 8 for b2, b3;  col groupID
+//   C, D (16 x 8) c0..c3: row groupID for c0, c1, else groupID + 8;  col threadID_in_group * 2 + (i & 1)
+inline void mma_m16n8k16(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  const MatrixRegs* warp = matrix_gather(a, 4, b, 2);
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int group = lane >> 2, tig = lane % 4;
+    for (int i = 0; i < 8; ++i) {
+      const int row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+      const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = matrix_element(warp[lane].a, i, bf16);
+    }
+    for (int i = 0; i < 4; ++i) B[tig * 2 + (i & 1) + (i >= 2 ? 8 : 0)][group] = matrix_element(warp[lane].b, i, bf16);
+  }
+  const int lane = int(threadIdx.x % kWarp), group = lane >> 2, tig = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = i < 2 ? group : group + 8, col = tig * 2 + (i & 1);
+    out[i] = dot16(c[i], A[row], &B[0][col], 8);
+  }
+  matrix_done();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+#else
+// v_mfma_f32_16x16x16bf16_1k / v_mfma_f32_16x16x16f16 on a 64-lane wave: d = A B + c for the
+// calling lane's 4 elements of C / D. Layouts as AMD's Matrix Instruction Calculator prints them
+// for CDNA3 (--register-layout), element to (lane, item), item i of a lane being bits
+// [16 i % 32 + 15 : 16 i % 32] of its register i / 2 for A and B, its register i for C / D:
+//   A[m][k]: lane m + 16 * (k / 4), item k % 4
+//   B[k][n]: lane n + 16 * (k / 4), item k % 4
+//   C[m][n], D[m][n]: lane n + 16 * (m / 4), item m % 4
+inline void mfma_f32_16x16x16(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  const MatrixRegs* wave = matrix_gather(a, 2, b, 2);
+  float A[16][16], B[16][16];
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) {
+      A[m][k] = matrix_element(wave[m + 16 * (k / 4)].a, k % 4, bf16);
+      B[k][m] = matrix_element(wave[m + 16 * (k / 4)].b, k % 4, bf16);  // (here m is the column n)
+    }
+  const int lane = int(threadIdx.x % kWarp);
+  float out[4];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n)
+      if (lane == n + 16 * (m / 4)) out[m % 4] = dot16(c[m % 4], A[m], &B[0][n], 16);
+  matrix_done();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+#endif
+
 // Runs one block of `threads` fibers to completion; returns false (with runtime().error) on a
 // deadlock: threads waiting on a barrier that the others never reach.
 inline bool run_block(unsigned threads) {
@@ -232,6 +336,7 @@ inline bool run_block(unsigned threads) {
   if (rt.stacks.size() < threads) rt.stacks.resize(threads, std::vector<char>(kStack));
   rt.fibers.assign(threads, Fiber{});
   rt.exchange.assign(threads, 0.f);
+  rt.matrix.assign(threads, MatrixRegs{});
   rt.order.resize(threads);
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = rt.fibers[t];
@@ -280,7 +385,7 @@ inline bool run_block(unsigned threads) {
       rt.error = "deadlock in block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) +
                  ", " + std::to_string(blockIdx.z) + "): " + std::to_string(done) + " of " +
                  std::to_string(threads) + " threads exited, " + std::to_string(at_block) +
-                 " wait at __syncthreads, the rest at a shuffle";
+                 " wait at __syncthreads, the rest at a shuffle or matrix product";
       return false;
     }
   }
