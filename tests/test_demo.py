@@ -1,5 +1,6 @@
 """``arwkv demo``: the shipped teacher is what it claims to be, and a shortened demo (the same
-code path, a few steps) writes its report; ``arwkv eval --lm-eval-task`` scores a student with
+code path, a few steps) writes its report, on the CPU and (where there is one) on a GPU;
+``--device cuda`` without a GPU is one line; ``arwkv eval --lm-eval-task`` scores a student with
 lm-evaluation-harness."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import json
 import pytest
 import torch
 
-from arwkv.cli import main
+import arwkv_ext
+from arwkv.cli import build_parser, main
 from arwkv.demo import ASSETS, DemoPlan, run_demo
 
 TEACHER = ASSETS / "teacher"
@@ -47,10 +49,14 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     saved = json.loads((out / "report.json").read_text())
     assert saved["teacher_ppl"] == report["teacher_ppl"] > 1 and saved["student_ppl"] > 1
     assert saved["ratio"] == pytest.approx(saved["student_ppl"] / saved["teacher_ppl"])
+    # the CPU by default, and the report says so
+    assert saved["device"] == saved["decode_method"]["device"] == saved["plan"]["device"] == "cpu"
+    assert saved["training_precision"] == "float32" and saved["gpu"] is None
     for name in ("report.md", "stage1_loss.png", "stage2_loss.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "Held-out perplexity" in md and f"{saved['student_ppl']:.2f}" in md
+    assert "distilled on this machine's CPU" in md and "float32 on the CPU with" in md
     student_rows, teacher_rows = saved["decode"]["student"], saved["decode"]["teacher"]
     assert student_rows[0]["cache_bytes"] == student_rows[1]["cache_bytes"]  # constant state
     assert teacher_rows[1]["cache_bytes"] > teacher_rows[0]["cache_bytes"]  # a growing KV cache
@@ -63,11 +69,58 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert "is not an earlier demo's output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (out / "notes.txt").write_text("mine")  # a rerun replaces the demo's own entries only
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--device", "auto", "--out", str(out)]) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").is_file()
+    # auto is the GPU only where torch sees one and the kernels were built for it
+    gpu = torch.cuda.is_available() and any(k != "cpu" for k in arwkv_ext.build_info["kernels"])
+    rerun = json.loads((out / "report.json").read_text())
+    assert rerun["plan"]["device"] == "auto" and rerun["device"] == ("cuda" if gpu else "cpu")
     assert main(["demo", "--quick", "--stage1-steps", "0", "--out", str(out)]) == 1
     assert "stage1_steps must be at least 1" in capsys.readouterr().err
     assert (out / "report.json").is_file()  # refused before anything was removed
+
+
+def test_demo_device_defaults_to_the_cpu():
+    assert build_parser().parse_args(["demo"]).device == "cpu"  # the published numbers are the CPU's
+    assert DemoPlan().device == DemoPlan.quick().device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_demo_on_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "arwkv demo: --device cuda: torch sees no GPU\n"  # one line, no traceback
+    assert not out.exists()  # refused before anything was written
+
+
+def test_demo_on_cuda_without_gpu_kernels_is_one_line(tmp_path, capsys, monkeypatch):
+    # a GPU that torch sees, but an arwkv_ext built for the CPU only (ARWKV_BUILD_TARGET=cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(arwkv_ext.build_info, "kernels", ["cpu"])
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("arwkv demo: --device cuda: arwkv_ext was built without GPU kernels")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: torch.cuda.is_available() is False")
+@pytest.mark.skipif(all(k == "cpu" for k in arwkv_ext.build_info["kernels"]),
+                    reason="arwkv_ext was built without GPU kernels (CPU only)")
+def test_quick_demo_on_a_gpu(tmp_path, capsys):
+    """The whole pipeline on the GPU: training (bf16 autocast), scoring, decoding, samples."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == report["decode_method"]["device"] == report["plan"]["device"] == "cuda"
+    assert report["gpu"] == torch.cuda.get_device_name() and "bf16" in report["training_precision"]
+    for key in ("teacher_ppl", "student_ppl", "student_ppl_before_distillation"):
+        assert 1 < report[key] < float("inf"), (key, report[key])
+    assert all(row["tokens_per_s"] > 0 for rows in report["decode"].values() for row in rows)
+    md = (out / "report.md").read_text()
+    assert f"distilled on this machine's GPU ({report['gpu']})" in md
+    assert "on the GPU" in capsys.readouterr().err  # the stages said where they ran
 
 
 def test_lm_eval_scores_a_student(tmp_path, capsys, monkeypatch):

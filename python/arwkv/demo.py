@@ -8,6 +8,11 @@ training split, then scores teacher and student on the held-out split, times dec
 and a long context (batch 1, greedy; the median of several timed runs after a warm-up: see
 ``evaluate.decoding_speed``), generates a sample from each, and writes OUT/report.md,
 OUT/report.json and the loss curves.
+
+Everything runs on the CPU by default: the published numbers and the step counts are the CPU
+story. ``--device cuda`` runs the same pipeline (training, scoring, decoding, samples) on a GPU,
+as a quick end-to-end check there; training then uses the trainer's bf16 autocast over float32
+weights, so its numbers are not the CPU ones.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class DemoPlan:
     """What the demo runs; ``quick()`` is the seconds-long version CI runs (same code path)."""
 
     init: str = "transfer"
+    # where training, scoring and decoding run: cpu (the published story), cuda or auto
+    device: str = "cpu"
     keep_bias: bool = False  # the teacher's q/k/v biases on the student (runs only in arwkv)
     # Step counts chosen by measurement (2 cores, AVX-512, transfer init keeping the teacher's
     # q/k/v biases, the default then): stage 1 / stage 2 =
@@ -75,6 +82,13 @@ def _say(text: str) -> None:
     print(f"arwkv demo: {text}", file=sys.stderr, flush=True)
 
 
+def _where(device: str, gpu: str | None = None) -> str:
+    """``CPU``, or ``GPU (its name)``: where the demo ran, for its messages and report."""
+    if device == "cpu":
+        return "CPU"
+    return f"GPU ({gpu})" if gpu else "GPU"
+
+
 # the DemoPlan fields that `arwkv demo` sets from a flag, named in refusals
 FLAGS = {"stage1_steps": "--stage1-steps", "stage2_steps": "--stage2-steps"}
 MARKER = ".arwkv-demo"
@@ -108,13 +122,32 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by arwkv demo\n")
 
 
-def _load(model_dir: Path) -> tuple:
-    """A checkpoint (teacher or student) and its tokenizer, float32, for decoding on the CPU."""
+def _resolve_device(name: str) -> torch.device:
+    """The demo's device, checked before anything is written: ``cuda`` needs a GPU that torch
+    sees and an arwkv_ext built with GPU kernels (else the ops would refuse mid-demo); ``auto``
+    is the GPU only when both are there."""
+    import arwkv_ext
+
+    from .runtime import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and not any(k != "cpu" for k in arwkv_ext.build_info["kernels"]):
+        if name == "auto":
+            return torch.device("cpu")
+        raise ValueError(
+            f"--device {name}: arwkv_ext was built without GPU kernels (torch "
+            f"{arwkv_ext.build_info['torch']}); reinstall arwkv against a CUDA torch"
+        )
+    return device
+
+
+def _load(model_dir: Path, device: torch.device) -> tuple:
+    """A checkpoint (teacher or student) and its tokenizer, float32 on ``device``, for decoding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
@@ -124,8 +157,10 @@ def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
 
     rows = []
     steps = plan.decode_steps
+    device = next(model.parameters()).device
     for context in plan.contexts:
-        prompt = torch.tensor([(heldout_ids * (context // max(len(heldout_ids), 1) + 1))[:context]])
+        prompt = torch.tensor([(heldout_ids * (context // max(len(heldout_ids), 1) + 1))[:context]],
+                              device=device)
         seconds, cache = decoding_speed(model, prompt, steps, repeats=plan.decode_repeats,
                                         warmup=plan.decode_warmup)
         rows.append(
@@ -144,7 +179,7 @@ def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
 
 def _sample(model, tokenizer, tokens: int) -> str:
     """PROMPT continued greedily by ``tokens`` tokens."""
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
@@ -178,6 +213,10 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
             )
     if plan.decode_warmup < 0:
         raise ValueError(f"decode_warmup must not be negative, got {plan.decode_warmup}")
+    device = _resolve_device(plan.device)  # refused here, before OUT is touched
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    # the trainer runs float32 weights under bf16 autocast on a GPU, in float32 on the CPU
+    precision = "bf16 autocast over float32 weights" if device.type == "cuda" else "float32"
     teacher = ASSETS / "teacher"
     if not (teacher / "config.json").is_file():
         raise FileNotFoundError(
@@ -209,7 +248,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     for stage, steps, lr, student in stages:
         _say(
             f"stage {stage} ({STAGES[stage].title}): {steps} steps "
-            f"of {plan.batch_size} x {plan.seq_len} tokens"
+            f"of {plan.batch_size} x {plan.seq_len} tokens on the {_where(device.type, gpu)}"
         )
         t0 = time.perf_counter()
         train(
@@ -220,7 +259,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
                 max_steps=steps,
                 lr=lr,
                 warmup_steps=max(steps // 10, 1),
-                device="cpu",  # the demo is the CPU story; its numbers compare with other CPU runs
+                device=device.type,
                 **common,
             )
         )
@@ -232,7 +271,8 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     t0 = time.perf_counter()
     heldout = str(ASSETS / "heldout.jsonl")
     scores = {
-        name: evaluate(path, heldout, seq_len=plan.eval_seq_len, max_tokens=plan.eval_tokens, device="cpu")
+        name: evaluate(path, heldout, seq_len=plan.eval_seq_len, max_tokens=plan.eval_tokens,
+                       device=device.type)
         for name, path in (
             ("teacher", teacher),
             ("student", student),
@@ -252,7 +292,8 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     text = json.loads((ASSETS / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
     decode, samples = {}, {}
     for name, path in (("teacher", teacher), ("student", student)):
-        model, tokenizer = _load(path)  # the same tokenizer for both (the student's is the teacher's copy)
+        # the same tokenizer for both (the student's is the teacher's copy)
+        model, tokenizer = _load(path, device)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         decode[name] = _decode_rows(model, ids, plan)
         samples[name] = _sample(model, tokenizer, plan.sample_tokens)
@@ -267,6 +308,9 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
         "student_ppl_before_distillation": scores["student_before"]["perplexity"],
         "unigram_ppl": training_report.get("unigram_heldout_ppl"),
         "init": plan.init,
+        "device": device.type,  # where it all ran (plan.device is what was asked: auto, cpu, cuda)
+        "gpu": gpu,
+        "training_precision": precision,
         "plan": {k: v for k, v in plan.__dict__.items()},
         "heldout_tokens_predicted": scores["teacher"]["predicted_tokens"],
         "final_losses": {f"stage{s}": read_metrics(out / f"stage{s}")[-1]["loss"] for s in (1, 2)},
@@ -275,7 +319,8 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
             **decoding_method(plan.decode_steps, plan.decode_repeats, plan.decode_warmup),
             "contexts": list(plan.contexts),
             "dtype": "float32",
-            "device": "cpu",
+            "device": device.type,
+            "gpu": gpu,
             "load_average_1min": load,
             "cpus": os.cpu_count(),
         },
@@ -304,8 +349,10 @@ def _decode_method_text(r: dict) -> str:
     def runs(n: int, what: str) -> str:
         return f"{n} {what} run{'' if n == 1 else 's'}"
 
+    device = m["device"]
+    threads = f" with {m['threads']} threads" if device == "cpu" else ""
     return (
-        f"Batch {m['batch']}, greedy, {m['dtype']} on the {m['device'].upper()} with {m['threads']} threads. "
+        f"Batch {m['batch']}, greedy, {m['dtype']} on the {_where(device, m.get('gpu'))}{threads}. "
         f"After the prompt (prefilled once, untimed), {runs(m['warmup_runs'], 'untimed warm-up')}, then "
         f"{runs(m['repeats'], 'timed')} of {m['steps']} decoding steps, each from a copy of the prompt's "
         "cache; tokens/s is 1 / the median over the timed runs of (run time / steps)."
@@ -320,12 +367,18 @@ def _decode_method_text(r: dict) -> str:
 
 def render_report(r: dict) -> str:
     """report.md from the report's numbers."""
+    device = r.get("device", "cpu")  # reports written before --device ran on the CPU
+    how = (
+        f"({r['threads']} threads)"
+        if device == "cpu"
+        else f"({r.get('training_precision', 'bf16 autocast over float32 weights')})"
+    )
     lines = [
         "# arwkv demo",
         "",
         f"A Qwen2 teacher (shipped, trained on Python's own documentation) converted into an RWKV-7 student "
-        f"(`--init {r['init']}`) and distilled on this machine's CPU in {r['seconds']:.0f} s "
-        f"({r['threads']} threads): stage 1 for {r['plan']['stage1_steps']} steps, stage 2 for "
+        f"(`--init {r['init']}`) and distilled on this machine's {_where(device, r.get('gpu'))} in "
+        f"{r['seconds']:.0f} s {how}: stage 1 for {r['plan']['stage1_steps']} steps, stage 2 for "
         f"{r['plan']['stage2_steps']} steps.",
         "",
         f"## Held-out perplexity ({r['heldout_tokens_predicted']} predicted tokens)",
