@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "emulated_checks.h"
 #include "gpu/wkv_gpu_tiles_selftest.cuh"
 
 namespace gpu = arwkv::gpu;
@@ -29,21 +30,7 @@ namespace tiles = arwkv::gpu::tiles;
 
 namespace {
 
-#if defined(ARWKV_HIP)
-const char* kPlatform = "hip tiles, 64-lane waves";
-#else
-const char* kPlatform = "cuda tiles, 32-lane warps";
-#endif
-
-int failures = 0, checks = 0;
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s: %s\n", kPlatform, what.c_str());
-    std::fflush(stdout);  // (a store far out of bounds may crash the test later)
-  }
-}
+using namespace emulated;  // kPlatform, checks, failures, expect
 
 std::string str(double x) {
   char buf[64];

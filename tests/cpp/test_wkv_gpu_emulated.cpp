@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "emulated_checks.h"
 #include "gpu/wkv_gpu_kernels.cuh"
 #include "test_problems.h"
 
@@ -23,20 +24,7 @@ namespace gpu = arwkv::gpu;
 
 namespace {
 
-#if defined(ARWKV_HIP)
-const char* kPlatform = "hip tiles, 64-lane waves";
-#else
-const char* kPlatform = "cuda tiles, 32-lane warps";
-#endif
-
-int failures = 0, checks = 0;
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
+using namespace emulated;  // kPlatform, checks, failures, expect
 
 template <class T> const char* type_name();
 template <> const char* type_name<float>() { return "float32"; }
