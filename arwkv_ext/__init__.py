@@ -59,9 +59,23 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
+def cpu_algorithm(op: str = "wkv7", direction: str = "forward") -> str:
+    """The algorithm the CPU kernels use now for ``op`` (``wkv7`` / ``wkv6``) in ``direction``
+    (``forward`` / ``backward``): ``step`` or ``chunked`` (matrix form, 16 steps at a time).
+
+    Without the environment variable ``ARWKV_CPU_ALGORITHM`` (``auto``, ``step``, ``chunked``),
+    the one measured faster: chunked, except WKV-7's forward. Segments of at most 4 steps
+    (decoding) always take the step path.
+    """
+    if op not in ("wkv7", "wkv6"):
+        raise ValueError(f"op must be 'wkv7' or 'wkv6', got {op!r}")
+    return _C.cpu_algorithm(7 if op == "wkv7" else 6, direction)
+
+
 def cpu_isas_supported() -> list[str]:
     """The instruction sets compiled into this build that this CPU can run."""
     return _C.cpu_isas_supported()
 
 
-__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_isas_supported", "build_info", "HEAD_SIZES"]
+__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_algorithm", "cpu_isas_supported", "build_info",
+           "HEAD_SIZES"]

@@ -45,6 +45,27 @@ static PyObject* arwkv_cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// The CPU algorithm a call of `op` (7 or 6) in `direction` ("forward" / "backward") uses now.
+static PyObject* arwkv_cpu_algorithm(PyObject*, PyObject* args) {
+  int version = 7;
+  const char* direction = "forward";
+  if (!PyArg_ParseTuple(args, "|is", &version, &direction)) return nullptr;
+  try {
+    arwkv::WkvProblem p;
+    p.version = version;
+    const bool backward = std::string(direction) == "backward";
+    if (!backward && std::string(direction) != "forward")
+      throw std::invalid_argument(std::string("direction must be 'forward' or 'backward', got '") + direction + "'");
+    const auto a = backward ? arwkv::cpu::backward_algorithm(p) : arwkv::cpu::forward_algorithm(p);
+    return PyUnicode_FromString(arwkv::cpu::algorithm_name(a));
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
 static PyObject* arwkv_cpu_isas_supported(PyObject*, PyObject*) {
   using arwkv::cpu::Isa;
   PyObject* out = PyList_New(0);
@@ -83,6 +104,9 @@ static PyMethodDef kMethods[] = {
     {"head_sizes", arwkv_head_sizes, METH_NOARGS, "The head sizes N the kernels support, as a tuple."},
     {"cpu_isa", arwkv_cpu_isa, METH_NOARGS,
      "Instruction set the CPU kernels use now (ARWKV_CPU_ISA overrides the best supported)."},
+    {"cpu_algorithm", arwkv_cpu_algorithm, METH_VARARGS,
+     "cpu_algorithm(version=7, direction='forward'): the algorithm (step or chunked) the CPU kernels "
+     "use now for such a call of segments longer than 4 steps (ARWKV_CPU_ALGORITHM overrides)."},
     {"cpu_isas_supported", arwkv_cpu_isas_supported, METH_NOARGS,
      "Instruction sets compiled into this build that this CPU can run."},
     {"gpu_tile_selftest", arwkv_gpu_tile_selftest, METH_NOARGS,

@@ -36,6 +36,7 @@ NEEDS_GPU = [
                        reason="arwkv_ext was built without GPU kernels (CPU only)"),
 ]
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
+CPU_ALGORITHMS = ["step", "chunked"]  # ARWKV_CPU_ALGORITHM: the CPU kernels' two algorithms
 
 
 def on(device, xs):

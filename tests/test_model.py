@@ -44,8 +44,10 @@ def test_prefill_then_decode_equals_one_forward(wkv):
     rest = student(ids[:, 17:], cache=prefix.cache)
     assert rel_error(torch.cat([prefix.logits, rest.logits], 1), full.logits) <= 1e-5
     assert rest.cache.seen_tokens == 30
+    # Within float32 rounding, not to the bit: the chunked CPU kernels start their 16-step chunk
+    # grid at each call's first token, so a split at token 17 rounds differently from one pass.
     for a, b in zip(rest.cache.layers, full.cache.layers, strict=True):
-        assert rel_error(a.wkv, b.wkv) <= 1e-5 and torch.equal(a.shift, b.shift)
+        assert rel_error(a.wkv, b.wkv) <= 1e-5 and rel_error(a.shift, b.shift) <= 1e-5
 
 
 @pytest.mark.parametrize("wkv", [7, 6])

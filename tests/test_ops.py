@@ -11,7 +11,7 @@ import torch
 
 import arwkv_ext
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
-from fixtures import DEVICES, OP_NAMES, OPS, REFERENCES, flat, on, output_names
+from fixtures import CPU_ALGORITHMS, DEVICES, OP_NAMES, OPS, REFERENCES, flat, on, output_names
 
 
 def sample_args(op: str, B=1, T=7, H=2, N=16, dtype=torch.float32, state=True, packed=False,
@@ -49,7 +49,7 @@ def test_opcheck_backward_ops(op):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_gradcheck_float64(op, packed):
+def test_gradcheck_float64(op, packed, cpu_algorithm):
     args = sample_args(op, B=1 if packed else 2, T=6, H=1, N=16, dtype=torch.float64, packed=packed)
     assert torch.autograd.gradcheck(lambda *a: getattr(torch.ops.arwkv, op)(*a), args, atol=1e-8, rtol=1e-6)
 
@@ -74,9 +74,9 @@ def test_torch_compile_fullgraph(op):
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_float32_long_sequence_wide_decays(op, device):
     """float32, T = 4096, log decays down to -20: y, state and every gradient within 1e-4 of
-    float64 (the backward recomputes states; it never divides by the decay). On the CPU, one head
-    against the step-by-step reference; on a GPU, two heads against the float64 CPU kernel
-    (which the CPU case and the reference grid tie to the reference)."""
+    float64 (the backward recomputes states; it never divides by the decay). On the CPU, one head,
+    both algorithms, against the step-by-step reference; on a GPU, two heads against the float64
+    CPU kernel (which the CPU case and the reference grid tie to the reference)."""
     N, T = 64, 4096
     H, float64 = (1, REFERENCES[op]) if device == "cpu" else (2, OPS[op])
     inputs = make_inputs(op, 1, T, H, N, decay="wide", min_log_decay=-20.0, seed=5)
@@ -84,11 +84,14 @@ def test_float32_long_sequence_wide_decays(op, device):
     g = torch.Generator().manual_seed(0)
     gy = torch.randn(1, T, H, N, generator=g, dtype=torch.float64)
     gs = torch.randn(1, H, N, N, generator=g, dtype=torch.float64)
-    got = run_with_grads(OPS[op], on(device, inputs), *on(device, [s0, None, gy, gs]))
     want = run_with_grads(float64, [x.double() for x in inputs], s0.double(), None, gy, gs)
-    for name, a, b in zip(output_names(op, True), flat(got), flat(want), strict=True):
-        assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 1e-4, f"{name}: {rel_error(a, b):.2e}"
+    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ARWKV_CPU_ALGORITHM", algorithm if device == "cpu" else "chunked")
+            got = run_with_grads(OPS[op], on(device, inputs), *on(device, [s0, None, gy, gs]))
+        for name, a, b in zip(output_names(op, True), flat(got), flat(want), strict=True):
+            assert torch.isfinite(a).all(), f"{algorithm} {name}"
+            assert rel_error(a, b) <= 1e-4, f"{algorithm} {name}: {rel_error(a, b):.2e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,11 +107,14 @@ def test_bfloat16_model_like_inputs_T16384(op, device):
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).bfloat16()
     gs = torch.randn(B if cu is None else len(cu) - 1, H, N, N, generator=g, dtype=torch.float64).float()
-    got = run_with_grads(OPS[op], on(device, inputs), *on(device, [None, cu, gy, gs]))
     want = run_with_grads(OPS[op], [x.double() for x in inputs], None, cu, gy.double(), gs.double())
-    for name, a, b in zip(output_names(op, False), flat(got), flat(want), strict=True):
-        assert torch.isfinite(a).all()
-        assert rel_error(a, b) <= 2e-2, f"{name}: {rel_error(a, b):.2e}"
+    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ARWKV_CPU_ALGORITHM", algorithm if device == "cpu" else "chunked")
+            got = run_with_grads(OPS[op], on(device, inputs), *on(device, [None, cu, gy, gs]))
+        for name, a, b in zip(output_names(op, False), flat(got), flat(want), strict=True):
+            assert torch.isfinite(a).all(), f"{algorithm} {name}"
+            assert rel_error(a, b) <= 2e-2, f"{algorithm} {name}: {rel_error(a, b):.2e}"
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
@@ -165,7 +171,7 @@ def test_decode_steps_equal_one_pass(op, device):
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_instruction_sets_agree(op, monkeypatch):
+def test_instruction_sets_agree(op, monkeypatch, cpu_algorithm):
     """Every instruction-set path this CPU runs gives the same results (up to float32 rounding)."""
     args = sample_args(op, B=2, T=40, H=3, N=64)
     results = {}
@@ -187,7 +193,42 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
         arwkv_ext.wkv7(*make_inputs("wkv7", 1, 2, 1, 16))
 
 
-def test_thread_counts_agree():
+def test_unknown_algorithm_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("ARWKV_CPU_ALGORITHM", "fast")
+    with pytest.raises(ValueError, match="ARWKV_CPU_ALGORITHM=fast is not one of auto, step, chunked"):
+        arwkv_ext.wkv7(*make_inputs("wkv7", 1, 2, 1, 16))
+
+
+def test_algorithm_selection(monkeypatch):
+    monkeypatch.delenv("ARWKV_CPU_ALGORITHM", raising=False)
+    assert arwkv_ext.cpu_algorithm("wkv7", "forward") == "step"  # measured faster (make bench)
+    assert arwkv_ext.cpu_algorithm("wkv7", "backward") == "chunked"
+    assert arwkv_ext.cpu_algorithm("wkv6", "forward") == "chunked"
+    for name in CPU_ALGORITHMS:
+        monkeypatch.setenv("ARWKV_CPU_ALGORITHM", name)
+        assert {arwkv_ext.cpu_algorithm(op, d) for op in OP_NAMES for d in ("forward", "backward")} == {name}
+    with pytest.raises(ValueError, match="direction must be"):
+        arwkv_ext.cpu_algorithm("wkv7", "sideways")
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_algorithms_agree_at_chunk_edges(op):
+    """Step and chunked agree (float32 rounding apart) at lengths around the 16-step chunk and
+    the 4-step decoding cut-off, packed into uneven sequences, with an initial state."""
+    for T in (4, 5, 15, 16, 17, 31, 33):
+        args = sample_args(op, B=1, T=T, H=2, N=32, packed=True)
+        results = []
+        for algorithm in CPU_ALGORITHMS:
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("ARWKV_CPU_ALGORITHM", algorithm)
+                y, state = getattr(torch.ops.arwkv, op)(*args)
+                grads = torch.autograd.grad((y * y).sum() + state.sum(), differentiable(args))
+            results.append([y, state, *grads])
+        for name, a, b in zip(output_names(op, True), *results, strict=True):
+            assert rel_error(a, b) < 1e-5, f"T={T} {name}: {rel_error(a, b):.2e}"
+
+
+def test_thread_counts_agree(cpu_algorithm):
     """Splitting value rows across threads (few heads) does not change the results."""
     args = sample_args("wkv7", B=1, T=33, H=1, N=128)
     outs = []

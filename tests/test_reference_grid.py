@@ -1,6 +1,7 @@
 """The kernels against the step-by-step float64 reference over the contract's grid:
 dtype x N x T x with/without initial_state x with/without cu_seqlens x gradients from
-y only / final_state only / both, for WKV-7 and WKV-6."""
+y only / final_state only / both, for WKV-7 and WKV-6, through both CPU algorithms (step and
+chunked)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from fixtures import DTYPES, HEAD_SIZES, LENGTHS, OP_NAMES, OPS, TOLERANCE, outp
 @pytest.mark.parametrize("N", HEAD_SIZES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_matches_reference(op, dtype, N, T, with_state, packed, grads_from):
+def test_matches_reference(op, dtype, N, T, with_state, packed, grads_from, cpu_algorithm):
     inputs, s0, cu, gy, gs, y_ref, state_ref, g_y, g_s = reference(op, N, T, with_state, packed)
     inputs = [x.to(DTYPES[dtype]) for x in inputs]
     use_y, use_s = grads_from in ("y", "both"), grads_from in ("state", "both")

@@ -70,19 +70,53 @@ Isa active_isa() {
   return Isa::baseline;
 }
 
+const char* algorithm_name(Algorithm algorithm) {
+  switch (algorithm) {
+    case Algorithm::step: return "step";
+    case Algorithm::chunked: return "chunked";
+    default: return "auto";
+  }
+}
+
+Algorithm active_algorithm() {
+  const char* forced = std::getenv("ARWKV_CPU_ALGORITHM");
+  if (!forced || !*forced) return Algorithm::automatic;
+  for (Algorithm a : {Algorithm::automatic, Algorithm::step, Algorithm::chunked})
+    if (std::strcmp(forced, algorithm_name(a)) == 0) return a;
+  throw std::invalid_argument(std::string("ARWKV_CPU_ALGORITHM=") + forced +
+                              " is not one of auto, step, chunked");
+}
+
+// The automatic choice, from `make bench` (benchmarks/results/cpu-avx512-2core.txt, 2 threads,
+// float32, N = 64): the chunked backward is faster for both ops, and so is WKV-6's chunked
+// forward; WKV-7's step forward is faster than its chunked one (its key-side work per chunk,
+// the 16 x 16 matrices and the triangular solve, costs more than the step form loses).
+Algorithm forward_algorithm(const WkvProblem& p) {
+  const Algorithm a = active_algorithm();
+  if (a != Algorithm::automatic) return a;
+  return p.version == 7 ? Algorithm::step : Algorithm::chunked;
+}
+
+Algorithm backward_algorithm(const WkvProblem&) {
+  const Algorithm a = active_algorithm();
+  return a == Algorithm::automatic ? Algorithm::chunked : a;
+}
+
 void forward(const WkvProblem& p, const ParallelFor& pf) {
+  const Algorithm algorithm = forward_algorithm(p);
   switch (active_isa()) {
-    case Isa::avx512: return avx512::forward(p, pf);
-    case Isa::avx2: return avx2::forward(p, pf);
-    default: return baseline::forward(p, pf);
+    case Isa::avx512: return avx512::forward(p, pf, algorithm);
+    case Isa::avx2: return avx2::forward(p, pf, algorithm);
+    default: return baseline::forward(p, pf, algorithm);
   }
 }
 
 void backward(const WkvBackwardProblem& p, const ParallelFor& pf) {
+  const Algorithm algorithm = backward_algorithm(p);
   switch (active_isa()) {
-    case Isa::avx512: return avx512::backward(p, pf);
-    case Isa::avx2: return avx2::backward(p, pf);
-    default: return baseline::backward(p, pf);
+    case Isa::avx512: return avx512::backward(p, pf, algorithm);
+    case Isa::avx2: return avx2::backward(p, pf, algorithm);
+    default: return baseline::backward(p, pf, algorithm);
   }
 }
 

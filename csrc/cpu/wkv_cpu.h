@@ -11,6 +11,12 @@ namespace arwkv::cpu {
 
 enum class Isa { baseline, avx2, avx512 };
 
+// How the recurrence is evaluated: step by step, or by chunks of 16 steps in matrix form
+// (wkv_cpu_chunked.h). Both are exact for any decay; segments of at most 4 steps (decoding)
+// always take the step path. automatic: whichever `make bench` measured faster for the call
+// (see forward() / backward() in wkv_cpu.cpp).
+enum class Algorithm { automatic, step, chunked };
+
 // Runs fn(ctx, begin, end) over [0, n) on the caller's thread pool (at::parallel_for in the
 // extension, a serial loop in the C++ test). Plain function pointers, not std::function, so
 // the per-ISA kernel files instantiate no standard-library templates. num_threads is the size
@@ -38,14 +44,21 @@ void backward(const WkvBackwardProblem& p, const ParallelFor& pf);
 // the environment variable ARWKV_CPU_ISA (baseline | avx2 | avx512) when it is set.
 Isa active_isa();
 const char* isa_name(Isa isa);
+// Algorithm asked for: the one named by the environment variable ARWKV_CPU_ALGORITHM
+// (auto | step | chunked), automatic when it is unset.
+Algorithm active_algorithm();
+const char* algorithm_name(Algorithm algorithm);
+// The algorithm the calls above use for p: the one asked for, or the automatic choice.
+Algorithm forward_algorithm(const WkvProblem& p);
+Algorithm backward_algorithm(const WkvProblem& p);
 bool isa_supported(Isa isa);
 bool isa_compiled(Isa isa);
 
 // One instantiation per instruction set (csrc/cpu/wkv_cpu_<isa>.cpp).
 #define ARWKV_DECLARE_ISA(ns)                                     \
   namespace ns {                                                  \
-  void forward(const WkvProblem& p, const ParallelFor& pf);        \
-  void backward(const WkvBackwardProblem& p, const ParallelFor& pf); \
+  void forward(const WkvProblem& p, const ParallelFor& pf, Algorithm algorithm);         \
+  void backward(const WkvBackwardProblem& p, const ParallelFor& pf, Algorithm algorithm); \
   }
 ARWKV_DECLARE_ISA(baseline)
 ARWKV_DECLARE_ISA(avx2)

@@ -25,7 +25,7 @@
 #else
 // Not an x86-64 build: the dispatcher never selects this instruction set.
 namespace arwkv::cpu::avx2 {
-void forward(const WkvProblem& p, const ParallelFor& pf) { baseline::forward(p, pf); }
-void backward(const WkvBackwardProblem& p, const ParallelFor& pf) { baseline::backward(p, pf); }
+void forward(const WkvProblem& p, const ParallelFor& pf, Algorithm a) { baseline::forward(p, pf, a); }
+void backward(const WkvBackwardProblem& p, const ParallelFor& pf, Algorithm a) { baseline::backward(p, pf, a); }
 }  // namespace arwkv::cpu::avx2
 #endif

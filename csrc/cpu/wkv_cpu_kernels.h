@@ -625,6 +625,8 @@ void backward_rows(const WkvBackwardProblem& p, const Partials<A>& io, int64_t s
   }
 }
 
+#include "wkv_cpu_chunked.h"
+
 // ---- entry points -----------------------------------------------------------------------
 // Flush denormals to zero while a task runs: a decayed state or gradient can sink below
 // float32's normal range, where x86 arithmetic is ~100x slower; the values lost are < 1e-38.
@@ -641,6 +643,7 @@ template <class In, class A, bool kBackward> struct Tasks {
   const WkvProblem* p;
   const Partials<A>* io;  // backward only
   int64_t splits;
+  Algorithm algorithm;
 
   static void run(void* ctx, int64_t begin, int64_t end) {
     const Tasks& ts = *static_cast<const Tasks*>(ctx);
@@ -649,11 +652,19 @@ template <class In, class A, bool kBackward> struct Tasks {
     FlushDenormals ftz;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seg = task / (p.H * ts.splits), h = task / ts.splits % p.H, split = task % ts.splits;
-      if constexpr (kBackward)
-        backward_rows<In, A>(static_cast<const WkvBackwardProblem&>(p), *ts.io, seg, h, split, rows);
-      else
+      const Segment sg = segment(p, seg);
+      const bool chunked = ts.algorithm == Algorithm::chunked && sg.t_end - sg.t_begin > kShortSegment;
+      if constexpr (kBackward) {
+        const auto& bp = static_cast<const WkvBackwardProblem&>(p);
+        if (chunked) backward_rows_chunked<In, A>(bp, *ts.io, seg, h, split, rows);
+        else backward_rows<In, A>(bp, *ts.io, seg, h, split, rows);
+      } else if (chunked) {
+        forward_rows_chunked<In, A>(p, seg, h, split * rows, rows, static_cast<In*>(p.y),
+                                    static_cast<A*>(p.final_state), nullptr);
+      } else {
         forward_rows_any<In, A>(p, seg, h, split * rows, rows, static_cast<In*>(p.y),
                                 static_cast<A*>(p.final_state), nullptr);
+      }
     }
   }
 };
@@ -686,13 +697,13 @@ template <class In, class A> struct SumTerms {
 };
 
 template <class In, class A>
-void forward_typed(const WkvProblem& p, const ParallelFor& pf) {
-  Tasks<In, A, false> ts{&p, nullptr, row_splits(p, pf.num_threads)};
+void forward_typed(const WkvProblem& p, const ParallelFor& pf, Algorithm algorithm) {
+  Tasks<In, A, false> ts{&p, nullptr, row_splits(p, pf.num_threads), algorithm};
   pf(p.num_seqs * p.H * ts.splits, &ts, &Tasks<In, A, false>::run);
 }
 
 template <class In, class A>
-void backward_typed(const WkvBackwardProblem& p, const ParallelFor& pf) {
+void backward_typed(const WkvBackwardProblem& p, const ParallelFor& pf, Algorithm algorithm) {
   const int64_t splits = row_splits(p, pf.num_threads);
   const int64_t plane = p.B * p.T * p.H * p.N, hn = p.H * p.N;
   const int ncols = p.version == 7 ? 5 : 3;
@@ -708,7 +719,7 @@ void backward_typed(const WkvBackwardProblem& p, const ParallelFor& pf) {
   io.v = kSame ? static_cast<A*>(p.grad_v) : gv.p;
   io.u = gu.p;
   io.initial_state = static_cast<A*>(p.grad_initial_state);
-  Tasks<In, A, true> ts{&p, &io, splits};
+  Tasks<In, A, true> ts{&p, &io, splits, algorithm};
   pf(p.num_seqs * p.H * splits, &ts, &Tasks<In, A, true>::run);
 
   if (!direct)
@@ -720,21 +731,21 @@ void backward_typed(const WkvBackwardProblem& p, const ParallelFor& pf) {
 
 }  // namespace
 
-void forward(const WkvProblem& p, const ParallelFor& pf) {
+void forward(const WkvProblem& p, const ParallelFor& pf, Algorithm a) {
   switch (p.dtype) {
-    case DType::f32: return forward_typed<float, float>(p, pf);
-    case DType::f64: return forward_typed<double, double>(p, pf);
-    case DType::bf16: return forward_typed<bf16, float>(p, pf);
-    case DType::f16: return forward_typed<f16h, float>(p, pf);
+    case DType::f32: return forward_typed<float, float>(p, pf, a);
+    case DType::f64: return forward_typed<double, double>(p, pf, a);
+    case DType::bf16: return forward_typed<bf16, float>(p, pf, a);
+    case DType::f16: return forward_typed<f16h, float>(p, pf, a);
   }
 }
 
-void backward(const WkvBackwardProblem& p, const ParallelFor& pf) {
+void backward(const WkvBackwardProblem& p, const ParallelFor& pf, Algorithm a) {
   switch (p.dtype) {
-    case DType::f32: return backward_typed<float, float>(p, pf);
-    case DType::f64: return backward_typed<double, double>(p, pf);
-    case DType::bf16: return backward_typed<bf16, float>(p, pf);
-    case DType::f16: return backward_typed<f16h, float>(p, pf);
+    case DType::f32: return backward_typed<float, float>(p, pf, a);
+    case DType::f64: return backward_typed<double, double>(p, pf, a);
+    case DType::bf16: return backward_typed<bf16, float>(p, pf, a);
+    case DType::f16: return backward_typed<f16h, float>(p, pf, a);
   }
 }
 

@@ -88,10 +88,12 @@ int main() {
   for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
     if (!isa_supported(isa)) continue;
     setenv("ARWKV_CPU_ISA", isa_name(isa), 1);
+    for (Algorithm algorithm : {Algorithm::step, Algorithm::chunked})
     for (int version : {7, 6})
       for (int64_t N : arwkv::kHeadSizes) {
-        const std::string tag = std::string(isa_name(isa)) + " wkv" + std::to_string(version) + " N=" +
-                                std::to_string(N);
+        setenv("ARWKV_CPU_ALGORITHM", algorithm_name(algorithm), 1);
+        const std::string tag = std::string(isa_name(isa)) + " " + algorithm_name(algorithm) + " wkv" +
+                                std::to_string(version) + " N=" + std::to_string(N);
         check(make_problem(version, 2, 19, 2, N, {}, 1), 1, tag + " batch");
         check(make_problem(version, 1, 23, 1, N, {0, 5, 6, 23}, 2), 8, tag + " packed+splits");
         check(make_problem(version, 3, 3, 2, N, {}, 3), 2, tag + " short");  // the decoding path
