@@ -16,6 +16,13 @@ float64 reference. The reference is timed on the first --ref-steps steps (defaul
 scaled linearly to T: running it whole at (4, 2048, 32, 64) needs over 20 GB, and its cost per
 step only grows with T (autograd keeps every step's tensors), so the scaling flatters it.
 
+On the CPU both algorithms of the kernels, and the automatic choice that is the default, are
+timed (--algorithms step,chunked,auto: the ARWKV_CPU_ALGORITHM switch), each as its own row, and
+the table ends with the chunked/step and auto/step ratios the kernels are judged by:
+forward+backward speed-up, the forward's share of torch.mm (counted at the step algorithm's
+flop count, 8 N^2 per token and head, for all) and backward/forward. The GPU kernels have one
+algorithm (step), so --algorithms does not apply there.
+
 Peers (GPU only, when importable): flash-linear-attention's chunk_rwkv7, fused_recurrent_rwkv7
 and chunk_rwkv6, called with scale=1.0 and their state transposed back to this project's
 [value, key] layout, on the same inputs; each gets the same error check, so a mapping mistake
@@ -25,7 +32,9 @@ would show. Their "bwd" is (fwd+bwd) - fwd; ours is the backward op itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -146,9 +155,27 @@ def peak_gb(device: str, fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
+@contextlib.contextmanager
+def cpu_algorithm(name: str | None):
+    """ARWKV_CPU_ALGORITHM=name while the block runs (None: leave it as it is)."""
+    if name is None:
+        yield
+        return
+    before = os.environ.get("ARWKV_CPU_ALGORITHM")
+    os.environ["ARWKV_CPU_ALGORITHM"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ARWKV_CPU_ALGORITHM"]
+        else:
+            os.environ["ARWKV_CPU_ALGORITHM"] = before
+
+
 def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, repeat: int,
-              ref_steps: int, err_steps: int, mm: float, peers: bool) -> list[dict]:
-    """One row for arwkv, then one per peer kernel, all on the same inputs."""
+              ref_steps: int, err_steps: int, mm: float, peers: bool,
+              algorithms: list[str | None]) -> list[dict]:
+    """One row per algorithm of arwkv's kernels, then one per peer kernel, all on the same inputs."""
     B, T, H, N = shape
     fn, ref = OPS[op]
     inputs = make_inputs(op, B, T, H, N, dtype=dtype, device=device)
@@ -160,36 +187,53 @@ def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, dev
             "mm_gflops": mm, "ref_fwd_bwd_ms": t_ref * 1e3, "ref_steps_timed": steps}
 
     reference = float64_reference(op, inputs, min(T, err_steps))
-    impls = {"arwkv": fn, **(fla_peers(op) if peers and device == "cuda" else {})}
+    impls = [("arwkv" if alg is None else f"arwkv-{alg}", fn, alg) for alg in algorithms]
+    if peers and device == "cuda":
+        impls += [(name, impl, None) for name, impl in fla_peers(op).items()]
     rows = []
-    for name, impl in impls.items():
-        with torch.no_grad():
-            t_fwd = timed(lambda impl=impl: impl(*inputs), device, repeat)
-        if name == "arwkv":
+    for name, impl, alg in impls:
+        with cpu_algorithm(alg):
             with torch.no_grad():
-                y, state = fn(*inputs)
-            grads = (torch.ones_like(y), torch.ones_like(state))
-            backward_op = torch.ops.arwkv.wkv7_backward if op == "wkv7" else torch.ops.arwkv.wkv6_backward
-            t_bwd = timed(lambda op=backward_op, g=grads: op(*inputs, None, None, *g), device, repeat)
-        run = fwd_bwd(impl, inputs)
-        t_fb = timed(run, device, repeat)
-        if name != "arwkv":
-            t_bwd = t_fb - t_fwd
-        gflops = 8 * N * N * B * T * H / t_fwd / 1e9
-        rows.append({
-            **base, "impl": name,
-            "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_bwd_ms": t_fb * 1e3,
-            "fwd_gflops": gflops, "fwd_vs_mm": gflops / mm, "speedup_vs_ref": t_ref / t_fb,
-            "peak_gb": peak_gb(device, run),
-            "max_rel_err": max_error(impl, reference),
-        })
+                t_fwd = timed(lambda impl=impl: impl(*inputs), device, repeat)
+            if impl is fn:
+                with torch.no_grad():
+                    y, state = fn(*inputs)
+                grads = (torch.ones_like(y), torch.ones_like(state))
+                backward_op = torch.ops.arwkv.wkv7_backward if op == "wkv7" else torch.ops.arwkv.wkv6_backward
+                t_bwd = timed(lambda op=backward_op, g=grads: op(*inputs, None, None, *g), device, repeat)
+            run = fwd_bwd(impl, inputs)
+            t_fb = timed(run, device, repeat)
+            if impl is not fn:
+                t_bwd = t_fb - t_fwd
+            gflops = 8 * N * N * B * T * H / t_fwd / 1e9
+            rows.append({
+                **base, "impl": name,
+                "fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+                "fwd_gflops": gflops, "fwd_vs_mm": gflops / mm, "bwd_vs_fwd": t_bwd / t_fwd,
+                "speedup_vs_ref": t_ref / t_fb, "peak_gb": peak_gb(device, run),
+                "max_rel_err": max_error(impl, reference),
+            })
     return rows
+
+
+def print_algorithm_ratios(rows: list[dict]) -> None:
+    """chunked and auto against step, per op and shape, as the kernels' targets are stated."""
+    by_key = {(r["op"], r["B"], r["T"], r["H"], r["N"], r["impl"]): r for r in rows}
+    for (op, B, T, H, N, impl), row in by_key.items():
+        step = by_key.get((op, B, T, H, N, "arwkv-step"))
+        if impl not in ("arwkv-chunked", "arwkv-auto") or step is None:
+            continue
+        print(f"{op} ({B}, {T}, {H}, {N}) {impl.removeprefix('arwkv-')}: fwd+bwd "
+              f"{step['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x faster than step; forward at "
+              f"{row['fwd_vs_mm']:.0%} of torch.mm (step {step['fwd_vs_mm']:.0%}); backward "
+              f"{row['bwd_vs_fwd']:.2f}x the forward (step {step['bwd_vs_fwd']:.2f}x)")
 
 
 def print_table(rows: list[dict]) -> None:
     cols = [("impl", "{}"), ("op", "{}"), ("B", "{}"), ("T", "{}"), ("H", "{}"), ("N", "{}"), ("dtype", "{}"),
             ("fwd_ms", "{:.2f}"), ("bwd_ms", "{:.2f}"), ("fwd_bwd_ms", "{:.2f}"),
             ("fwd_gflops", "{:.1f}"), ("mm_gflops", "{:.1f}"), ("fwd_vs_mm", "{:.0%}"),
+            ("bwd_vs_fwd", "{:.2f}"),
             ("ref_fwd_bwd_ms", "{:.0f}"), ("speedup_vs_ref", "{:.0f}x"), ("peak_gb", "{:.2f}"),
             ("max_rel_err", "{:.1e}")]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
@@ -221,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 1024 on CPU, 256 on GPU)")
     p.add_argument("--err-steps", type=int, help="steps compared with the float64 reference "
                    "(default 256 on CPU, 32 on GPU: the float64 reference runs on the CPU)")
+    p.add_argument("--algorithms", default="step,chunked,auto",
+                   help="CPU: comma-separated algorithms of the kernels to time: step, chunked, auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -231,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown op(s) {unknown}; expected wkv7 and/or wkv6")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if not algorithms or any(a not in ("step", "chunked", "auto") for a in algorithms):
+        p.error(f"--algorithms {args.algorithms!r}: expected some of step, chunked, auto")
+    if args.device == "cuda":
+        algorithms = [None]  # the GPU kernels' one algorithm
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
@@ -244,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_isa": arwkv_ext.cpu_isa(), "python": sys.version.split()[0],
+        "cpu_isa": arwkv_ext.cpu_isa(), "cpu_algorithm_default": {
+            f"{op} {d}": arwkv_ext.cpu_algorithm(op, d) for op in OPS for d in ("forward", "backward")},
+        "python": sys.version.split()[0],
         "cuda": torch.version.cuda, "hip": torch.version.hip, "arwkv_build": arwkv_ext.build_info,
     }
     if gpu:
@@ -256,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:
         for shape in args.shapes:
             new = bench_one(op, shape, DTYPES[args.dtype], args.device, args.repeat,
-                            args.ref_steps, args.err_steps, mm, not args.no_peers)
+                            args.ref_steps, args.err_steps, mm, not args.no_peers, algorithms)
             for row in new:  # as they come, so a run cut short still reports
                 print(json.dumps(row), file=sys.stderr, flush=True)
             rows += new
     print_table(rows)
+    print_algorithm_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)

@@ -3,11 +3,13 @@
 // this file follows it step for step. Included by wkv_cpu_kernels.h inside its per-ISA
 // namespace (so no headers here), after the step kernels whose helpers it reuses.
 //
-// A chunk of L = kChunk steps becomes a few products of [2L x N] by [N x rows] matrices (and the
-// reverse), which register-blocked micro-kernels run near the machine's multiply-add peak,
-// where the step form reads and writes the whole state once per step. The work that does not
-// touch the state (decay products, the L x L matrices, the triangular solves) is O(L^2 N) per
-// chunk. Every decay factor is a running product over a sub-interval of the chunk (<= 1), never
+// A chunk of L = kChunk steps becomes a few products of [rows x N] by [N x 2L] matrices (and
+// the like), run by register-blocked multiply-add tiles, where the step form reads and writes
+// the whole state once per step. The work that does not touch the state (decay products, the
+// L x L matrices, the triangular solves) is O(L^2 N) per chunk; at N = 64 it, the packing of the
+// inputs and the writing of the gradients take about as long as the products (perf, AVX-512),
+// which is why the chunked forward of WKV-7 is not faster than the step one (README, "The CPU
+// kernels"). Every decay factor is a running product over a sub-interval of the chunk (<= 1), never
 // a quotient of cumulative decays, so the result is exact for any decay, as the step form is.
 //
 // Layouts, for one head and the value rows [row0, row0 + rows) of a task ("R" = rows):
