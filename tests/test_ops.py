@@ -31,6 +31,19 @@ def differentiable(args) -> list[torch.Tensor]:
     return [a for a in args if a is not None and a.requires_grad]
 
 
+def check_each_algorithm(device, run, want, names, tol) -> None:
+    """run() (y, state, grads) against want, finite and within tol: on the CPU once per CPU
+    algorithm, on a GPU once."""
+    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
+        with pytest.MonkeyPatch.context() as env:
+            if device == "cpu":
+                env.setenv("ARWKV_CPU_ALGORITHM", algorithm)
+            got = run()
+        for name, a, b in zip(names, flat(got), flat(want), strict=True):
+            assert torch.isfinite(a).all(), f"{algorithm} {name}"
+            assert rel_error(a, b) <= tol, f"{algorithm} {name}: {rel_error(a, b):.2e}"
+
+
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_opcheck(op):
     overload = getattr(torch.ops.arwkv, op).default
@@ -85,13 +98,9 @@ def test_float32_long_sequence_wide_decays(op, device):
     gy = torch.randn(1, T, H, N, generator=g, dtype=torch.float64)
     gs = torch.randn(1, H, N, N, generator=g, dtype=torch.float64)
     want = run_with_grads(float64, [x.double() for x in inputs], s0.double(), None, gy, gs)
-    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("ARWKV_CPU_ALGORITHM", algorithm if device == "cpu" else "chunked")
-            got = run_with_grads(OPS[op], on(device, inputs), *on(device, [s0, None, gy, gs]))
-        for name, a, b in zip(output_names(op, True), flat(got), flat(want), strict=True):
-            assert torch.isfinite(a).all(), f"{algorithm} {name}"
-            assert rel_error(a, b) <= 1e-4, f"{algorithm} {name}: {rel_error(a, b):.2e}"
+    args = on(device, [s0, None, gy, gs])
+    check_each_algorithm(device, lambda: run_with_grads(OPS[op], on(device, inputs), *args),
+                         want, output_names(op, True), 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,13 +117,9 @@ def test_bfloat16_model_like_inputs_T16384(op, device):
     gy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64).bfloat16()
     gs = torch.randn(B if cu is None else len(cu) - 1, H, N, N, generator=g, dtype=torch.float64).float()
     want = run_with_grads(OPS[op], [x.double() for x in inputs], None, cu, gy.double(), gs.double())
-    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("ARWKV_CPU_ALGORITHM", algorithm if device == "cpu" else "chunked")
-            got = run_with_grads(OPS[op], on(device, inputs), *on(device, [None, cu, gy, gs]))
-        for name, a, b in zip(output_names(op, False), flat(got), flat(want), strict=True):
-            assert torch.isfinite(a).all(), f"{algorithm} {name}"
-            assert rel_error(a, b) <= 2e-2, f"{algorithm} {name}: {rel_error(a, b):.2e}"
+    args = on(device, [None, cu, gy, gs])
+    check_each_algorithm(device, lambda: run_with_grads(OPS[op], on(device, inputs), *args),
+                         want, output_names(op, False), 2e-2)
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
