@@ -420,3 +420,40 @@ def test_bf16_autocast_over_float32_weights(wkv):
     assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
     assert student.lm_head.weight.grad.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_rwkv6_low_rank_widths_come_from_the_config(tmp_path):
+    """RWKV-6's low-rank widths: the published keys (lora_rank_tokenshift, lora_rank_decay) when
+    given, else the published rule (32 and 64, doubled from width 4096 on); a saved student
+    states them and loads back with the same shapes and values."""
+    from arwkv.configuration_rwkv_hybrid import RwkvHybridConfig
+
+    narrow = RwkvHybridConfig(hidden_size=896, wkv_version=6)
+    wide = RwkvHybridConfig(hidden_size=4096, wkv_version=6)
+    assert (narrow.lora_rank_tokenshift, narrow.lora_rank_decay) == (32, 64)
+    assert (wide.lora_rank_tokenshift, wide.lora_rank_decay) == (64, 128)
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=6)
+    config = student.config.to_dict()
+    config.update(lora_rank_tokenshift=16, lora_rank_decay=48)
+    custom = RwkvHybridForCausalLM(RwkvHybridConfig(**config))
+    mixer = custom.model.layers[0].self_attn.time_mixer
+    assert mixer.time_maa_w1.shape == (128, 5 * 16) and mixer.time_maa_w2.shape == (5, 16, 128)
+    assert mixer.time_decay_w1.shape == (128, 48) and mixer.time_decay_w2.shape == (48, 128)
+    custom.save_pretrained(tmp_path)
+    loaded, info = RwkvHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (loaded.config.lora_rank_tokenshift, loaded.config.lora_rank_decay) == (16, 48)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[n], w) for n, w in custom.state_dict().items())
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, custom(ids).logits)
+
+
+@pytest.mark.parametrize("value", [-3, 0, 2.5])
+@pytest.mark.parametrize("key", ["lora_rank_tokenshift", "lora_rank_decay", "decay_low_rank"])
+def test_a_bad_low_rank_width_is_a_one_line_error(key, value):
+    from arwkv.configuration_rwkv_hybrid import RwkvHybridConfig
+
+    with pytest.raises(ValueError, match=f"rwkv_hybrid: {key} {value} is not a positive integer"):
+        RwkvHybridConfig(**{key: value})

@@ -41,6 +41,9 @@ class RwkvHybridConfig(PretrainedConfig):
             hidden_size, as in the published models).
         wkv_qkv_bias: receptance / key / value carry biases (copied from a teacher that has them).
         decay_low_rank, a_low_rank, v_low_rank, gate_low_rank: the low-rank widths (64/64/32/128).
+        lora_rank_tokenshift, lora_rank_decay: RWKV-6's low-rank widths (its token-shift mixer
+            and its decay), under the published keys; None: the published rule, 32 and 64, both
+            doubled from hidden_size 4096 on. Stored resolved, so a saved config states them.
     """
 
     model_type = "rwkv_hybrid"
@@ -52,7 +55,8 @@ class RwkvHybridConfig(PretrainedConfig):
                  wkv_layers: list[int] | None = None, teacher_model_type: str = "qwen2",
                  attention_hidden_size: int | None = None, wkv_qkv_bias: bool = False,
                  decay_low_rank: int = 64, a_low_rank: int = 64, v_low_rank: int = 32,
-                 gate_low_rank: int = 128, **kwargs) -> None:
+                 gate_low_rank: int = 128, lora_rank_tokenshift: int | None = None,
+                 lora_rank_decay: int | None = None, **kwargs) -> None:
         # The published configuration class also writes num_wkv_heads, which here follows from
         # attention_hidden_size / head_size: accepted when it agrees, refused when it does not.
         published_heads = kwargs.pop("num_wkv_heads", None)
@@ -75,6 +79,13 @@ class RwkvHybridConfig(PretrainedConfig):
         self.a_low_rank = a_low_rank
         self.v_low_rank = v_low_rank
         self.gate_low_rank = gate_low_rank
+        wide = hidden_size >= 4096  # the published RWKV-6 layouts double both widths there
+        if lora_rank_tokenshift is None:
+            lora_rank_tokenshift = 64 if wide else 32
+        if lora_rank_decay is None:
+            lora_rank_decay = 128 if wide else 64
+        self.lora_rank_tokenshift = lora_rank_tokenshift
+        self.lora_rank_decay = lora_rank_decay
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
         if published_heads is not None and published_heads != self.num_wkv_heads:
@@ -90,6 +101,11 @@ class RwkvHybridConfig(PretrainedConfig):
         if head_sizes is not None and self.head_size not in head_sizes:
             raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of "
                              f"{', '.join(map(str, head_sizes))} (the head sizes the WKV kernels run)")
+        for key in ("decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "lora_rank_tokenshift",
+                    "lora_rank_decay"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"rwkv_hybrid: {key} {value!r} is not a positive integer")
         if self.attention_hidden_size % self.head_size:
             raise ValueError(f"rwkv_hybrid: attention_hidden_size {self.attention_hidden_size} is not a "
                              f"multiple of head_size {self.head_size}")

@@ -265,11 +265,10 @@ class Rwkv6TimeMixer(TimeMixerBase):
     5-way low-rank mixer), decay exp(-exp(time_decay + tanh(x W1) W2)), per-head bonus
     ``time_faaaa`` [H, N], output gate silu(x_g Wg), optional GroupNorm."""
 
-    mix_rank, decay_rank = 32, 64
-
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         C, D, N = config.hidden_size, config.attention_hidden_size, config.head_size
+        self.mix_rank, self.decay_rank = config.lora_rank_tokenshift, config.lora_rank_decay
         for name in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * self.mix_rank))
