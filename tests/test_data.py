@@ -12,6 +12,7 @@ from arwkv.data import (
     DataError,
     collate,
     iter_records,
+    pack_conversations,
     pack_documents,
     record_text,
     split_documents,
@@ -176,3 +177,54 @@ def test_sft_loss_is_transformers_loss_on_the_same_batch(tokenizer):
     torch.testing.assert_close(out.loss, reference, rtol=1e-6, atol=1e-6)
     shifted_twice = torch.nn.functional.cross_entropy(out.logits[0, :-2], labels[0, 2:], ignore_index=-100)
     assert not torch.isclose(out.loss, shifted_twice)
+
+
+def conversations(lengths: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Chat examples whose tokens name their conversation (1000 * c + position) and whose labels
+    mark the second half as the answer."""
+    out = []
+    for c, n in enumerate(lengths):
+        ids = [1000 * (c + 1) + t for t in range(n)]
+        out.append((ids, [-100 if t < n // 2 else x for t, x in enumerate(ids)]))
+    return out
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "skip"])
+def test_conversations_are_packed_whole(overlong):
+    """Stage 3's packing: every row is seq_len tokens; each conversation sits whole (or, when
+    longer than a row, truncated or left out, as asked, and counted) in one document of one row,
+    with its own labels; the rest of a row is padding without labels."""
+    lengths = [3, 9, 5, 12, 1, 7, 8, 2, 30, 6]
+    seq_len = 10
+    rows, report = pack_conversations(conversations(lengths), seq_len, seed=1, overlong=overlong, pad_id=7)
+    assert report.rows == len(rows) and all(r.input_ids.numel() == seq_len for r in rows)
+    long = sum(n > seq_len for n in lengths)
+    assert (report.truncated, report.skipped) == ((long, 0) if overlong == "truncate" else (0, long))
+    seen = {}
+    padding = 0
+    for row in rows:
+        cu = row.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == seq_len and cu == sorted(set(cu))
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            ids, labels = row.input_ids[a:b].tolist(), row.labels[a:b].tolist()
+            if ids[0] == 7:  # padding
+                assert ids == [7] * (b - a) and labels == [-100] * (b - a) and b == seq_len
+                padding += b - a
+                continue
+            c = ids[0] // 1000 - 1
+            assert c not in seen, f"conversation {c} appears twice"
+            n = lengths[c]
+            assert ids == [1000 * (c + 1) + t for t in range(min(n, seq_len))]  # whole, from its start
+            assert labels == [-100 if t < n // 2 else x for t, x in enumerate(ids)]
+            seen[c] = b - a
+    expected = {c for c, n in enumerate(lengths) if n <= seq_len or overlong == "truncate"}
+    assert set(seen) == expected and report.conversations == len(expected)
+    assert report.padding == padding
+    assert "packed whole" in report.describe(seq_len, overlong)
+
+
+def test_conversation_packing_checks_its_arguments():
+    with pytest.raises(DataError, match="overlong must be"):
+        pack_conversations(conversations([3]), 8, seed=0, overlong="wrap")
+    with pytest.raises(DataError, match="seq_len must be positive"):
+        pack_conversations(conversations([3]), 0, seed=0)

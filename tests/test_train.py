@@ -252,6 +252,8 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
         pass
     err = capsys.readouterr().err
     assert "step 2/6" in err and "step 6/6" in err  # plain progress lines when not on a terminal
+    if stage == 3:  # conversations are packed whole, and the run says what was cut
+        assert "conversations packed whole into" in err and "truncated to --seq-len" in err
     student = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
     assert type(student).__name__ == "RwkvHybridForCausalLM"
     # the export is the last checkpoint's weights

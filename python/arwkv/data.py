@@ -179,6 +179,78 @@ def pack_documents(docs: Sequence[list[int]], seq_len: int, seed: int,
     return rows
 
 
+@dataclass
+class ConversationPacking:
+    """What pack_conversations did: conversations packed whole, cut to seq_len or left out, and
+    the padding it added."""
+
+    conversations: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    rows: int = 0
+    padding: int = 0  # tokens
+
+    def describe(self, seq_len: int, overlong: str) -> str:
+        """One line for the run's log."""
+        cut = self.truncated if overlong == "truncate" else self.skipped
+        verb = "truncated to" if overlong == "truncate" else "skipped, longer than"
+        total = max(self.rows * seq_len, 1)
+        return (f"{self.conversations} conversations packed whole into {self.rows} rows "
+                f"({100 * self.padding / total:.1f}% padding); {cut} {verb} --seq-len {seq_len}")
+
+
+def pack_conversations(
+    examples: Sequence[tuple[list[int], list[int]]], seq_len: int, seed: int, overlong: str = "truncate",
+    pad_id: int = 0,
+) -> tuple[list[PackedRow], ConversationPacking]:
+    """Packs chat examples (input_ids, labels) into rows of seq_len tokens without cutting one
+    across rows: the state restarts at each row, so the second part of a cut answer would be
+    trained without its prompt. In a seeded order, each row takes whole conversations while they
+    fit; the rest of the row is padding (one more document whose labels are all -100). A
+    conversation longer than seq_len is truncated to its first seq_len tokens
+    (``overlong="truncate"``) or left out (``"skip"``); both are counted in the report."""
+    if seq_len < 1:
+        raise DataError(f"seq_len must be positive, got {seq_len}")
+    if overlong not in ("truncate", "skip"):
+        raise DataError(f"overlong must be 'truncate' or 'skip', got {overlong!r}")
+    report = ConversationPacking()
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[PackedRow] = []
+    ids: list[int] = []
+    lab: list[int] = []
+    starts: list[int] = []
+
+    def close_row() -> None:
+        pad = seq_len - len(ids)
+        bounds = starts + ([len(ids)] if pad else []) + [seq_len]
+        rows.append(PackedRow(torch.tensor(ids + [pad_id] * pad, dtype=torch.long),
+                              torch.tensor(bounds, dtype=torch.int32),
+                              torch.tensor(lab + [-100] * pad, dtype=torch.long)))
+        report.padding += pad
+        ids.clear(), lab.clear(), starts.clear()
+
+    for i in order:
+        doc, doc_labels = examples[i]
+        if not doc:
+            continue
+        if len(doc) > seq_len:
+            if overlong == "skip":
+                report.skipped += 1
+                continue
+            report.truncated += 1
+            doc, doc_labels = doc[:seq_len], doc_labels[:seq_len]
+        if len(ids) + len(doc) > seq_len:
+            close_row()
+        starts.append(len(ids))
+        ids.extend(doc)
+        lab.extend(doc_labels)
+        report.conversations += 1
+    if ids:
+        close_row()
+    report.rows = len(rows)
+    return rows, report
+
+
 def collate(rows: Sequence[PackedRow]) -> dict[str, Tensor]:
     """Rows -> one batch: input_ids [B, T]; cu_seqlens over all B * T tokens (the WKV ops take
     packed sequences: the student runs on input_ids.view(1, B * T)); position_ids [B, T] that

@@ -89,6 +89,8 @@ class DistillConfig:
     temperature: float = _opt(1.0, "stage 2 KL temperature")
     ce_weight: float = _opt(0.0, "stage 2: weight of an added next-token cross-entropy term")
     kl_chunk: int = _opt(512, "stage 2: tokens per chunk of the vocabulary-wide KL")
+    overlong: str = _opt("truncate", "stage 3: a conversation longer than --seq-len is cut to it or left "
+                         "out (conversations are never split across rows)", ("truncate", "skip"))
     freeze_mlp: bool = _opt(False, "stages 2-3: do not train the MLPs")
     freeze_embeddings: bool = _opt(False, "stages 2-3: do not train the input embeddings")
     activation_checkpointing: bool = _opt(False, "stages 2-3: recompute each layer in the backward")

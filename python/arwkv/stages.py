@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .data import pack_documents, sft_example, split_documents, tokenize_documents
+from .data import pack_conversations, pack_documents, sft_example, split_documents, tokenize_documents
 from .distill import AttentionAligner, LogitDistillation
 from .distill_config import ConfigError, DistillConfig
 from .modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
@@ -80,6 +80,7 @@ class Stage:
 
     number: ClassVar[int]
     title: ClassVar[str]
+    packing_note: str = ""  # what pack() cut or left out, for the run's log (stage 3)
     needs_teacher: ClassVar[bool] = True
 
     def __init__(self, cfg: DistillConfig) -> None:
@@ -265,17 +266,20 @@ class SftStage(WholeStudentStage):
     needs_teacher = False
 
     def pack(self, records, tokenizer):
-        """Chat examples with their assistant-only labels, split, then each part packed."""
+        """Chat examples with their assistant-only labels, split, then each part packed with
+        whole conversations per row (pack_conversations); packing_note says what was cut."""
         cfg = self.cfg
         examples = [sft_example(r, tokenizer) for r in records]
-
-        def pack(part: list[tuple[list[int], list[int]]]) -> list:
-            return pack_documents(
-                [ids for ids, _ in part], cfg.seq_len, cfg.seed, labels=[lab for _, lab in part]
-            )
-
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train, val = split_documents(examples, cfg.validation_fraction, cfg.seed)
-        return pack(train), pack(val)
+        notes, parts = [], []
+        for name, part in (("training", train), ("validation", val)):
+            rows, report = pack_conversations(part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id or 0)
+            parts.append(rows)
+            if part:
+                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
+        self.packing_note = "; ".join(notes)
+        return parts[0], parts[1]
 
     @staticmethod
     def weight(batch: dict[str, Tensor]) -> int:

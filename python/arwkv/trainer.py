@@ -252,6 +252,8 @@ def train(cfg: DistillConfig) -> Path:
                 f"steps {start}..{cfg.max_steps}",
                 file=sys.stderr,
             )
+            if stage.packing_note:
+                print(f"arwkv distill: stage {cfg.stage} packing, {stage.packing_note}", file=sys.stderr)
 
         for step in range(start, cfg.max_steps):
             began = time.perf_counter()
