@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from unittest import mock
 
 import torch
 
@@ -155,21 +156,9 @@ def peak_gb(device: str, fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-@contextlib.contextmanager
 def cpu_algorithm(name: str | None):
     """ARWKV_CPU_ALGORITHM=name while the block runs (None: leave it as it is)."""
-    if name is None:
-        yield
-        return
-    before = os.environ.get("ARWKV_CPU_ALGORITHM")
-    os.environ["ARWKV_CPU_ALGORITHM"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["ARWKV_CPU_ALGORITHM"]
-        else:
-            os.environ["ARWKV_CPU_ALGORITHM"] = before
+    return contextlib.nullcontext() if name is None else mock.patch.dict(os.environ, ARWKV_CPU_ALGORITHM=name)
 
 
 def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, repeat: int,

@@ -174,48 +174,36 @@ template <class A> struct ChunkKeySide {
 
   // WKV-7: A_ab, A_ak (s < t) and, with outputs, A_rb, A_rk (s <= t) from the chunk's inputs.
   void matrices7(const A* d, const A* r, const A* k, const A* a, const A* b, bool outputs) {
-    if (!outputs) return matrices7_state(d, k, a, b);
     for (int64_t q = 0; q < 4 * kL * kL; ++q) mats.p[q] = A(0);
     using V = typename VecOf<A>::V;
     constexpr int W = VecOf<A>::W;
     pairs(d, [&](int64_t t, int64_t s, const A* ev) {
+      const bool next = t + 1 < kL;
+      if (!outputs && !next) return;
       V rb = V{}, rk = V{}, ab = V{}, ak = V{};
       const A *bs = b + s * N, *ks = k + s * N, *rt = r + t * N, *an = a + (t + 1) * N;
-      const bool next = t + 1 < kL;
       for (int64_t q = 0; q < N; q += W) {
         const V ej = vload<V>(ev + q);
-        const V xb = vload<V>(bs + q) * ej, xk = vload<V>(ks + q) * ej, rq = vload<V>(rt + q);
-        rb += rq * xb;
-        rk += rq * xk;
+        const V xb = vload<V>(bs + q) * ej, xk = vload<V>(ks + q) * ej;
+        if (outputs) {
+          const V rq = vload<V>(rt + q);
+          rb += rq * xb;
+          rk += rq * xk;
+        }
         if (next) {
           const V aq = vload<V>(an + q);
           ab += aq * xb;
           ak += aq * xk;
         }
       }
-      rb_at(t, s) = hsum(rb);
-      rk_at(t, s) = hsum(rk);
+      if (outputs) {
+        rb_at(t, s) = hsum(rb);
+        rk_at(t, s) = hsum(rk);
+      }
       if (next) {
         ab_at(t + 1, s) = hsum(ab);
         ak_at(t + 1, s) = hsum(ak);
       }
-    });
-  }
-  void matrices7_state(const A* d, const A* k, const A* a, const A* b) {
-    for (int64_t q = 0; q < kL * kL; ++q) ab()[q] = ak()[q] = A(0);
-    using V = typename VecOf<A>::V;
-    constexpr int W = VecOf<A>::W;
-    pairs(d, [&](int64_t t, int64_t s, const A* ev) {
-      if (t + 1 >= kL) return;
-      V ab_ = V{}, ak_ = V{};
-      const A *bs = b + s * N, *ks = k + s * N, *an = a + (t + 1) * N;
-      for (int64_t q = 0; q < N; q += W) {
-        const V xa = vload<V>(an + q) * vload<V>(ev + q);
-        ab_ += xa * vload<V>(bs + q);
-        ak_ += xa * vload<V>(ks + q);
-      }
-      ab_at(t + 1, s) = hsum(ab_);
-      ak_at(t + 1, s) = hsum(ak_);
     });
   }
   // WKV-6: A[t, s] = sum_j r_t k_s E[t-1, s] (s < t), bonus r_t . (u k_t) on the diagonal.
@@ -507,10 +495,6 @@ void backward_rows_chunked(const WkvBackwardProblem& p, const Partials<A>& io, i
       // SA = S W^T + V^T P^T
       gemm<A>(R, kL, N, S, N, 1, ops.RWT.p + kL, 2 * kL, SAT, ld, Into::overwrite);
       gemm<A>(R, kL, kL, VT, ld, 1, ops.QPT.p + kL, 2 * kL, SAT, ld, Into::add);
-    } else {
-      ops.build6(ks, ch.d.p, ch.r.p, ch.k.p, u.p);
-    }
-    if (v7) {
       // [d SA | dV] = dS [b^; k^]^T + dY^T [A_rb | A_rk]; dZ = d SA (I - A_ab)^{-1}; dV += dZ A_ak
       gemm<A>(R, 2 * kL, N, dS.p, N, 1, ops.BKT.p, 2 * kL, dSAT, ld, Into::overwrite);
       gemm<A>(R, kL, kL, dY, 1, R, ks.rb(), kL, dSAT, ld, Into::add);
@@ -526,6 +510,7 @@ void backward_rows_chunked(const WkvBackwardProblem& p, const Partials<A>& io, i
       gemm<A>(kL, ld, R, dY, R, 1, SV.p, ld, G2.p, ld, Into::overwrite);
       gemm<A>(kL, ld, R, DZ.p, 1, kL, SV.p, ld, G2.p + kL * ld, ld, Into::overwrite);
     } else {
+      ops.build6(ks, ch.d.p, ch.r.p, ch.k.p, u.p);
       // dV = dS k^T + dY^T A;  d r' = dY S, d k^ = V dS;  dA = dY V^T
       gemm<A>(R, kL, N, dS.p, N, 1, ops.BKT.p + kL, 2 * kL, dVT, ld, Into::overwrite);
       gemm<A>(R, kL, kL, dY, 1, R, ks.rk(), kL, dVT, ld, Into::add);

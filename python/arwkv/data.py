@@ -227,7 +227,9 @@ def pack_conversations(
                               torch.tensor(bounds, dtype=torch.int32),
                               torch.tensor(lab + [-100] * pad, dtype=torch.long)))
         report.padding += pad
-        ids.clear(), lab.clear(), starts.clear()
+        ids.clear()
+        lab.clear()
+        starts.clear()
 
     for i in order:
         doc, doc_labels = examples[i]

@@ -270,11 +270,12 @@ class SftStage(WholeStudentStage):
         whole conversations per row (pack_conversations); packing_note says what was cut."""
         cfg = self.cfg
         examples = [sft_example(r, tokenizer) for r in records]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # padding carries no labels, so any id serves: the tokenizer's own pad or eos if it has one
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         train, val = split_documents(examples, cfg.validation_fraction, cfg.seed)
         notes, parts = [], []
         for name, part in (("training", train), ("validation", val)):
-            rows, report = pack_conversations(part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id or 0)
+            rows, report = pack_conversations(part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id)
             parts.append(rows)
             if part:
                 notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
