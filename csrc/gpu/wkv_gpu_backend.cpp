@@ -1,10 +1,13 @@
 // The torch side of the GPU backend (CUDA / ROCm): the stream and multiprocessor count of the
-// current device, the backward's scratch (torch allocations), the launches (wkv_gpu.h), the
-// sum of grad_u over sequences, and the tensor-core tiles' self-test.
+// current device, the algorithm (ARWKV_GPU_ALGORITHM), the kernels' scratch (torch allocations),
+// the launches (wkv_gpu.h), the sum of grad_u over sequences or chunks, and the tensor-core
+// tiles' self-test.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../wkv_backends.h"
@@ -20,8 +23,20 @@ std::string tile_selftest_report(const float* out);
 
 namespace {
 
+// ARWKV_GPU_ALGORITHM: step, chunked or auto (read per call, like ARWKV_CPU_ALGORITHM). auto is
+// the step kernels: no GPU measurement of the chunked ones has been saved yet, so they are opt-in.
+gpu::Algorithm gpu_algorithm() {
+  const char* forced = std::getenv("ARWKV_GPU_ALGORITHM");
+  if (!forced || !*forced || std::strcmp(forced, "auto") == 0 || std::strcmp(forced, "step") == 0)
+    return gpu::Algorithm::step;
+  TORCH_CHECK(std::strcmp(forced, "chunked") == 0, "ARWKV_GPU_ALGORITHM=", forced,
+              " is not one of auto, step, chunked");
+  return gpu::Algorithm::chunked;
+}
+
 gpu::Device current_device() {
-  return {at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream()};
+  return {at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream(),
+          gpu_algorithm()};
 }
 
 void check_launch(const char* op, const gpu::LaunchStatus& status) {
@@ -32,33 +47,44 @@ float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 
 }  // namespace
 
-void gpu_forward(const char* op, const WkvProblem& p, at::Device) {
+// The kernels' scratch as torch allocations (uninitialised: the kernels write all they read).
+struct ScratchTensors {
+  at::Tensor snapshots, sa, dsa, grad_u_partial, state_grads, chunk_operands;
+  gpu::Scratch pointers() const {
+    return {data_or_null(snapshots), data_or_null(sa),          data_or_null(dsa),
+            data_or_null(grad_u_partial), data_or_null(state_grads), data_or_null(chunk_operands)};
+  }
+};
+ScratchTensors allocate_scratch(const WkvProblem& p, const gpu::Device& device, bool backward, at::Device where) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(where);
+  const gpu::ScratchSizes n = gpu::scratch_sizes(p, device.algorithm, backward);
+  return {at::empty({n.snapshots}, f32),      at::empty({n.sa}, f32),          at::empty({n.dsa}, f32),
+          at::empty({n.grad_u_partial}, f32), at::empty({n.state_grads}, f32), at::empty({n.chunk_operands}, f32)};
+}
+
+void gpu_forward(const char* op, const WkvProblem& p, at::Device where) {
   const gpu::Device device = current_device();
+  const ScratchTensors scratch = allocate_scratch(p, device, false, where);
   switch (p.dtype) {
-    case DType::bf16: return check_launch(op, gpu::forward<gpu::Bf16>(p, device));
-    case DType::f16: return check_launch(op, gpu::forward<gpu::F16>(p, device));
-    default: return check_launch(op, gpu::forward<float>(p, device));
+    case DType::bf16: return check_launch(op, gpu::forward<gpu::Bf16>(p, scratch.pointers(), device));
+    case DType::f16: return check_launch(op, gpu::forward<gpu::F16>(p, scratch.pointers(), device));
+    default: return check_launch(op, gpu::forward<float>(p, scratch.pointers(), device));
   }
 }
 
 void gpu_backward(const char* op, const WkvBackwardProblem& p, at::Device where) {
   const gpu::Device device = current_device();
-  // Scratch: one snapshot per chunk, (WKV-7) S a_t and its gradient per step, (WKV-6) grad_u per
-  // sequence.
-  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(where);
-  const gpu::BackwardScratchSizes size = gpu::backward_scratch(p);
-  const at::Tensor snapshots = at::empty({size.snapshots}, f32), sa = at::empty({size.sa}, f32),
-                   dsa = at::empty({size.dsa}, f32), grad_u_partial = at::empty({size.grad_u_partial}, f32);
-  const gpu::BackwardScratch scratch{data_or_null(snapshots), data_or_null(sa), data_or_null(dsa),
-                                     data_or_null(grad_u_partial)};
+  // Step: one snapshot per chunk, (WKV-7) S a_t and its gradient per step, (WKV-6) grad_u per
+  // sequence. Chunked: also the state gradient per chunk and each chunk's operands; grad_u per chunk.
+  const ScratchTensors scratch = allocate_scratch(p, device, true, where);
   switch (p.dtype) {
-    case DType::bf16: check_launch(op, gpu::backward<gpu::Bf16>(p, scratch, device)); break;
-    case DType::f16: check_launch(op, gpu::backward<gpu::F16>(p, scratch, device)); break;
-    default: check_launch(op, gpu::backward<float>(p, scratch, device)); break;
+    case DType::bf16: check_launch(op, gpu::backward<gpu::Bf16>(p, scratch.pointers(), device)); break;
+    case DType::f16: check_launch(op, gpu::backward<gpu::F16>(p, scratch.pointers(), device)); break;
+    default: check_launch(op, gpu::backward<float>(p, scratch.pointers(), device)); break;
   }
   if (p.version == 6) {
     at::Tensor grad_u = at::from_blob(p.grad_u, {p.H, p.N}, at::TensorOptions().dtype(scalar_type(p.dtype)).device(where));
-    grad_u.copy_(grad_u_partial.view({p.num_seqs, p.H, p.N}).sum(0));
+    grad_u.copy_(scratch.grad_u_partial.view({-1, p.H, p.N}).sum(0));
   }
 }
 

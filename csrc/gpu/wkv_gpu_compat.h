@@ -112,6 +112,16 @@ __device__ __forceinline__ F16 from_float<F16>(float x) {
 #endif
 }
 
+// Element i of a T array (float, Bf16 or F16) as a float, and a float stored to one.
+template <class T>
+__device__ __forceinline__ float load(const void* p, int64_t i) {
+  return to_float(static_cast<const T*>(p)[i]);
+}
+template <class T>
+__device__ __forceinline__ void store(void* p, int64_t i, float x) {
+  static_cast<T*>(p)[i] = from_float<T>(x);
+}
+
 // ---- Tensor-core tiles ----------------------------------------------------------------------
 // D = A B + C for one 16 x 16 x 16 tile per warp (CUDA) or wave (HIP): A is 16 rows x 16 k and
 // B is 16 k x 16 columns, both bf16 or fp16 (T = Bf16 or F16), C and D are fp32. CUDA runs it as
@@ -287,6 +297,84 @@ __device__ __forceinline__ TileAcc mma(const TileA<T>& a, const TileB<T>& b, con
   }
 #endif
   return d;
+}
+
+
+// ---- Split operands: near-fp32 products on 16-bit tensor cores --------------------------------
+// A float x is held as hi + lo, both bf16: hi = x rounded, lo = (x - hi) rounded, so hi + lo is x
+// to about 2^-17 of |x| (16 significant bits; bf16 keeps fp32's exponent range, so nothing
+// overflows that fp16 would). mma_split adds lo*hi, hi*lo, then hi*hi (the small terms first)
+// and leaves out lo*lo (~2^-18): products to about 2^-16 relative, for 3 tensor-core steps.
+// The chunked kernels use them wherever a float32 value (the state, a decayed operand, an
+// intra-chunk matrix) meets a tensor core; 16-bit inputs split with lo = 0, exactly.
+struct SplitA {
+  TileA<Bf16> hi, lo;
+};
+struct SplitB {
+  TileB<Bf16> hi, lo;
+};
+
+// Element (r, c) of a row-major array p with leading dimension ld, as a float; rows >= rows_valid
+// read as 0 (the padded steps past a sequence's end, never read from memory).
+template <class S>
+__device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int rows_valid, int r, int c) {
+  return r < rows_valid ? to_float(p[int64_t(r) * ld + c]) : 0.f;
+}
+
+// hi and lo registers of an operand whose element e this lane reads at stored (row, column)
+// rc(lane, e) of p.
+template <class S, class RowCol>
+__device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
+                                             int64_t ld, int rows_valid, RowCol rc) {
+  const int l = lane_id();
+#pragma unroll
+  for (int e = 0; e < kTileAB; e += 2) {
+    uint32_t h2 = 0, l2 = 0;
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      int r, c;
+      rc(l, e + f, r, c);
+      const float x = element_or_zero(p, ld, rows_valid, r, c);
+      const Bf16 xh = from_float<Bf16>(x);
+      h2 |= uint32_t(xh.bits) << (16 * f);
+      l2 |= uint32_t(from_float<Bf16>(x - to_float(xh)).bits) << (16 * f);
+    }
+    hi[e / 2] = h2, lo[e / 2] = l2;
+  }
+}
+
+// A[i][k] = p[i * ld + k]; transposed: A[i][k] = p[k * ld + i]. B[k][j] = p[k * ld + j];
+// transposed: B[k][j] = p[j * ld + k]. S: float, Bf16 or F16; stored rows >= rows_valid are 0.
+template <class S>
+__device__ __forceinline__ SplitA load_split_a(const S* p, int64_t ld, int rows_valid = 16) {
+  SplitA a;
+  gather_split(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_row(l, e), c = tile_a_k(l, e); });
+  return a;
+}
+template <class S>
+__device__ __forceinline__ SplitA load_split_a_transposed(const S* p, int64_t ld, int rows_valid = 16) {
+  SplitA a;
+  gather_split(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_k(l, e), c = tile_a_row(l, e); });
+  return a;
+}
+template <class S>
+__device__ __forceinline__ SplitB load_split_b(const S* p, int64_t ld, int rows_valid = 16) {
+  SplitB b;
+  gather_split(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_k(l, e), c = tile_b_col(l, e); });
+  return b;
+}
+template <class S>
+__device__ __forceinline__ SplitB load_split_b_transposed(const S* p, int64_t ld, int rows_valid = 16) {
+  SplitB b;
+  gather_split(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_col(l, e), c = tile_b_k(l, e); });
+  return b;
+}
+
+// D = A B + C with split operands (3 tensor-core steps, every lane of the warp / wave).
+__device__ __forceinline__ TileAcc mma_split(const SplitA& a, const SplitB& b, TileAcc c) {
+  c = mma(a.lo, b.hi, c);
+  c = mma(a.hi, b.lo, c);
+  return mma(a.hi, b.hi, c);
 }
 
 }  // namespace gpu

@@ -25,19 +25,11 @@
 #include <type_traits>
 #include <utility>
 
+#include "wkv_gpu_chunked.cuh"
 #include "wkv_gpu_compat.h"
 
 namespace arwkv {
 namespace gpu {
-
-template <class T>
-__device__ __forceinline__ float load(const void* p, int64_t i) {
-  return to_float(static_cast<const T*>(p)[i]);
-}
-template <class T>
-__device__ __forceinline__ void store(void* p, int64_t i, float x) {
-  static_cast<T*>(p)[i] = from_float<T>(x);
-}
 
 struct Segment {
   int64_t bos;         // first token of the sequence in the flattened [B * T] token axis
@@ -132,7 +124,7 @@ __device__ __forceinline__ void stage_rows(const WkvProblem& p, const Segment& g
 
 template <class T, int V, class Tile, int MODE>
 __global__ void __launch_bounds__(Tile::THREADS) wkv_rows_kernel(const WkvBackwardProblem p,
-                                                                  const BackwardScratch sc) {
+                                                                  const Scratch sc) {
   constexpr int N = Tile::N, L = Tile::L, ROWS = Tile::ROWS, Q = Tile::Q, THREADS = Tile::THREADS;
   __shared__ __align__(16) float kr[kStage][N];
   __shared__ __align__(16) float kd[kStage][N];
@@ -353,7 +345,7 @@ struct ColTile {
 
 template <class T, int V, int N>
 __global__ void __launch_bounds__(ColTile<N>::THREADS) wkv_columns_kernel(const WkvBackwardProblem p,
-                                                                           const BackwardScratch sc) {
+                                                                           const Scratch sc) {
   using Tile = ColTile<N>;
   constexpr int RR = Tile::RR, G = Tile::G, COLS = Tile::COLS, THREADS = Tile::THREADS;
   // row vectors of the chunk: v, grad_y, and for WKV-7 sa and dsa
@@ -533,14 +525,14 @@ LaunchStatus launch_status(const char* kernel) {
 }
 
 template <class T, int V, class Tile, int MODE>
-void launch_rows_tile(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+void launch_rows_tile(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   const dim3 grid(unsigned(Tile::N / Tile::ROWS), unsigned(p.H), unsigned(p.num_seqs));
   const auto kernel = wkv_rows_kernel<T, V, Tile, MODE>;
   ARWKV_LAUNCH(kernel, grid, Tile::THREADS, static_cast<gpuStream>(d.stream), p, sc);
 }
 
 template <class T, int V, int N, int MODE>
-LaunchStatus launch_rows(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+LaunchStatus launch_rows(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   using Wide = typename WideRows<N>::Tile;
   using Narrow = typename NarrowRows<N>::Tile;
   // Fewer wide blocks than two per multiprocessor leaves most of the GPU idle (decoding, one
@@ -554,7 +546,7 @@ LaunchStatus launch_rows(const WkvBackwardProblem& p, const BackwardScratch& sc,
 }
 
 template <class T, int V, int N>
-LaunchStatus launch_columns(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+LaunchStatus launch_columns(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   using Tile = ColTile<N>;
   const dim3 grid(unsigned(N / Tile::COLS), unsigned(p.H), unsigned(p.num_seqs));
   const auto kernel = wkv_columns_kernel<T, V, N>;
@@ -566,11 +558,11 @@ template <class T, int V, int N>
 LaunchStatus forward_n(const WkvProblem& p, const Device& d) {
   WkvBackwardProblem args;  // the kernels' one argument type; no gradients in the forward
   static_cast<WkvProblem&>(args) = p;
-  return launch_rows<T, V, N, kForward>(args, BackwardScratch{}, d);
+  return launch_rows<T, V, N, kForward>(args, Scratch{}, d);
 }
 
 template <class T, int V, int N>
-LaunchStatus backward_n(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+LaunchStatus backward_n(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   LaunchStatus s = launch_rows<T, V, N, kSnapshots>(p, sc, d);
   if (s.ok()) s = launch_rows<T, V, N, kStateGrad>(p, sc, d);
   if (s.ok()) s = launch_columns<T, V, N>(p, sc, d);
@@ -590,26 +582,78 @@ LaunchStatus with_head_size(int64_t n, const char* kernel, const char* dtype, F&
   return with_head_size(n, kernel, dtype, static_cast<F&&>(f), std::make_index_sequence<kNumHeadSizes>());
 }
 
+// The chunked kernels (wkv_gpu_chunked.cuh): prep, then the state pass (forward); prep, the
+// state pass storing start states, the state-gradient pass, the per-chunk gradients (backward).
+template <int V>
+constexpr const char* chunk_kernel_name(int which) {
+  constexpr const char* names7[] = {"wkv7_chunk_prep", "wkv7_chunk_forward", "wkv7_chunk_starts",
+                                    "wkv7_chunk_state_grad", "wkv7_chunk_grads"};
+  constexpr const char* names6[] = {"wkv6_chunk_prep", "wkv6_chunk_forward", "wkv6_chunk_starts",
+                                    "wkv6_chunk_state_grad", "wkv6_chunk_grads"};
+  return V == 7 ? names7[which] : names6[which];
+}
+
+template <class T, int V, int N>
+LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Device& d, bool backward) {
+  using namespace chunked;
+  const auto stream = static_cast<gpuStream>(d.stream);
+  const dim3 per_chunk(unsigned(num_chunk_slots(p, kChunkSteps)), unsigned(p.H));
+  const dim3 per_band(unsigned(N / 16), unsigned(p.H), unsigned(p.num_seqs));
+  const auto prep = wkv_chunk_prep_kernel<T, V, N>;
+  ARWKV_LAUNCH(prep, per_chunk, kPrepThreads, stream, p, sc);
+  LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(0));
+  if (!backward) {
+    const auto state = wkv_chunk_state_kernel<T, V, N, kOutputs>;
+    if (s.ok()) ARWKV_LAUNCH(state, per_band, kWarpSize, stream, p, sc);
+    return s.ok() ? launch_status<T, N>(chunk_kernel_name<V>(1)) : s;
+  }
+  if (s.ok()) {
+    const auto starts = wkv_chunk_state_kernel<T, V, N, kStarts>;
+    ARWKV_LAUNCH(starts, per_band, kWarpSize, stream, p, sc);
+    s = launch_status<T, N>(chunk_kernel_name<V>(2));
+  }
+  if (s.ok()) {
+    const auto state_grad = wkv_chunk_state_grad_kernel<T, V, N>;
+    ARWKV_LAUNCH(state_grad, per_band, kWarpSize, stream, p, sc);
+    s = launch_status<T, N>(chunk_kernel_name<V>(3));
+  }
+  if (s.ok()) {
+    const auto grads = wkv_chunk_grads_kernel<T, V, N>;
+    ARWKV_LAUNCH(grads, per_chunk, kGradWarps * kWarpSize, stream, p, sc);
+    s = launch_status<T, N>(chunk_kernel_name<V>(4));
+  }
+  return s;
+}
+
 template <class T, int V>
-LaunchStatus forward_v(const WkvProblem& p, const Device& d) {
+LaunchStatus forward_v(const WkvProblem& p, const Scratch& sc, const Device& d) {
+  if (d.algorithm == Algorithm::chunked) {
+    WkvBackwardProblem args;  // the kernels' one argument type; no gradients in the forward
+    static_cast<WkvProblem&>(args) = p;
+    return with_head_size(p.N, chunk_kernel_name<V>(0), dtype_name<T>(),
+                          [&](auto n) { return chunked_n<T, V, decltype(n)::value>(args, sc, d, false); });
+  }
   return with_head_size(p.N, rows_kernel_name<V, kForward>(), dtype_name<T>(),
                         [&](auto n) { return forward_n<T, V, decltype(n)::value>(p, d); });
 }
 
 template <class T, int V>
-LaunchStatus backward_v(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+LaunchStatus backward_v(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
+  if (d.algorithm == Algorithm::chunked)
+    return with_head_size(p.N, chunk_kernel_name<V>(0), dtype_name<T>(),
+                          [&](auto n) { return chunked_n<T, V, decltype(n)::value>(p, sc, d, true); });
   return with_head_size(p.N, rows_kernel_name<V, kSnapshots>(), dtype_name<T>(),
                         [&](auto n) { return backward_n<T, V, decltype(n)::value>(p, sc, d); });
 }
 
 template <class T>
-LaunchStatus forward(const WkvProblem& p, const Device& d) {
+LaunchStatus forward(const WkvProblem& p, const Scratch& sc, const Device& d) {
   if (p.num_seqs == 0 || p.H == 0) return {};
-  return p.version == 7 ? forward_v<T, 7>(p, d) : forward_v<T, 6>(p, d);
+  return p.version == 7 ? forward_v<T, 7>(p, sc, d) : forward_v<T, 6>(p, sc, d);
 }
 
 template <class T>
-LaunchStatus backward(const WkvBackwardProblem& p, const BackwardScratch& sc, const Device& d) {
+LaunchStatus backward(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   if (p.num_seqs == 0 || p.H == 0) return {};
   return p.version == 7 ? backward_v<T, 7>(p, sc, d) : backward_v<T, 6>(p, sc, d);
 }
@@ -618,7 +662,7 @@ LaunchStatus backward(const WkvBackwardProblem& p, const BackwardScratch& sc, co
 }  // namespace arwkv
 
 #define ARWKV_INSTANTIATE_GPU_KERNELS(T)                                                                   \
-  template arwkv::gpu::LaunchStatus arwkv::gpu::forward<T>(const arwkv::WkvProblem&,                       \
-                                                           const arwkv::gpu::Device&);                     \
+  template arwkv::gpu::LaunchStatus arwkv::gpu::forward<T>(                                                \
+      const arwkv::WkvProblem&, const arwkv::gpu::Scratch&, const arwkv::gpu::Device&);                    \
   template arwkv::gpu::LaunchStatus arwkv::gpu::backward<T>(                                               \
-      const arwkv::WkvBackwardProblem&, const arwkv::gpu::BackwardScratch&, const arwkv::gpu::Device&);
+      const arwkv::WkvBackwardProblem&, const arwkv::gpu::Scratch&, const arwkv::gpu::Device&);

@@ -11,7 +11,8 @@
 //  - rounding of float to bf16 / fp16 as the loads do it: to nearest, ties to even, against
 //    values worked out by hand;
 //  - a lane that skips mma() is a deadlock, reported as a launch failure;
-//  - the emulator's own summation order (the one its comment states).
+//  - the emulator's own summation order (the one its comment states);
+//  - split operands (near-fp32 products on bf16 tiles), their bound, and the rows they never read.
 // What this cannot see: an order of k common to A and B (say both swapped the halves of their
 // registers) cancels in every product, so it is harmless here; code that reuses accumulator
 // registers as operands depends on it and needs a test of its own. And the real instructions:
@@ -192,6 +193,50 @@ void check_emulated_summation_order() {
          "emulated sum 2^24 + 15 x 1 in k order should stay 2^24, got " + str(out[0]) + " " + err);
 }
 
+// Split operands (load_split_*, mma_split): D = A B for float A, B of mixed magnitudes, each
+// operand loaded plain or transposed with 11 valid stored rows (the rest hold NaN, so a read of
+// them shows), against double products of the operands with those rows as zeros. Bound: hi + lo
+// holds a float to 2^-17 of it and lo * lo (~2^-18) is left out, so each term is good to 2^-16
+// of |a b|; the fp32 sums add ~16 * 2^-24 of the sum of |a b|.
+constexpr int kValid = 11;
+template <bool TA, bool TB>
+__global__ void split_kernel(const float* a, const float* b, float* d) {
+  const gpu::SplitA x = TA ? gpu::load_split_a_transposed(a, 16, kValid) : gpu::load_split_a(a, 16, kValid);
+  const gpu::SplitB y = TB ? gpu::load_split_b_transposed(b, 16, kValid) : gpu::load_split_b(b, 16, kValid);
+  gpu::store_tile_acc(d, 16, gpu::mma_split(x, y, gpu::fill_tile_acc(0.f)));
+}
+
+template <bool TA, bool TB>
+void check_split_products() {
+  std::vector<float> a(256), b(256), d(256, std::nanf(""));
+  unsigned state = 12345;
+  auto next = [&state] {  // values spread over 2^-6 .. 2^6 with both signs
+    state = state * 1664525u + 1013904223u;
+    const float m = float(state >> 8) / float(1u << 24);
+    return (state & 1 ? -1.f : 1.f) * std::ldexp(0.5f + m, int(state >> 28) % 13 - 6);
+  };
+  for (int i = 0; i < 256; ++i) a[i] = i / 16 < kValid ? next() : std::nanf("");
+  for (int i = 0; i < 256; ++i) b[i] = i / 16 < kValid ? next() : std::nanf("");
+  const std::string err = run(split_kernel<TA, TB>, 1, static_cast<const float*>(a.data()),
+                              static_cast<const float*>(b.data()), d.data());
+  expect(err.empty(), "split product launch: " + err);
+  // A[i][k] and B[k][j] as the loads see them (stored rows >= kValid are zeros)
+  auto A = [&](int i, int k) { const int r = TA ? k : i, c = TA ? i : k; return r < kValid ? double(a[r * 16 + c]) : 0.0; };
+  auto B = [&](int k, int j) { const int r = TB ? j : k, c = TB ? k : j; return r < kValid ? double(b[r * 16 + c]) : 0.0; };
+  std::string bad;
+  for (int i = 0; i < 16 && bad.empty(); ++i)
+    for (int j = 0; j < 16 && bad.empty(); ++j) {
+      double want = 0, mag = 0;
+      for (int k = 0; k < 16; ++k) want += A(i, k) * B(k, j), mag += std::fabs(A(i, k) * B(k, j));
+      const double got = d[i * 16 + j];
+      if (!(std::fabs(got - want) <= (0x1p-16 + 16 * 0x1p-24) * mag))
+        bad = "D[" + std::to_string(i) + "][" + std::to_string(j) + "] = " + str(got) + ", expected " + str(want) +
+              " (sum of |terms| " + str(mag) + ")";
+    }
+  expect(bad.empty(), std::string("mma_split, A") + (TA ? " transposed" : "") + ", B" + (TB ? " transposed" : "") +
+                          ": " + bad);
+}
+
 }  // namespace
 
 int main() {
@@ -226,6 +271,10 @@ int main() {
               {"65504 (largest)", 65504, 65504}});
   check_missing_lane_deadlocks();
   check_emulated_summation_order();
+  check_split_products<false, false>();
+  check_split_products<true, false>();
+  check_split_products<false, true>();
+  check_split_products<true, true>();
   std::printf("%s: %d passed, %d failed (tile layer)\n", kPlatform, checks - failures, failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,503 @@
+// Chunked WKV-7 and WKV-6 GPU kernels: the matrix form of arwkv_ext/chunked_reference.py (its
+// docstring derives every formula used here), with the products on tensor cores (the tile layer
+// of wkv_gpu_compat.h; split bf16 operands, so products are good to ~2^-16 of fp32) and the
+// state in fp32. Included by wkv_gpu_kernels.cuh, which dispatches to it.
+//
+// A chunk is L = 16 steps (one tile); the last one of a sequence is padded with identity steps
+// (decay 1, zero operands). Sequence s's chunk c has the scratch slot floor(bos_s / L) + s + c.
+// Kernels, by what they depend on:
+//  1. prep (one block per chunk slot and head; parallel over the whole sequence): the cumulative
+//     log decays G_t = w_0 + ... + w_t inside the chunk, the decayed operands, the decay over
+//     the chunk, the L x L matrices, and (WKV-7) the inverse of the unit lower-triangular
+//     I - A_ab. Every decay factor is exp(G_t - G_s) for t >= s: a decay over a sub-interval of
+//     the chunk (<= 1), never a quotient of cumulative decays, so any decay stays exact.
+//  2. state (one warp / wave per 16 value rows of a (sequence, head); serial over chunks): value
+//     rows are independent given the chunk operands, so each block carries a 16 x N band of the
+//     state through the chunks with tensor-core products only: outputs, the next state, and
+//     for the backward the state at each chunk start and S a_t per step.
+//  3. state-grad (same blocks, chunks in reverse): dLoss/dstate after each chunk, grad_v, and
+//     (WKV-7) the gradient of the solve's right side per step; grad_initial_state at the end.
+//  4. grads (one block per chunk slot and head; parallel again): the gradients of r, w, k, a, b
+//     (u) of one chunk from its start state, the state gradient after it and the per-step
+//     vectors of 2 and 3. Its sums over value rows are tensor-core products; the rest is
+//     element-wise with the decays, then dw as a reverse cumulative sum inside the chunk.
+// Every output element is written by one thread, and sums have a fixed order: deterministic.
+#pragma once
+
+#include "wkv_gpu_compat.h"
+
+namespace arwkv {
+namespace gpu {
+namespace chunked {
+
+constexpr int L = kChunkSteps;
+static_assert(L == 16, "a chunk is one 16 x 16 tile");
+constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L matrices
+constexpr int kGradWarps = 4;      // grads: one warp / wave per L x L matrix, then per key tile
+
+// Where one chunk's operands lie in its chunk_operands slot (floats from the slot's start, per
+// head). WKV-6's are a prefix of WKV-7's layout:
+//   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
+//   kh  [L][N]  k^_s = k_s E[L-1, s]
+//   gam [N]     the decay over the chunk, E[L-1, -1]
+//   ark [L][L]  WKV-7: A_rk;  WKV-6: A with the bonus r_t . (u * k_t) on its diagonal
+//   at, bh [L][N]  a~_t = a_t E[t-1, -1],  b^_s = b_s E[L-1, s]           (WKV-7)
+//   inv, aak, arb [L][L]  (I - A_ab)^-1, A_ak, A_rb                        (WKV-7)
+template <int V, int N>
+struct Operands {
+  static constexpr int rt = 0, kh = L * N, gam = 2 * L * N, ark = 2 * L * N + N;
+  static constexpr int at = ark + L * L, bh = at + L * N, inv = bh + L * N, aak = inv + L * L, arb = aak + L * L;
+  static constexpr int size = V == 7 ? arb + L * L : ark + L * L;
+};
+
+struct Chunk {
+  int seq = -1;         // its sequence (-1: an unused slot)
+  int index = 0;        // its number within the sequence
+  int steps = 0;        // real steps in it (the rest is padding)
+  int64_t first = 0;    // its first token in the flattened [B * T] token axis
+  int num_chunks = 0;   // chunks of the sequence
+  int64_t slot = 0;     // its scratch slot
+};
+
+__device__ __forceinline__ int64_t seq_start(const WkvProblem& p, int s) {
+  return p.cu_seqlens ? p.cu_seqlens[s] : int64_t(s) * p.T;
+}
+__device__ __forceinline__ int64_t first_slot(const WkvProblem& p, int s) { return seq_start(p, s) / L + s; }
+
+// Chunk c of sequence s.
+__device__ __forceinline__ Chunk chunk_of(const WkvProblem& p, int s, int c) {
+  Chunk k;
+  k.seq = s, k.index = c;
+  const int64_t bos = seq_start(p, s);
+  const int len = int(seq_start(p, s + 1) - bos);
+  k.num_chunks = (len + L - 1) / L;
+  k.steps = min(L, len - c * L);
+  k.first = bos + int64_t(c) * L;
+  k.slot = bos / L + s + c;
+  return k;
+}
+
+// The chunk that owns scratch slot x (seq -1: none). Sequences' first slots increase with s.
+__device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
+  int lo = 0, hi = int(p.num_seqs) - 1;
+  while (lo < hi) {  // the last sequence whose first slot is <= x
+    const int mid = (lo + hi + 1) / 2;
+    if (first_slot(p, mid) <= x) lo = mid;
+    else hi = mid - 1;
+  }
+  Chunk k = chunk_of(p, lo, int(x - first_slot(p, lo)));
+  if (x < first_slot(p, lo) || k.index >= k.num_chunks) k.seq = -1;
+  return k;
+}
+
+// Loads G[t][j] = w_0 + ... + w_t of the chunk (w = 0 on padded steps) into shared memory.
+template <class T, int N, int THREADS>
+__device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, float (*G)[N]) {
+  const int64_t H = p.H;
+  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
+    const int t = idx / N, j = idx % N;
+    G[t][j] = t < k.steps ? load<T>(p.w, ((k.first + t) * H + h) * N + j) : 0.f;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < N; j += THREADS) {
+    float acc = 0.f;
+    for (int t = 0; t < L; ++t) G[t][j] = acc += G[t][j];
+  }
+  __syncthreads();
+}
+
+// ---- 1. prep ----------------------------------------------------------------------------------
+template <class T, int V, int N>
+__global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
+  using Op = Operands<V, N>;
+  constexpr int THREADS = kPrepThreads;
+  __shared__ float G[L][N];
+  __shared__ float xr[L][N], xk[L][N];  // raw inputs of the chunk (0 on padded steps)
+  __shared__ float xa[V == 7 ? L : 1][N], xb[V == 7 ? L : 1][N];
+  __shared__ float aab[V == 7 ? L : 1][L];
+  const Chunk k = chunk_at_slot(p, blockIdx.x);
+  if (k.seq < 0) return;  // (the whole block)
+  const int h = blockIdx.y;
+  const int64_t H = p.H;
+  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
+    const int t = idx / N, j = idx % N;
+    const bool real = t < k.steps;
+    const int64_t off = ((k.first + t) * H + h) * N + j;
+    xr[t][j] = real ? load<T>(p.r, off) : 0.f;
+    xk[t][j] = real ? load<T>(p.k, off) : 0.f;
+    if (V == 7) {
+      xa[t][j] = real ? load<T>(p.a, off) : 0.f;
+      xb[t][j] = real ? load<T>(p.b, off) : 0.f;
+    }
+  }
+  cumulative_log_decays<T, N, THREADS>(p, k, h, G);
+
+  float* out = sc.chunk_operands + (k.slot * H + h) * Op::size;
+  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
+    const int t = idx / N, j = idx % N;
+    const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = expf(G[L - 1][j] - g);
+    out[Op::rt + idx] = xr[t][j] * expf(V == 7 ? g : before);
+    out[Op::kh + idx] = xk[t][j] * to_end;
+    if (V == 7) {
+      out[Op::at + idx] = xa[t][j] * expf(before);
+      out[Op::bh + idx] = xb[t][j] * to_end;
+    }
+  }
+  for (int j = threadIdx.x; j < N; j += THREADS) out[Op::gam + j] = expf(G[L - 1][j]);
+
+  // M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows, WKV-6's r-rows: s < t only)
+  {
+    const int t = threadIdx.x / L, s = threadIdx.x % L;  // kPrepThreads = L * L
+    float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+    if (s <= t) {
+      for (int j = 0; j < N; ++j) {
+        const float e = expf(G[t][j] - G[s][j]);                       // E[t, s]
+        const float ep = s < t ? expf(G[t - 1][j] - G[s][j]) : 0.f;    // E[t-1, s]
+        if (V == 7) {
+          rb = fmaf(xr[t][j] * xb[s][j], e, rb);
+          rk = fmaf(xr[t][j] * xk[s][j], e, rk);
+          ab = fmaf(xa[t][j] * xb[s][j], ep, ab);
+          ak = fmaf(xa[t][j] * xk[s][j], ep, ak);
+        } else {  // the bonus on the diagonal, the decayed pairs below it
+          const float f = s < t ? ep : load<T>(p.u, int64_t(h) * N + j);
+          rk = fmaf(xr[t][j] * xk[s][j], f, rk);
+        }
+      }
+    }
+    out[Op::ark + threadIdx.x] = rk;
+    if (V == 7) {
+      out[Op::arb + threadIdx.x] = rb;
+      out[Op::aak + threadIdx.x] = ak;
+      aab[t][s] = ab;
+    }
+  }
+  if (V == 7) {
+    __syncthreads();
+    // (I - A_ab)^-1, column s by forward substitution: X[t] = [t == s] + sum_{u < t} A_ab[t][u] X[u]
+    if (threadIdx.x < L) {
+      const int s = threadIdx.x;
+      float x[L];
+#pragma unroll
+      for (int t = 0; t < L; ++t) {
+        float acc = t == s ? 1.f : 0.f;
+        for (int u = s; u < t; ++u) acc = fmaf(aab[t][u], x[u], acc);
+        x[t] = t < s ? 0.f : acc;
+        out[Op::inv + t * L + s] = x[t];
+      }
+    }
+  }
+}
+
+// ---- 2. state: forward (outputs, final state) or snapshots (start states, S a_t) -------------
+enum StateMode { kOutputs = 0, kStarts = 1 };
+
+template <class T, int V, int N, int MODE>
+__global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBackwardProblem p, const Scratch sc) {
+  using Op = Operands<V, N>;
+  constexpr int KT = N / 16;  // key tiles
+  __shared__ float S[16][N];  // this band's 16 value rows of the state
+  __shared__ float vs[L][16];  // v_t of the chunk for these rows (0 on padded steps)
+  __shared__ float zs[V == 7 ? L : 1][16], sas[V == 7 ? L : 1][16];  // WKV-7: the solve's right side, S a_t
+  const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
+  const int64_t H = p.H;
+  const float* init = static_cast<const float*>(p.initial_state);
+  const int64_t state0 = ((int64_t(s) * H + h) * N + i0) * N;  // this band's rows of a [S, H, N, N] state
+  for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) S[idx / N][idx % N] = init ? init[state0 + idx] : 0.f;
+
+  const int num_chunks = chunk_of(p, s, 0).num_chunks;
+  for (int c = 0; c < num_chunks; ++c) {
+    const Chunk k = chunk_of(p, s, c);
+    const float* op = sc.chunk_operands + (k.slot * H + h) * Op::size;
+    const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
+    __syncthreads();  // the previous chunk is done with vs, zs, sas and S
+    if (MODE == kStarts)
+      for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
+        sc.snapshots[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = S[idx / N][idx % N];
+    for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
+      const int t = idx / 16, i = idx % 16;
+      vs[t][i] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
+    }
+    __syncthreads();
+
+    // Y^T for these rows: y[t][i] = r~_t . S[i] (+ A_rb SA + A_rk V, WKV-7 | + A V, WKV-6)
+    TileAcc y = fill_tile_acc(0.f);
+    if (V == 7) {
+      // Z = a~ S^T + A_ak V, then SA = (I - A_ab)^-1 Z
+      TileAcc z = fill_tile_acc(0.f);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        const SplitB st = load_split_b_transposed(&S[0][kt * 16], N);  // B[j][i] = S[i][j]
+        z = mma_split(load_split_a(op + Op::at + kt * 16, N), st, z);
+        if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::rt + kt * 16, N), st, y);
+      }
+      z = mma_split(load_split_a(op + Op::aak, L), load_split_b(&vs[0][0], 16), z);
+      store_tile_acc(&zs[0][0], 16, z);
+      __syncthreads();
+      const TileAcc sa = mma_split(load_split_a(op + Op::inv, L), load_split_b(&zs[0][0], 16), fill_tile_acc(0.f));
+      store_tile_acc(&sas[0][0], 16, sa);
+      if (MODE == kStarts)
+#pragma unroll
+        for (int e = 0; e < kTileAcc; ++e)
+          if (TileAcc::row(e) < k.steps) sc.sa[row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e)] = sa.x[e];
+      __syncthreads();
+      if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::arb, L), load_split_b(&sas[0][0], 16), y);
+    } else if (MODE == kOutputs) {
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt)
+        y = mma_split(load_split_a(op + Op::rt + kt * 16, N), load_split_b_transposed(&S[0][kt * 16], N), y);
+    }
+    if (MODE == kOutputs) {
+      y = mma_split(load_split_a(op + Op::ark, L), load_split_b(&vs[0][0], 16), y);
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e)
+        if (TileAcc::row(e) < k.steps) store<T>(p.y, row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e), y.x[e]);
+    }
+    __syncthreads();  // every lane has read S
+
+    // S = S diag(gamma) + SA^T b^ + V^T k^, one 16 x 16 key tile at a time
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+      TileAcc st = load_tile_acc(&S[0][kt * 16], N);
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= op[Op::gam + kt * 16 + TileAcc::col(e)];
+      if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::bh + kt * 16, N), st);
+      st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::kh + kt * 16, N), st);
+      store_tile_acc(&S[0][kt * 16], N, st);
+    }
+  }
+  __syncthreads();
+  float* final_state = static_cast<float*>(p.final_state);
+  if (MODE == kOutputs && final_state)
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) final_state[state0 + idx] = S[idx / N][idx % N];
+}
+
+// ---- 3. state-grad: dLoss/dstate walking back, grad_v, (WKV-7) the solve's gradient ---------
+template <class T, int V, int N>
+__global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const WkvBackwardProblem p,
+                                                                          const Scratch sc) {
+  using Op = Operands<V, N>;
+  constexpr int KT = N / 16;
+  __shared__ float dS[16][N];  // dLoss/dS for this band's rows, for the state after the chunk
+  __shared__ float dys[L][16];
+  __shared__ float dsas[V == 7 ? L : 1][16], dzs[V == 7 ? L : 1][16];
+  const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
+  const int64_t H = p.H;
+  const float* gs = static_cast<const float*>(p.grad_state);
+  const int64_t state0 = ((int64_t(s) * H + h) * N + i0) * N;
+  for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) dS[idx / N][idx % N] = gs ? gs[state0 + idx] : 0.f;
+
+  const int num_chunks = chunk_of(p, s, 0).num_chunks;
+  for (int c = num_chunks - 1; c >= 0; --c) {
+    const Chunk k = chunk_of(p, s, c);
+    const float* op = sc.chunk_operands + (k.slot * H + h) * Op::size;
+    const int64_t row0 = (k.first * H + h) * N + i0;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
+      sc.state_grads[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = dS[idx / N][idx % N];
+    for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
+      const int t = idx / 16, i = idx % 16;
+      dys[t][i] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
+    }
+    __syncthreads();
+
+    if (V == 7) {
+      // dSA = A_rb^T dY + b^ dS^T;  dZ = (I - A_ab)^-T dSA
+      TileAcc dsa = mma_split(load_split_a_transposed(op + Op::arb, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt)
+        dsa = mma_split(load_split_a(op + Op::bh + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dsa);
+      store_tile_acc(&dsas[0][0], 16, dsa);
+      __syncthreads();
+      const TileAcc dz =
+          mma_split(load_split_a_transposed(op + Op::inv, L), load_split_b(&dsas[0][0], 16), fill_tile_acc(0.f));
+      store_tile_acc(&dzs[0][0], 16, dz);
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e)
+        if (TileAcc::row(e) < k.steps) sc.dsa[row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e)] = dz.x[e];
+      __syncthreads();
+    }
+    // dV = A_rk^T dY + k^ dS^T (+ A_ak^T dZ)
+    TileAcc dv = mma_split(load_split_a_transposed(op + Op::ark, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt)
+      dv = mma_split(load_split_a(op + Op::kh + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dv);
+    if (V == 7) dv = mma_split(load_split_a_transposed(op + Op::aak, L), load_split_b(&dzs[0][0], 16), dv);
+#pragma unroll
+    for (int e = 0; e < kTileAcc; ++e)
+      if (TileAcc::row(e) < k.steps)
+        store<T>(p.grad_v, row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e), dv.x[e]);
+    __syncthreads();  // every lane has read dS
+
+    // dS (for the state before the chunk) = dS diag(gamma) + dY^T r~ (+ dZ^T a~)
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+      TileAcc st = load_tile_acc(&dS[0][kt * 16], N);
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= op[Op::gam + kt * 16 + TileAcc::col(e)];
+      st = mma_split(load_split_a_transposed(&dys[0][0], 16), load_split_b(op + Op::rt + kt * 16, N), st);
+      if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], 16), load_split_b(op + Op::at + kt * 16, N), st);
+      store_tile_acc(&dS[0][kt * 16], N, st);
+    }
+  }
+  __syncthreads();
+  float* grad_s0 = static_cast<float*>(p.grad_initial_state);
+  if (grad_s0)
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) grad_s0[state0 + idx] = dS[idx / N][idx % N];
+}
+
+// ---- 4. grads: r, w, k, a, b (u) of one chunk ------------------------------------------------
+
+// P = X Y^T over the value rows: P[t][s] = sum_i X[t][i] Y[s][i] (X, Y: [L][N] per-step vectors
+// with leading dimension ld, rows past `steps` zero).
+template <int N, class X, class Y>
+__device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld, int steps) {
+  TileAcc acc = fill_tile_acc(0.f);
+#pragma unroll
+  for (int it = 0; it < N / 16; ++it)
+    acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b_transposed(y + it * 16, ld, steps), acc);
+  return acc;
+}
+// P = X M for key tile kt: P[t][j] = sum_i X[t][i] M[i][j] (M: [N][N] row-major state).
+template <int N, class X>
+__device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps, const float* m, int kt) {
+  TileAcc acc = fill_tile_acc(0.f);
+#pragma unroll
+  for (int it = 0; it < N / 16; ++it)
+    acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b(m + it * 16 * N + kt * 16, N), acc);
+  return acc;
+}
+
+template <class T, int V, int N>
+__global__ void __launch_bounds__(kGradWarps* kWarpSize) wkv_chunk_grads_kernel(const WkvBackwardProblem p,
+                                                                              const Scratch sc) {
+  constexpr int THREADS = kGradWarps * kWarpSize;
+  __shared__ float G[L][N];
+  // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined
+  __shared__ float dA[4][L][L];
+  __shared__ float dg_here[L][N];   // parts of dG_t known at (t, j)
+  __shared__ float dg_before[L][N];  // parts of dG_{t-1} known at (t, j)
+  __shared__ float dg_all[L][N];    // parts of dG_{L-1} (they reach every step's dw)
+  __shared__ float dgamma[N];
+  const Chunk k = chunk_at_slot(p, blockIdx.x);
+  if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
+    if (V == 6)
+      for (int j = threadIdx.x; j < N; j += THREADS) sc.grad_u_partial[(int64_t(blockIdx.x) * p.H + blockIdx.y) * N + j] = 0.f;
+    return;
+  }
+  const int h = blockIdx.y, warp = threadIdx.x / kWarpSize;
+  const int64_t H = p.H, ld = H * N, row0 = (k.first * H + h) * N;
+  const int n = k.steps, gy_steps = p.grad_y ? n : 0;
+  const T* gy = static_cast<const T*>(p.grad_y) + (p.grad_y ? row0 : 0);
+  const T* v = static_cast<const T*>(p.v) + row0;
+  const float* sa = V == 7 ? sc.sa + row0 : nullptr;
+  const float* dz = V == 7 ? sc.dsa + row0 : nullptr;
+  const float* S0 = sc.snapshots + (k.slot * H + h) * N * N;     // the state at the chunk start
+  const float* dS1 = sc.state_grads + (k.slot * H + h) * N * N;  // dLoss/d(state after the chunk)
+  cumulative_log_decays<T, N, THREADS>(p, k, h, G);
+  // the decay over the chunk's share of dG_{L-1}: gamma * sum_i S0 dS1
+  for (int j = threadIdx.x; j < N; j += THREADS) {
+    float acc = 0.f;
+    for (int i = 0; i < N; ++i) acc = fmaf(S0[i * N + j], dS1[i * N + j], acc);
+    dgamma[j] = acc * expf(G[L - 1][j]);
+  }
+
+  // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
+  // s < t for the a-rows); WKV-6: dY V^T (s <= t: its diagonal is the bonus's).
+  if (V == 7 || warp == 1) {
+    TileAcc m = warp == 0   ? step_pairs<N>(gy, sa, ld, gy_steps)
+                : warp == 1 ? step_pairs<N>(gy, v, ld, gy_steps)
+                : warp == 2 ? step_pairs<N>(dz, sa, ld, n)
+                            : step_pairs<N>(dz, v, ld, n);
+#pragma unroll
+    for (int e = 0; e < kTileAcc; ++e) {
+      const int t = TileAcc::row(e), s = TileAcc::col(e);
+      dA[warp][t][s] = (warp < 2 ? s <= t : s < t) ? m.x[e] : 0.f;
+    }
+  }
+  __syncthreads();
+
+  const T* r = static_cast<const T*>(p.r) + row0;
+  const T* kk = static_cast<const T*>(p.k) + row0;
+  const T* a = static_cast<const T*>(V == 7 ? p.a : p.r) + row0;
+  const T* b = static_cast<const T*>(V == 7 ? p.b : p.r) + row0;
+  // input x at (step t, key j) of the chunk; 0 on padded steps
+  auto input = [&](const T* x, int t, int j) { return t < n ? to_float(x[int64_t(t) * ld + j]) : 0.f; };
+  for (int kt = warp; kt < N / 16; kt += kGradWarps) {
+    // sums over the value rows: dY S0 and V dS1 (WKV-7 also dZ S0 and SA dS1)
+    const TileAcc dys = times_state<N>(gy, ld, gy_steps, S0, kt), vds = times_state<N>(v, ld, n, dS1, kt);
+    TileAcc dzs, sads;
+    if (V == 7) dzs = times_state<N>(dz, ld, n, S0, kt), sads = times_state<N>(sa, ld, n, dS1, kt);
+#pragma unroll
+    for (int e = 0; e < kTileAcc; ++e) {
+      const int t = TileAcc::row(e), j = kt * 16 + TileAcc::col(e);
+      const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = expf(G[L - 1][j] - g);
+      const float r_t = input(r, t, j), k_t = input(kk, t, j);
+      const int64_t out = int64_t(t) * ld + j;  // (from row0)
+      if (V == 7) {
+        const float a_t = input(a, t, j), b_t = input(b, t, j);
+        // row operands: r_t (E[t, s], s <= t) and a_t (E[t-1, s], s < t)
+        float dr = dys.x[e] * expf(g), da = dzs.x[e] * expf(before);
+        for (int s = 0; s <= t; ++s) {
+          const float bs = input(b, s, j), ks = input(kk, s, j);
+          dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), expf(g - G[s][j]), dr);
+          if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), expf(before - G[s][j]), da);
+        }
+        // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
+        const float db_end = sads.x[e] * to_end, dk_end = vds.x[e] * to_end;
+        float db = db_end, dk = dk_end;
+        for (int q = t; q < L; ++q) {
+          const float rq = input(r, q, j), e_rq = expf(G[q][j] - g);
+          db = fmaf(dA[0][q][t] * rq, e_rq, db);
+          dk = fmaf(dA[1][q][t] * rq, e_rq, dk);
+          if (q > t) {
+            const float aq = input(a, q, j), e_aq = expf(G[q - 1][j] - g);
+            db = fmaf(dA[2][q][t] * aq, e_aq, db);
+            dk = fmaf(dA[3][q][t] * aq, e_aq, dk);
+          }
+        }
+        dg_here[t][j] = dr * r_t - dk * k_t - db * b_t;
+        dg_before[t][j] = da * a_t;
+        dg_all[t][j] = dk_end * k_t + db_end * b_t;
+        if (t < n) {
+          store<T>(p.grad_r, row0 + out, dr);
+          store<T>(p.grad_a, row0 + out, da);
+          store<T>(p.grad_b, row0 + out, db);
+          store<T>(p.grad_k, row0 + out, dk);
+        }
+      } else {
+        // r_t reads E[t-1, s] (s < t), k_t is column t; the bonus (diagonal) carries no decay
+        const float uj = load<T>(p.u, int64_t(h) * N + j), bonus = dA[1][t][t];
+        float dr = dys.x[e] * expf(before);
+        for (int s = 0; s < t; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), expf(before - G[s][j]), dr);
+        const float dk_end = vds.x[e] * to_end;
+        float dk = dk_end;
+        for (int q = t + 1; q < L; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), expf(G[q - 1][j] - g), dk);
+        dg_here[t][j] = -dk * k_t;
+        dg_before[t][j] = dr * r_t;
+        dg_all[t][j] = dk_end * k_t;
+        if (t < n) {
+          store<T>(p.grad_r, row0 + out, fmaf(bonus * uj, k_t, dr));
+          store<T>(p.grad_k, row0 + out, fmaf(bonus * uj, r_t, dk));
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // dw_u = sum_{t >= u} dG_t, with dG_t = here_t + before_{t+1} (+ all of dG_{L-1}'s share)
+  for (int j = threadIdx.x; j < N; j += THREADS) {
+    float acc = dgamma[j];
+    for (int t = 0; t < L; ++t) acc += dg_all[t][j];
+    float du = 0.f;
+    for (int t = L - 1; t >= 0; --t) {
+      acc += dg_here[t][j] + (t + 1 < L ? dg_before[t + 1][j] : 0.f);
+      if (t < n) store<T>(p.grad_w, row0 + int64_t(t) * ld + j, acc);
+      if (V == 6) du = fmaf(dA[1][t][t] * input(r, t, j), input(kk, t, j), du);
+    }
+    if (V == 6) sc.grad_u_partial[(k.slot * H + h) * N + j] = du;
+  }
+}
+
+}  // namespace chunked
+}  // namespace gpu
+}  // namespace arwkv
