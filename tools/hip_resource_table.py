@@ -2,8 +2,10 @@
 kernel, fails (exit 1) if any kernel spills registers or uses scratch memory, and reports
 which kernels miss the occupancy goals on gfx942:
 
-- forward kernels: >= 4 waves per SIMD, LDS <= 32 KB per workgroup;
-- backward kernels (snapshots, state gradient, columns): >= 2 waves per SIMD;
+- step forward kernels: >= 4 waves per SIMD, LDS <= 32 KB per workgroup;
+- step backward kernels (snapshots, state gradient, columns): >= 2 waves per SIMD;
+- chunked kernels (prep, forward, starts, state gradient, grads; their tensor-core tiles live
+  in registers): >= 2 waves per SIMD;
 - the tensor-core tiles' self-test kernel: no occupancy goal (it still must not spill).
 
     python tools/hip_resource_table.py remarks.log [--out table.txt]
@@ -24,12 +26,16 @@ KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/l
         "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
         "LDS Size [bytes/block]": "lds"}
 MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
+CHUNKED = {"prep": "chunk:prep", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
 
 
 def describe(name: str) -> tuple[str, str]:
     """(role, compact name) from a demangled kernel name."""
     name = name.split("(")[0].removeprefix("void ").replace("arwkv::gpu::", "").replace(" ", "")
-    if name.startswith("wkv_columns_kernel"):
+    if name.startswith("chunked::wkv_chunk_"):
+        kind = name.removeprefix("chunked::wkv_chunk_").split("_kernel")[0]
+        role = CHUNKED.get(kind) or ("chunk:forward" if name.endswith(",0>") else "chunk:starts")
+    elif name.startswith("wkv_columns_kernel"):
         role = "bwd:columns"
     elif not name.startswith("wkv_rows_kernel"):
         role = "selftest"  # e.g. tiles::tile_selftest_kernel: no occupancy goal, spills still fail
@@ -69,7 +75,9 @@ def main() -> int:
             problems.append("forward < 4 waves/SIMD")
         if k["role"] == "forward" and k["lds"] > 32 * 1024:
             problems.append("forward LDS > 32 KB")
-        if k["role"] not in ("forward", "selftest") and k["waves"] < 2:
+        if k["role"].startswith("chunk:") and k["waves"] < 2:
+            problems.append("chunked < 2 waves/SIMD")
+        elif k["role"] not in ("forward", "selftest") and k["waves"] < 2:
             problems.append("backward < 2 waves/SIMD")
         k["check"] = "ok" if not problems else "misses: " + ", ".join(problems)
         rows.append(k)
@@ -84,8 +92,8 @@ def main() -> int:
     spilled = [k for k in rows if k["spills"]]
     missed = [k for k in rows if k["check"] != "ok"]
     lines.append(f"gfx942: {len(rows)} kernels; {len(spilled)} spill or use scratch (must be 0); "
-                 f"{len(missed)} miss an occupancy goal (forward >= 4 waves/SIMD and LDS <= 32 KB, "
-                 "backward >= 2 waves/SIMD)")
+                 f"{len(missed)} miss an occupancy goal (step forward >= 4 waves/SIMD and LDS <= 32 KB, "
+                 "step backward and chunked >= 2 waves/SIMD)")
     text = "\n".join(lines)
     print(text)
     if args.out:

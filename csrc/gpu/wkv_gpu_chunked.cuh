@@ -33,7 +33,11 @@ namespace chunked {
 constexpr int L = kChunkSteps;
 static_assert(L == 16, "a chunk is one 16 x 16 tile");
 constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L matrices
-constexpr int kGradWarps = 4;      // grads: one warp / wave per L x L matrix, then per key tile
+// grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
+// over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
+// scalar registers)
+template <int N>
+constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (floats from the slot's start, per
 // head). WKV-6's are a prefix of WKV-7's layout:
@@ -90,18 +94,20 @@ __device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
   return k;
 }
 
-// Loads G[t][j] = w_0 + ... + w_t of the chunk (w = 0 on padded steps) into shared memory.
-template <class T, int N, int THREADS>
-__device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, float (*G)[N]) {
+// Loads G[t][jj] = w_0 + ... + w_t at key j0 + jj, jj < KS, of the chunk (w = 0 on padded steps)
+// into shared memory (every thread of the block takes part).
+template <class T, int N, int KS, int THREADS>
+__device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, int j0,
+                                                      float (*G)[KS]) {
   const int64_t H = p.H;
-  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
-    const int t = idx / N, j = idx % N;
-    G[t][j] = t < k.steps ? load<T>(p.w, ((k.first + t) * H + h) * N + j) : 0.f;
+  for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
+    const int t = idx / KS, jj = idx % KS;
+    G[t][jj] = t < k.steps ? load<T>(p.w, ((k.first + t) * H + h) * N + j0 + jj) : 0.f;
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < N; j += THREADS) {
+  for (int jj = threadIdx.x; jj < KS; jj += THREADS) {
     float acc = 0.f;
-    for (int t = 0; t < L; ++t) G[t][j] = acc += G[t][j];
+    for (int t = 0; t < L; ++t) G[t][jj] = acc += G[t][jj];
   }
   __syncthreads();
 }
@@ -111,78 +117,83 @@ template <class T, int V, int N>
 __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
   using Op = Operands<V, N>;
   constexpr int THREADS = kPrepThreads;
-  __shared__ float G[L][N];
-  __shared__ float xr[L][N], xk[L][N];  // raw inputs of the chunk (0 on padded steps)
-  __shared__ float xa[V == 7 ? L : 1][N], xb[V == 7 ? L : 1][N];
+  constexpr int KS = N < 32 ? N : 32;  // keys staged at a time (bounds the shared memory)
+  __shared__ float G[L][KS];
+  __shared__ float xr[L][KS], xk[L][KS];  // raw inputs of the chunk (0 on padded steps)
+  __shared__ float xa[V == 7 ? L : 1][KS], xb[V == 7 ? L : 1][KS];
   __shared__ float aab[V == 7 ? L : 1][L];
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) return;  // (the whole block)
   const int h = blockIdx.y;
   const int64_t H = p.H;
-  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
-    const int t = idx / N, j = idx % N;
-    const bool real = t < k.steps;
-    const int64_t off = ((k.first + t) * H + h) * N + j;
-    xr[t][j] = real ? load<T>(p.r, off) : 0.f;
-    xk[t][j] = real ? load<T>(p.k, off) : 0.f;
-    if (V == 7) {
-      xa[t][j] = real ? load<T>(p.a, off) : 0.f;
-      xb[t][j] = real ? load<T>(p.b, off) : 0.f;
-    }
-  }
-  cumulative_log_decays<T, N, THREADS>(p, k, h, G);
-
   float* out = sc.chunk_operands + (k.slot * H + h) * Op::size;
-  for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
-    const int t = idx / N, j = idx % N;
-    const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = expf(G[L - 1][j] - g);
-    out[Op::rt + idx] = xr[t][j] * expf(V == 7 ? g : before);
-    out[Op::kh + idx] = xk[t][j] * to_end;
-    if (V == 7) {
-      out[Op::at + idx] = xa[t][j] * expf(before);
-      out[Op::bh + idx] = xb[t][j] * to_end;
+  // thread (t, s) sums M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows; WKV-6's
+  // r-rows: s < t only) over the slabs
+  const int t = threadIdx.x / L, s = threadIdx.x % L;  // kPrepThreads = L * L
+  float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+  for (int j0 = 0; j0 < N; j0 += KS) {
+    __syncthreads();  // the previous slab's readers are done
+    for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
+      const int q = idx / KS, jj = idx % KS;
+      const bool real = q < k.steps;
+      const int64_t off = ((k.first + q) * H + h) * N + j0 + jj;
+      xr[q][jj] = real ? load<T>(p.r, off) : 0.f;
+      xk[q][jj] = real ? load<T>(p.k, off) : 0.f;
+      if (V == 7) {
+        xa[q][jj] = real ? load<T>(p.a, off) : 0.f;
+        xb[q][jj] = real ? load<T>(p.b, off) : 0.f;
+      }
     }
-  }
-  for (int j = threadIdx.x; j < N; j += THREADS) out[Op::gam + j] = expf(G[L - 1][j]);
+    cumulative_log_decays<T, N, KS, THREADS>(p, k, h, j0, G);
 
-  // M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows, WKV-6's r-rows: s < t only)
-  {
-    const int t = threadIdx.x / L, s = threadIdx.x % L;  // kPrepThreads = L * L
-    float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+    // the decayed operands and the decay over the chunk
+    for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
+      const int q = idx / KS, jj = idx % KS;
+      const int64_t at = int64_t(q) * N + j0 + jj;
+      const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = expf(G[L - 1][jj] - g);
+      out[Op::rt + at] = xr[q][jj] * expf(V == 7 ? g : before);
+      out[Op::kh + at] = xk[q][jj] * to_end;
+      if (V == 7) {
+        out[Op::at + at] = xa[q][jj] * expf(before);
+        out[Op::bh + at] = xb[q][jj] * to_end;
+      }
+    }
+    for (int jj = threadIdx.x; jj < KS; jj += THREADS) out[Op::gam + j0 + jj] = expf(G[L - 1][jj]);
+
     if (s <= t) {
-      for (int j = 0; j < N; ++j) {
-        const float e = expf(G[t][j] - G[s][j]);                       // E[t, s]
-        const float ep = s < t ? expf(G[t - 1][j] - G[s][j]) : 0.f;    // E[t-1, s]
+#pragma unroll 4  // (fully unrolled, gfx942 ran out of registers)
+      for (int jj = 0; jj < KS; ++jj) {
+        const float e = expf(G[t][jj] - G[s][jj]);                     // E[t, s]
+        const float ep = s < t ? expf(G[t - 1][jj] - G[s][jj]) : 0.f;  // E[t-1, s]
         if (V == 7) {
-          rb = fmaf(xr[t][j] * xb[s][j], e, rb);
-          rk = fmaf(xr[t][j] * xk[s][j], e, rk);
-          ab = fmaf(xa[t][j] * xb[s][j], ep, ab);
-          ak = fmaf(xa[t][j] * xk[s][j], ep, ak);
+          rb = fmaf(xr[t][jj] * xb[s][jj], e, rb);
+          rk = fmaf(xr[t][jj] * xk[s][jj], e, rk);
+          ab = fmaf(xa[t][jj] * xb[s][jj], ep, ab);
+          ak = fmaf(xa[t][jj] * xk[s][jj], ep, ak);
         } else {  // the bonus on the diagonal, the decayed pairs below it
-          const float f = s < t ? ep : load<T>(p.u, int64_t(h) * N + j);
-          rk = fmaf(xr[t][j] * xk[s][j], f, rk);
+          const float f = s < t ? ep : load<T>(p.u, int64_t(h) * N + j0 + jj);
+          rk = fmaf(xr[t][jj] * xk[s][jj], f, rk);
         }
       }
     }
-    out[Op::ark + threadIdx.x] = rk;
-    if (V == 7) {
-      out[Op::arb + threadIdx.x] = rb;
-      out[Op::aak + threadIdx.x] = ak;
-      aab[t][s] = ab;
-    }
   }
+  out[Op::ark + threadIdx.x] = rk;
   if (V == 7) {
+    out[Op::arb + threadIdx.x] = rb;
+    out[Op::aak + threadIdx.x] = ak;
+    aab[t][s] = ab;
     __syncthreads();
-    // (I - A_ab)^-1, column s by forward substitution: X[t] = [t == s] + sum_{u < t} A_ab[t][u] X[u]
+    // (I - A_ab)^-1, column c by forward substitution: X[q] = [q == c] + sum_{u < q} A_ab[q][u] X[u]
     if (threadIdx.x < L) {
-      const int s = threadIdx.x;
+      const int c = threadIdx.x;
       float x[L];
 #pragma unroll
-      for (int t = 0; t < L; ++t) {
-        float acc = t == s ? 1.f : 0.f;
-        for (int u = s; u < t; ++u) acc = fmaf(aab[t][u], x[u], acc);
-        x[t] = t < s ? 0.f : acc;
-        out[Op::inv + t * L + s] = x[t];
+      for (int q = 0; q < L; ++q) {
+        float acc = q == c ? 1.f : 0.f;
+#pragma unroll
+        for (int u = 0; u < q; ++u) acc = fmaf(aab[q][u], x[u], acc);  // (x[u] = 0 for u < c)
+        x[q] = q < c ? 0.f : acc;
+        out[Op::inv + q * L + c] = x[q];
       }
     }
   }
@@ -352,7 +363,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
 template <int N, class X, class Y>
 __device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld, int steps) {
   TileAcc acc = fill_tile_acc(0.f);
-#pragma unroll
+#pragma unroll 1  // (unrolled, the loads of all tiles are hoisted: the grads kernel spilled at N = 128)
   for (int it = 0; it < N / 16; ++it)
     acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b_transposed(y + it * 16, ld, steps), acc);
   return acc;
@@ -361,30 +372,31 @@ __device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld
 template <int N, class X>
 __device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps, const float* m, int kt) {
   TileAcc acc = fill_tile_acc(0.f);
-#pragma unroll
+#pragma unroll 1
   for (int it = 0; it < N / 16; ++it)
     acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b(m + it * 16 * N + kt * 16, N), acc);
   return acc;
 }
 
 template <class T, int V, int N>
-__global__ void __launch_bounds__(kGradWarps* kWarpSize) wkv_chunk_grads_kernel(const WkvBackwardProblem p,
-                                                                              const Scratch sc) {
-  constexpr int THREADS = kGradWarps * kWarpSize;
+__global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_kernel(const WkvBackwardProblem p,
+                                                                                   const Scratch sc) {
+  constexpr int WARPS = grad_warps<N>(), THREADS = WARPS * kWarpSize, KT = N / 16;
   __shared__ float G[L][N];
   // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined
   __shared__ float dA[4][L][L];
-  __shared__ float dg_here[L][N];   // parts of dG_t known at (t, j)
-  __shared__ float dg_before[L][N];  // parts of dG_{t-1} known at (t, j)
-  __shared__ float dg_all[L][N];    // parts of dG_{L-1} (they reach every step's dw)
-  __shared__ float dgamma[N];
+  // per warp, for its key tile: first the four products over the value rows, then (each lane
+  // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
+  // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
+  // no register arrays, which unrolled made gfx942 spill scalar registers.)
+  __shared__ float wt[WARPS][4][L][16];
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
     if (V == 6)
       for (int j = threadIdx.x; j < N; j += THREADS) sc.grad_u_partial[(int64_t(blockIdx.x) * p.H + blockIdx.y) * N + j] = 0.f;
     return;
   }
-  const int h = blockIdx.y, warp = threadIdx.x / kWarpSize;
+  const int h = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t H = p.H, ld = H * N, row0 = (k.first * H + h) * N;
   const int n = k.steps, gy_steps = p.grad_y ? n : 0;
   const T* gy = static_cast<const T*>(p.grad_y) + (p.grad_y ? row0 : 0);
@@ -393,17 +405,11 @@ __global__ void __launch_bounds__(kGradWarps* kWarpSize) wkv_chunk_grads_kernel(
   const float* dz = V == 7 ? sc.dsa + row0 : nullptr;
   const float* S0 = sc.snapshots + (k.slot * H + h) * N * N;     // the state at the chunk start
   const float* dS1 = sc.state_grads + (k.slot * H + h) * N * N;  // dLoss/d(state after the chunk)
-  cumulative_log_decays<T, N, THREADS>(p, k, h, G);
-  // the decay over the chunk's share of dG_{L-1}: gamma * sum_i S0 dS1
-  for (int j = threadIdx.x; j < N; j += THREADS) {
-    float acc = 0.f;
-    for (int i = 0; i < N; ++i) acc = fmaf(S0[i * N + j], dS1[i * N + j], acc);
-    dgamma[j] = acc * expf(G[L - 1][j]);
-  }
+  cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, G);
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
   // s < t for the a-rows); WKV-6: dY V^T (s <= t: its diagonal is the bonus's).
-  if (V == 7 || warp == 1) {
+  if (V == 7 ? warp < 4 : warp == 1) {
     TileAcc m = warp == 0   ? step_pairs<N>(gy, sa, ld, gy_steps)
                 : warp == 1 ? step_pairs<N>(gy, v, ld, gy_steps)
                 : warp == 2 ? step_pairs<N>(dz, sa, ld, n)
@@ -420,32 +426,46 @@ __global__ void __launch_bounds__(kGradWarps* kWarpSize) wkv_chunk_grads_kernel(
   const T* kk = static_cast<const T*>(p.k) + row0;
   const T* a = static_cast<const T*>(V == 7 ? p.a : p.r) + row0;
   const T* b = static_cast<const T*>(V == 7 ? p.b : p.r) + row0;
-  // input x at (step t, key j) of the chunk; 0 on padded steps
-  auto input = [&](const T* x, int t, int j) { return t < n ? to_float(x[int64_t(t) * ld + j]) : 0.f; };
-  for (int kt = warp; kt < N / 16; kt += kGradWarps) {
+  // input x at (step t, key j) of the chunk, for t < n (padded steps have zero inputs, so the
+  // loops below stop at n rather than test each step)
+  auto input = [&](const T* x, int t, int j) { return to_float(x[int64_t(t) * ld + j]); };
+  float(*here)[16] = wt[warp][0];     // dY S0 first
+  float(*all)[16] = wt[warp][1];      // V dS1 first
+  float(*before_)[16] = wt[warp][2];  // dZ S0 first (WKV-7)
+  const float(*sads)[16] = wt[warp][3];  // SA dS1 (WKV-7)
+  // this warp's key tile, if it has one
+  const int kt = warp;
+  if (kt < KT) {
     // sums over the value rows: dY S0 and V dS1 (WKV-7 also dZ S0 and SA dS1)
-    const TileAcc dys = times_state<N>(gy, ld, gy_steps, S0, kt), vds = times_state<N>(v, ld, n, dS1, kt);
-    TileAcc dzs, sads;
-    if (V == 7) dzs = times_state<N>(dz, ld, n, S0, kt), sads = times_state<N>(sa, ld, n, dS1, kt);
-#pragma unroll
-    for (int e = 0; e < kTileAcc; ++e) {
-      const int t = TileAcc::row(e), j = kt * 16 + TileAcc::col(e);
+    store_tile_acc(&here[0][0], 16, times_state<N>(gy, ld, gy_steps, S0, kt));
+    store_tile_acc(&all[0][0], 16, times_state<N>(v, ld, n, dS1, kt));
+    if (V == 7) {
+      store_tile_acc(&before_[0][0], 16, times_state<N>(dz, ld, n, S0, kt));
+      store_tile_acc(&wt[warp][3][0][0], 16, times_state<N>(sa, ld, n, dS1, kt));
+    }
+#pragma unroll 1
+    for (int e = 0; e < kTileAcc; ++e) {  // this lane's elements of the tile
+      const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
       const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = expf(G[L - 1][j] - g);
-      const float r_t = input(r, t, j), k_t = input(kk, t, j);
-      const int64_t out = int64_t(t) * ld + j;  // (from row0)
+      const bool real = t < n;
+      const float r_t = real ? input(r, t, j) : 0.f, k_t = real ? input(kk, t, j) : 0.f;
+      const int64_t out = row0 + int64_t(t) * ld + j;
+      const float dys = here[t][c], vds = all[t][c];
       if (V == 7) {
-        const float a_t = input(a, t, j), b_t = input(b, t, j);
+        const float a_t = real ? input(a, t, j) : 0.f, b_t = real ? input(b, t, j) : 0.f;
         // row operands: r_t (E[t, s], s <= t) and a_t (E[t-1, s], s < t)
-        float dr = dys.x[e] * expf(g), da = dzs.x[e] * expf(before);
-        for (int s = 0; s <= t; ++s) {
+        float dr = dys * expf(g), da = before_[t][c] * expf(before);
+#pragma unroll 1
+        for (int s = 0; s <= t && s < n; ++s) {
           const float bs = input(b, s, j), ks = input(kk, s, j);
           dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), expf(g - G[s][j]), dr);
           if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), expf(before - G[s][j]), da);
         }
         // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
-        const float db_end = sads.x[e] * to_end, dk_end = vds.x[e] * to_end;
+        const float db_end = sads[t][c] * to_end, dk_end = vds * to_end;
         float db = db_end, dk = dk_end;
-        for (int q = t; q < L; ++q) {
+#pragma unroll 1
+        for (int q = t; q < n; ++q) {
           const float rq = input(r, q, j), e_rq = expf(G[q][j] - g);
           db = fmaf(dA[0][q][t] * rq, e_rq, db);
           dk = fmaf(dA[1][q][t] * rq, e_rq, dk);
@@ -455,44 +475,52 @@ __global__ void __launch_bounds__(kGradWarps* kWarpSize) wkv_chunk_grads_kernel(
             dk = fmaf(dA[3][q][t] * aq, e_aq, dk);
           }
         }
-        dg_here[t][j] = dr * r_t - dk * k_t - db * b_t;
-        dg_before[t][j] = da * a_t;
-        dg_all[t][j] = dk_end * k_t + db_end * b_t;
+        here[t][c] = dr * r_t - dk * k_t - db * b_t;
+        before_[t][c] = da * a_t;
+        all[t][c] = dk_end * k_t + db_end * b_t;
         if (t < n) {
-          store<T>(p.grad_r, row0 + out, dr);
-          store<T>(p.grad_a, row0 + out, da);
-          store<T>(p.grad_b, row0 + out, db);
-          store<T>(p.grad_k, row0 + out, dk);
+          store<T>(p.grad_r, out, dr);
+          store<T>(p.grad_a, out, da);
+          store<T>(p.grad_b, out, db);
+          store<T>(p.grad_k, out, dk);
         }
       } else {
         // r_t reads E[t-1, s] (s < t), k_t is column t; the bonus (diagonal) carries no decay
         const float uj = load<T>(p.u, int64_t(h) * N + j), bonus = dA[1][t][t];
-        float dr = dys.x[e] * expf(before);
-        for (int s = 0; s < t; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), expf(before - G[s][j]), dr);
-        const float dk_end = vds.x[e] * to_end;
+        float dr = dys * expf(before);
+#pragma unroll 1
+        for (int s = 0; s < t && s < n; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), expf(before - G[s][j]), dr);
+        const float dk_end = vds * to_end;
         float dk = dk_end;
-        for (int q = t + 1; q < L; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), expf(G[q - 1][j] - g), dk);
-        dg_here[t][j] = -dk * k_t;
-        dg_before[t][j] = dr * r_t;
-        dg_all[t][j] = dk_end * k_t;
+#pragma unroll 1
+        for (int q = t + 1; q < n; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), expf(G[q - 1][j] - g), dk);
+        here[t][c] = -dk * k_t;
+        before_[t][c] = dr * r_t;
+        all[t][c] = dk_end * k_t;
         if (t < n) {
-          store<T>(p.grad_r, row0 + out, fmaf(bonus * uj, k_t, dr));
-          store<T>(p.grad_k, row0 + out, fmaf(bonus * uj, r_t, dk));
+          store<T>(p.grad_r, out, fmaf(bonus * uj, k_t, dr));
+          store<T>(p.grad_k, out, fmaf(bonus * uj, r_t, dk));
         }
       }
     }
   }
   __syncthreads();
-
-  // dw_u = sum_{t >= u} dG_t, with dG_t = here_t + before_{t+1} (+ all of dG_{L-1}'s share)
-  for (int j = threadIdx.x; j < N; j += THREADS) {
-    float acc = dgamma[j];
-    for (int t = 0; t < L; ++t) acc += dg_all[t][j];
+  // dw_u = sum_{t >= u} dG_t, dG_t = here_t + before_{t+1} (+ all of the shares of dG_{L-1},
+  // and the decay over the chunk's: gamma * sum_i S0 dS1), one key per lane
+  if (kt < KT && lane < 16) {
+    const int j = kt * 16 + lane;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < N; ++i) acc = fmaf(S0[i * N + j], dS1[i * N + j], acc);
+    acc *= expf(G[L - 1][j]);
+    for (int t = 0; t < L; ++t) acc += all[t][lane];
     float du = 0.f;
     for (int t = L - 1; t >= 0; --t) {
-      acc += dg_here[t][j] + (t + 1 < L ? dg_before[t + 1][j] : 0.f);
-      if (t < n) store<T>(p.grad_w, row0 + int64_t(t) * ld + j, acc);
-      if (V == 6) du = fmaf(dA[1][t][t] * input(r, t, j), input(kk, t, j), du);
+      acc += here[t][lane] + (t + 1 < L ? before_[t + 1][lane] : 0.f);
+      if (t < n) {
+        store<T>(p.grad_w, row0 + int64_t(t) * ld + j, acc);
+        if (V == 6) du = fmaf(dA[1][t][t] * input(r, t, j), input(kk, t, j), du);
+      }
     }
     if (V == 6) sc.grad_u_partial[(k.slot * H + h) * N + j] = du;
   }

@@ -619,7 +619,7 @@ LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Dev
   }
   if (s.ok()) {
     const auto grads = wkv_chunk_grads_kernel<T, V, N>;
-    ARWKV_LAUNCH(grads, per_chunk, kGradWarps * kWarpSize, stream, p, sc);
+    ARWKV_LAUNCH(grads, per_chunk, grad_warps<N>() * kWarpSize, stream, p, sc);
     s = launch_status<T, N>(chunk_kernel_name<V>(4));
   }
   return s;
