@@ -72,10 +72,21 @@ def cpu_algorithm(op: str = "wkv7", direction: str = "forward") -> str:
     return _C.cpu_algorithm(7 if op == "wkv7" else 6, direction)
 
 
+def gpu_algorithm() -> str:
+    """The algorithm the GPU kernels use now: ``step``, or ``chunked`` (matrix form on tensor
+    cores, 16 steps at a time).
+
+    Set by the environment variable ``ARWKV_GPU_ALGORITHM`` (``auto``, ``step``, ``chunked``),
+    read at every call; ``auto`` (the default) is ``step`` until a GPU measurement of the chunked
+    kernels is saved. Answers on any build, with or without GPU kernels.
+    """
+    return _C.gpu_algorithm()
+
+
 def cpu_isas_supported() -> list[str]:
     """The instruction sets compiled into this build that this CPU can run."""
     return _C.cpu_isas_supported()
 
 
-__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_algorithm", "cpu_isas_supported", "build_info",
-           "HEAD_SIZES"]
+__all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_algorithm", "gpu_algorithm", "cpu_isas_supported",
+           "build_info", "HEAD_SIZES"]

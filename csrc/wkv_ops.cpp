@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/wkv_cpu.h"
+#include "wkv_backends.h"
 #include "wkv_problem.h"
 
 namespace arwkv {
@@ -66,6 +67,16 @@ static PyObject* arwkv_cpu_algorithm(PyObject*, PyObject* args) {
   return nullptr;
 }
 
+// The GPU algorithm (ARWKV_GPU_ALGORITHM) a call on a GPU uses now: "step" or "chunked".
+static PyObject* arwkv_gpu_algorithm(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(arwkv::gpu_algorithm());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  }
+  return nullptr;
+}
+
 static PyObject* arwkv_cpu_isas_supported(PyObject*, PyObject*) {
   using arwkv::cpu::Isa;
   PyObject* out = PyList_New(0);
@@ -107,6 +118,8 @@ static PyMethodDef kMethods[] = {
     {"cpu_algorithm", arwkv_cpu_algorithm, METH_VARARGS,
      "cpu_algorithm(version=7, direction='forward'): the algorithm (step or chunked) the CPU kernels "
      "use now for such a call of segments longer than 4 steps (ARWKV_CPU_ALGORITHM overrides)."},
+    {"gpu_algorithm", arwkv_gpu_algorithm, METH_NOARGS,
+     "gpu_algorithm(): the algorithm (step or chunked) the GPU kernels use now (ARWKV_GPU_ALGORITHM)."},
     {"cpu_isas_supported", arwkv_cpu_isas_supported, METH_NOARGS,
      "Instruction sets compiled into this build that this CPU can run."},
     {"gpu_tile_selftest", arwkv_gpu_tile_selftest, METH_NOARGS,

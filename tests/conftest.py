@@ -3,7 +3,7 @@ import os
 import pytest
 from hypothesis import settings
 
-from fixtures import CPU_ALGORITHMS
+from fixtures import CPU_ALGORITHMS, GPU_ALGORITHMS
 
 # Reproducible and bounded in CI; `HYPOTHESIS_PROFILE=dev` explores more.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
@@ -16,4 +16,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(params=CPU_ALGORITHMS)
 def cpu_algorithm(request, monkeypatch) -> str:
     monkeypatch.setenv("ARWKV_CPU_ALGORITHM", request.param)
+    return request.param
+
+
+# The same for the GPU kernels (ARWKV_GPU_ALGORITHM); without it, a test runs the default (step).
+@pytest.fixture(params=GPU_ALGORITHMS)
+def gpu_algorithm(request, monkeypatch) -> str:
+    monkeypatch.setenv("ARWKV_GPU_ALGORITHM", request.param)
     return request.param

@@ -37,6 +37,7 @@ NEEDS_GPU = [
 ]
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_GPU)]
 CPU_ALGORITHMS = ["step", "chunked"]  # ARWKV_CPU_ALGORITHM: the CPU kernels' two algorithms
+GPU_ALGORITHMS = ["step", "chunked"]  # ARWKV_GPU_ALGORITHM: the GPU kernels' two algorithms
 
 
 def on(device, xs):

@@ -11,7 +11,17 @@ import torch
 
 import arwkv_ext
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
-from fixtures import CPU_ALGORITHMS, DEVICES, OP_NAMES, OPS, REFERENCES, flat, on, output_names
+from fixtures import (
+    CPU_ALGORITHMS,
+    DEVICES,
+    GPU_ALGORITHMS,
+    OP_NAMES,
+    OPS,
+    REFERENCES,
+    flat,
+    on,
+    output_names,
+)
 
 
 def sample_args(op: str, B=1, T=7, H=2, N=16, dtype=torch.float32, state=True, packed=False,
@@ -32,12 +42,12 @@ def differentiable(args) -> list[torch.Tensor]:
 
 
 def check_each_algorithm(device, run, want, names, tol) -> None:
-    """run() (y, state, grads) against want, finite and within tol: on the CPU once per CPU
-    algorithm, on a GPU once."""
-    for algorithm in CPU_ALGORITHMS if device == "cpu" else ["gpu"]:
+    """run() (y, state, grads) against want, finite and within tol, once per algorithm of the
+    device's kernels (ARWKV_CPU_ALGORITHM or ARWKV_GPU_ALGORITHM)."""
+    variable = "ARWKV_CPU_ALGORITHM" if device == "cpu" else "ARWKV_GPU_ALGORITHM"
+    for algorithm in CPU_ALGORITHMS if device == "cpu" else GPU_ALGORITHMS:
         with pytest.MonkeyPatch.context() as env:
-            if device == "cpu":
-                env.setenv("ARWKV_CPU_ALGORITHM", algorithm)
+            env.setenv(variable, algorithm)
             got = run()
         for name, a, b in zip(names, flat(got), flat(want), strict=True):
             assert torch.isfinite(a).all(), f"{algorithm} {name}"
@@ -161,9 +171,17 @@ def test_empty_sequence(op):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_decode_steps_equal_one_pass(op, device):
+def test_decode_steps_equal_one_pass(op, device, monkeypatch):
     """T = 1 steps carrying the state reproduce one pass over the sequence (2 heads on the CPU,
-    3 on a GPU)."""
+    3 on a GPU, where the pass uses each algorithm)."""
+    for algorithm in [None] if device == "cpu" else GPU_ALGORITHMS:
+        if algorithm:
+            monkeypatch.setenv("ARWKV_GPU_ALGORITHM", algorithm)
+        # (chunked: split-bf16 tensor-core products, each term to ~2^-16)
+        check_decode_steps(op, device, 1e-4 if algorithm == "chunked" else 1e-5)
+
+
+def check_decode_steps(op, device, tol: float) -> None:
     xs = on(device, make_inputs(op, 2, 12, 2 if device == "cpu" else 3, 64, seed=4))
     y_full, s_full = OPS[op](*xs)
     state, ys = None, []
@@ -171,8 +189,8 @@ def test_decode_steps_equal_one_pass(op, device):
         step = [x[:, t:t + 1] if x.dim() == 4 else x for x in xs]
         y, state = OPS[op](*step, state)
         ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, s_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=tol, atol=tol)
+    torch.testing.assert_close(state, s_full, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
@@ -214,6 +232,18 @@ def test_algorithm_selection(monkeypatch):
         assert {arwkv_ext.cpu_algorithm(op, d) for op in OP_NAMES for d in ("forward", "backward")} == {name}
     with pytest.raises(ValueError, match="direction must be"):
         arwkv_ext.cpu_algorithm("wkv7", "sideways")
+
+
+def test_gpu_algorithm_selection(monkeypatch):
+    """ARWKV_GPU_ALGORITHM as the GPU backend reads it (answered on any build)."""
+    monkeypatch.delenv("ARWKV_GPU_ALGORITHM", raising=False)
+    assert arwkv_ext.gpu_algorithm() == "step"  # opt-in until measured on a GPU
+    for value, want in [("auto", "step"), ("step", "step"), ("chunked", "chunked")]:
+        monkeypatch.setenv("ARWKV_GPU_ALGORITHM", value)
+        assert arwkv_ext.gpu_algorithm() == want
+    monkeypatch.setenv("ARWKV_GPU_ALGORITHM", "fast")
+    with pytest.raises(ValueError, match="ARWKV_GPU_ALGORITHM=fast is not one of auto, step, chunked"):
+        arwkv_ext.gpu_algorithm()
 
 
 @pytest.mark.parametrize("op", OP_NAMES)

@@ -6,7 +6,6 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -23,20 +22,9 @@ std::string tile_selftest_report(const float* out);
 
 namespace {
 
-// ARWKV_GPU_ALGORITHM: step, chunked or auto (read per call, like ARWKV_CPU_ALGORITHM). auto is
-// the step kernels: no GPU measurement of the chunked ones has been saved yet, so they are opt-in.
-gpu::Algorithm gpu_algorithm() {
-  const char* forced = std::getenv("ARWKV_GPU_ALGORITHM");
-  if (!forced || !*forced || std::strcmp(forced, "auto") == 0 || std::strcmp(forced, "step") == 0)
-    return gpu::Algorithm::step;
-  TORCH_CHECK(std::strcmp(forced, "chunked") == 0, "ARWKV_GPU_ALGORITHM=", forced,
-              " is not one of auto, step, chunked");
-  return gpu::Algorithm::chunked;
-}
-
 gpu::Device current_device() {
   return {at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream(),
-          gpu_algorithm()};
+          std::strcmp(gpu_algorithm(), "chunked") == 0 ? gpu::Algorithm::chunked : gpu::Algorithm::step};
 }
 
 void check_launch(const char* op, const gpu::LaunchStatus& status) {
