@@ -16,12 +16,13 @@ float64 reference. The reference is timed on the first --ref-steps steps (defaul
 scaled linearly to T: running it whole at (4, 2048, 32, 64) needs over 20 GB, and its cost per
 step only grows with T (autograd keeps every step's tensors), so the scaling flatters it.
 
-On the CPU both algorithms of the kernels, and the automatic choice that is the default, are
-timed (--algorithms step,chunked,auto: the ARWKV_CPU_ALGORITHM switch), each as its own row, and
-the table ends with the chunked/step and auto/step ratios the kernels are judged by:
-forward+backward speed-up, the forward's share of torch.mm (counted at the step algorithm's
-flop count, 8 N^2 per token and head, for all) and backward/forward. The GPU kernels have one
-algorithm (step), so --algorithms does not apply there.
+Both algorithms of the kernels, and on the CPU the automatic choice that is the default, are
+timed (--algorithms, default step,chunked,auto on the CPU and step,chunked on a GPU: the
+ARWKV_CPU_ALGORITHM / ARWKV_GPU_ALGORITHM switches), each as its own row, and the table ends
+with the chunked/step and auto/step ratios the kernels are judged by: forward+backward speed-up,
+the forward's share of torch.mm (counted at the step algorithm's flop count, 8 N^2 per token and
+head, for all) and backward/forward; on a GPU also each algorithm's forward+backward against
+fla.chunk_rwkv7 / chunk_rwkv6 when they ran.
 
 Peers (GPU only, when importable): flash-linear-attention's chunk_rwkv7, fused_recurrent_rwkv7
 and chunk_rwkv6, called with scale=1.0 and their state transposed back to this project's
@@ -156,9 +157,13 @@ def peak_gb(device: str, fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-def cpu_algorithm(name: str | None):
-    """ARWKV_CPU_ALGORITHM=name while the block runs (None: leave it as it is)."""
-    return contextlib.nullcontext() if name is None else mock.patch.dict(os.environ, ARWKV_CPU_ALGORITHM=name)
+def algorithm(device: str, name: str | None):
+    """ARWKV_CPU_ALGORITHM (or, on a GPU, ARWKV_GPU_ALGORITHM) = name while the block runs (None:
+    leave it as it is)."""
+    if name is None:
+        return contextlib.nullcontext()
+    variable = "ARWKV_CPU_ALGORITHM" if device == "cpu" else "ARWKV_GPU_ALGORITHM"
+    return mock.patch.dict(os.environ, {variable: name})
 
 
 def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, repeat: int,
@@ -181,7 +186,7 @@ def bench_one(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype, dev
         impls += [(name, impl, None) for name, impl in fla_peers(op).items()]
     rows = []
     for name, impl, alg in impls:
-        with cpu_algorithm(alg):
+        with algorithm(device, alg):
             with torch.no_grad():
                 t_fwd = timed(lambda impl=impl: impl(*inputs), device, repeat)
             if impl is fn:
@@ -216,6 +221,13 @@ def print_algorithm_ratios(rows: list[dict]) -> None:
               f"{step['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x faster than step; forward at "
               f"{row['fwd_vs_mm']:.0%} of torch.mm (step {step['fwd_vs_mm']:.0%}); backward "
               f"{row['bwd_vs_fwd']:.2f}x the forward (step {step['bwd_vs_fwd']:.2f}x)")
+    for (op, B, T, H, N, impl), row in by_key.items():  # GPU: against fla's chunked kernel
+        peer = by_key.get((op, B, T, H, N, f"fla.chunk_rwkv{op[-1]}"))
+        if peer is None or not impl.startswith("arwkv"):
+            continue
+        print(f"{op} ({B}, {T}, {H}, {N}) {impl}: fwd+bwd {row['fwd_bwd_ms']:.2f} ms, "
+              f"{peer['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}x faster than fla.chunk_rwkv{op[-1]} "
+              f"({peer['fwd_bwd_ms']:.2f} ms)")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -254,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 1024 on CPU, 256 on GPU)")
     p.add_argument("--err-steps", type=int, help="steps compared with the float64 reference "
                    "(default 256 on CPU, 32 on GPU: the float64 reference runs on the CPU)")
-    p.add_argument("--algorithms", default="step,chunked,auto",
-                   help="CPU: comma-separated algorithms of the kernels to time: step, chunked, auto")
+    p.add_argument("--algorithms", help="comma-separated algorithms of the kernels to time: step, chunked, "
+                   "auto (default step,chunked,auto on CPU, step,chunked on GPU, where auto is step)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -266,11 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown op(s) {unknown}; expected wkv7 and/or wkv6")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    args.algorithms = args.algorithms or ("step,chunked" if args.device == "cuda" else "step,chunked,auto")
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not algorithms or any(a not in ("step", "chunked", "auto") for a in algorithms):
         p.error(f"--algorithms {args.algorithms!r}: expected some of step, chunked, auto")
-    if args.device == "cuda":
-        algorithms = [None]  # the GPU kernels' one algorithm
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"

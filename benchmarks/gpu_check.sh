@@ -5,13 +5,15 @@
 #   build     arwkv in place for the GPU at hand; ptxas table       -> build.log, ptxas.txt
 #   selftest  arwkv_ext._C.gpu_tile_selftest(): the tensor-core fragment layouts on the device
 #                                                                   -> selftest.txt
-#   kernels   device time of each kernel of one forward and backward (gpu_kernel_times.py)
-#                                                                   -> kernel-times.txt
-#   bench     bench_wkv.py --device cuda, arwkv alone; then, when flash-linear-attention is
+#   kernels   device time of each kernel of one forward and backward, step and chunked
+#             algorithms (gpu_kernel_times.py)                      -> kernel-times.txt
+#   bench     bench_wkv.py --device cuda, arwkv alone (step and chunked, ARWKV_GPU_ALGORITHM);
+#             then, when flash-linear-attention is
 #             importable (carry its wheel, fla-core, in .whl/), fla's kernels compiled and
 #             autotuned in an untimed warm-up, and the headline shape timed against them
 #                                                                   -> bench.*, fla-warmup.txt, bench-fla.*
-#   tests     the GPU test grid and the device-parametrised tests   -> tests.log
+#   tests     the GPU test grid and the device-parametrised tests, the chunked kernels' cases
+#             first (never run on a GPU before), then the rest        -> tests.log
 #   decode    launches and time per call of a T = 1 step            -> decode.txt
 #   demo      `arwkv demo --device cuda` with its defaults          -> demo.log, demo/report.*
 #   distill   2 steps each of `arwkv distill` stages 1 and 2 on a tiny teacher built here (bf16
@@ -24,14 +26,14 @@
 # to 12 minutes on an H100, and GPU_CHECK_BUDGET (default 720) caps the whole run: a stage gets
 # at most what is left of it, and none starts with less than 10 s left.
 #   MACHINE_TIMEOUT 20 | BUILD_TIMEOUT 180 | SELFTEST_TIMEOUT 30 | KERNELS_TIMEOUT 60 |
-#   BENCH_TIMEOUT 150 | TEST_TIMEOUT 100 | DECODE_TIMEOUT 30 | DEMO_TIMEOUT 100 | DISTILL_TIMEOUT 50
+#   BENCH_TIMEOUT 180 | TEST_TIMEOUT 100 | DECODE_TIMEOUT 30 | DEMO_TIMEOUT 80 | DISTILL_TIMEOUT 40
 #   = 720 s
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 #   bash benchmarks/gpu_check.sh                              # everything
 #   STAGES="build selftest bench" bash benchmarks/gpu_check.sh
 # Other settings: PYTHON, TORCH_CUDA_ARCH_LIST, MAX_JOBS, TEST_WORKERS, FLA_SHAPES (bench's shapes
-# against fla, default 8,4096,64,64), DEMO_DEVICE / DEMO_ARGS, DISTILL_DEVICE / DISTILL_ARGS, WORK
+# against fla, default "8,4096,64,64;1,32768,32,128": the two targets), DEMO_DEVICE / DEMO_ARGS, DISTILL_DEVICE / DISTILL_ARGS, WORK
 # (the demo's and distillation's models and checkpoints, kept out of $OUT). A dry run of the
 # last two stages on a CPU: STAGES="demo distill" DEMO_DEVICE=cpu DEMO_ARGS=--quick DISTILL_DEVICE=cpu.
 set -uo pipefail
@@ -170,11 +172,11 @@ fi
 # long each first call took); Triton keeps the compiled kernels on disk, and the autotuning
 # choices too where its version supports that (FLA_CACHE_RESULTS, TRITON_CACHE_AUTOTUNING), so
 # the timed process that follows finds them ready.
-if has bench && begin bench "${BENCH_TIMEOUT:-150}"; then
+if has bench && begin bench "${BENCH_TIMEOUT:-180}"; then
   : > "$OUT/bench.txt"
   limited "$LIMIT" "$OUT/bench.txt" "$PY" benchmarks/bench_wkv.py --device cuda --no-peers --json "$OUT/bench.json"
   rc=$?
-  fla_shapes=${FLA_SHAPES:-8,4096,64,64}
+  fla_shapes=${FLA_SHAPES:-"8,4096,64,64;1,32768,32,128"}
   left=$((START + LIMIT - SECONDS))
   if ! "$PY" -c "import fla" >/dev/null 2>&1; then
     echo "flash-linear-attention is not importable (carry fla-core in .whl/): no comparison" | tee -a "$OUT/bench.txt"
@@ -227,9 +229,17 @@ fi
 
 # ---- tests: the GPU grid, and the device-parametrised long-sequence and decode tests of test_ops.py
 if has tests && begin tests "${TEST_TIMEOUT:-100}"; then
-  timeout -k 10 "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
-    tests/test_gpu.py tests/test_ops.py -k "test_gpu or cuda" > "$OUT/tests.log" 2>&1
-  rc=$?
+  : > "$OUT/tests.log"
+  for subset in "chunked" "not chunked"; do  # (test ids name the algorithm: [...-chunked])
+    left=$((START + LIMIT - SECONDS))
+    if ((left < 10)); then echo "no time left for the '$subset' tests" | tee -a "$OUT/tests.log"; rc=124; break; fi
+    echo "== tests: $subset" >> "$OUT/tests.log"
+    timeout -k 10 "$left" "$PY" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+      tests/test_gpu.py tests/test_ops.py -k "(test_gpu or cuda) and $subset" >> "$OUT/tests.log" 2>&1
+    rc=$?
+    ((rc == 0 || rc == 5)) || break  # (5: no test selected)
+  done
+  ((rc == 5)) && rc=0
   tail -25 "$OUT/tests.log"
   record tests $rc "$START" "$LIMIT"
 fi
@@ -264,7 +274,7 @@ fi
 
 # ---- demo: the whole pipeline (convert, stages 1-2 under bf16 autocast, eval, decoding, samples)
 # with the demo's defaults on the GPU; its models stay in $WORK, its report comes to $OUT/demo
-if has demo && begin demo "${DEMO_TIMEOUT:-100}"; then
+if has demo && begin demo "${DEMO_TIMEOUT:-80}"; then
   : > "$OUT/demo.log"
   # shellcheck disable=SC2086  # DEMO_ARGS is a list of flags
   limited "$LIMIT" "$OUT/demo.log" "$PY" -m arwkv.cli demo --device "${DEMO_DEVICE:-cuda}" \
@@ -281,7 +291,7 @@ if has demo && begin demo "${DEMO_TIMEOUT:-100}"; then
 fi
 
 # ---- distill: `arwkv distill` stages 1 and 2 (2 steps each) and eval on a tiny local teacher
-if has distill && begin distill "${DISTILL_TIMEOUT:-50}"; then
+if has distill && begin distill "${DISTILL_TIMEOUT:-40}"; then
   : > "$OUT/distill.log"
   # shellcheck disable=SC2086  # DISTILL_ARGS is a list of flags
   limited "$LIMIT" "$OUT/distill.log" "$PY" benchmarks/gpu_distill_check.py --device "${DISTILL_DEVICE:-cuda}" \

@@ -1,6 +1,7 @@
 """Device time of each kernel launched by one forward and one backward of the WKV ops, from the
-torch profiler: which of the backward's three passes (rows "snapshots", rows "state-grad",
-columns) costs what, before anyone tunes them (benchmarks/gpu_notes.md).
+torch profiler, for each algorithm of the GPU kernels (ARWKV_GPU_ALGORITHM): which of the step
+backward's three passes (rows "snapshots", rows "state-grad", columns), and which of the chunked
+kernels (prep, forward / starts, state-grad, grads), costs what (benchmarks/gpu_notes.md).
 
     python benchmarks/gpu_kernel_times.py                       # (B,T,H,N) = (8,4096,64,64) and
                                                                 # (1,32768,32,128), bf16
@@ -12,6 +13,7 @@ On a CPU it lists the ops' CPU time instead (a smoke test of this script).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,6 +40,10 @@ def short_name(kernel: str) -> str:
     m = re.search(r"wkv_columns_kernel<[^,]+, \d+, (\d+)>", kernel)
     if m:
         return f"columns <{m.group(1)}>"
+    m = re.search(r"wkv_chunk_(\w+?)_kernel<[^,]+, \d+, (\d+)(?:, (\d))?>", kernel)
+    if m:
+        name = {"state": "forward" if m.group(3) == "0" else "starts"}.get(m.group(1), m.group(1))
+        return f"chunk {name} <{m.group(2)}>"
     return kernel[:60]
 
 
@@ -73,6 +79,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="profiled calls (after 2 warm-up calls)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cuda when torch sees a GPU, else cpu")
+    ap.add_argument("--algorithms", default="step,chunked",
+                    help="comma-separated algorithms of the GPU kernels (ARWKV_GPU_ALGORITHM)")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape or DEFAULT_SHAPES]
     if any(len(s) != 4 for s in shapes):
@@ -87,14 +95,17 @@ def main() -> None:
             state = torch.zeros(B, H, N, N, device=args.device)
             gy = torch.randn(B, T, H, N, device=args.device).to(dtype)
             gs = torch.randn(B, H, N, N, device=args.device)
-            print(f"== {op} B={B} T={T} H={H} N={N} {args.dtype} ({args.device}), ms per call")
-            for label, fn in (("forward", partial(forward, *xs, state, None)),
-                              ("backward", partial(backward, *xs, state, None, gy, gs))):
-                times = kernel_times(fn, args.device, args.repeat)
-                total = sum(times.values())
-                print(f"  {label}: {total:.3f} ms in all")
-                for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-                    print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}")
+            for algorithm in args.algorithms.split(",") if args.device == "cuda" else ["cpu"]:
+                os.environ["ARWKV_GPU_ALGORITHM"] = algorithm if args.device == "cuda" else "auto"
+                where = f"{args.device}, {algorithm}"
+                print(f"== {op} B={B} T={T} H={H} N={N} {args.dtype} ({where}), ms per call")
+                for label, fn in (("forward", partial(forward, *xs, state, None)),
+                                  ("backward", partial(backward, *xs, state, None, gy, gs))):
+                    times = kernel_times(fn, args.device, args.repeat)
+                    total = sum(times.values())
+                    print(f"  {label}: {total:.3f} ms in all")
+                    for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+                        print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 
