@@ -269,6 +269,17 @@ int main() {
         check<gpu::F16>(make_problem(version, 1, 13, 2, N, {0, 4, 13}, seed++), few_sms_per_block, "cu_seqlens");
       }
   }
+  // The op's long-sequence contracts, for the chunked kernels (minutes in the emulator, so only
+  // on request: ARWKV_EMU_LONG=1): float32 at T = 4096 with log decays down to -20, and bf16
+  // inputs at T = 16384, both against float64 (the whole-tensor check is the op's 1e-4 for
+  // float32; bf16 outputs add their rounding).
+  if (std::getenv("ARWKV_EMU_LONG")) {
+    Case chunked{1, gpu::Algorithm::chunked};
+    for (int version : {7, 6}) {
+      check<float>(strong_decays(make_problem(version, 1, 4096, 1, 64, {}, 77)), chunked, "T=4096, log decays to -20");
+      check<gpu::Bf16>(make_problem(version, 1, 16384, 1, 64, {}, 78), chunked, "T=16384");
+    }
+  }
   std::printf("%s: %d passed, %d failed (%lld fiber switches)\n", kPlatform, checks - failures, failures,
               static_cast<long long>(gpu_emu::runtime().switches));
   return failures ? 1 : 0;
