@@ -8,6 +8,7 @@ commands:
   distill   train a student: stage 1, 2 or 3 (one process, or many under torchrun)
   eval      perplexity and tokens/s on a dataset, or an lm-evaluation-harness task
   generate  stream a continuation of a prompt
+  export    a student as a GGUF file that llama.cpp runs (its arwkv7 architecture)
   plot      draw a run's loss curves
   demo      all of it on the shipped small Qwen2 teacher, on this CPU (or --device cuda), in minutes
   info      the build, the CPU code path and the GPU
@@ -127,6 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     plan = DemoPlan.quick(args.init) if args.quick else DemoPlan(init=args.init)
     plan.device = args.device
     plan.keep_bias = args.keep_bias
+    plan.head_size = args.head_size
     for name in ("stage1_steps", "stage2_steps"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -170,6 +172,17 @@ def _add_command(commands: argparse._SubParsersAction, name: str, help_: str, ru
                                  description=description or help_[0].upper() + help_[1:] + ".")
     parser.set_defaults(run=run)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A student checkpoint directory -> a GGUF file of llama.cpp's arwkv7 architecture."""
+    from .gguf_export import export_gguf
+
+    report = export_gguf(args.model, args.gguf, outtype=args.outtype, overwrite=args.overwrite)
+    for warning in report.warnings:
+        print(f"arwkv export: warning: {warning}", file=sys.stderr)
+    print(f"arwkv export: wrote {report.path} ({report.tensors} tensors, {report.outtype})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     evaluate.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype the model runs in")
 
+    export = _add_command(commands, "export", "write a student as a GGUF file for llama.cpp", _export,
+                          description="Write a student as a GGUF file of llama.cpp's arwkv7 architecture "
+                          "(RWKV-7 time mixing, Qwen2-style MLP), tokenizer included. Refuses, in one line, "
+                          "what llama.cpp cannot run: RWKV-6 students, hybrids, biases, an attention width "
+                          "other than the hidden size, tokenizers other than Qwen2-style byte-level BPE.")
+    export.add_argument("--model", required=True, metavar="DIR", help="student checkpoint directory")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="GGUF file to write")
+    export.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                        help="type of the large matrices (norms, vectors and the time mixers' low-rank "
+                        "matrices stay f32)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
+
     plot = _add_command(commands, "plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl", _plot)
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of arwkv distill (its --out)")
 
@@ -264,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{getattr(quick, name)} with --quick)")
     demo.add_argument("--keep-bias", action="store_true",
                       help="the student keeps the teacher's q/k/v biases (as arwkv convert --keep-bias)")
+    demo.add_argument("--head-size", type=int, default=DemoPlan.head_size, choices=_head_size_choices(),
+                      help="the student's WKV head size (llama.cpp runs 64 and 128 correctly)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (CI)")
     demo.add_argument("--device", choices=DEVICES, default="cpu",
                       help="where training, scoring and decoding run. cpu by default: the published "

@@ -156,29 +156,31 @@ def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", he
 
 
 class TeacherCheckpoint:
-    """A Hugging Face checkpoint directory read tensor by tensor (single or sharded safetensors)."""
+    """A Hugging Face checkpoint directory read tensor by tensor (single or sharded safetensors).
+    ``role`` names it in errors (``teacher``; ``model`` for a student read by ``arwkv export``),
+    ``config_class`` reads its config.json."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, role: str = "teacher", config_class=AutoConfig) -> None:
         from safetensors import safe_open
 
-        self.path = Path(path)
+        self.path, self.role = Path(path), role
         problem = checkpoint_dir_problem(self.path)
         if problem:
-            raise ConversionError(f"--teacher {self.path} {problem}")
+            raise ConversionError(f"--{role} {self.path} {problem}")
         try:
-            self.config = AutoConfig.from_pretrained(self.path)
+            self.config = config_class.from_pretrained(self.path)
         except Exception as err:  # noqa: BLE001 - any parse failure is reported in one line
-            raise ConversionError(f"teacher {self.path}/config.json cannot be read: {err}") from err
+            raise ConversionError(f"{role} {self.path}/config.json cannot be read: {err}") from err
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as err:
-                raise ConversionError(f"teacher index {index} is not a safetensors index: {err}") from err
+                raise ConversionError(f"{role} index {index} is not a safetensors index: {err}") from err
         elif (self.path / "model.safetensors").is_file():
             weight_map = None
         else:
-            raise ConversionError(f"teacher {self.path} has no model.safetensors or "
+            raise ConversionError(f"{role} {self.path} has no model.safetensors or "
                                   "model.safetensors.index.json (only safetensors checkpoints are read)")
         self._files: dict[str, object] = {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
@@ -188,12 +190,12 @@ class TeacherCheckpoint:
                 handle = safe_open(str(self.path / f), framework="pt")
                 keys = list(handle.keys())
             except Exception as err:  # noqa: BLE001
-                raise ConversionError(f"teacher shard {self.path / f} cannot be read: {err}") from err
+                raise ConversionError(f"{role} shard {self.path / f} cannot be read: {err}") from err
             self._files[f] = handle
             self.names.update(dict.fromkeys(keys, f))
 
     def get(self, name: str) -> Tensor:
-        """The teacher's tensor ``name``, read from its shard."""
+        """Tensor ``name``, read from its shard."""
         return self._shard(name).get_tensor(name)
 
     def dtype(self, name: str) -> torch.dtype:
@@ -202,7 +204,7 @@ class TeacherCheckpoint:
 
     def _shard(self, name: str):
         if name not in self.names:
-            raise ConversionError(f"teacher {self.path} has no tensor {name!r} (is it a decoder with the "
+            raise ConversionError(f"{self.role} {self.path} has no tensor {name!r} (is it a decoder with the "
                                   "standard layout: model.layers.N.self_attn.q_proj, ...?)")
         return self._files[self.names[name]]
 

@@ -41,6 +41,7 @@ class DemoPlan:
     # where training, scoring and decoding run: cpu (the published story), cuda or auto
     device: str = "cpu"
     keep_bias: bool = False  # the teacher's q/k/v biases on the student (runs only in arwkv)
+    head_size: int = 32  # the student's WKV head size
     # Step counts chosen by measurement (2 cores, AVX-512, transfer init keeping the teacher's
     # q/k/v biases, the default then): stage 1 / stage 2 =
     # 60/260 -> 1.050x the teacher's held-out perplexity in 81 s, 60/400 -> 1.016x in 115 s,
@@ -226,10 +227,10 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     began = time.perf_counter()
     timings = {}
 
-    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init}"
-         f"{', --keep-bias' if plan.keep_bias else ''})")
+    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init}, --head-size "
+         f"{plan.head_size}{', --keep-bias' if plan.keep_bias else ''})")
     t0 = time.perf_counter()
-    convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=32, dtype="fp32",
+    convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=plan.head_size, dtype="fp32",
                        keep_bias=plan.keep_bias)
     timings["convert_s"] = time.perf_counter() - t0
 

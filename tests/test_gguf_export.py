@@ -1,0 +1,189 @@
+"""`arwkv export --gguf`: students written as llama.cpp's arwkv7 GGUF, read back with gguf's own
+reader (metadata, tensor names, shapes, values, types, tokenizer), and the one-line refusals of
+what llama.cpp cannot run. (Running the files in llama.cpp itself is benchmarks/llama_cpp_check.py,
+not part of the test suite: it builds llama.cpp.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from arwkv.cli import main
+from arwkv.convert import convert_checkpoint
+from arwkv.gguf_export import ExportError, export_gguf, pre_tokenizer_name, read_back
+from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from fixtures import tiny_teacher, word_tokenizer
+
+DEMO_TEACHER = Path(__file__).resolve().parents[1] / "python" / "arwkv" / "demo_assets" / "teacher"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def teacher_with_demo_tokenizer(root: Path, tie: bool = True, **config) -> Path:
+    """A tiny random Qwen2 teacher with the demo's Qwen2-style byte-level BPE tokenizer."""
+    vocab = json.loads((DEMO_TEACHER / "config.json").read_text())["vocab_size"]
+    teacher = tiny_teacher(vocab=vocab, hidden=128, intermediate=160, layers=2, tie=tie, eos_token_id=0,
+                           **config)
+    teacher.save_pretrained(root / "teacher")
+    for name in TOKENIZER_FILES:
+        if (DEMO_TEACHER / name).exists():
+            shutil.copy(DEMO_TEACHER / name, root / "teacher" / name)
+    return root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """A converted student (head size 64, gate, GroupNorm, tied embeddings, float32)."""
+    root = tmp_path_factory.mktemp("gguf")
+    convert_checkpoint(teacher_with_demo_tokenizer(root), root / "student", head_size=64, group_norm=True,
+                       dtype="fp32")
+    return root / "student"
+
+
+def student_tensors(path: Path) -> dict[str, torch.Tensor]:
+    model = RwkvHybridForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_f32_read_back_matches_the_student(student, tmp_path):
+    out = tmp_path / "s.gguf"
+    report = export_gguf(student, out, outtype="f32")
+    meta, tensors = read_back(out)
+    cfg = json.loads((student / "config.json").read_text())
+    C, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    assert meta["general.architecture"] == "arwkv7"
+    assert meta["arwkv7.embedding_length"] == C and meta["arwkv7.block_count"] == L
+    assert meta["arwkv7.wkv.head_size"] == 64 and meta["arwkv7.token_shift_count"] == 1
+    assert meta["arwkv7.feed_forward_length"] == cfg["intermediate_size"]
+    assert meta["arwkv7.attention.decay_lora_rank"] == cfg["decay_low_rank"]
+    assert meta["arwkv7.attention.iclr_lora_rank"] == cfg["a_low_rank"]
+    assert meta["arwkv7.attention.value_residual_mix_lora_rank"] == cfg["v_low_rank"]
+    assert meta["arwkv7.attention.gate_lora_rank"] == cfg["gate_low_rank"]
+    assert meta["arwkv7.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+    # exactly llama.cpp's tensors: 3 global + 26 per layer with gate and GroupNorm
+    assert len(tensors) == report.tensors == 3 + 26 * L
+
+    want = student_tensors(student)
+    mix = "model.layers.{}.self_attn.time_mixer."
+
+    def same(name: str, value: torch.Tensor) -> None:
+        np.testing.assert_array_equal(tensors[name], value.float().numpy(), err_msg=name)
+
+    same("token_embd.weight", want["model.embed_tokens.weight"])
+    same("output.weight", want["model.embed_tokens.weight"])  # tied: a copy of the embedding
+    for i in range(L):
+        m, b = mix.format(i), f"blk.{i}."
+        lerps = [want[m + x] for x in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]
+        same(b + "time_mix_lerp_fused.weight", torch.stack(lerps, 0))
+        assert tensors[b + "time_mix_lerp_fused.weight"].shape == (6, 1, 1, C)
+        same(b + "time_mix_w1.weight", want[m + "w1"].t())
+        same(b + "time_mix_w2.weight", want[m + "w2"].t())
+        same(b + "time_mix_r_k.weight", want[m + "r_k"].reshape(-1))
+        same(b + "time_mix_k_k.weight", want[m + "k_k"].reshape(-1))
+        src = "a" if i == 0 else "v"  # layer 0: copies of a0, a1, a2 where llama.cpp expects v*
+        same(b + "time_mix_v1.weight", want[m + f"{src}1"].t())
+        same(b + "time_mix_v0.weight", want[m + f"{src}0"].reshape(-1))
+        same(b + "time_mix_ln.bias", want[m + "ln_x.bias"])
+        same(b + "time_mix_receptance.weight", want[m + "receptance.weight"])
+        same(b + "ffn_down.weight", want[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+def test_tokenizer_is_llama_cpps_qwen2_bpe(student, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "s.gguf"
+    export_gguf(student, out, outtype="f32")
+    meta, tensors = read_back(out)
+    tok = AutoTokenizer.from_pretrained(student, trust_remote_code=True)
+    spec = json.loads((student / "tokenizer.json").read_text())
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen2"
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == tensors["token_embd.weight"].shape[0]  # llama.cpp: one token per row
+    vocab = tok.get_vocab()
+    assert all(tokens[i] == t for t, i in vocab.items())
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[vocab["<|endoftext|>"]] == gguf.TokenType.CONTROL
+    assert len(meta["tokenizer.ggml.merges"]) == len(spec["model"]["merges"])
+    assert meta["tokenizer.ggml.merges"][0] == " ".join(spec["model"]["merges"][0])
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+# (f16 and bf16 round each value to 2^-11 / 2^-9 of itself; q8_0 to half a step of 1/127 of
+# its 32-value block's largest)
+@pytest.mark.parametrize("outtype,tol", [("f16", 1e-3), ("bf16", 4e-3), ("q8_0", 5e-3)])
+def test_outtypes_round_trip(student, tmp_path, outtype, tol):
+    """Large matrices take the outtype (dequantised within its rounding); norms, vectors, lerps and
+    the low-rank time-mix matrices stay float32, bit for bit."""
+    export_gguf(student, tmp_path / "f32.gguf", "f32")
+    _, ref = read_back(tmp_path / "f32.gguf")
+    out = tmp_path / f"{outtype}.gguf"
+    export_gguf(student, out, outtype=outtype)
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    want_type = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+                 "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    assert types["blk.0.time_mix_key.weight"] == want_type and types["token_embd.weight"] == want_type
+    for name in ("blk.0.attn_norm.weight", "blk.1.time_mix_w1.weight", "blk.1.time_mix_a2.weight",
+                 "blk.0.time_mix_lerp_fused.weight", "blk.1.time_mix_r_k.weight"):
+        assert types[name] == gguf.GGMLQuantizationType.F32, name
+    _, got = read_back(out)
+    for name, value in ref.items():
+        scale = np.abs(value).max() + 1e-30
+        assert np.abs(got[name] - value).max() <= tol * scale, name
+
+
+def test_refuses_what_llama_cpp_cannot_run(tmp_path):
+    teacher = teacher_with_demo_tokenizer(tmp_path)
+    cases = {
+        "rwkv6": (dict(wkv=6), "an RWKV-6 student"),
+        "bias": (dict(keep_bias=True), "receptance/key/value biases"),
+        "hybrid": (dict(wkv_layers=[1]), "a hybrid student"),
+    }
+    for name, (kwargs, message) in cases.items():
+        convert_checkpoint(teacher, tmp_path / name, head_size=64, dtype="fp32", **kwargs)
+        out = tmp_path / f"{name}.gguf"
+        with pytest.raises(ExportError, match=message):
+            export_gguf(tmp_path / name, out)
+        assert not out.exists() and not list(tmp_path.glob(f".{name}.gguf.partial-*"))
+    # and the command says so in one line, exit status 1
+    assert main(["export", "--model", str(tmp_path / "bias"), "--gguf", str(tmp_path / "b.gguf")]) == 1
+
+
+def test_refuses_other_tokenizers_and_existing_files(tmp_path, capsys):
+    teacher = tiny_teacher(vocab=64, hidden=128, intermediate=160, layers=1, eos_token_id=0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    word_tokenizer().save_pretrained(tmp_path / "teacher")  # word-level, not byte-level BPE
+    convert_checkpoint(tmp_path / "teacher", tmp_path / "words", head_size=64, dtype="fp32")
+    with pytest.raises(ExportError, match="WordLevel tokenizer"):
+        export_gguf(tmp_path / "words", tmp_path / "w.gguf")
+    assert not (tmp_path / "w.gguf").exists()
+    (tmp_path / "taken.gguf").write_text("not mine")
+    assert main(["export", "--model", str(tmp_path / "words"), "--gguf", str(tmp_path / "taken.gguf")]) == 1
+    assert "exists (--overwrite replaces it)" in capsys.readouterr().err
+    assert (tmp_path / "taken.gguf").read_text() == "not mine"
+
+
+def test_small_head_sizes_warn(tmp_path, capsys):
+    teacher = teacher_with_demo_tokenizer(tmp_path, tie=False)
+    convert_checkpoint(teacher, tmp_path / "s32", head_size=32, dtype="fp32")
+    assert main(["export", "--model", str(tmp_path / "s32"), "--gguf", str(tmp_path / "s32.gguf"),
+                 "--outtype", "f32"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: head size 32" in err
+    _, tensors = read_back(tmp_path / "s32.gguf")
+    want = student_tensors(tmp_path / "s32")
+    np.testing.assert_array_equal(tensors["output.weight"], want["lm_head.weight"].numpy())  # untied
+
+
+def test_pre_tokenizer_detection():
+    spec = json.loads((DEMO_TEACHER / "tokenizer.json").read_text())
+    assert pre_tokenizer_name(spec) == "qwen2"
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    assert pre_tokenizer_name(spec) is None
+    assert pre_tokenizer_name({}) is None
