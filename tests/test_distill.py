@@ -3,6 +3,8 @@ every graph), only time mixers train, it learns, and memory does not grow with d
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -124,6 +126,62 @@ def test_chunked_kl_equals_the_full_computation(temperature, chunk):
     t = torch.log_softmax(teacher / temperature, -1)
     per_token = (t.exp() * (t - s)).sum(-1)
     want = (per_token * mask).sum() / mask.sum() * temperature**2
+    want_grads = torch.autograd.grad(want, [hidden, head])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert rel_error(a, b) <= 1e-5
+
+
+def naive_adaptive_kl(p: list[float], q: list[float], head: float) -> float:
+    """Adaptive KL of one token, written out: the teacher's tokens by falling probability go to the
+    head while the mass before them is short of ``head``."""
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    in_head, mass = set(), 0.0
+    for i in order:
+        if mass < head:
+            in_head.add(i)
+        mass += p[i]
+    g_head = sum(abs(p[i] - q[i]) for i in in_head)
+    g_tail = sum(abs(p[i] - q[i]) for i in range(len(p)) if i not in in_head)
+    fkl = sum(p[i] * math.log(p[i] / q[i]) for i in range(len(p)))
+    rkl = sum(q[i] * math.log(q[i] / p[i]) for i in range(len(p)))
+    return (g_head * fkl + g_tail * rkl) / (g_head + g_tail)
+
+
+@pytest.mark.parametrize("head", [0.2, 0.5, 0.9])
+def test_adaptive_kl_matches_its_definition(head):
+    from arwkv.distill import adaptive_kl
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.log_softmax(torch.randn(9, 13, generator=g, dtype=torch.float64) * 2, -1)
+    s = torch.log_softmax(torch.randn(9, 13, generator=g, dtype=torch.float64) * 2, -1)
+    got = adaptive_kl(t, s, head)
+    for n in range(9):
+        want = naive_adaptive_kl(t[n].exp().tolist(), s[n].exp().tolist(), head)
+        assert got[n].item() == pytest.approx(want, rel=1e-10)
+    assert torch.allclose(adaptive_kl(t, t, head), torch.zeros(9, dtype=torch.float64))  # no gap, no loss
+    forward = (t.exp() * (t - s)).sum(-1)
+    torch.testing.assert_close(adaptive_kl(t, s, 1.0), forward)  # all head: forward KL
+
+
+def test_chunked_adaptive_kl_equals_the_full_computation():
+    """Chunks, the mask and the recomputation in the backward give the full computation's value
+    and gradients (the per-token weights carry no gradient)."""
+    from arwkv.distill import adaptive_kl, chunked_logit_losses
+
+    g = torch.Generator().manual_seed(5)
+    N, C, V = 29, 8, 40
+    hidden = torch.randn(N, C, generator=g, dtype=torch.float64).requires_grad_()
+    head = torch.randn(V, C, generator=g, dtype=torch.float64).requires_grad_()
+    t_hidden, t_head = torch.randn(N, 12, generator=g, dtype=torch.float64), torch.randn(V, 12, generator=g,
+                                                                                          dtype=torch.float64)
+    mask = (torch.rand(N, generator=g) > 0.3).long()
+    got, _ = chunked_logit_losses(hidden, head, t_hidden, t_head, mask, temperature=1.5, chunk=6,
+                                  kind="adaptive", head=0.4)
+    got_grads = torch.autograd.grad(got, [hidden, head])
+    s = torch.log_softmax(hidden @ head.t() / 1.5, -1)
+    t = torch.log_softmax(t_hidden @ t_head.t() / 1.5, -1)
+    want = (adaptive_kl(t, s, 0.4) * mask).sum() / mask.sum() * 1.5**2
     want_grads = torch.autograd.grad(want, [hidden, head])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     for a, b in zip(got_grads, want_grads, strict=True):

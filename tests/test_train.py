@@ -268,6 +268,15 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
         assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
+    out = tmp_path / "akl"
+    assert main(distill_args(run_inputs, out, 2, max_steps=6, kl="adaptive", akl_head=0.5)) == 0
+    records = read_metrics(out)
+    assert records[-1]["kl"] < records[0]["kl"]
+    assert main(distill_args(run_inputs, tmp_path / "bad", 2, max_steps=2, kl="adaptive", akl_head=1.5)) == 1
+    assert "akl_head must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resume, processes
 
 

@@ -145,18 +145,43 @@ def alignment_losses_keeping_graphs(teacher: nn.Module, student: RwkvHybridForCa
     return losses
 
 
+def adaptive_kl(t: Tensor, s: Tensor, head: float = 0.5) -> Tensor:
+    """Adaptive KL (Wu et al., 2024, "Rethinking KL divergence in knowledge distillation for
+    LLMs") per token, from log-probabilities t (teacher) and s (student) [N, V] -> [N].
+
+    The vocabulary splits at the teacher's "head": its most likely tokens, in order, until their
+    probability adds up to ``head`` (the first always, and the one that crosses it). Forward KL
+    fits the head first, reverse KL the tail, so each token weighs them by where the student is
+    off: (g_head * KL(t || s) + g_tail * KL(s || t)) / (g_head + g_tail), with g the summed
+    |p_teacher - p_student| over each part (weights without gradient).
+    """
+    p, q = t.exp(), s.exp()
+    with torch.no_grad():
+        sorted_p, order = p.sort(dim=-1, descending=True)
+        in_head = (sorted_p.cumsum(-1) - sorted_p) < head  # the mass before a token is still short of head
+        head_mask = torch.zeros_like(in_head).scatter_(-1, order, in_head)
+        gap = (p - q).abs()
+        g_head = (gap * head_mask).sum(-1)
+        g_tail = (gap * ~head_mask).sum(-1)
+        total = (g_head + g_tail).clamp(min=1e-12)
+    forward = (p * (t - s)).sum(-1)
+    reverse = (q * (s - t)).sum(-1)
+    return (g_head * forward + g_tail * reverse) / total
+
+
 def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
-              temperature: float, targets: Tensor | None = None) -> Tensor:
-    """[2]: the sums over the chunk's tokens of KL(teacher || student) at the temperature and of
-    the student's cross-entropy on targets (next tokens, -100 ignored; 0 without targets), in
-    float32. The teacher's logits are truncated to the student's vocabulary when the teacher's
-    is larger."""
+              temperature: float, targets: Tensor | None = None, kind: str = "forward",
+              head: float = 0.5) -> Tensor:
+    """[2]: the sums over the chunk's tokens of the divergence (KL(teacher || student), or
+    :func:`adaptive_kl` for kind "adaptive") at the temperature and of the student's
+    cross-entropy on targets (next tokens, -100 ignored; 0 without targets), in float32. The
+    teacher's logits are truncated to the student's vocabulary when the teacher's is larger."""
     s_logits = (student_hidden @ student_head.t()).float()
     with torch.no_grad():
         t_logits = (teacher_hidden @ teacher_head.t()).float()[:, : s_logits.shape[-1]]
     s = torch.log_softmax(s_logits / temperature, dim=-1)
     t = torch.log_softmax(t_logits / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum()
+    kl = adaptive_kl(t, s, head).sum() if kind == "adaptive" else (t.exp() * (t - s)).sum()
     ce = (F.cross_entropy(s_logits, targets, ignore_index=-100, reduction="sum") if targets is not None
           else kl.new_zeros(()))
     return torch.stack([kl, ce])
@@ -164,9 +189,11 @@ def _kl_chunk(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tens
 
 def chunked_logit_losses(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor,
                          teacher_head: Tensor, mask: Tensor | None = None, targets: Tensor | None = None,
-                         temperature: float = 1.0, chunk: int = 512) -> tuple[Tensor, Tensor | None]:
+                         temperature: float = 1.0, chunk: int = 512, kind: str = "forward",
+                         head: float = 0.5) -> tuple[Tensor, Tensor | None]:
     """Stage 2's losses: the mean over (unmasked) tokens of KL(teacher || student) over the full
-    vocabulary, and (given targets) the student's mean next-token cross-entropy.
+    vocabulary (kind "adaptive": :func:`adaptive_kl` with its ``head``), and (given targets) the
+    student's mean next-token cross-entropy.
 
     student_hidden [N, C] and teacher_hidden [N, C_t] are the final hidden states (flattened over
     batch and time), student_head [V, C] and teacher_head [V_t, C_t] the lm_head weights, mask
@@ -191,7 +218,7 @@ def chunked_logit_losses(student_hidden: Tensor, student_head: Tensor, teacher_h
                 continue
             h, th = h[keep], th[keep]
             tgt = tgt[keep] if tgt is not None else None
-        total = total + checkpoint(_kl_chunk, h, student_head, th, teacher_head, temperature, tgt,
+        total = total + checkpoint(_kl_chunk, h, student_head, th, teacher_head, temperature, tgt, kind, head,
                                    use_reentrant=False)
     count = float(N) if weight is None else float(weight.sum().clamp(min=1))
     kl = total[0] / count * temperature**2
@@ -219,14 +246,15 @@ class LogitDistillation(nn.Module):
     wrap it and the student's lm_head is used inside the wrapped forward.
 
     forward(input_ids [B, T], cu_seqlens [S + 1], labels [B, T], teacher_hidden [B, T, C_t],
-    teacher_head [V_t, C_t]) -> [3]: the loss (KL + ce_weight * CE), the KL, the CE (0 when
-    ce_weight is 0: then it is not computed).
+    teacher_head [V_t, C_t]) -> [3]: the loss (KL + ce_weight * CE), the KL (or adaptive KL,
+    kind "adaptive"), the CE (0 when ce_weight is 0: then it is not computed).
     """
 
     def __init__(self, student: RwkvHybridForCausalLM, temperature: float = 1.0, ce_weight: float = 0.0,
-                 chunk: int = 512) -> None:
+                 chunk: int = 512, kind: str = "forward", head: float = 0.5) -> None:
         super().__init__()
         self.student, self.temperature, self.ce_weight, self.chunk = student, temperature, ce_weight, chunk
+        self.kind, self.head = kind, head
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, labels: Tensor, teacher_hidden: Tensor,
                 teacher_head: Tensor) -> Tensor:
@@ -235,6 +263,7 @@ class LogitDistillation(nn.Module):
         targets = next_token_targets(labels).reshape(-1) if self.ce_weight else None
         kl, ce = chunked_logit_losses(hidden.reshape(B * T, -1), self.student.lm_head.weight,
                                       teacher_hidden.reshape(B * T, -1), teacher_head, targets=targets,
-                                      temperature=self.temperature, chunk=self.chunk)
+                                      temperature=self.temperature, chunk=self.chunk, kind=self.kind,
+                                      head=self.head)
         ce = ce if ce is not None else torch.zeros_like(kl)
         return torch.stack([kl + self.ce_weight * ce, kl, ce])

@@ -87,6 +87,10 @@ class DistillConfig:
     # stage options
     loss: str = _opt("rms", "stage 1 loss: ARWKV's per-token RMS error or MSE", ("rms", "mse"))
     temperature: float = _opt(1.0, "stage 2 KL temperature")
+    kl: str = _opt("forward", "stage 2 divergence: forward KL(teacher || student), or adaptive KL "
+                   "(forward and reverse KL weighted per token by how far off the student is on the "
+                   "teacher's head and tail)", ("forward", "adaptive"))
+    akl_head: float = _opt(0.5, "stage 2, --kl adaptive: probability mass of the teacher's head tokens")
     ce_weight: float = _opt(0.0, "stage 2: weight of an added next-token cross-entropy term")
     kl_chunk: int = _opt(512, "stage 2: tokens per chunk of the vocabulary-wide KL")
     overlong: str = _opt("truncate", "stage 3: a conversation longer than --seq-len is cut to it or left "
@@ -127,6 +131,8 @@ class DistillConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0 < self.akl_head <= 1:
+            raise ConfigError(f"akl_head must be in (0, 1], got {self.akl_head}")
         if self.lr <= 0 or self.temperature <= 0:
             raise ConfigError(f"lr and temperature must be positive, got {self.lr} and {self.temperature}")
         if min(self.grad_clip, self.ce_weight, self.weight_decay) < 0:

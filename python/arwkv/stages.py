@@ -235,7 +235,8 @@ class LogitStage(WholeStudentStage):
         self.teacher = teacher
         cfg = self.cfg
         self.objective = wrap(
-            LogitDistillation(student, cfg.temperature, cfg.ce_weight, cfg.kl_chunk), cfg, place
+            LogitDistillation(student, cfg.temperature, cfg.ce_weight, cfg.kl_chunk, cfg.kl, cfg.akl_head),
+            cfg, place
         )
         self.roots = [self.objective] if place.world > 1 else []
         self.parts = ("kl", "ce")
