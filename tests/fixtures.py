@@ -187,7 +187,8 @@ def chat_record(user: str, assistant: str) -> dict:
 def make_run_inputs(
     root: Path, layers: int = 2, hidden: int = 64, docs: int = 48, seed: int = 0
 ) -> dict[str, Path]:
-    """root/teacher, root/student (converted, fp32), root/text.jsonl, root/chat.jsonl."""
+    """root/teacher, root/student (converted, fp32), root/text.jsonl, root/chat.jsonl,
+    root/prefs.jsonl (preference pairs: the chain's next word chosen, a random word rejected)."""
     from arwkv.convert import convert_checkpoint
 
     teacher = tiny_teacher(seed=seed, vocab=len(WORDS), hidden=hidden, intermediate=2 * hidden,
@@ -203,11 +204,21 @@ def make_run_inputs(
     with (root / "chat.jsonl").open("w") as f:
         for n in lengths:
             f.write(json.dumps(chat_record(markov_text(g, max(n // 3, 2)), markov_text(g, n))) + "\n")
+    with (root / "prefs.jsonl").open("w") as f:
+        for n in lengths:
+            prompt = markov_text(g, max(n // 3, 2))
+            last = int(prompt.split()[-1][1:])
+            chosen = f"w{(3 * last + 1) % 59} w{(9 * last + 4) % 59}"
+            a, b = torch.randint(59, (2,), generator=g).tolist()
+            rejected = f"w{a} w{b}"
+            prompt_field = [{"role": "user", "content": prompt}] if n % 2 else prompt  # both forms
+            f.write(json.dumps({"prompt": prompt_field, "chosen": chosen, "rejected": rejected}) + "\n")
     return {
         "teacher": root / "teacher",
         "student": root / "student",
         "text": root / "text.jsonl",
         "chat": root / "chat.jsonl",
+        "prefs": root / "prefs.jsonl",
     }
 
 

@@ -30,7 +30,7 @@ def run_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def distill_args(inputs: dict[str, Path], out: Path, stage: int = 2, **flags) -> list[str]:
-    data = inputs["chat"] if stage == 3 else inputs["text"]
+    data = {3: inputs["chat"], 4: inputs["prefs"]}.get(stage, inputs["text"])
     args = [
         "distill",
         "--stage",
@@ -50,7 +50,7 @@ def distill_args(inputs: dict[str, Path], out: Path, stage: int = 2, **flags) ->
         "--warmup-steps",
         "2",
     ]
-    if stage != 3:
+    if stage in (1, 2):
         args += ["--teacher", str(inputs["teacher"])]
     for key, value in flags.items():
         flag = f"--{key.replace('_', '-')}"
@@ -217,7 +217,7 @@ def test_activation_checkpointing_gives_the_same_gradients(run_inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, stage, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -266,6 +266,10 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
         assert records[-1]["kl"] < records[0]["kl"]  # it learns
     if stage == 3:
         assert records[-1]["loss"] < records[0]["loss"]
+    if stage == 4:  # the policy starts as its reference (margin 0, loss log 2), then learns the pairs
+        assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+        assert records[-1]["loss"] < records[0]["loss"] and records[-1]["margin"] > 0
+        assert "preference pairs, one per row" in err
 
 
 def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
@@ -277,16 +281,28 @@ def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
     assert "akl_head must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
+def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w1 w2", "chosen": "w3"}) + "\n")
+    assert main(distill_args({**run_inputs, "prefs": bad}, tmp_path / "o", 4, max_steps=1)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "record 1: a preference record needs 'prompt', 'chosen' and 'rejected'" in err[0]
+    assert main(distill_args(run_inputs, tmp_path / "o2", 4, max_steps=1, dpo_beta=0)) == 1
+    assert "dpo_beta must be positive" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resume, processes
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs):
+@pytest.mark.parametrize("stage", [2, 4])
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs, stage):
     args = dict(max_steps=8, save_every=3, micro_batch_size=2, log_every=100)
-    whole = run_cli(distill_args(run_inputs, tmp_path / "whole", **args), tmp_path)
+    whole = run_cli(distill_args(run_inputs, tmp_path / "whole", stage, **args), tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
     proc = run_cli(
-        distill_args(run_inputs, out, **args), tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        distill_args(run_inputs, out, stage, **args), tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 240
     while len(read_metrics(out)) < 5 and proc.poll() is None and time.monotonic() < deadline:
@@ -295,14 +311,14 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_input
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert 5 <= len(read_metrics(out)) < 8
-    resumed = run_cli(distill_args(run_inputs, out, resume=True, **args), tmp_path)
+    resumed = run_cli(distill_args(run_inputs, out, stage, resume=True, **args), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "steps 3..8" in resumed.stderr or "steps 6..8" in resumed.stderr
     assert losses(out) == losses(tmp_path / "whole")
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
 
 
-@pytest.mark.parametrize("stage,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp"), (3, "fsdp")])
+@pytest.mark.parametrize("stage,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp"), (3, "fsdp"), (4, "ddp")])
 def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy):
     """The global batch (4 rows, micro-batches of 2) split over 2 processes gives one process's
     losses: exactly under DDP, within float tolerance under FSDP2."""

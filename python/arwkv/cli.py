@@ -1,11 +1,12 @@
 """arwkv converts a pretrained Transformer LLM (a Hugging Face decoder such as Qwen2, Llama or
 Mistral) into an RNN-attention student, whose self-attentions are RWKV-7 (or RWKV-6) time mixers
 with the teacher's MLPs, embeddings and norms, and distils the student from its teacher: stage 1
-aligns each time mixer with its layer's attention, stage 2 distils the logits, stage 3 is SFT.
+aligns each time mixer with its layer's attention, stage 2 distils the logits, stage 3 is SFT,
+stage 4 is DPO on preference pairs.
 
 commands:
   convert   teacher checkpoint directory -> student checkpoint directory
-  distill   train a student: stage 1, 2 or 3 (one process, or many under torchrun)
+  distill   train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)
   eval      perplexity and tokens/s on a dataset, or an lm-evaluation-harness task
   generate  stream a continuation of a prompt
   export    a student as a GGUF file that llama.cpp runs (its arwkv7 architecture)
@@ -232,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
 
-    distill = _add_command(commands, "distill", "train a student: stage 1, 2 or 3", _distill,
+    distill = _add_command(commands, "distill", "train a student: stage 1, 2, 3 or 4", _distill,
                            description="Train a student: stage 1 (attention alignment), 2 (logit "
-                           "distillation) or 3 (SFT). Flags and --config keys are the same (a flag wins). "
-                           "Under torchrun the same command trains on every process.")
+                           "distillation), 3 (SFT) or 4 (DPO). Flags and --config keys are the same (a flag "
+                           "wins). Under torchrun the same command trains on every process.")
     add_arguments(distill)
 
     evaluate = _add_command(commands, "eval", "perplexity and tokens/s of a checkpoint on a dataset", _eval,

@@ -306,3 +306,76 @@ def sft_example(record: dict, tokenizer) -> tuple[list[int], list[int]]:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if spans and spans[-1][1] >= len(text.rstrip()) else -100)
     return ids, labels
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def preference_pair(record: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """A preference record -> token ids of (prompt, chosen answer, rejected answer); each answer
+    ends with the tokenizer's EOS. ``prompt`` is a string, or a list of messages rendered with
+    the chat template (with the assistant turn opened); ``chosen`` / ``rejected`` are strings."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise DataError(f"a preference record needs 'prompt', 'chosen' and 'rejected'; missing {missing}")
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("a prompt given as messages needs a tokenizer with a chat template")
+        prompt = tokenizer.apply_chat_template(chat_messages({"messages": prompt}), tokenize=False,
+                                               add_generation_prompt=True)
+    if not all(isinstance(x, str) for x in (prompt, record["chosen"], record["rejected"])):
+        raise DataError("a preference record's prompt (or messages), chosen and rejected must be strings")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return encode(prompt), encode(record["chosen"]) + eos, encode(record["rejected"]) + eos
+
+
+@dataclass
+class PreferencePacking:
+    """What pack_preferences did with the pairs."""
+
+    pairs: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+    def describe(self, seq_len: int, overlong: str) -> str:
+        cut = self.truncated if overlong == "truncate" else self.skipped
+        verb = "had an answer cut to fit" if overlong == "truncate" else "skipped, too long for"
+        return (f"{self.pairs} preference pairs, one per row (chosen and rejected, each up to "
+                f"{seq_len // 2} tokens); {cut} {verb} --seq-len {seq_len}")
+
+
+def pack_preferences(
+    pairs: Sequence[tuple[list[int], list[int], list[int]]], seq_len: int, overlong: str = "truncate",
+    pad_id: int = 0,
+) -> tuple[list[PackedRow], PreferencePacking]:
+    """One row per pair: prompt + chosen as the row's first sequence, prompt + rejected as its
+    second (each at most seq_len // 2 tokens), padding after them; labels on the answers' tokens
+    only. A sequence longer than its half is cut at the end (``overlong="truncate"``; a pair whose
+    answer would be cut away entirely is left out) or the pair is left out (``"skip"``)."""
+    if seq_len < 4:
+        raise DataError(f"seq_len must be at least 4 for preference pairs, got {seq_len}")
+    if overlong not in ("truncate", "skip"):
+        raise DataError(f"overlong must be 'truncate' or 'skip', got {overlong!r}")
+    half, report, rows = seq_len // 2, PreferencePacking(), []
+    for prompt, chosen, rejected in pairs:
+        seqs = [(prompt + answer, [-100] * len(prompt) + answer) for answer in (chosen, rejected)]
+        if any(len(ids) > half for ids, _ in seqs):
+            if overlong == "skip" or len(prompt) >= half:
+                report.skipped += 1
+                continue
+            report.truncated += 1
+            seqs = [(ids[:half], lab[:half]) for ids, lab in seqs]
+        ids = seqs[0][0] + seqs[1][0]
+        labels = seqs[0][1] + seqs[1][1]
+        pad = seq_len - len(ids)
+        bounds = [0, len(seqs[0][0]), len(ids)] + ([seq_len] if pad else [])
+        rows.append(PackedRow(torch.tensor(ids + [pad_id] * pad, dtype=torch.long),
+                              torch.tensor(bounds, dtype=torch.int32),
+                              torch.tensor(labels + [-100] * pad, dtype=torch.long)))
+        report.pairs += 1
+    return rows, report

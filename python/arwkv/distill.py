@@ -267,3 +267,28 @@ class LogitDistillation(nn.Module):
                                       head=self.head)
         ce = ce if ce is not None else torch.zeros_like(kl)
         return torch.stack([kl + self.ce_weight * ce, kl, ce])
+
+
+class SequenceLogProbs(nn.Module):
+    """Stage 4's forward as a module around a model (so DDP / FSDP wrap it): the log-probability
+    of each row's two sequences' labelled tokens.
+
+    forward(input_ids [B, T], cu_seqlens, labels [B, T] (aligned with the inputs, -100: no
+    label), position_ids [B, T] (0 at each sequence start)) -> [B, 2]: per row, the sums of
+    log p(label) over its first and its second sequence (float32). Later sequences (padding)
+    carry no labels.
+    """
+
+    def __init__(self, model: RwkvHybridForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor, labels: Tensor, position_ids: Tensor) -> Tensor:
+        B, T = input_ids.shape
+        logits = self.model(input_ids.reshape(1, B * T), cu_seqlens=cu_seqlens, use_cache=False).logits
+        targets = next_token_targets(labels)  # what each position predicts [B, T]
+        logp = torch.log_softmax(logits.float().reshape(B, T, -1), dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+        sequence = ((position_ids == 0).cumsum(-1) - 1).clamp(min=0, max=2)  # 0, 1; 2: padding
+        sums = picked.new_zeros(B, 3).scatter_add_(1, sequence, picked)
+        return sums[:, :2]

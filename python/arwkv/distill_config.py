@@ -63,7 +63,8 @@ def _stages() -> dict:
 @dataclass
 class DistillConfig:
     # what to train, from what
-    stage: int = _opt(1, "1: attention alignment, 2: logit distillation, 3: SFT", lambda: tuple(_stages()))
+    stage: int = _opt(1, "1: attention alignment, 2: logit distillation, 3: SFT, 4: DPO on preference pairs",
+                      lambda: tuple(_stages()))
     teacher: str | None = _opt(None, "teacher checkpoint directory (stages 1 and 2)")
     student: str | None = _opt(None, "student checkpoint directory (from arwkv convert, or an earlier stage)")
     data: str | None = _opt(None, "a .txt/.jsonl/.parquet file, a directory of them, or a saved dataset")
@@ -92,9 +93,11 @@ class DistillConfig:
                    "teacher's head and tail)", ("forward", "adaptive"))
     akl_head: float = _opt(0.5, "stage 2, --kl adaptive: probability mass of the teacher's head tokens")
     ce_weight: float = _opt(0.0, "stage 2: weight of an added next-token cross-entropy term")
+    dpo_beta: float = _opt(0.1, "stage 4 (DPO): beta, the strength of the preference term")
     kl_chunk: int = _opt(512, "stage 2: tokens per chunk of the vocabulary-wide KL")
-    overlong: str = _opt("truncate", "stage 3: a conversation longer than --seq-len is cut to it or left "
-                         "out (conversations are never split across rows)", ("truncate", "skip"))
+    overlong: str = _opt("truncate", "stages 3-4: a conversation longer than --seq-len (stage 4: a "
+                         "pair's sequence longer than half of it) is cut to fit or left out "
+                         "(conversations are never split across rows)", ("truncate", "skip"))
     freeze_mlp: bool = _opt(False, "stages 2-3: do not train the MLPs")
     freeze_embeddings: bool = _opt(False, "stages 2-3: do not train the input embeddings")
     activation_checkpointing: bool = _opt(False, "stages 2-3: recompute each layer in the backward")
@@ -131,6 +134,8 @@ class DistillConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
         if not 0 < self.akl_head <= 1:
             raise ConfigError(f"akl_head must be in (0, 1], got {self.akl_head}")
         if self.lr <= 0 or self.temperature <= 0:

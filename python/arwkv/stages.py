@@ -15,7 +15,8 @@ A stage owns everything in which one stage differs from another, so that the tra
 
 Adding a stage is one new class registered in :data:`STAGES`. The stages are those of the
 ARWKV paper: 1 aligns each time mixer with its teacher attention layer, 2 distils the teacher's
-logits into the whole student, 3 fine-tunes the student on chat data (SFT) without a teacher.
+logits into the whole student, 3 fine-tunes the student on chat data (SFT) without a teacher,
+4 tunes it on preference pairs (DPO) against a frozen copy of the --student it starts from.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .data import pack_conversations, pack_documents, sft_example, split_documents, tokenize_documents
-from .distill import AttentionAligner, LogitDistillation
+from .data import (
+    DataError,
+    pack_conversations,
+    pack_documents,
+    pack_preferences,
+    preference_pair,
+    sft_example,
+    split_documents,
+    tokenize_documents,
+)
+from .distill import AttentionAligner, LogitDistillation, SequenceLogProbs
 from .distill_config import ConfigError, DistillConfig
 from .modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
 
@@ -309,8 +319,64 @@ class SftStage(WholeStudentStage):
         return [loss.item()]
 
 
+class PreferenceStage(WholeStudentStage):
+    """Stage 4: DPO on preference pairs (prompt, chosen, rejected), one pair per row; the frozen
+    reference is the --student the run starts from (loaded again from its directory, so a resumed
+    run keeps the same reference). Loss per pair: -log sigmoid(beta ((log pi(chosen) - log
+    ref(chosen)) - (log pi(rejected) - log ref(rejected)))), log-probabilities summed over the
+    answers' tokens; the metrics add the share of pairs ranked right and the mean margin."""
+
+    number, title = 4, "DPO"
+    needs_teacher = False
+
+    def pack(self, records, tokenizer):
+        cfg = self.cfg
+        pairs = []
+        for i, record in enumerate(records):
+            try:
+                pairs.append(preference_pair(record, tokenizer))
+            except DataError as err:
+                raise DataError(f"{cfg.data}: record {i + 1}: {err}") from None
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        train, val = split_documents(pairs, cfg.validation_fraction, cfg.seed)
+        notes, parts = [], []
+        for name, part in (("training", train), ("validation", val)):
+            rows, report = pack_preferences(part, cfg.seq_len, cfg.overlong, pad_id)
+            parts.append(rows)
+            if part:
+                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
+        self.packing_note = "; ".join(notes)
+        return parts[0], parts[1]
+
+    @staticmethod
+    def weight(batch: dict[str, Tensor]) -> int:
+        return batch["input_ids"].shape[0]  # pairs
+
+    def attach(self, student, teacher, place):
+        shard_layers(student, self.cfg, place)
+        self.policy = wrap(SequenceLogProbs(student), self.cfg, place)
+        reference = RwkvHybridForCausalLM.from_pretrained(self.cfg.student, dtype=torch.float32)
+        self.reference = SequenceLogProbs(reference.to(place.device).eval().requires_grad_(False))
+        self.roots = [self.policy] if place.world > 1 else []
+        self.parts = ("reward_accuracy", "margin")
+
+    def micro_step(self, batch, scale, backward=True):
+        args = (batch["input_ids"], batch["cu_seqlens"], batch["labels"], batch["position_ids"])
+        with torch.no_grad():
+            ref = self.reference(*args)
+        with torch.set_grad_enabled(backward):
+            policy = self.policy(*args)
+            margin = self.cfg.dpo_beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
+            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            if backward:
+                (loss * scale).backward()
+        return [loss.item(), (margin > 0).float().mean().item(), margin.mean().item()]
+
+
 # --stage N -> its class
-STAGES: dict[int, type[Stage]] = {cls.number: cls for cls in (AlignmentStage, LogitStage, SftStage)}
+STAGES: dict[int, type[Stage]] = {
+    cls.number: cls for cls in (AlignmentStage, LogitStage, SftStage, PreferenceStage)
+}
 
 
 def make_stage(cfg: DistillConfig) -> Stage:
