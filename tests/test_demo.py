@@ -13,6 +13,7 @@ import torch
 import arwkv_ext
 from arwkv.cli import build_parser, main
 from arwkv.demo import ASSETS, DemoPlan, run_demo
+from arwkv.gguf_export import read_back
 
 TEACHER = ASSETS / "teacher"
 
@@ -69,12 +70,16 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert "is not an earlier demo's output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (out / "notes.txt").write_text("mine")  # a rerun replaces the demo's own entries only
-    assert main(["demo", "--quick", "--device", "auto", "--out", str(out)]) == 0
+    rerun_args = ["demo", "--quick", "--device", "auto", "--head-size", "64", "--gguf", "--out", str(out)]
+    assert main(rerun_args) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").is_file()
+    meta, _ = read_back(out / "student.gguf")  # the distilled student, for llama.cpp
+    assert meta["general.architecture"] == "arwkv7" and meta["arwkv7.wkv.head_size"] == 64
     # auto is the GPU only where torch sees one and the kernels were built for it
     gpu = torch.cuda.is_available() and any(k != "cpu" for k in arwkv_ext.build_info["kernels"])
     rerun = json.loads((out / "report.json").read_text())
     assert rerun["plan"]["device"] == "auto" and rerun["device"] == ("cuda" if gpu else "cpu")
+    assert rerun["gguf"] == str(out / "student.gguf") and saved["gguf"] is None
     assert main(["demo", "--quick", "--stage1-steps", "0", "--out", str(out)]) == 1
     assert "stage1_steps must be at least 1" in capsys.readouterr().err
     assert (out / "report.json").is_file()  # refused before anything was removed

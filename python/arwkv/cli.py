@@ -130,6 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     plan.device = args.device
     plan.keep_bias = args.keep_bias
     plan.head_size = args.head_size
+    plan.gguf = args.gguf
     for name in ("stage1_steps", "stage2_steps"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the student keeps the teacher's q/k/v biases (as arwkv convert --keep-bias)")
     demo.add_argument("--head-size", type=int, default=DemoPlan.head_size, choices=_head_size_choices(),
                       help="the student's WKV head size (llama.cpp runs 64 and 128 correctly)")
+    demo.add_argument("--gguf", action="store_true",
+                      help="also write the distilled student as OUT/student.gguf (f16) for llama.cpp")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (CI)")
     demo.add_argument("--device", choices=DEVICES, default="cpu",
                       help="where training, scoring and decoding run. cpu by default: the published "
