@@ -234,6 +234,23 @@ class WholeStudentStage(Stage):
         if self.cfg.freeze_embeddings:
             student.model.embed_tokens.requires_grad_(False)
 
+    def pack_whole(self, examples: list, tokenizer, pack_part) -> tuple[list, list]:
+        """Training and validation rows of whole examples (stages 3-4): the examples split, then
+        each part packed by ``pack_part(part, pad_id) -> (rows, report)``; packing_note is what
+        the reports say."""
+        cfg = self.cfg
+        # padding carries no labels, so any id serves: the tokenizer's own pad or eos if it has one
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        train, val = split_documents(examples, cfg.validation_fraction, cfg.seed)
+        notes, parts = [], []
+        for name, part in (("training", train), ("validation", val)):
+            rows, report = pack_part(part, pad_id)
+            parts.append(rows)
+            if part:
+                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
+        self.packing_note = "; ".join(notes)
+        return parts[0], parts[1]
+
 
 class LogitStage(WholeStudentStage):
     """Stage 2: the teacher online (no grad, its own dtype), KL (+ CE) in chunks."""
@@ -281,17 +298,8 @@ class SftStage(WholeStudentStage):
         whole conversations per row (pack_conversations); packing_note says what was cut."""
         cfg = self.cfg
         examples = [sft_example(r, tokenizer) for r in records]
-        # padding carries no labels, so any id serves: the tokenizer's own pad or eos if it has one
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        train, val = split_documents(examples, cfg.validation_fraction, cfg.seed)
-        notes, parts = [], []
-        for name, part in (("training", train), ("validation", val)):
-            rows, report = pack_conversations(part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id)
-            parts.append(rows)
-            if part:
-                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
-        self.packing_note = "; ".join(notes)
-        return parts[0], parts[1]
+        return self.pack_whole(examples, tokenizer, lambda part, pad_id: pack_conversations(
+            part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id))
 
     @staticmethod
     def weight(batch: dict[str, Tensor]) -> int:
@@ -337,16 +345,8 @@ class PreferenceStage(WholeStudentStage):
                 pairs.append(preference_pair(record, tokenizer))
             except DataError as err:
                 raise DataError(f"{cfg.data}: record {i + 1}: {err}") from None
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        train, val = split_documents(pairs, cfg.validation_fraction, cfg.seed)
-        notes, parts = [], []
-        for name, part in (("training", train), ("validation", val)):
-            rows, report = pack_preferences(part, cfg.seq_len, cfg.overlong, pad_id)
-            parts.append(rows)
-            if part:
-                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
-        self.packing_note = "; ".join(notes)
-        return parts[0], parts[1]
+        return self.pack_whole(pairs, tokenizer, lambda part, pad_id: pack_preferences(
+            part, cfg.seq_len, cfg.overlong, pad_id))
 
     @staticmethod
     def weight(batch: dict[str, Tensor]) -> int:
