@@ -112,6 +112,16 @@ __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const
   __syncthreads();
 }
 
+// Rows t < steps of an accumulator tile (row t = step, column = value row) to a [B * T, H, N]
+// tensor of T: dst points at (the chunk's first step, the band's first value row), step_stride
+// is H * N. Padded steps are not written.
+template <class T>
+__device__ __forceinline__ void store_steps(T* dst, int64_t step_stride, int steps, const TileAcc& acc) {
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e)
+    if (TileAcc::row(e) < steps) store<T>(dst, int64_t(TileAcc::row(e)) * step_stride + TileAcc::col(e), acc.x[e]);
+}
+
 // ---- 1. prep ----------------------------------------------------------------------------------
 template <class T, int V, int N>
 __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
@@ -246,10 +256,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
       __syncthreads();
       const TileAcc sa = mma_split(load_split_a(op + Op::inv, L), load_split_b(&zs[0][0], 16), fill_tile_acc(0.f));
       store_tile_acc(&sas[0][0], 16, sa);
-      if (MODE == kStarts)
-#pragma unroll
-        for (int e = 0; e < kTileAcc; ++e)
-          if (TileAcc::row(e) < k.steps) sc.sa[row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e)] = sa.x[e];
+      if (MODE == kStarts) store_steps<float>(sc.sa + row0, H * N, k.steps, sa);
       __syncthreads();
       if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::arb, L), load_split_b(&sas[0][0], 16), y);
     } else if (MODE == kOutputs) {
@@ -259,9 +266,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
     }
     if (MODE == kOutputs) {
       y = mma_split(load_split_a(op + Op::ark, L), load_split_b(&vs[0][0], 16), y);
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e)
-        if (TileAcc::row(e) < k.steps) store<T>(p.y, row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e), y.x[e]);
+      store_steps<T>(static_cast<T*>(p.y) + row0, H * N, k.steps, y);
     }
     __syncthreads();  // every lane has read S
 
@@ -322,9 +327,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
       const TileAcc dz =
           mma_split(load_split_a_transposed(op + Op::inv, L), load_split_b(&dsas[0][0], 16), fill_tile_acc(0.f));
       store_tile_acc(&dzs[0][0], 16, dz);
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e)
-        if (TileAcc::row(e) < k.steps) sc.dsa[row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e)] = dz.x[e];
+      store_steps<float>(sc.dsa + row0, H * N, k.steps, dz);
       __syncthreads();
     }
     // dV = A_rk^T dY + k^ dS^T (+ A_ak^T dZ)
@@ -333,10 +336,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     for (int kt = 0; kt < KT; ++kt)
       dv = mma_split(load_split_a(op + Op::kh + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dv);
     if (V == 7) dv = mma_split(load_split_a_transposed(op + Op::aak, L), load_split_b(&dzs[0][0], 16), dv);
-#pragma unroll
-    for (int e = 0; e < kTileAcc; ++e)
-      if (TileAcc::row(e) < k.steps)
-        store<T>(p.grad_v, row0 + int64_t(TileAcc::row(e)) * H * N + TileAcc::col(e), dv.x[e]);
+    store_steps<T>(static_cast<T*>(p.grad_v) + row0, H * N, k.steps, dv);
     __syncthreads();  // every lane has read dS
 
     // dS (for the state before the chunk) = dS diag(gamma) + dY^T r~ (+ dZ^T a~)
