@@ -187,7 +187,8 @@ def chat_record(user: str, assistant: str) -> dict:
 def make_run_inputs(
     root: Path, layers: int = 2, hidden: int = 64, docs: int = 48, seed: int = 0
 ) -> dict[str, Path]:
-    """root/teacher, root/student (converted, fp32), root/text.jsonl, root/chat.jsonl,
+    """root/teacher, root/student (converted, fp32), root/hybrid (the same with layer 0's
+    attention kept; the teacher has 2 layers by default), root/text.jsonl, root/chat.jsonl,
     root/prefs.jsonl (preference pairs: the chain's next word chosen, a random word rejected)."""
     from arwkv.convert import convert_checkpoint
 
@@ -196,6 +197,8 @@ def make_run_inputs(
     teacher.save_pretrained(root / "teacher")
     word_tokenizer().save_pretrained(root / "teacher")
     convert_checkpoint(root / "teacher", root / "student", head_size=16, dtype="fp32")
+    # a hybrid: layer 0 keeps the teacher's attention, so layer 1 is the first time mixer
+    convert_checkpoint(root / "teacher", root / "hybrid", head_size=16, dtype="fp32", wkv_layers=[1])
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, 40, (docs,), generator=g).tolist()
     with (root / "text.jsonl").open("w") as f:
@@ -216,6 +219,7 @@ def make_run_inputs(
     return {
         "teacher": root / "teacher",
         "student": root / "student",
+        "hybrid": root / "hybrid",
         "text": root / "text.jsonl",
         "chat": root / "chat.jsonl",
         "prefs": root / "prefs.jsonl",

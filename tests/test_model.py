@@ -391,6 +391,79 @@ def test_hybrid_mixes_attention_and_time_mixing_consistently(wkv):
     assert torch.equal(out[0, 7:], out_a[0, 4:]) and torch.equal(out[1, 7:], out_b[0, 7:])
 
 
+def doc_rows(lengths: list[list[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Rows of documents (``lengths``: per row, its documents' lengths, summing to one T):
+    input_ids [B, T], cu_seqlens over the B * T tokens, and each document's ids [1, n]."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, VOCAB, (1, n), generator=g) for row in lengths for n in row]
+    ids = torch.cat(docs, 1).view(len(lengths), -1)
+    cu = torch.tensor([0] + [n for row in lengths for n in row]).cumsum(0)
+    return ids, cu, docs
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("wkv,wkv_layers", [(7, [1]), (6, [0, 2]), (7, None)])
+def test_packed_rows_equal_each_document_alone(wkv, wkv_layers, attn):
+    """Rows of packed documents (as the stages feed them): every document's logits, and the
+    gradients of a loss over them, are those of the document run alone, in hybrids too (their
+    kept attention layers see only their own document, positions restarting at each)."""
+    hybrid = student_from_teacher(tiny_teacher(seed=4), head_size=32, wkv=wkv, wkv_layers=wkv_layers)
+    hybrid.set_attn_implementation(attn)
+    ids, cu, docs = doc_rows([[5, 1, 11], [17], [3, 8, 6]], seed=14)
+    packed = hybrid(ids, cu_seqlens=cu, use_cache=False).logits  # [3, 17, V]
+    alone = torch.cat([hybrid(d, use_cache=False).logits for d in docs], 1).view_as(packed)
+    assert rel_error(packed, alone) <= 1e-5
+    weights = torch.randn(packed.shape, generator=torch.Generator().manual_seed(15))
+    grads = []
+    for logits in (packed, alone):
+        hybrid.zero_grad()
+        (logits * weights).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in hybrid.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        assert rel_error(a, b) <= 1e-4
+
+
+def varlen_attention(module, query, key, value, attention_mask, *, cu_seq_lens_q, cu_seq_lens_k,
+                     max_length_q, max_length_k, scaling=None, **kwargs):
+    """flash attention's variable-length contract in plain torch (no flash-attn here): query
+    [1, H, L, d] of sequences packed by cu_seq_lens, each attending causally to itself alone;
+    output [1, L, H, d]."""
+    assert attention_mask is None and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+    assert max_length_q == max_length_k == int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.cat(parts, 2).transpose(1, 2), None
+
+
+@torch.no_grad()
+def test_packed_rows_take_flash_attentions_variable_length_path(monkeypatch):
+    """Under flash attention the kept layers get the packed rows as one sequence with its
+    cu_seq_lens (checked against that contract, computed in plain torch), not a mask."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    hybrid = student_from_teacher(tiny_teacher(seed=5), head_size=32, wkv_layers=[1])
+    ids, cu, docs = doc_rows([[4, 9], [13]], seed=16)
+    alone = torch.cat([hybrid(d, use_cache=False).logits for d in docs], 1).view(2, 13, -1)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", varlen_attention)
+    monkeypatch.setattr(hybrid.config, "_attn_implementation", "flash_attention_2")
+    assert rel_error(hybrid(ids, cu_seqlens=cu, use_cache=False).logits, alone) <= 1e-5
+
+
+def test_packed_rows_that_do_not_start_a_sequence_are_refused():
+    hybrid = student_from_teacher(tiny_teacher(), head_size=32, wkv_layers=[1])
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="must each start a sequence"):
+        hybrid(ids, cu_seqlens=torch.tensor([0, 5, 16]), use_cache=False)
+    with pytest.raises(ValueError, match="must run from 0 to 16"):
+        hybrid(ids, cu_seqlens=torch.tensor([0, 8, 12]), use_cache=False)
+    with pytest.raises(ValueError, match="take no attention_mask"):
+        hybrid(ids, cu_seqlens=torch.tensor([0, 8, 16]), attention_mask=torch.ones(2, 8), use_cache=False)
+
+
 def test_hybrid_converts_and_reloads(tmp_path):
     from arwkv.convert import student_from_teacher as convert_in_memory
 

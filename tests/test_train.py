@@ -242,6 +242,11 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in records)
     assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
+    parts = {1: ["layer_0", "layer_1"], 2: ["kl", "ce"], 3: [], 4: ["reward_accuracy", "margin"]}[stage]
+    assert all(f"val_{p}" in records[5] and p in records[5] for p in parts)  # held-out parts too
+    if stage == 1:  # the held-out loss is the mean of the per-layer ones
+        per_layer = (records[5]["val_layer_0"] + records[5]["val_layer_1"]) / 2
+        assert records[5]["val_loss"] == pytest.approx(per_layer)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     try:
@@ -272,6 +277,34 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
         assert "preference pairs, one per row" in err
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_each_stage_trains_a_hybrid(tmp_path, run_inputs, stage):
+    """A student that keeps layer 0's attention: stage 1 aligns its one time mixer and leaves the
+    kept attention alone; stages 2-4 train the whole student, kept attention included, on
+    packed rows; the result loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    from arwkv.trainer import load_student
+
+    out = tmp_path / f"hybrid{stage}"
+    inputs = {**run_inputs, "student": run_inputs["hybrid"]}
+    # lr 1e-3: the transferred hybrid starts close to its teacher (KL ~0.004), 3e-3 overshoots
+    flags = dict(max_steps=4, validation_fraction=0.1, eval_every=1, log_every=100, lr=1e-3)
+    assert main(distill_args(inputs, out, stage, **flags)) == 0
+    records = read_metrics(out)
+    assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["val_loss"] < records[0]["val_loss"]  # the same held-out rows: it learns
+    if stage == 1:
+        assert "layer_1" in records[-1] and "val_layer_1" in records[-1] and "layer_0" not in records[-1]
+    before, after = load_student(run_inputs["hybrid"]), load_student(out / "student")
+    kept = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before.get_parameter(kept), after.get_parameter(kept)) == (stage == 1)
+    student = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
+    assert student.config.wkv_layers == [1]
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.tensor([[3, 4, 5]])).logits).all()
+
+
 def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
     out = tmp_path / "akl"
     assert main(distill_args(run_inputs, out, 2, max_steps=6, kl="adaptive", akl_head=0.5)) == 0
@@ -294,8 +327,9 @@ def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
 # ----------------------------------------------------------------------------- resume, processes
 
 
-@pytest.mark.parametrize("stage", [2, 4])
-def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs, stage):
+@pytest.mark.parametrize("stage,student", [(2, "student"), (4, "student"), (2, "hybrid"), (3, "hybrid")])
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs, stage, student):
+    run_inputs = {**run_inputs, "student": run_inputs[student]}
     args = dict(max_steps=8, save_every=3, micro_batch_size=2, log_every=100)
     whole = run_cli(distill_args(run_inputs, tmp_path / "whole", stage, **args), tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -318,10 +352,14 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_input
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
 
 
-@pytest.mark.parametrize("stage,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp"), (3, "fsdp"), (4, "ddp")])
-def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy):
+@pytest.mark.parametrize("stage,strategy,student", [
+    (1, "ddp", "student"), (2, "ddp", "student"), (2, "fsdp", "student"), (3, "fsdp", "student"),
+    (4, "ddp", "student"), (1, "ddp", "hybrid"), (2, "ddp", "hybrid"), (3, "fsdp", "hybrid"),
+])
+def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy, student):
     """The global batch (4 rows, micro-batches of 2) split over 2 processes gives one process's
-    losses: exactly under DDP, within float tolerance under FSDP2."""
+    losses: exactly under DDP, within float tolerance under FSDP2; for pure and hybrid students."""
+    run_inputs = {**run_inputs, "student": run_inputs[student]}
     args = dict(max_steps=3, micro_batch_size=2, log_every=100)
     one = run_cli(distill_args(run_inputs, tmp_path / "one", stage, **args), tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -259,7 +259,7 @@ class LogitDistillation(nn.Module):
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, labels: Tensor, teacher_hidden: Tensor,
                 teacher_head: Tensor) -> Tensor:
         B, T = input_ids.shape
-        hidden, _ = self.student.model(input_ids.reshape(1, B * T), cu_seqlens=cu_seqlens)
+        hidden, _ = self.student.model(input_ids, cu_seqlens=cu_seqlens)
         targets = next_token_targets(labels).reshape(-1) if self.ce_weight else None
         kl, ce = chunked_logit_losses(hidden.reshape(B * T, -1), self.student.lm_head.weight,
                                       teacher_hidden.reshape(B * T, -1), teacher_head, targets=targets,
@@ -285,7 +285,7 @@ class SequenceLogProbs(nn.Module):
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, labels: Tensor, position_ids: Tensor) -> Tensor:
         B, T = input_ids.shape
-        logits = self.model(input_ids.reshape(1, B * T), cu_seqlens=cu_seqlens, use_cache=False).logits
+        logits = self.model(input_ids, cu_seqlens=cu_seqlens, use_cache=False).logits
         targets = next_token_targets(labels)  # what each position predicts [B, T]
         logp = torch.log_softmax(logits.float().reshape(B, T, -1), dim=-1)
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)

@@ -366,21 +366,54 @@ class RwkvHybridDecoderLayer(nn.Module):
         self.mlp = classes["MLP"](config)
 
     def forward(self, h: Tensor, state: LayerState | None, v_first: Tensor | None, cu_seqlens: Tensor | None,
-                mask: Tensor | None, attention: dict | None) -> tuple[Tensor, LayerState | None, Tensor]:
+                mask: Tensor | None,
+                attention: AttentionInputs | None) -> tuple[Tensor, LayerState | None, Tensor]:
+        """h [B, T, C]. Packed rows (cu_seqlens over the B * T tokens, every row starting a
+        sequence): the time mixer runs them as one sequence [1, B * T, C]; kept attention runs
+        them per row with a block-diagonal mask, or as one sequence on a variable-length path."""
         x = self.input_layernorm(h)
+        B, T, C = x.shape
         if self.is_wkv:
-            mixed, state, v_first = self.self_attn(x, state, v_first, cu_seqlens, mask)
-        else:  # attention: {"position_embeddings", "attention_mask", "cache"}
-            mixed = self.self_attn(x, **attention)[0]
+            flat = cu_seqlens is not None and B > 1
+            mixed, state, v_first = self.self_attn(x.reshape(1, B * T, C) if flat else x, state, v_first,
+                                                   cu_seqlens, mask)
+            mixed = mixed.view(B, T, C)
+        else:
+            mixed = self.self_attn(x.reshape(1, B * T, C) if attention.flat else x, **attention.kwargs)[0]
+            mixed = mixed.view(B, T, C)
         h = h + mixed
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, state, v_first
+
+
+@dataclass
+class AttentionInputs:
+    """What the kept attention layers of a hybrid take besides their input: ``kwargs`` for the
+    teacher family's Attention (position_embeddings, attention_mask, cache, and the
+    variable-length kwargs of flash attention), and whether the [B, T, C] input goes in as
+    one packed sequence [1, B * T, C] (``flat``: flash attention's variable-length path)."""
+
+    kwargs: dict
+    flat: bool = False
+
+
+def packed_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """For ``total`` packed tokens split by cu_seqlens [S + 1]: each token's sequence index and
+    its position inside that sequence (both [total], int64)."""
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    starts = cu_seqlens.long()
+    sequence = torch.searchsorted(starts[1:], tokens, right=True)
+    return sequence, tokens - starts[sequence]
 
 
 class RwkvHybridPreTrainedModel(PreTrainedModel):
     config_class = RwkvHybridConfig
     base_model_prefix = "model"
     _no_split_modules = ["RwkvHybridDecoderLayer"]
+    # the kept attention layers of a hybrid run through transformers' attention functions:
+    # attn_implementation="eager" / "sdpa" / "flash_attention_2" chooses among them
+    _supports_sdpa = True
+    _supports_flash_attn = True
     supports_gradient_checkpointing = True  # gradient_checkpointing_enable() sets the model's flag
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -420,19 +453,21 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
                 attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerState | None]]:
         """input_ids: [B, T]; cache: what earlier calls left (its recurrent states are read, its
         attention keys/values extended in place); attention_mask: [B, past + T] (or [B, T]) with
-        0 at left padding. Returns the final hidden states [B, T, C] and the per-layer recurrent
-        state after the last token (None for kept attention layers)."""
+        0 at left padding; cu_seqlens: int [S + 1], S sequences packed along the B * T tokens
+        (each row starting one; no cache, no attention_mask). Returns the final hidden states
+        [B, T, C] and the per-layer recurrent state after the last token (None for kept
+        attention layers)."""
         B, T = input_ids.shape
         state = cache.layers if cache is not None else None
-        if cu_seqlens is not None and (state is not None or self.rotary_emb is not None):
-            raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) need a model without kept "
-                             "attention layers and start from zero state (pass no cache)")
+        if cu_seqlens is not None:
+            self._check_packed(cu_seqlens, B, T, cache, attention_mask)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, -T:]
         attention = None
         if self.rotary_emb is not None:
-            attention = self._attention_inputs(input_ids, cache, attention_mask)
+            attention = (self._packed_attention_inputs(cu_seqlens, B, T) if cu_seqlens is not None
+                         else self._attention_inputs(input_ids, cache, attention_mask))
         h = self.embed_tokens(input_ids)
         v_first, new_state = None, []
         for i, layer in enumerate(self.layers):
@@ -445,8 +480,50 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
             new_state.append(s)
         return self.norm(h), new_state
 
+    @staticmethod
+    def _check_packed(cu_seqlens: Tensor, B: int, T: int, cache: RwkvHybridCache | None,
+                      attention_mask: Tensor | None) -> None:
+        """Packed rows start from zero state, without padding masks, and (B > 1) every row
+        starts a sequence: nothing may flow from one row into the next."""
+        if cache is not None and (cache.layers is not None or cache.keys):
+            raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) start from zero state: "
+                             "pass no cache")
+        if attention_mask is not None:
+            raise ValueError("rwkv_hybrid: packed sequences (cu_seqlens) take no attention_mask "
+                             "(padding is a sequence of its own)")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * T:
+            raise ValueError(f"rwkv_hybrid: cu_seqlens must run from 0 to {B * T} (the B * T tokens "
+                             f"of input_ids [{B}, {T}]), got {int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
+        if B > 1:
+            row_starts = torch.arange(0, B * T, T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+            if not bool(torch.isin(row_starts, cu_seqlens).all()):
+                raise ValueError(f"rwkv_hybrid: packed rows of input_ids [{B}, {T}] must each start a "
+                                 "sequence (cu_seqlens must hold every multiple of T)")
+
+    def _packed_attention_inputs(self, cu_seqlens: Tensor, B: int, T: int) -> AttentionInputs:
+        """Kept attention on packed rows: no attention across sequence boundaries, positions
+        restarting at each sequence, so each sequence is computed as it would be alone. Flash
+        attention takes the sequences as one variable-length batch; the other implementations
+        (eager, sdpa) a block-diagonal causal mask per row [B, 1, T, T]."""
+        sequence, positions = packed_positions(cu_seqlens, B * T)
+        x = self.embed_tokens.weight[:1].unsqueeze(0)  # only its dtype and device matter
+        if self.config._attn_implementation.startswith("flash_attention"):
+            cu = cu_seqlens.to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            kwargs = {"position_embeddings": self.rotary_emb(x, positions.view(1, B * T)),
+                      "attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                      "max_length_q": longest, "max_length_k": longest}
+            return AttentionInputs(kwargs, flat=True)
+        sequence = sequence.view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).tril()
+        allowed = causal & (sequence[:, :, None] == sequence[:, None, :])  # [B, T, T]
+        additive = torch.zeros(B, 1, T, T, dtype=x.dtype, device=sequence.device)
+        additive.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
+        return AttentionInputs({"position_embeddings": self.rotary_emb(x, positions.view(B, T)),
+                                "attention_mask": additive})
+
     def _attention_inputs(self, input_ids: Tensor, cache: RwkvHybridCache | None,
-                          attention_mask: Tensor | None) -> dict:
+                          attention_mask: Tensor | None) -> AttentionInputs:
         """Rotary embeddings and an additive causal + padding mask [B, 1, T, past + T] for the
         attention layers a hybrid keeps (positions count real tokens only, so a left-padded row
         sees the positions it would alone)."""
@@ -463,8 +540,8 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         additive = torch.zeros(B, 1, T, past + T, dtype=dtype, device=full.device)
         additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
         x = self.embed_tokens.weight[:1].unsqueeze(0)  # only its dtype and device matter
-        return {"position_embeddings": self.rotary_emb(x, position_ids), "attention_mask": additive,
-                "cache": cache}
+        return AttentionInputs({"position_embeddings": self.rotary_emb(x, position_ids),
+                                "attention_mask": additive, "cache": cache})
 
 
 class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
@@ -513,7 +590,9 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
                 logits_to_keep: int = 0, **kwargs) -> RwkvHybridCausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (0 at left padding); cache: continue from
         it (updated in place and returned); labels [B, T]: next-token cross-entropy (-100 is
-        ignored); cu_seqlens: packed sequences (B = 1). logits_to_keep > 0 keeps the last ones.
+        ignored); cu_seqlens [S + 1]: S sequences packed along the B * T tokens, each row
+        starting one (the loss still runs across them: give -100 labels at sequence starts).
+        logits_to_keep > 0 keeps the last ones.
         """
         if use_cache is not False and cache is None and self.model.rotary_emb is not None:
             cache = RwkvHybridCache()  # kept attention layers append their keys/values to it

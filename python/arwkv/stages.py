@@ -207,18 +207,9 @@ class AlignmentStage(Stage):
 
 
 class WholeStudentStage(Stage):
-    """What stages 2 and 3 share: the whole student runs and trains (but --freeze-mlp /
-    --freeze-embeddings parts), on the device, on packed rows."""
-
-    def check_student(self, student):
-        # Packed rows hold several documents, told apart by cu_seqlens; the model takes
-        # cu_seqlens only when every layer is a time mixer (its kept softmax-attention layers
-        # have no per-document masking), so a hybrid student cannot run on them.
-        if student.model.rotary_emb is not None:
-            raise ConfigError(
-                f"--student {self.cfg.student} is a hybrid (it keeps attention layers): stages 2-3 "
-                "train on packed rows, which the model takes only when every layer is a time mixer"
-            )
+    """What stages 2-4 share: the whole student runs and trains (but --freeze-mlp /
+    --freeze-embeddings parts), on the device, on packed rows. A hybrid's kept attention layers
+    train too, and attend only within each packed document (see RwkvHybridModel)."""
 
     def place(self, student, device):
         student.to(device)
@@ -311,13 +302,9 @@ class SftStage(WholeStudentStage):
         self.roots = [self.model] if place.world > 1 else []
 
     def micro_step(self, batch, scale, backward=True):
-        B, T = batch["input_ids"].shape
         with torch.set_grad_enabled(backward):
             out = self.model(
-                batch["input_ids"].reshape(1, B * T),
-                cu_seqlens=batch["cu_seqlens"],
-                labels=batch["labels"].reshape(1, B * T),
-                use_cache=False,
+                batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"], use_cache=False
             )
             # no assistant token in this micro-batch: weight 0, but the backward still runs
             # (DDP/FSDP expect every rank's) and contributes zeros, not NaN

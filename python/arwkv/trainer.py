@@ -283,7 +283,11 @@ def train(cfg: DistillConfig) -> Path:
                 "tokens_per_s": tokens_per_step / (time.perf_counter() - began),
             }
             if val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
-                record["val_loss"] = validate(stage, val_rows, micro, place, autocast)
+                # held-out means of the loss and of its parts (stage 1: val_layer_I per layer,
+                # which arwkv hybridize reads to choose the layers that keep attention)
+                held_out = validate(stage, val_rows, micro, place, autocast)
+                record["val_loss"] = held_out[0]
+                record.update({f"val_{name}": v for name, v in zip(stage.parts, held_out[1:], strict=True)})
             if log is not None:
                 log.write(record)
             progress.update(done, record["loss"], lr, record["tokens_per_s"])
@@ -348,19 +352,19 @@ def _full(value: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def validate(stage: Stage, rows: list, micro: int, place: Place, autocast) -> float:
-    """Mean loss over the validation tokens (stage 3: labelled ones), micro-batches shared out over
-    the ranks. Every rank makes the same number of forward calls (FSDP's are collective): a rank
-    short of work repeats the first micro-batch with weight 0."""
+def validate(stage: Stage, rows: list, micro: int, place: Place, autocast) -> list[float]:
+    """[loss, ...parts], each its mean over the validation tokens (stage 3: labelled ones),
+    micro-batches shared out over the ranks. Every rank makes the same number of forward calls
+    (FSDP's are collective): a rank short of work repeats the first micro-batch with weight 0."""
     chunks = [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(len(stage.parts) + 2, dtype=torch.float64)  # weighted sums, then the weight
     for j in range(math.ceil(len(chunks) / place.world)):
         index = place.rank + j * place.world
         batch = collate([rows[i] for i in chunks[index if index < len(chunks) else 0]])
         weight = float(stage.weight(batch)) if index < len(chunks) else 0.0
         with autocast:
-            loss = stage.micro_step(to_device(batch, place.device), scale=1.0, backward=False)[0]
-        total += torch.tensor([loss * weight, weight], dtype=torch.float64)
+            values = stage.micro_step(to_device(batch, place.device), scale=1.0, backward=False)
+        total += torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64)
     if place.world > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1].clamp(min=1))
+    return (total[:-1] / total[-1].clamp(min=1)).tolist()
