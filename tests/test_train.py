@@ -327,7 +327,8 @@ def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
 # ----------------------------------------------------------------------------- resume, processes
 
 
-@pytest.mark.parametrize("stage,student", [(2, "student"), (4, "student"), (2, "hybrid"), (3, "hybrid")])
+@pytest.mark.parametrize("stage,student", [(2, "student"), (4, "student"), (2, "hybrid"), (3, "hybrid"),
+                                           (4, "hybrid")])
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs, stage, student):
     run_inputs = {**run_inputs, "student": run_inputs[student]}
     args = dict(max_steps=8, save_every=3, micro_batch_size=2, log_every=100)
@@ -355,6 +356,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_input
 @pytest.mark.parametrize("stage,strategy,student", [
     (1, "ddp", "student"), (2, "ddp", "student"), (2, "fsdp", "student"), (3, "fsdp", "student"),
     (4, "ddp", "student"), (1, "ddp", "hybrid"), (2, "ddp", "hybrid"), (3, "fsdp", "hybrid"),
+    (4, "ddp", "hybrid"),
 ])
 def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy, student):
     """The global batch (4 rows, micro-batches of 2) split over 2 processes gives one process's
