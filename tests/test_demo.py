@@ -12,7 +12,7 @@ import torch
 
 import arwkv_ext
 from arwkv.cli import build_parser, main
-from arwkv.demo import ASSETS, DemoPlan, run_demo
+from arwkv.demo import ASSETS, DemoPlan, render_report, run_demo
 from arwkv.gguf_export import read_back
 
 TEACHER = ASSETS / "teacher"
@@ -61,6 +61,29 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     student_rows, teacher_rows = saved["decode"]["student"], saved["decode"]["teacher"]
     assert student_rows[0]["cache_bytes"] == student_rows[1]["cache_bytes"]  # constant state
     assert teacher_rows[1]["cache_bytes"] > teacher_rows[0]["cache_bytes"]  # a growing KV cache
+    # loss by position of both on held-out sequences (long_context), and cache bytes per token
+    plan, lc = DemoPlan.quick(), saved["long_context"]
+    assert [m["name"] for m in lc["models"]] == ["teacher", "student"]
+    assert lc["trained_at"] == {"teacher": 256, "student": plan.seq_len}
+    for m in lc["models"]:
+        loss = m["loss_by_position"]
+        assert loss["buckets"][0]["start"] == 1 and loss["buckets"][-1]["end"] == plan.long_context_len
+        assert loss["sequences"] == plan.long_context_sequences
+        assert sum(b["tokens"] for b in loss["buckets"]) == loss["tokens"]
+        assert loss["tokens"] == plan.long_context_sequences * (plan.long_context_len - 1)
+    cache = {m["name"]: m["cache_bytes"] for m in lc["models"]}
+    kv_per_token = 2 * 4 * 2 * 32 * 4  # keys and values x 4 layers x 2 KV heads x head dim 32 x float32
+    assert cache["teacher"] == {"constant": 0, "per_token": kv_per_token, "lengths": [16, 48]}
+    assert cache["student"]["per_token"] == 0
+    assert cache["student"]["constant"] == student_rows[0]["cache_bytes"]  # the recurrent state
+    assert (out / "long_context.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["timings"]["long_context_s"] > 0
+    assert "## Loss by position (2 held-out sequences of 64 tokens)" in md
+    assert "per token of context (prefills of 16 and 48 tokens): teacher 2048 bytes, student 0 bytes" in md
+    teacher_all = f"{lc['models'][0]['loss_by_position']['mean_loss']:.3f}"
+    assert f"| all | {2 * 63} | {teacher_all} |" in md and "`long_context.png`" in md
+    older = render_report({k: v for k, v in saved.items() if k != "long_context"})  # an earlier demo's
+    assert "Loss by position" not in older and "long_context.png" not in older
     assert "arwkv demo: stage 2" in capsys.readouterr().err
     # running it again replaces the earlier demo; a directory that is not a demo's is refused
     (tmp_path / "mine").mkdir()

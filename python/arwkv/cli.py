@@ -7,7 +7,9 @@ stage 4 is DPO on preference pairs.
 commands:
   convert   teacher checkpoint directory -> student checkpoint directory
   distill   train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)
-  eval      perplexity and tokens/s on a dataset, or an lm-evaluation-harness task
+  hybridize a student -> a hybrid that keeps the teacher's attention where it aligns worst
+  eval      perplexity, tokens/s and cache bytes on a dataset, long-context curves and passkey
+            retrieval, or an lm-evaluation-harness task
   generate  stream a continuation of a prompt
   export    a student as a GGUF file that llama.cpp runs (its arwkv7 architecture)
   plot      draw a run's loss curves
@@ -97,18 +99,74 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Perplexity and tokens/s of a checkpoint on a dataset, and/or an lm-evaluation-harness task, as JSON."""
-    from .evaluate import evaluate, lm_eval_task
+    """Perplexity, tokens/s and cache memory of a checkpoint on a dataset, and/or an
+    lm-evaluation-harness task, as JSON; or (--long-context) loss by position and passkey retrieval
+    of one or more checkpoints, as JSON and OUT/long_context.{json,png}."""
+    from .evaluate import evaluate, lm_eval_task, measure_cache_bytes
 
+    # the flags only --long-context reads (None unless given), and those it does not read
+    long_only = {"out": "--out", "max_len": "--max-len", "buckets": "--buckets",
+                 "bucket_spacing": "--bucket-spacing", "max_sequences": "--max-sequences",
+                 "passkey_lengths": "--passkey-lengths", "passkey_depths": "--passkey-depths",
+                 "passkey_trials": "--passkey-trials"}
+    not_long = {"lm_eval_task": "--lm-eval-task", "limit": "--limit", "seq_len": "--seq-len (see --max-len)",
+                "max_tokens": "--max-tokens (see --max-sequences)"}
+    if args.long_context:
+        from .long_context import (
+            LongContextSettings,
+            evaluate_long_context,
+            parse_buckets,
+            parse_fractions,
+            parse_ints,
+        )
+
+        if not args.out:
+            raise ValueError("--long-context needs --out DIR (for long_context.json and long_context.png)")
+        stray = [flag for name, flag in not_long.items() if getattr(args, name) is not None]
+        if stray:
+            raise ValueError(f"--long-context does not read {', '.join(stray)}")
+        given = {
+            "max_len": args.max_len,
+            "buckets": None if args.buckets is None else parse_buckets(args.buckets),
+            "bucket_spacing": args.bucket_spacing,
+            "max_sequences": args.max_sequences,
+            "passkey_lengths": None if args.passkey_lengths is None
+            else parse_ints(args.passkey_lengths, "--passkey-lengths"),
+            "passkey_depths": None if args.passkey_depths is None
+            else parse_fractions(args.passkey_depths, "--passkey-depths"),
+            "passkey_trials": args.passkey_trials,
+            "batch_size": args.batch_size,
+        }
+        settings = LongContextSettings(
+            data=args.data, validation_fraction=args.validation_fraction, seed=args.seed, device=args.device,
+            dtype=args.dtype, **{k: v for k, v in given.items() if v is not None})
+
+        def log(line: str) -> None:
+            print(f"arwkv eval: {line}", file=sys.stderr, flush=True)
+
+        report = evaluate_long_context(args.model, args.out, settings, log=log)
+        print(json.dumps(report, indent=2))  # one JSON object, as OUT/long_context.json holds it
+        return 0
+    stray = [flag for name, flag in long_only.items() if getattr(args, name) is not None]
+    if stray:
+        raise ValueError(f"{', '.join(stray)}: only with --long-context")
+    if len(args.model) > 1:
+        raise ValueError(f"--model: {len(args.model)} directories given; one, unless --long-context "
+                         "(which compares several)")
+    model = args.model[0]
     if not args.data and not args.lm_eval_task:
         raise ValueError("give --data (perplexity) and/or --lm-eval-task (an lm_eval task file)")
     report = {}
     if args.data:
-        report = evaluate(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        report = evaluate(model, args.data, seq_len=512 if args.seq_len is None else args.seq_len,
+                          batch_size=8 if args.batch_size is None else args.batch_size,
                           validation_fraction=args.validation_fraction, seed=args.seed,
                           max_tokens=args.max_tokens, device=args.device, dtype=args.dtype)
+        report["cache_bytes"] = measure_cache_bytes(model, args.data, seed=args.seed, device=args.device,
+                                                    validation_fraction=args.validation_fraction,
+                                                    dtype=args.dtype)
     if args.lm_eval_task:
-        report["lm_eval"] = lm_eval_task(args.model, args.lm_eval_task, limit=args.limit, device=args.device,
+        report["lm_eval"] = lm_eval_task(model, args.lm_eval_task, limit=args.limit, device=args.device,
                                          dtype=args.dtype)
     print(json.dumps(report, indent=2))  # one JSON object
     return 0
@@ -187,6 +245,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hybridize(args: argparse.Namespace) -> int:
+    """A student -> a hybrid that keeps the teacher's attention where the student does worst."""
+    import time
+    from pathlib import Path
+
+    from .hybridize import hybridize, render_scores
+
+    start = time.perf_counter()
+    student = args.student
+    if student is None:  # a stage-1 run's own student by default
+        if args.run_dir is None:
+            raise ValueError("give --student DIR (or --run RUN_DIR, whose RUN_DIR/student is the default)")
+        student = str(Path(args.run_dir) / "student")
+    result = hybridize(args.teacher, student, args.out, keep=args.keep, layers=args.layers, run=args.run_dir,
+                       data=args.data, rows=args.rows, seq_len=args.seq_len, batch_size=args.batch_size,
+                       validation_fraction=args.validation_fraction, seed=args.seed, loss=args.loss,
+                       device=args.device, pick=args.pick, overwrite=args.overwrite)
+    print(render_scores(result.report))
+    print(f"arwkv hybridize: wrote {result.path} in {time.perf_counter() - start:.1f} s "
+          "(next: arwkv distill --stage 2 re-tunes the hybrid)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``arwkv`` command line: one subcommand per job."""
     from .demo import DemoPlan
@@ -240,25 +321,57 @@ def build_parser() -> argparse.ArgumentParser:
                            "wins). Under torchrun the same command trains on every process.")
     add_arguments(distill)
 
-    evaluate = _add_command(commands, "eval", "perplexity and tokens/s of a checkpoint on a dataset", _eval,
-                            description="Perplexity and tokens/s of a checkpoint on a dataset (--data), "
-                            "and/or its lm-evaluation-harness scores on a local task file, as one JSON "
-                            "object.")
-    evaluate.add_argument("--model", required=True, metavar="DIR",
-                          help="checkpoint directory (student or teacher)")
+    from .long_context import SPACINGS, LongContextSettings
+
+    long_context = LongContextSettings()
+    evaluate = _add_command(commands, "eval", "perplexity, speed, cache bytes; long-context curves", _eval,
+                            description="Perplexity, tokens/s and cache memory (bytes constant and per "
+                            "token of context) of a checkpoint on a dataset (--data), and/or its "
+                            "lm-evaluation-harness scores on a local task file, as one JSON object. With "
+                            "--long-context: loss by position (--data) and passkey retrieval of one or more "
+                            "checkpoints (teacher and student side by side), as one JSON object, also "
+                            "written to OUT/long_context.json with the figure OUT/long_context.png.")
+    evaluate.add_argument("--model", required=True, metavar="DIR", nargs="+", action="extend",
+                          help="checkpoint directory (student or teacher); several only with --long-context")
     evaluate.add_argument("--data", help="same formats as arwkv distill --data")
     evaluate.add_argument("--lm-eval-task", metavar="YAML",
                           help="also score with lm-evaluation-harness (hf backend) on this local task file")
     evaluate.add_argument("--limit", type=int, help="lm_eval: at most this many documents (default: all)")
-    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per scored window (default: 512)")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="windows per forward (default: 8; with --long-context sequences or passkey "
+                          f"prompts per forward, default {long_context.batch_size})")
     evaluate.add_argument("--validation-fraction", type=float, default=0.0,
                           help="score only the validation split that arwkv distill makes with this "
                           "fraction and --seed (0: all of --data)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the validation split and the passkeys")
     evaluate.add_argument("--max-tokens", type=int, help="stop after about this many tokens (default: all)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto: the GPU when there is one")
     evaluate.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype the model runs in")
+    evaluate.add_argument("--long-context", action="store_true",
+                          help="loss by position and passkey retrieval instead of perplexity (needs --out)")
+    evaluate.add_argument("--out", metavar="DIR", help="--long-context: where long_context.json and "
+                          "long_context.png go (default: none; required with --long-context)")
+    evaluate.add_argument("--max-len", type=int, metavar="TOKENS",
+                          help=f"--long-context: sequence length scored by position, and the longest passkey "
+                          f"prompt (default: {long_context.max_len})")
+    evaluate.add_argument("--buckets", metavar="N|E0,E1,...",
+                          help="--long-context: N position buckets from 1 to --max-len, or their edges "
+                          f"(bucket i is positions [Ei, Ei+1)) (default: {long_context.buckets})")
+    evaluate.add_argument("--bucket-spacing", choices=SPACINGS,
+                          help="--long-context: spacing of N buckets "
+                          f"(default: {long_context.bucket_spacing})")
+    evaluate.add_argument("--max-sequences", type=int, metavar="N",
+                          help="--long-context: score at most the first N sequences of --data (default: all)")
+    evaluate.add_argument("--passkey-lengths", metavar="L1,L2,...",
+                          help="--long-context: total passkey prompt lengths in tokens (default: powers of "
+                          "two from 256 up to --max-len, and --max-len)")
+    evaluate.add_argument("--passkey-depths", metavar="D1,D2,...",
+                          help="--long-context: key depths, the fraction of the filler before the key, in "
+                          f"[0, 1] (default: {','.join(f'{d:g}' for d in long_context.passkey_depths)})")
+    evaluate.add_argument("--passkey-trials", type=int, metavar="N",
+                          help="--long-context: random keys per (length, depth), from --seed; 0: no passkey "
+                          f"retrieval (default: {long_context.passkey_trials})")
 
     export = _add_command(commands, "export", "write a student as a GGUF file for llama.cpp", _export,
                           description="Write a student as a GGUF file of llama.cpp's arwkv7 architecture "
@@ -271,6 +384,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help="type of the large matrices (norms, vectors and the time mixers' low-rank "
                         "matrices stay f32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
+
+    hybrid = _add_command(commands, "hybridize",
+                          "restore the teacher's attention where the student does worst", _hybridize,
+                          description="Give the teacher's attention back to the K time-mixing layers "
+                          "with the highest stage-1 alignment loss (--pick best: the lowest), and write the "
+                          "result as a new student checkpoint (a hybrid) with OUT/hybridize.json. Scores "
+                          "come from a stage-1 run's held-out per-layer losses (--run) or are measured on "
+                          "--data; --layers names the layers by hand. Stage 2 afterwards re-tunes the "
+                          "hybrid.")
+    hybrid.add_argument("--teacher", required=True, metavar="DIR", help="the student's teacher checkpoint")
+    hybrid.add_argument("--student", metavar="DIR",
+                        help="student checkpoint directory (default: RUN_DIR/student with --run)")
+    hybrid.add_argument("--out", required=True, metavar="DIR", help="hybrid checkpoint directory to write")
+    hybrid.add_argument("--keep", type=int, metavar="K", help="time-mixing layers that get attention back")
+    hybrid.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                        metavar="I,J,...", help="instead of --keep: these layers get attention back")
+    hybrid.add_argument("--pick", choices=["worst", "best"], default="worst",
+                        help="worst: the K layers with the highest alignment loss; best: the K lowest "
+                        "(an ablation)")
+    hybrid.add_argument("--run", metavar="RUN_DIR", dest="run_dir",  # args.run is the command's function
+                        help="scores: the latest held-out val_layer_* of a stage-1 run (made with "
+                        "--validation-fraction)")
+    hybrid.add_argument("--data", help="scores: measured on this text (same formats as arwkv distill --data)")
+    hybrid.add_argument("--rows", type=int, default=64, help="--data: packed rows to measure on")
+    hybrid.add_argument("--seq-len", type=int, default=512, help="--data: tokens per row")
+    hybrid.add_argument("--batch-size", type=int, default=8, help="--data: rows per forward")
+    hybrid.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="--data: measure on the validation split arwkv distill makes with this fraction "
+                        "and --seed (0: all of --data)")
+    hybrid.add_argument("--seed", type=int, default=0, help="--data: packing order and split")
+    hybrid.add_argument("--loss", choices=["rms", "mse"], default="rms", help="--data: stage 1's loss")
+    hybrid.add_argument("--device", choices=DEVICES, default="auto",
+                        help="--data: where the measurement runs")
+    hybrid.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     plot = _add_command(commands, "plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl", _plot)
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of arwkv distill (its --out)")

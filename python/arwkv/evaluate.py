@@ -128,6 +128,70 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+@torch.no_grad()
+def cache_growth(model, token_ids: list[int], lengths: tuple[int, int] = (16, 48)) -> dict:
+    """The cache memory of a causal LM (a student or a transformers model) as a function of the
+    context: prefills prompts of lengths[0] and lengths[1] tokens (token_ids [n], repeated when
+    shorter; their content does not matter) with ``use_cache``, counts each cache's bytes
+    (cache_bytes) and fits bytes = constant + per_token * tokens through the two points.
+
+    Returns {"constant": bytes that do not grow with the context (a student's recurrent states),
+    "per_token": bytes each token of context adds (2 x kept attention layers x KV heads x head dim
+    x the element size for a Transformer or a hybrid's kept layers; 0 for a pure student),
+    "lengths": the two prompt lengths}."""
+    short, long = lengths
+    if not 0 < short < long:
+        raise ValueError(f"cache_growth: lengths {lengths} must be 0 < short < long")
+    if not token_ids:
+        raise ValueError("cache_growth: no token ids to make the prompts of")
+    device = next(model.parameters()).device
+    measured = []
+    for n in (short, long):
+        ids = torch.tensor([(list(token_ids) * (n // len(token_ids) + 1))[:n]], device=device)
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        measured.append(cache_bytes(cache if cache is not None else out.past_key_values))
+    per_token = (measured[1] - measured[0]) / (long - short)
+    constant = measured[0] - per_token * short
+    return {"constant": _integral(constant), "per_token": _integral(per_token), "lengths": [short, long]}
+
+
+def _integral(x: float) -> int | float:
+    """x as an int when it is a whole number (bytes usually are)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def measure_cache_bytes(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "fp32",
+    lengths: tuple[int, int] = (16, 48),
+) -> dict:
+    """``cache_growth`` of the checkpoint ``model_dir`` on prompts made of the first tokens of
+    ``data`` (its validation split with a fraction > 0, as ``evaluate`` scores it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_checkpoint_dir(model_dir, "--model")
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype_from_name(dtype))
+        .to(dev)
+        .eval()
+    )
+    docs = tokenize_documents(iter_records(data), tokenizer)
+    if validation_fraction:
+        docs = split_documents(docs, validation_fraction, seed)[1]
+    ids = [t for d in docs[: lengths[1]] for t in d][: lengths[1]]
+    if not ids:
+        raise DataError(f"{data} gives no text to make the cache-measuring prompts of")
+    return cache_growth(model, ids, lengths)
+
+
 def decoding_method(steps: int, repeats: int, warmup: int) -> dict:
     """What ``decoding_speed`` measures with these settings, for reports next to its numbers."""
     return {
