@@ -17,7 +17,14 @@ import torch
 from arwkv.cli import main
 from arwkv.convert import convert_checkpoint
 from arwkv.distill_config import DistillConfig
-from arwkv.hybridize import HybridizeError, choose_layers, hybridize, measure_scores, scores_from_run
+from arwkv.hybridize import (
+    HybridizeError,
+    choose_layers,
+    hybridize,
+    measure_restore_gains,
+    measure_scores,
+    scores_from_run,
+)
 from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from arwkv.monitor import read_metrics
 from fixtures import WORDS, make_run_inputs, tiny_teacher
@@ -252,6 +259,52 @@ def test_data_measurement_scores_and_chooses(inputs, tmp_path, capsys):
     assert report2["pick"] == "given" and report2["scores"] == pytest.approx(report["scores"])
 
 
+def kl_to_teacher(teacher_dir: Path, student_dir: Path, data: Path, rows: int, seq_len: int) -> float:
+    """The student's KL(teacher || student) per token on the first rows of data, computed
+    directly with stage 2's objective (a real checkpoint each time: no module swapping)."""
+    from transformers import AutoTokenizer
+
+    from arwkv.data import collate, pack_documents, tokenize_documents
+    from arwkv.data import iter_records as records
+    from arwkv.distill import LogitDistillation
+    from arwkv.trainer import load_student, load_teacher
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
+    batch = collate(pack_documents(tokenize_documents(records(data), tokenizer), seq_len, 0)[:rows])
+    teacher = load_teacher(teacher_dir, torch.device("cpu"))
+    student = load_student(student_dir).eval()
+    with torch.no_grad():
+        hidden = teacher.model(batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).last_hidden_state
+        parts = LogitDistillation(student)(batch["input_ids"], batch["cu_seqlens"], batch["labels"], hidden,
+                                           teacher.get_output_embeddings().weight)
+    return float(parts[1])
+
+
+def test_restore_gains_are_what_each_single_layer_hybrid_gains(inputs, tmp_path, capsys):
+    """--score restore: a layer's gain is the student's KL minus the KL of the hybrid that keeps
+    only that layer's attention (written by hybridize --layers, then measured directly), and the
+    CLI keeps attention where the gains are largest."""
+    gains = measure_restore_gains(inputs["teacher"], inputs["trained"], inputs["text"], rows=4, seq_len=24,
+                                  batch_size=3, device="cpu")
+    assert sorted(gains.scores) == list(range(LAYERS)) and gains.source["kind"] == "restore"
+    base = kl_to_teacher(inputs["teacher"], inputs["trained"], inputs["text"], 4, 24)
+    assert gains.source["kl"] == pytest.approx(base, rel=1e-5)
+    for i in range(LAYERS):
+        single = hybridize(inputs["teacher"], inputs["trained"], tmp_path / f"only{i}", layers=[i]).path
+        after = kl_to_teacher(inputs["teacher"], single, inputs["text"], 4, 24)
+        assert gains.scores[i] == pytest.approx(base - after, rel=1e-4, abs=1e-7), i
+    assert len({round(v, 6) for v in gains.scores.values()}) == LAYERS  # distinct: a real choice
+    out = tmp_path / "restore"
+    rc, text, _ = run_main(["hybridize", "--teacher", str(inputs["teacher"]), "--student",
+                            str(inputs["trained"]), "--data", str(inputs["text"]), "--rows", "4", "--seq-len",
+                            "24", "--batch-size", "3", "--score", "restore", "--keep", "2", "--device", "cpu",
+                            "--out", str(out)], capsys)
+    assert rc == 0 and "drop of the student's KL" in text
+    report = json.loads((out / "hybridize.json").read_text())
+    assert report["chosen"] == sorted(sorted(gains.scores, key=gains.scores.get)[-2:])
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -289,6 +342,8 @@ def test_bad_requests_are_one_line(inputs, tmp_path, capsys):
     assert "is not a directory" in error("--layers", "1", "--student", str(tmp_path / "nope"))
     assert "--run" in error("--keep", "1", "--run", str(tmp_path / "nope"))
     assert "--data" in error("--keep", "1", "--data", str(tmp_path / "nope.jsonl"))
+    err = error("--keep", "1", "--run", run, "--score", "restore")
+    assert "--score restore is measured here on --data" in err
     # a run of another student: it scores other layers
     other_run = str(write_metrics(tmp_path / "run2", stage1_records({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})))
     err = error("--keep", "1", "--run", other_run)

@@ -261,7 +261,7 @@ def _hybridize(args: argparse.Namespace) -> int:
     result = hybridize(args.teacher, student, args.out, keep=args.keep, layers=args.layers, run=args.run_dir,
                        data=args.data, rows=args.rows, seq_len=args.seq_len, batch_size=args.batch_size,
                        validation_fraction=args.validation_fraction, seed=args.seed, loss=args.loss,
-                       device=args.device, pick=args.pick, overwrite=args.overwrite)
+                       device=args.device, pick=args.pick, score=args.score, overwrite=args.overwrite)
     print(render_scores(result.report))
     print(f"arwkv hybridize: wrote {result.path} in {time.perf_counter() - start:.1f} s "
           "(next: arwkv distill --stage 2 re-tunes the hybrid)")
@@ -388,11 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid = _add_command(commands, "hybridize",
                           "restore the teacher's attention where the student does worst", _hybridize,
                           description="Give the teacher's attention back to the K time-mixing layers "
-                          "with the highest stage-1 alignment loss (--pick best: the lowest), and write the "
-                          "result as a new student checkpoint (a hybrid) with OUT/hybridize.json. Scores "
-                          "come from a stage-1 run's held-out per-layer losses (--run) or are measured on "
-                          "--data; --layers names the layers by hand. Stage 2 afterwards re-tunes the "
-                          "hybrid.")
+                          "that score worst (--pick best: the K best), and write the result as a new student "
+                          "checkpoint (a hybrid) with OUT/hybridize.json. --score alignment: stage 1's "
+                          "per-layer alignment loss, from a stage-1 run's held-out losses (--run) or "
+                          "measured on --data; --score restore: the drop of the student's KL to the teacher "
+                          "when only that layer gets attention back, measured on --data. --layers names the "
+                          "layers by hand. Stage 2 afterwards re-tunes the hybrid.")
     hybrid.add_argument("--teacher", required=True, metavar="DIR", help="the student's teacher checkpoint")
     hybrid.add_argument("--student", metavar="DIR",
                         help="student checkpoint directory (default: RUN_DIR/student with --run)")
@@ -403,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--pick", choices=["worst", "best"], default="worst",
                         help="worst: the K layers with the highest alignment loss; best: the K lowest "
                         "(an ablation)")
+    hybrid.add_argument("--score", choices=["alignment", "restore"], default="alignment",
+                        help="what judges a layer. alignment: its stage-1 alignment loss (from --run, or "
+                        "measured on --data); restore: measured on --data, how much the student's KL to the "
+                        "teacher drops when only that layer gets attention back (end to end; one forward "
+                        "per layer)")
     hybrid.add_argument("--run", metavar="RUN_DIR", dest="run_dir",  # args.run is the command's function
                         help="scores: the latest held-out val_layer_* of a stage-1 run (made with "
                         "--validation-fraction)")
@@ -414,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--data: measure on the validation split arwkv distill makes with this fraction "
                         "and --seed (0: all of --data)")
     hybrid.add_argument("--seed", type=int, default=0, help="--data: packing order and split")
-    hybrid.add_argument("--loss", choices=["rms", "mse"], default="rms", help="--data: stage 1's loss")
+    hybrid.add_argument("--loss", choices=["rms", "mse"], default="rms",
+                        help="--data with --score alignment: stage 1's loss")
     hybrid.add_argument("--device", choices=DEVICES, default="auto",
                         help="--data: where the measurement runs")
     hybrid.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

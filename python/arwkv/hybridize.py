@@ -1,18 +1,23 @@
 """``arwkv hybridize``: give back the teacher's attention in the layers where the student's time
 mixing does worst, and write the result as a new student checkpoint (a hybrid).
 
-Each time-mixing layer gets a score, its stage-1 alignment loss (the RMS error of its output
-against the teacher attention's output on held-out text, ``distill.alignment_loss``), from:
+Each time-mixing layer gets a score (``--score``), the higher the worse its time mixing does:
 
-- a stage-1 run directory (``--run``): the latest record of RUN/metrics.jsonl that holds the
-  held-out per-layer losses ``val_layer_I`` (written when the run had --validation-fraction);
-- or a measurement (``--data``): ``AttentionAligner`` without backward on packed rows of the
-  given text (the same packing and loss as stage 1's validation);
-- or no score at all when ``--layers`` names the layers by hand.
+- ``alignment`` (default): its stage-1 alignment loss (the RMS error of its output against the
+  teacher attention's output on held-out text, ``distill.alignment_loss``), from a stage-1 run
+  directory (``--run``: the latest record of RUN/metrics.jsonl that holds the held-out per-layer
+  losses ``val_layer_I``, written when the run had --validation-fraction), or measured here on
+  ``--data`` (``AttentionAligner`` without backward: the packing and loss of stage 1's
+  validation). Free after stage 1, but a local measure: an error in a layer whose attention
+  output is small scores low, however much the layers after it amplify it.
+- ``restore``: measured on ``--data``, end to end: how much the whole student's KL(teacher ||
+  student) per token drops when that layer alone gets the teacher's attention back
+  (``measure_restore_gains``; one student forward over the rows per layer).
+- none when ``--layers`` names the layers by hand.
 
-``pick="worst"`` keeps attention in the K layers with the highest loss (the ones RNN-style time
-mixing imitates worst), ``"best"`` in the K lowest (the opposite choice, for ablations). A student
-that is already a hybrid keeps its attention layers and gains K more.
+``pick="worst"`` keeps attention in the K layers with the highest score, ``"best"`` in the K
+lowest (the opposite choice, for ablations). A student that is already a hybrid keeps its
+attention layers and gains K more.
 
 The output is a complete student checkpoint: config.json with the new ``wkv_layers``, the
 student's tensors for everything else (norms, MLPs, embeddings, the other time mixers and any
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import re
@@ -46,12 +52,14 @@ import torch
 
 from .configuration_rwkv_hybrid import RwkvHybridConfig
 from .convert import COPIED_FILES, ConversionError, TeacherCheckpoint
+from .data import collate
 from .files import atomic_directory
 from .runtime import torch_dtype_name
 
 Tensor = torch.Tensor
 REPORT = "hybridize.json"
 PICKS = ("worst", "best")
+SCORES = ("alignment", "restore")  # what a layer is judged by (see the module's docstring)
 _VAL_LAYER = re.compile(r"^val_layer_(\d+)$")
 
 
@@ -107,28 +115,11 @@ def measure_scores(teacher_dir: str | os.PathLike, student_dir: str | os.PathLik
     ``validation_fraction`` and ``seed``): stage 1's loss without its backward, the teacher in its
     own dtype, the student's time mixers in float32. With the run's fraction, seed, seq_len and
     all the rows, this is the run's own final ``val_layer_I``."""
-    from transformers import AutoTokenizer
-
-    from .data import DataError, collate, iter_records, pack_documents, split_documents, tokenize_documents
     from .distill import AttentionAligner
-    from .runtime import resolve_device
     from .trainer import load_student, load_teacher
 
-    if rows < 1 or seq_len < 2 or batch_size < 1:
-        raise HybridizeError(f"--rows {rows}, --seq-len {seq_len}, --batch-size {batch_size}: need "
-                             "rows >= 1, seq_len >= 2, batch_size >= 1")
-    if not Path(data).exists():
-        raise HybridizeError(f"--data {data} does not exist")
-    dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
-    docs = tokenize_documents(iter_records(data), tokenizer)
-    if validation_fraction:
-        docs = split_documents(docs, validation_fraction, seed)[1]
-    packed = pack_documents(docs, seq_len, seed)[:rows]
-    if not packed:
-        raise DataError(f"--data {data} gives no row of {seq_len} tokens"
-                        + (f" in its {validation_fraction} validation split" if validation_fraction else "")
-                        + "; use more text or a shorter --seq-len")
+    packed, dev = _measurement_rows(student_dir, data, rows, seq_len, batch_size, validation_fraction, seed,
+                                    device)
     teacher = load_teacher(teacher_dir, dev)
     student = load_student(student_dir).eval()
     for layer in student.model.layers:  # only the time mixers run (on the teacher's inputs)
@@ -148,6 +139,93 @@ def measure_scores(teacher_dir: str | os.PathLike, student_dir: str | os.PathLik
                        {"kind": "data", "data": str(data), "rows": len(packed), "rows_asked": rows,
                         "seq_len": seq_len, "validation_fraction": validation_fraction, "seed": seed,
                         "loss": loss, "device": dev.type})
+
+
+@contextlib.contextmanager
+def _attention_in(student, teacher, layer: int) -> Iterator[None]:
+    """Inside: the student's ``layer`` runs a float32 copy of the teacher's attention there (as in a
+    hybrid that keeps it), its time mixer set aside; everything is put back on leaving."""
+    model, block = student.model, student.model.layers[layer]
+    saved = block.self_attn, block.is_wkv, model.rotary_emb
+    device = next(block.parameters()).device
+    block.self_attn = copy.deepcopy(teacher.model.layers[layer].self_attn).to(device, torch.float32)
+    block.is_wkv = False
+    if model.rotary_emb is None:  # a pure student has no rotary embedding: the teacher's is the same
+        model.rotary_emb = teacher.model.rotary_emb
+    try:
+        yield
+    finally:
+        block.self_attn, block.is_wkv, model.rotary_emb = saved
+
+
+def measure_restore_gains(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike,
+                          data: str | os.PathLike, *, rows: int = 64, seq_len: int = 512, batch_size: int = 8,
+                          validation_fraction: float = 0.0, seed: int = 0,
+                          device: str = "auto") -> LayerScores:
+    """Each time-mixing layer's gain from getting the teacher's attention back, alone: the
+    student's KL(teacher || student) per token on the first ``rows`` packed rows of ``data`` (or
+    of its validation split), minus the same KL with only that layer's attention restored.
+    Measured end to end (the whole student runs, in float32), so it sees what the per-layer
+    alignment loss cannot: how much a layer's error costs at the output, after every later
+    layer. The larger the gain, the more that layer is worth keeping as attention; K layers are
+    then the K largest single-layer gains (not re-measured together)."""
+    from .distill import LogitDistillation
+    from .trainer import load_student, load_teacher
+
+    packed, dev = _measurement_rows(student_dir, data, rows, seq_len, batch_size, validation_fraction, seed,
+                                    device)
+    teacher = load_teacher(teacher_dir, dev)
+    student = load_student(student_dir).to(dev).eval().requires_grad_(False)
+    objective = LogitDistillation(student)
+    batches = [{k: v.to(dev) for k, v in collate(packed[i:i + batch_size]).items()}
+               for i in range(0, len(packed), batch_size)]
+    with torch.no_grad():
+        hidden = [teacher.model(b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+                  .last_hidden_state for b in batches]
+    head = teacher.get_output_embeddings().weight
+
+    @torch.no_grad()
+    def kl() -> float:  # per token over all rows (every row holds seq_len tokens)
+        total = sum(float(objective(b["input_ids"], b["cu_seqlens"], b["labels"], h, head)[1])
+                    * len(b["input_ids"]) for b, h in zip(batches, hidden, strict=True))
+        return total / len(packed)
+
+    baseline = kl()
+    gains = {}
+    for i, layer in enumerate(student.model.layers):
+        if layer.is_wkv:
+            with _attention_in(student, teacher, i):
+                gains[i] = baseline - kl()
+    return LayerScores(gains, {"kind": "restore", "data": str(data), "rows": len(packed), "rows_asked": rows,
+                               "seq_len": seq_len, "validation_fraction": validation_fraction, "seed": seed,
+                               "kl": baseline, "device": dev.type})
+
+
+def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: int, validation_fraction: float,
+                      seed: int, device: str) -> tuple[list, torch.device]:
+    """The first ``rows`` packed rows of ``seq_len`` tokens of ``data`` (of its validation split
+    with a fraction > 0, as arwkv distill splits it), and the device to measure on."""
+    from transformers import AutoTokenizer
+
+    from .data import DataError, iter_records, pack_documents, split_documents, tokenize_documents
+    from .runtime import resolve_device
+
+    if rows < 1 or seq_len < 2 or batch_size < 1:
+        raise HybridizeError(f"--rows {rows}, --seq-len {seq_len}, --batch-size {batch_size}: need "
+                             "rows >= 1, seq_len >= 2, batch_size >= 1")
+    if not Path(data).exists():
+        raise HybridizeError(f"--data {data} does not exist")
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
+    docs = tokenize_documents(iter_records(data), tokenizer)
+    if validation_fraction:
+        docs = split_documents(docs, validation_fraction, seed)[1]
+    packed = pack_documents(docs, seq_len, seed)[:rows]
+    if not packed:
+        raise DataError(f"--data {data} gives no row of {seq_len} tokens"
+                        + (f" in its {validation_fraction} validation split" if validation_fraction else "")
+                        + "; use more text or a shorter --seq-len")
+    return packed, dev
 
 
 def choose_layers(scores: dict[int, float], candidates: list[int], keep: int,
@@ -226,13 +304,18 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
               keep: int | None = None, layers: list[int] | None = None, run: str | os.PathLike | None = None,
               data: str | os.PathLike | None = None, rows: int = 64, seq_len: int = 512, batch_size: int = 8,
               validation_fraction: float = 0.0, seed: int = 0, loss: str = "rms", device: str = "auto",
-              pick: str = "worst", overwrite: bool = False) -> HybridizeResult:
+              pick: str = "worst", score: str = "alignment", overwrite: bool = False) -> HybridizeResult:
     """Writes ``out_dir``: the student with the teacher's attention restored in ``keep`` more
     layers, chosen by their scores (from ``run``, or measured on ``data``; see the module's
     docstring), or in the given ``layers``. Everything that can be refused is refused, in one
     line, before the scores are measured and before anything is written."""
     if pick not in PICKS:
         raise HybridizeError(f"--pick {pick!r}: expected one of {', '.join(PICKS)}")
+    if score not in SCORES:
+        raise HybridizeError(f"--score {score!r}: expected one of {', '.join(SCORES)}")
+    if score == "restore" and run is not None:
+        raise HybridizeError("--score restore is measured here on --data (a stage-1 run holds alignment "
+                             "losses only); give --data FILE instead of --run")
     if keep is not None and layers is not None:
         raise HybridizeError("give --keep K or --layers I,J, not both")
     if keep is None and layers is None:
@@ -277,10 +360,12 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
                                  f"(it scores layers {sorted(scores.scores)}): was it a stage-1 run of this "
                                  "student?")
     elif data is not None:
+        measure = (measure_restore_gains if score == "restore"
+                   else functools.partial(measure_scores, loss=loss))
         with _no_progress_bars():
-            scores = measure_scores(teacher_dir, student_dir, data, rows=rows, seq_len=seq_len,
-                                    batch_size=batch_size, validation_fraction=validation_fraction,
-                                    seed=seed, loss=loss, device=device)
+            scores = measure(teacher_dir, student_dir, data, rows=rows, seq_len=seq_len,
+                             batch_size=batch_size, validation_fraction=validation_fraction, seed=seed,
+                             device=device)
     if layers is None:
         chosen = choose_layers(scores.scores, candidates, keep, pick)
 
@@ -379,7 +464,11 @@ def render_scores(report: dict) -> str:
             split = (f", validation split {source['validation_fraction']}"
                      if source.get("validation_fraction") else "")
             where = f"{source['rows']} rows of {source['seq_len']} tokens of {source['data']}{split}"
-        lines += [f"alignment loss per layer ({where}):", "  layer       loss"]
+        if source["kind"] == "restore":
+            lines += [f"drop of the student's KL(teacher || student) per token (now {source['kl']:.5f}) when "
+                      f"only that layer gets attention back ({where}):", "  layer       gain"]
+        else:
+            lines += [f"alignment loss per layer ({where}):", "  layer       loss"]
         n_layers = len(report["wkv_layers"]) + len(report["attention_layers"])
         for i in range(n_layers):
             if i not in before:
