@@ -245,7 +245,8 @@ def test_data_measurement_scores_and_chooses(inputs, tmp_path, capsys):
     """--data: measured scores choose the layers; with --layers they are printed too."""
     out = tmp_path / "hybrid"
     base = ["hybridize", "--teacher", str(inputs["teacher"]), "--student", str(inputs["trained"]),
-            "--data", str(inputs["text"]), "--rows", "3", "--seq-len", "24", "--device", "cpu"]
+            "--data", str(inputs["text"]), "--rows", "3", "--seq-len", "24", "--device", "cpu", "--score",
+            "alignment"]
     rc, text, _ = run_main([*base, "--keep", "2", "--pick", "best", "--out", str(out)], capsys)
     assert rc == 0
     report = json.loads((out / "hybridize.json").read_text())
@@ -298,8 +299,8 @@ def test_restore_gains_are_what_each_single_layer_hybrid_gains(inputs, tmp_path,
     out = tmp_path / "restore"
     rc, text, _ = run_main(["hybridize", "--teacher", str(inputs["teacher"]), "--student",
                             str(inputs["trained"]), "--data", str(inputs["text"]), "--rows", "4", "--seq-len",
-                            "24", "--batch-size", "3", "--score", "restore", "--keep", "2", "--device", "cpu",
-                            "--out", str(out)], capsys)
+                            "24", "--batch-size", "3", "--keep", "2", "--device", "cpu",
+                            "--out", str(out)], capsys)  # restore: the default with --data
     assert rc == 0 and "drop of the student's KL" in text
     report = json.loads((out / "hybridize.json").read_text())
     assert report["chosen"] == sorted(sorted(gains.scores, key=gains.scores.get)[-2:])

@@ -404,11 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("--pick", choices=["worst", "best"], default="worst",
                         help="worst: the K layers with the highest alignment loss; best: the K lowest "
                         "(an ablation)")
-    hybrid.add_argument("--score", choices=["alignment", "restore"], default="alignment",
+    hybrid.add_argument("--score", choices=["alignment", "restore"],
                         help="what judges a layer. alignment: its stage-1 alignment loss (from --run, or "
                         "measured on --data); restore: measured on --data, how much the student's KL to the "
                         "teacher drops when only that layer gets attention back (end to end; one forward "
-                        "per layer)")
+                        "per layer; it chose better on the demo: benchmarks/results/hybrid-layers.md) "
+                        "(default: alignment with --run, restore with --data)")
     hybrid.add_argument("--run", metavar="RUN_DIR", dest="run_dir",  # args.run is the command's function
                         help="scores: the latest held-out val_layer_* of a stage-1 run (made with "
                         "--validation-fraction)")
@@ -432,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _add_command(commands, "demo", "distil the shipped Qwen2 teacher on this CPU, report", _demo,
                         description="Convert the shipped small Qwen2 teacher into an RWKV-7 student, distil "
                         "it (stages 1 and 2) on this CPU (or the --device given), compare perplexity, "
-                        "decoding speed and cache memory, and write OUT/report.md (a few minutes, no "
-                        "download).")
+                        "decoding speed, cache memory and loss by position on long held-out sequences, "
+                        "and write OUT/report.md with OUT/long_context.png (a few minutes, no download).")
     demo.add_argument("--out", default="arwkv-demo", metavar="DIR", help="for the students, runs, report")
     demo.add_argument("--init", choices=["transfer", "fresh"], default="transfer",
                       help="student initialisation")

@@ -3,16 +3,18 @@ mixing does worst, and write the result as a new student checkpoint (a hybrid).
 
 Each time-mixing layer gets a score (``--score``), the higher the worse its time mixing does:
 
-- ``alignment`` (default): its stage-1 alignment loss (the RMS error of its output against the
-  teacher attention's output on held-out text, ``distill.alignment_loss``), from a stage-1 run
-  directory (``--run``: the latest record of RUN/metrics.jsonl that holds the held-out per-layer
-  losses ``val_layer_I``, written when the run had --validation-fraction), or measured here on
-  ``--data`` (``AttentionAligner`` without backward: the packing and loss of stage 1's
-  validation). Free after stage 1, but a local measure: an error in a layer whose attention
-  output is small scores low, however much the layers after it amplify it.
-- ``restore``: measured on ``--data``, end to end: how much the whole student's KL(teacher ||
-  student) per token drops when that layer alone gets the teacher's attention back
-  (``measure_restore_gains``; one student forward over the rows per layer).
+- ``alignment`` (the default with ``--run``): its stage-1 alignment loss (the RMS error of its
+  output against the teacher attention's output on held-out text, ``distill.alignment_loss``),
+  from a stage-1 run directory (``--run``: the latest record of RUN/metrics.jsonl that holds the
+  held-out per-layer losses ``val_layer_I``, written when the run had --validation-fraction), or
+  measured here on ``--data`` (``AttentionAligner`` without backward: the packing and loss of
+  stage 1's validation). Free after stage 1, but a local measure: an error in a layer whose
+  attention output is small scores low, however much the layers after it amplify it.
+- ``restore`` (the default with ``--data``): measured there, end to end: how much the whole
+  student's KL(teacher || student) per token drops when that layer alone gets the teacher's
+  attention back (``measure_restore_gains``; one student forward over the rows per layer). On
+  the demo it chose the layers that helped after stage 2, where the alignment loss chose the
+  ones that helped least (benchmarks/results/hybrid-layers.md).
 - none when ``--layers`` names the layers by hand.
 
 ``pick="worst"`` keeps attention in the K layers with the highest score, ``"best"`` in the K
@@ -304,13 +306,16 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
               keep: int | None = None, layers: list[int] | None = None, run: str | os.PathLike | None = None,
               data: str | os.PathLike | None = None, rows: int = 64, seq_len: int = 512, batch_size: int = 8,
               validation_fraction: float = 0.0, seed: int = 0, loss: str = "rms", device: str = "auto",
-              pick: str = "worst", score: str = "alignment", overwrite: bool = False) -> HybridizeResult:
+              pick: str = "worst", score: str | None = None, overwrite: bool = False) -> HybridizeResult:
     """Writes ``out_dir``: the student with the teacher's attention restored in ``keep`` more
     layers, chosen by their scores (from ``run``, or measured on ``data``; see the module's
     docstring), or in the given ``layers``. Everything that can be refused is refused, in one
-    line, before the scores are measured and before anything is written."""
+    line, before the scores are measured and before anything is written. ``score`` None: alignment
+    with ``run`` (all a run holds), restore with ``data`` (it chose better on the demo)."""
     if pick not in PICKS:
         raise HybridizeError(f"--pick {pick!r}: expected one of {', '.join(PICKS)}")
+    if score is None:
+        score = "alignment" if run is not None else "restore"
     if score not in SCORES:
         raise HybridizeError(f"--score {score!r}: expected one of {', '.join(SCORES)}")
     if score == "restore" and run is not None:
@@ -376,6 +381,7 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
         "source": scores.source if scores is not None else {"kind": "layers"},
         # scores of the student's time-mixing layers (a run may also score layers already attention)
         "scores": {str(i): scores.scores[i] for i in candidates} if scores is not None else None,
+        "score": score if scores is not None else None,
         "pick": pick if layers is None else "given",
         "keep": keep,
         "chosen": chosen,
