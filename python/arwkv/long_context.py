@@ -86,36 +86,31 @@ SEQUENCES = (
 # Settings and their command-line spellings
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    """``"256,512"`` -> [256, 512]; a one-line ValueError naming ``flag`` otherwise."""
+def _parse_list(text: str, flag: str, kind: type, what: str) -> list:
+    """A comma-separated list of ``kind`` values; a one-line ValueError naming ``flag`` otherwise."""
     values = []
     for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise ValueError(f"{flag}: {part!r} is not a whole number") from None
+        if part:
+            try:
+                values.append(kind(part))
+            except ValueError:
+                raise ValueError(f"{flag}: {part!r} is not {what}") from None
     if not values:
         raise ValueError(f"{flag}: give at least one value")
     return values
 
 
+def parse_ints(text: str, flag: str) -> list[int]:
+    """``"256,512"`` -> [256, 512]."""
+    return _parse_list(text, flag, int, "a whole number")
+
+
 def parse_fractions(text: str, flag: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0], every value in [0, 1]; a one-line ValueError otherwise."""
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise ValueError(f"{flag}: {part!r} is not a number") from None
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0], every value in [0, 1]."""
+    values = _parse_list(text, flag, float, "a number")
+    for value in values:
         if not 0.0 <= value <= 1.0:  # also refuses nan
-            raise ValueError(f"{flag}: {part} is outside [0, 1]")
-        values.append(value)
-    if not values:
-        raise ValueError(f"{flag}: give at least one value")
+            raise ValueError(f"{flag}: {value:g} is outside [0, 1]")
     return values
 
 
