@@ -7,7 +7,7 @@ stage 4 is DPO on preference pairs.
 commands:
   convert   teacher checkpoint directory -> student checkpoint directory
   distill   train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)
-  hybridize a student -> a hybrid that keeps the teacher's attention where it aligns worst
+  hybridize a student -> a hybrid that keeps the teacher's attention where time mixing does worst
   eval      perplexity, tokens/s and cache bytes on a dataset, long-context curves and passkey
             retrieval, or an lm-evaluation-harness task
   generate  stream a continuation of a prompt
