@@ -17,7 +17,7 @@
 #   decode    launches and time per call of a T = 1 step            -> decode.txt
 #   demo      `arwkv demo --device cuda` with its defaults          -> demo.log, demo/report.*
 #   distill   2 steps each of `arwkv distill` stages 1 and 2 on a tiny teacher built here (bf16
-#             autocast), then eval (gpu_distill_check.py)           -> distill.log, distill/
+#             autocast), stage 2 on a hybrid, then eval (gpu_distill_check.py) -> distill.log, distill/
 # Every stage writes into $OUT (default benchmarks/results/gpu) as it runs, and appends its
 # outcome (ok, FAILED, TIMED OUT, SKIPPED; seconds) to $OUT/summary.txt when it ends, so a run
 # cut short keeps everything that finished and says where it stopped.

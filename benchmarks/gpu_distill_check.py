@@ -1,6 +1,7 @@
 """The GPU check's training smoke test (stage ``distill`` of benchmarks/gpu_check.sh): a few steps
-each of distillation stages 1 and 2 through the ``arwkv distill`` command line, then ``arwkv
-eval``'s scoring of the result, on a tiny Qwen2 teacher built here. Nothing is downloaded: the
+each of distillation stages 1 and 2 through the ``arwkv distill`` command line, stage 2 again on
+a hybrid of the stage-1 student (``arwkv hybridize --layers 0``), then ``arwkv eval``'s scoring of
+the pure student, on a tiny Qwen2 teacher built here. Nothing is downloaded: the
 teacher has random weights, a word-level tokenizer and Markov-chain text (tests/fixtures.py, the
 tests' own tiny run), so it runs on a GPU machine without internet.
 
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         docs = max(64, 4 * args.batch_size * args.seq_len // 86)
         inputs = make_inputs(work, args.hidden, args.layers, args.head_size, args.teacher_dtype, docs)
         summary["prepare_s"] = time.perf_counter() - t0
-        student = inputs["student"]
-        for stage in (1, 2):
-            run = work / f"run{stage}"
+        def distill(stage: int, student: Path, name: str) -> Path:
+            """One stage for args.steps steps into work/NAME; its losses and peak memory into the
+            summary, its metrics and loss curve into OUT/NAME. Returns its student."""
+            run = work / name
             if run.exists():  # a rerun with the same --work starts over
                 shutil.rmtree(run)
             if cuda:
@@ -125,20 +127,30 @@ def main(argv: list[str] | None = None) -> int:
             ])
             seconds = time.perf_counter() - t0
             losses = [r["loss"] for r in read_metrics(run)]
-            summary["stages"][f"stage{stage}"] = {
+            summary["stages"][name] = {
                 "seconds": seconds,
                 "losses": losses,
                 "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
             }
-            (out / f"stage{stage}").mkdir(exist_ok=True)
-            for name in ("metrics.jsonl", "loss.png"):
-                shutil.copy2(run / name, out / f"stage{stage}" / name)
+            (out / name).mkdir(exist_ok=True)
+            for file in ("metrics.jsonl", "loss.png"):
+                shutil.copy2(run / file, out / name / file)
             if len(losses) != args.steps or not all(math.isfinite(x) for x in losses):
-                raise RuntimeError(f"stage {stage}: expected {args.steps} finite losses, got {losses}")
-            print(f"gpu_distill_check: stage {stage}: {args.steps} steps on {device.type} in "
+                raise RuntimeError(f"{name}: expected {args.steps} finite losses, got {losses}")
+            print(f"gpu_distill_check: {name}: {args.steps} steps on {device.type} in "
                   f"{seconds:.1f} s, losses {[round(x, 4) for x in losses]}", file=sys.stderr, flush=True)
-            student = run / "student"
             save()
+            return run / "student"
+
+        stage1 = distill(1, inputs["student"], "stage1")
+        student = distill(2, stage1, "stage2")
+        # a hybrid (layer 0's attention given back, measured end to end) through stage 2: kept
+        # attention on packed rows (block-diagonal mask) under the GPU's bf16 autocast
+        hybrid = work / "hybrid"
+        run_command(["hybridize", "--teacher", str(inputs["teacher"]), "--student", str(stage1), "--data",
+                     str(inputs["text"]), "--rows", "8", "--seq-len", str(args.seq_len), "--layers", "0",
+                     "--device", args.device, "--out", str(hybrid), "--overwrite"])
+        distill(2, hybrid, "hybrid_stage2")
 
         from arwkv.evaluate import evaluate
 
