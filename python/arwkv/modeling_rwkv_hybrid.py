@@ -406,6 +406,13 @@ def packed_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
     return sequence, tokens - starts[sequence]
 
 
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """allowed [B, T, S] (query t may attend to key s) -> the additive mask [B, 1, T, S] that
+    transformers' eager and sdpa attention take: 0 where allowed, the dtype's minimum elsewhere."""
+    additive = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=allowed.device)
+    return additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
 class RwkvHybridPreTrainedModel(PreTrainedModel):
     config_class = RwkvHybridConfig
     base_model_prefix = "model"
@@ -517,10 +524,8 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         sequence = sequence.view(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=sequence.device).tril()
         allowed = causal & (sequence[:, :, None] == sequence[:, None, :])  # [B, T, T]
-        additive = torch.zeros(B, 1, T, T, dtype=x.dtype, device=sequence.device)
-        additive.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
         return AttentionInputs({"position_embeddings": self.rotary_emb(x, positions.view(B, T)),
-                                "attention_mask": additive})
+                                "attention_mask": additive_mask(allowed, x.dtype)})
 
     def _attention_inputs(self, input_ids: Tensor, cache: RwkvHybridCache | None,
                           attention_mask: Tensor | None) -> AttentionInputs:
@@ -533,15 +538,12 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         if attention_mask is not None:
             full[:, -attention_mask.shape[1]:] = attention_mask.to(full.dtype)
         position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        dtype = self.embed_tokens.weight.dtype
         keys, queries = torch.arange(past + T, device=full.device), past + torch.arange(T, device=full.device)
         causal = keys[None, :] <= queries[:, None]
-        allowed = causal[None, :, :] & full[:, None, :].bool()
-        additive = torch.zeros(B, 1, T, past + T, dtype=dtype, device=full.device)
-        additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        allowed = causal[None, :, :] & full[:, None, :].bool()  # [B, T, past + T]
         x = self.embed_tokens.weight[:1].unsqueeze(0)  # only its dtype and device matter
         return AttentionInputs({"position_embeddings": self.rotary_emb(x, position_ids),
-                                "attention_mask": additive, "cache": cache})
+                                "attention_mask": additive_mask(allowed, x.dtype), "cache": cache})
 
 
 class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
