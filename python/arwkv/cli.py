@@ -102,7 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
     """Perplexity, tokens/s and cache memory of a checkpoint on a dataset, and/or an
     lm-evaluation-harness task, as JSON; or (--long-context) loss by position and passkey retrieval
     of one or more checkpoints, as JSON and OUT/long_context.{json,png}."""
-    from .evaluate import evaluate, lm_eval_task, measure_cache_bytes
+    from .evaluate import evaluate, lm_eval_task
 
     # the flags only --long-context reads (None unless given), and those it does not read
     long_only = {"out": "--out", "max_len": "--max-len", "buckets": "--buckets",
@@ -162,9 +162,6 @@ def _eval(args: argparse.Namespace) -> int:
                           batch_size=8 if args.batch_size is None else args.batch_size,
                           validation_fraction=args.validation_fraction, seed=args.seed,
                           max_tokens=args.max_tokens, device=args.device, dtype=args.dtype)
-        report["cache_bytes"] = measure_cache_bytes(model, args.data, seed=args.seed, device=args.device,
-                                                    validation_fraction=args.validation_fraction,
-                                                    dtype=args.dtype)
     if args.lm_eval_task:
         report["lm_eval"] = lm_eval_task(model, args.lm_eval_task, limit=args.limit, device=args.device,
                                          dtype=args.dtype)

@@ -130,6 +130,14 @@ def tokenize_documents(records: Iterator[dict], tokenizer, append_eos: bool = Tr
     return docs
 
 
+def scored_documents(data: str | Path, tokenizer, validation_fraction: float = 0.0,
+                     seed: int = 0) -> list[list[int]]:
+    """Token ids per document of ``data``, or of its validation split when validation_fraction
+    > 0 (the split arwkv distill makes with that fraction and seed): what evaluations score."""
+    docs = tokenize_documents(iter_records(data), tokenizer)
+    return split_documents(docs, validation_fraction, seed)[1] if validation_fraction else docs
+
+
 def split_documents(docs: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """A deterministic split by whole documents (train, validation); documents may be token
     lists or anything else (SFT examples), in their order."""

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import load_causal_lm
 from .files import write_atomic
 from .long_context import (
     LongContextSettings,
@@ -168,15 +169,6 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _load(model_dir: Path, device: torch.device) -> tuple:
-    """A checkpoint (teacher or student) and its tokenizer, float32 on ``device``, for decoding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    return model.to(device).eval(), tokenizer
-
-
 def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
     """One row per context length of plan.contexts: tokens/s of greedy decoding at batch 1 after
     a prompt of that many held-out tokens (repeated when the text is shorter), and the cache."""
@@ -224,12 +216,11 @@ def _markers(trained_at: dict[str, int | None]) -> dict[str, int]:
     return {f"{name} {verbs[name]} at {n}": n for name, n in trained_at.items() if n}
 
 
-def _long_context(teacher: Path, student: Path, device: torch.device, plan: DemoPlan) -> dict:
+def _long_context(teacher: Path, student: Path, device: torch.device, plan: DemoPlan, scores: dict) -> dict:
     """Loss by position (long_context's) of teacher and student on the held-out split made into
     plan.long_context_len-token sequences, and each one's cache bytes (constant, per token of
-    context), as a long-context report: {"settings", "models": [teacher, student]}."""
-    from .evaluate import cache_growth
-
+    context; measured by the held-out scoring, ``scores``), as a long-context report:
+    {"settings", "models": [teacher, student]}."""
     settings = LongContextSettings(
         max_len=plan.long_context_len,
         buckets=plan.long_context_buckets,
@@ -243,12 +234,12 @@ def _long_context(teacher: Path, student: Path, device: torch.device, plan: Demo
     trained_at = {"teacher": teacher_len, "student": plan.seq_len}  # sequence lengths in training
     report = {"settings": settings.describe(), "trained_at": trained_at, "models": []}
     for name, path in (("teacher", teacher), ("student", student)):
-        model, tokenizer = _load(path, device)
+        model, tokenizer = load_causal_lm(path, device, torch.float32)
         sequences = load_sequences(tokenizer, settings.data, settings.max_len,
                                    max_sequences=settings.max_sequences)
         entry = describe_model(name, path, model)
         entry["loss_by_position"] = loss_by_position(model, sequences, edges)
-        entry["cache_bytes"] = cache_growth(model, sequences.rows[0])
+        entry["cache_bytes"] = scores[name]["cache_bytes"]
         report["models"].append(entry)
     return report
 
@@ -366,7 +357,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     decode, samples = {}, {}
     for name, path in (("teacher", teacher), ("student", student)):
         # the same tokenizer for both (the student's is the teacher's copy)
-        model, tokenizer = _load(path, device)
+        model, tokenizer = load_causal_lm(path, device, torch.float32)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         decode[name] = _decode_rows(model, ids, plan)
         samples[name] = _sample(model, tokenizer, plan.sample_tokens)
@@ -374,7 +365,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
 
     _say(f"loss by position on {plan.long_context_len}-token held-out sequences, and cache bytes per token")
     t0 = time.perf_counter()
-    long_context = _long_context(teacher, student, device, plan)
+    long_context = _long_context(teacher, student, device, plan, scores)
     png = plot_long_context(long_context, _markers(long_context["trained_at"]))
     write_atomic(out / "long_context.png", png)
     timings["long_context_s"] = time.perf_counter() - t0

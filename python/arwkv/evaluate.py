@@ -20,9 +20,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, iter_records, split_documents, tokenize_documents
+from .data import DataError, scored_documents
 from .distill_config import check_checkpoint_dir
 from .runtime import dtype_from_name, resolve_device, torch_dtype_name
+
+
+def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A checkpoint (a transformers model, or a student through trust_remote_code) in eval mode on
+    ``device`` in ``dtype``, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
+    return model.to(device).eval(), tokenizer
 
 
 def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
@@ -68,24 +78,14 @@ def evaluate(
 ) -> dict:
     """Scores ``model_dir`` on ``data`` (or on its validation split, as ``arwkv distill`` splits it
     with the same fraction and seed). Returns {"perplexity", "nll", "tokens", "seconds",
-    "tokens_per_s", ...}."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    "tokens_per_s", ..., "cache_bytes"} (cache_bytes: ``cache_growth`` on the scored text's first
+    tokens, measured after the timed scoring)."""
     check_checkpoint_dir(model_dir, "--model")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     dev = resolve_device(device)
-    torch_dtype = dtype_from_name(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = (
-        AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch_dtype)
-        .to(dev)
-        .eval()
-    )
-    docs = tokenize_documents(iter_records(data), tokenizer)
-    if validation_fraction:
-        docs = split_documents(docs, validation_fraction, seed)[1]
-    pieces = windows(docs, seq_len)
+    model, tokenizer = load_causal_lm(model_dir, dev, dtype_from_name(dtype))
+    pieces = windows(scored_documents(data, tokenizer, validation_fraction, seed), seq_len)
     if max_tokens:
         kept, total = [], 0
         for p in pieces:
@@ -114,6 +114,7 @@ def evaluate(
         "seq_len": seq_len,
         "device": dev.type,
         "dtype": dtype,
+        "cache_bytes": cache_growth(model, [t for p in pieces[:48] for t in p][:48]),
     }
 
 
@@ -159,37 +160,6 @@ def cache_growth(model, token_ids: list[int], lengths: tuple[int, int] = (16, 48
 def _integral(x: float) -> int | float:
     """x as an int when it is a whole number (bytes usually are)."""
     return int(x) if float(x).is_integer() else x
-
-
-def measure_cache_bytes(
-    model_dir: str | Path,
-    data: str | Path,
-    *,
-    validation_fraction: float = 0.0,
-    seed: int = 0,
-    device: str = "auto",
-    dtype: str = "fp32",
-    lengths: tuple[int, int] = (16, 48),
-) -> dict:
-    """``cache_growth`` of the checkpoint ``model_dir`` on prompts made of the first tokens of
-    ``data`` (its validation split with a fraction > 0, as ``evaluate`` scores it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_checkpoint_dir(model_dir, "--model")
-    dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = (
-        AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype_from_name(dtype))
-        .to(dev)
-        .eval()
-    )
-    docs = tokenize_documents(iter_records(data), tokenizer)
-    if validation_fraction:
-        docs = split_documents(docs, validation_fraction, seed)[1]
-    ids = [t for d in docs[: lengths[1]] for t in d][: lengths[1]]
-    if not ids:
-        raise DataError(f"{data} gives no text to make the cache-measuring prompts of")
-    return cache_growth(model, ids, lengths)
 
 
 def decoding_method(steps: int, repeats: int, warmup: int) -> dict:

@@ -209,7 +209,7 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
     with a fraction > 0, as arwkv distill splits it), and the device to measure on."""
     from transformers import AutoTokenizer
 
-    from .data import DataError, iter_records, pack_documents, split_documents, tokenize_documents
+    from .data import DataError, pack_documents, scored_documents
     from .runtime import resolve_device
 
     if rows < 1 or seq_len < 2 or batch_size < 1:
@@ -219,9 +219,7 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
         raise HybridizeError(f"--data {data} does not exist")
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
-    docs = tokenize_documents(iter_records(data), tokenizer)
-    if validation_fraction:
-        docs = split_documents(docs, validation_fraction, seed)[1]
+    docs = scored_documents(data, tokenizer, validation_fraction, seed)
     packed = pack_documents(docs, seq_len, seed)[:rows]
     if not packed:
         raise DataError(f"--data {data} gives no row of {seq_len} tokens"

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, iter_records, split_documents, tokenize_documents
+from .data import DataError, scored_documents
 from .files import write_atomic
 from .runtime import mix_seed
 
@@ -430,9 +430,7 @@ def load_sequences(tokenizer, data: str | Path, max_len: int, *, validation_frac
     """``data`` (any format arwkv distill reads; its validation split when validation_fraction > 0)
     tokenized and made into max_len-token sequences (long_context_sequences), the first
     ``max_sequences`` kept."""
-    docs = tokenize_documents(iter_records(data), tokenizer)
-    if validation_fraction:
-        docs = split_documents(docs, validation_fraction, seed)[1]
+    docs = scored_documents(data, tokenizer, validation_fraction, seed)
     sequences = long_context_sequences(docs, max_len)
     if not sequences.rows:
         total = sum(len(d) for d in docs)
@@ -609,16 +607,6 @@ def model_names(model_dirs: Sequence[str | Path]) -> list[str]:
     return [str(d) if names.count(n) > 1 else n for n, d in zip(names, model_dirs, strict=True)]
 
 
-def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> tuple:
-    """A checkpoint (a transformers model, or a student through trust_remote_code) in eval mode on
-    ``device`` in ``dtype``, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
-    return model.to(device).eval(), tokenizer
-
-
 def describe_model(name: str, model_dir: str | Path, model: torch.nn.Module) -> dict:
     """What the JSON says about a model besides its numbers."""
     config = model.config
@@ -638,7 +626,7 @@ def evaluate_long_context(model_dirs: Sequence[str | Path], out: str | Path, set
     (one loaded at a time), plus each one's cache memory; writes OUT/long_context.json and
     OUT/long_context.png (atomically) and returns the JSON's object."""
     from .distill_config import check_checkpoint_dir
-    from .evaluate import cache_growth
+    from .evaluate import cache_growth, load_causal_lm
     from .runtime import dtype_from_name, resolve_device
 
     if not model_dirs:
