@@ -42,10 +42,10 @@ def _check_build() -> dict:
 build_info = _check_build()
 
 # After the check, so a torch mismatch reads as the message above, not as an undefined symbol.
-from . import _C, reference  # _C: loading it registers torch.ops.arwkv.*
+from . import _C, reference  # noqa: F401  (an empty module: loading it registers torch.ops.arwkv.*)
 from .ops import wkv6, wkv7
 
-HEAD_SIZES: tuple[int, ...] = tuple(_C.head_sizes())
+HEAD_SIZES: tuple[int, ...] = tuple(torch.ops.arwkv.head_sizes())
 """The head sizes N (last dimension of r, w, k, ...) the kernels support, from the one list the
 kernels are compiled with (``kHeadSizes`` in csrc/wkv_problem.h)."""
 
@@ -56,7 +56,7 @@ def cpu_isa() -> str:
     The best one this CPU supports, unless the environment variable ``ARWKV_CPU_ISA`` names
     another (useful to test or compare the code paths).
     """
-    return _C.cpu_isa()
+    return torch.ops.arwkv.cpu_isa()
 
 
 def cpu_algorithm(op: str = "wkv7", direction: str = "forward") -> str:
@@ -69,7 +69,7 @@ def cpu_algorithm(op: str = "wkv7", direction: str = "forward") -> str:
     """
     if op not in ("wkv7", "wkv6"):
         raise ValueError(f"op must be 'wkv7' or 'wkv6', got {op!r}")
-    return _C.cpu_algorithm(7 if op == "wkv7" else 6, direction)
+    return torch.ops.arwkv.cpu_algorithm(7 if op == "wkv7" else 6, direction)
 
 
 def gpu_algorithm() -> str:
@@ -80,12 +80,12 @@ def gpu_algorithm() -> str:
     read at every call; ``auto`` (the default) is ``step`` until a GPU measurement of the chunked
     kernels is saved. Answers on any build, with or without GPU kernels.
     """
-    return _C.gpu_algorithm()
+    return torch.ops.arwkv.gpu_algorithm()
 
 
 def cpu_isas_supported() -> list[str]:
     """The instruction sets compiled into this build that this CPU can run."""
-    return _C.cpu_isas_supported()
+    return list(torch.ops.arwkv.cpu_isas_supported())
 
 
 __all__ = ["wkv7", "wkv6", "reference", "cpu_isa", "cpu_algorithm", "gpu_algorithm", "cpu_isas_supported",

@@ -3,7 +3,7 @@
 # this order (the quick, most wanted numbers first, the slow end-to-end runs last):
 #   machine   GPU, driver, torch, nvcc                              -> machine.txt (always runs)
 #   build     arwkv in place for the GPU at hand; ptxas table       -> build.log, ptxas.txt
-#   selftest  arwkv_ext._C.gpu_tile_selftest(): the tensor-core fragment layouts on the device
+#   selftest  torch.ops.arwkv.gpu_tile_selftest(): the tensor-core fragment layouts on the device
 #                                                                   -> selftest.txt
 #   kernels   device time of each kernel of one forward and backward, step and chunked
 #             algorithms (gpu_kernel_times.py)                      -> kernel-times.txt
@@ -139,10 +139,11 @@ if has selftest && begin selftest "${SELFTEST_TIMEOUT:-30}"; then
   : > "$OUT/selftest.txt"
   limited "$LIMIT" "$OUT/selftest.txt" "$PY" -c '
 import re, sys
+import torch
 import arwkv_ext
-selftest = getattr(arwkv_ext._C, "gpu_tile_selftest", None)
+selftest = getattr(torch.ops.arwkv, "gpu_tile_selftest", None)
 if selftest is None:
-    print("selftest: arwkv_ext._C has no gpu_tile_selftest (a build from before it existed): not run")
+    print("selftest: this build has no torch.ops.arwkv.gpu_tile_selftest (older kernels): not run")
     sys.exit(3)
 try:
     report = selftest()

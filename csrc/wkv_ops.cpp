@@ -1,12 +1,15 @@
 // The op schemas (written once, here; wkv_adapter.cpp registers their CPU, GPU and Meta
-// implementations), and the Python module arwkv_ext._C: importing it loads this library, and it
-// tells Python the head sizes and CPU instruction sets, and runs the GPU tiles' self-test.
+// implementations), the small ops that tell Python about this build (head sizes, CPU code paths,
+// the GPU tiles' self-test), and the empty Python module arwkv_ext._C, whose import loads this
+// library: everything Python calls is a torch.ops.arwkv.* op.
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include <exception>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/wkv_cpu.h"
 #include "wkv_backends.h"
@@ -17,6 +20,61 @@ namespace arwkv {
 #ifdef ARWKV_WITH_GPU
 std::string gpu_tile_selftest();  // csrc/gpu/wkv_gpu_backend.cpp
 #endif
+
+namespace {
+
+// A bad environment variable or argument reads in Python as a ValueError (c10::ValueError).
+template <typename F>
+auto value_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+std::vector<int64_t> head_sizes_op() { return {kHeadSizes, kHeadSizes + kNumHeadSizes}; }
+
+std::string cpu_isa_op() {
+  return value_errors([] { return std::string(cpu::isa_name(cpu::active_isa())); });
+}
+
+std::vector<std::string> cpu_isas_supported_op() {
+  std::vector<std::string> out;
+  for (cpu::Isa isa : {cpu::Isa::baseline, cpu::Isa::avx2, cpu::Isa::avx512})
+    if (cpu::isa_supported(isa)) out.emplace_back(cpu::isa_name(isa));
+  return out;
+}
+
+// The CPU algorithm a call of WKV-`version` (7 or 6) in `direction` ("forward" / "backward")
+// uses now, for segments longer than 4 steps (ARWKV_CPU_ALGORITHM overrides the measured choice).
+std::string cpu_algorithm_op(int64_t version, const std::string& direction) {
+  TORCH_CHECK_VALUE(version == 7 || version == 6, "version must be 7 or 6, got ", version);
+  TORCH_CHECK_VALUE(direction == "forward" || direction == "backward",
+                    "direction must be 'forward' or 'backward', got '", direction, "'");
+  return value_errors([&] {
+    WkvProblem p;
+    p.version = static_cast<int>(version);
+    const auto a = direction == "backward" ? cpu::backward_algorithm(p) : cpu::forward_algorithm(p);
+    return std::string(cpu::algorithm_name(a));
+  });
+}
+
+std::string gpu_algorithm_op() {
+  return value_errors([] { return std::string(gpu_algorithm()); });
+}
+
+// Checks the tensor-core tiles' fragment layouts on the current GPU: "bf16 ok, f16 ok", or the
+// first wrong element.
+std::string gpu_tile_selftest_op() {
+#ifdef ARWKV_WITH_GPU
+  return gpu_tile_selftest();
+#else
+  TORCH_CHECK(false, "arwkv was built without GPU kernels");
+#endif
+}
+
+}  // namespace
 
 TORCH_LIBRARY(arwkv, m) {
   m.def("wkv7(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, "
@@ -31,104 +89,20 @@ TORCH_LIBRARY(arwkv, m) {
   m.def("wkv6_backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, "
         "Tensor? initial_state, Tensor? cu_seqlens, Tensor? grad_y, Tensor? grad_state) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // What this build can do, as ops with no tensor arguments (same on every backend).
+  m.def("head_sizes() -> int[]", &head_sizes_op);
+  m.def("cpu_isa() -> str", &cpu_isa_op);
+  m.def("cpu_isas_supported() -> str[]", &cpu_isas_supported_op);
+  m.def("cpu_algorithm(int version, str direction) -> str", &cpu_algorithm_op);
+  m.def("gpu_algorithm() -> str", &gpu_algorithm_op);
+  m.def("gpu_tile_selftest() -> str", &gpu_tile_selftest_op);
 }
 
 }  // namespace arwkv
 
-extern "C" {
-
-static PyObject* arwkv_cpu_isa(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(arwkv::cpu::isa_name(arwkv::cpu::active_isa()));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-}
-
-// The CPU algorithm a call of `op` (7 or 6) in `direction` ("forward" / "backward") uses now.
-static PyObject* arwkv_cpu_algorithm(PyObject*, PyObject* args) {
-  int version = 7;
-  const char* direction = "forward";
-  if (!PyArg_ParseTuple(args, "|is", &version, &direction)) return nullptr;
-  try {
-    arwkv::WkvProblem p;
-    p.version = version;
-    const bool backward = std::string(direction) == "backward";
-    if (!backward && std::string(direction) != "forward")
-      throw std::invalid_argument(std::string("direction must be 'forward' or 'backward', got '") + direction + "'");
-    const auto a = backward ? arwkv::cpu::backward_algorithm(p) : arwkv::cpu::forward_algorithm(p);
-    return PyUnicode_FromString(arwkv::cpu::algorithm_name(a));
-  } catch (const std::invalid_argument& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-  return nullptr;
-}
-
-// The GPU algorithm (ARWKV_GPU_ALGORITHM) a call on a GPU uses now: "step" or "chunked".
-static PyObject* arwkv_gpu_algorithm(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(arwkv::gpu_algorithm());
-  } catch (const std::invalid_argument& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  }
-  return nullptr;
-}
-
-static PyObject* arwkv_cpu_isas_supported(PyObject*, PyObject*) {
-  using arwkv::cpu::Isa;
-  PyObject* out = PyList_New(0);
-  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512}) {
-    if (!arwkv::cpu::isa_supported(isa)) continue;
-    PyObject* name = PyUnicode_FromString(arwkv::cpu::isa_name(isa));
-    PyList_Append(out, name);
-    Py_DECREF(name);
-  }
-  return out;
-}
-
-static PyObject* arwkv_head_sizes(PyObject*, PyObject*) {
-  PyObject* out = PyTuple_New(arwkv::kNumHeadSizes);
-  if (!out) return nullptr;
-  for (int i = 0; i < arwkv::kNumHeadSizes; ++i) PyTuple_SET_ITEM(out, i, PyLong_FromLong(arwkv::kHeadSizes[i]));
-  return out;
-}
-
-static PyObject* arwkv_gpu_tile_selftest(PyObject*, PyObject*) {
-#ifdef ARWKV_WITH_GPU
-  try {
-    return PyUnicode_FromString(arwkv::gpu_tile_selftest().c_str());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-#else
-  PyErr_SetString(PyExc_RuntimeError, "arwkv was built without GPU kernels");
-#endif
-  return nullptr;
-}
-
-static PyMethodDef kMethods[] = {
-    {"head_sizes", arwkv_head_sizes, METH_NOARGS, "The head sizes N the kernels support, as a tuple."},
-    {"cpu_isa", arwkv_cpu_isa, METH_NOARGS,
-     "Instruction set the CPU kernels use now (ARWKV_CPU_ISA overrides the best supported)."},
-    {"cpu_algorithm", arwkv_cpu_algorithm, METH_VARARGS,
-     "cpu_algorithm(version=7, direction='forward'): the algorithm (step or chunked) the CPU kernels "
-     "use now for such a call of segments longer than 4 steps (ARWKV_CPU_ALGORITHM overrides)."},
-    {"gpu_algorithm", arwkv_gpu_algorithm, METH_NOARGS,
-     "gpu_algorithm(): the algorithm (step or chunked) the GPU kernels use now (ARWKV_GPU_ALGORITHM)."},
-    {"cpu_isas_supported", arwkv_cpu_isas_supported, METH_NOARGS,
-     "Instruction sets compiled into this build that this CPU can run."},
-    {"gpu_tile_selftest", arwkv_gpu_tile_selftest, METH_NOARGS,
-     "Checks the tensor-core tiles' fragment layouts on the current GPU: 'bf16 ok, f16 ok', or the "
-     "first wrong element."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods,
-                                     nullptr, nullptr, nullptr, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
+// arwkv_ext._C is an empty module: importing it loads this library, whose static initialisers
+// register the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
 }

@@ -5,7 +5,7 @@
 // wrong lane map names the element it misplaces.
 //
 // The same code runs on the CPU in the emulator test (tests/cpp/test_gpu_tiles.cpp) and on a
-// GPU through arwkv_ext._C.gpu_tile_selftest() (wkv_gpu_backend.cpp). Its entry points are
+// GPU through torch.ops.arwkv.gpu_tile_selftest() (wkv_gpu_backend.cpp). Its entry points are
 // plain functions: include this file in one kernel file only (wkv_gpu_f32.cu).
 #pragma once
 

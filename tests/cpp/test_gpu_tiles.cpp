@@ -4,7 +4,7 @@
 // hardware gives wrong products here. Built twice by CMakeLists.txt: CUDA tiles on 32-lane
 // warps, and HIP tiles on 64-lane waves (ARWKV_HIP).
 //  - the device self-test (csrc/gpu/wkv_gpu_tiles_selftest.cuh, the one a GPU runs through
-//    arwkv_ext._C.gpu_tile_selftest()): (row, column)-encoded products through every load,
+//    torch.ops.arwkv.gpu_tile_selftest()): (row, column)-encoded products through every load,
 //    plain and transposed, from 16-bit and float arrays, bf16 and fp16, onto zeros and onto an
 //    encoded C, on two warps, compared exactly with plain products; in every thread order;
 //  - the accumulator's per-element rows and columns, load_tile_acc and store_tile_acc;
@@ -16,7 +16,7 @@
 // What this cannot see: an order of k common to A and B (say both swapped the halves of their
 // registers) cancels in every product, so it is harmless here; code that reuses accumulator
 // registers as operands depends on it and needs a test of its own. And the real instructions:
-// the self-test on a GPU (arwkv_ext._C.gpu_tile_selftest()) checks the same lane maps there.
+// the self-test on a GPU (torch.ops.arwkv.gpu_tile_selftest()) checks the same lane maps there.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
