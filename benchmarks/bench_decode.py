@@ -7,7 +7,7 @@ teacher with a KV cache (same random teacher, converted; CPU by default).
 For each position p the prompt of p tokens is prefilled once (untimed); then, from copies of
 that cache, --warmup untimed runs and --repeats timed runs each decode --steps tokens greedily
 at batch 1, and the time per token is the median over the timed runs of (run time / steps)
-(arwkv.evaluate.decoding_speed, which `arwkv demo` uses too). Cache bytes are read off the
+(arwkv.evaluation.perplexity.decoding_speed, which `arwkv demo` uses too). Cache bytes are read off the
 caches themselves: the student's per-layer states (constant in p) and the teacher's key/value
 tensors (linear in p).
 Goal: the student's time per token at the largest position within 1.2x of the smallest.
@@ -23,8 +23,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from arwkv.cli import RawDescriptionDefaultsFormatter
-from arwkv.convert import student_from_teacher
-from arwkv.evaluate import decoding_method, decoding_speed
+from arwkv.conversion.convert import student_from_teacher
+from arwkv.evaluation.perplexity import decoding_method, decoding_speed
 
 
 def main(argv: list[str] | None = None) -> int:

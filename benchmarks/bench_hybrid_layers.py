@@ -11,7 +11,7 @@ seq_len, batch size, head size, held-out scoring): convert to an all-RWKV studen
 of its layers: `alignment` (the run's val_layer_I) and `restore` (measured on the same held-out
 split: the drop of the student's KL to the teacher when only that layer gets attention back).
 Per variant (K = 0 once; K = 1, 2 with each score and --pick worst and best): hybridize, stage 2
-at the demo's budget, held-out perplexity (arwkv.evaluate.evaluate, the demo's settings). A
+at the demo's budget, held-out perplexity (arwkv.evaluation.perplexity.evaluate, the demo's settings). A
 layer set that two variants choose is trained once. Writes RESULTS/hybrid-layers.md and
 RESULTS/hybrid-layers.json (--quick: into --out instead). About 20 minutes on 2 CPU cores.
 
@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 from arwkv.cli import RawDescriptionDefaultsFormatter
-from arwkv.convert import convert_checkpoint
+from arwkv.conversion.convert import convert_checkpoint
+from arwkv.conversion.hybridize import hybridize, measure_restore_gains
 from arwkv.demo import ASSETS, DemoPlan
-from arwkv.distill_config import DistillConfig
-from arwkv.evaluate import evaluate
+from arwkv.evaluation.perplexity import evaluate
 from arwkv.files import write_atomic
-from arwkv.hybridize import hybridize, measure_restore_gains
-from arwkv.monitor import read_metrics
-from arwkv.trainer import train
+from arwkv.options import DistillConfig
+from arwkv.training.monitor import read_metrics
+from arwkv.training.trainer import train
 
 RESULTS = Path(__file__).parent / "results"
 # (score, K, pick); K = 0 keeps nothing, whatever the score

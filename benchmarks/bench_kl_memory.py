@@ -1,5 +1,5 @@
 """Peak memory of the stage-2 loss, KL(teacher || student) over the full vocabulary, computed
-chunk by chunk (arwkv.distill.chunked_kl) against the plain computation on full logits, at
+chunk by chunk (arwkv.training.losses.chunked_kl) against the plain computation on full logits, at
 (B=1, T=2048, V=151936) with Qwen2.5-0.5B's width (896), float32, forward + backward.
 
     python benchmarks/bench_kl_memory.py [--tokens 2048] [--vocab 151936] [--width 896]
@@ -24,7 +24,7 @@ from arwkv.cli import RawDescriptionDefaultsFormatter
 def child(mode: str, tokens: int, vocab: int, width: int) -> dict:
     import torch
 
-    from arwkv.distill import _kl_chunk, chunked_kl
+    from arwkv.training.losses import _kl_chunk, chunked_kl
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, width, generator=g).requires_grad_()

@@ -23,8 +23,8 @@ def run_one(layers: int, width: int, seq_len: int, batch: int, mode: str) -> dic
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from arwkv.convert import student_from_teacher
-    from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs
+    from arwkv.conversion.convert import student_from_teacher
+    from arwkv.training.losses import AttentionAligner, alignment_losses_keeping_graphs
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=1000, hidden_size=width, intermediate_size=2 * width,

@@ -49,12 +49,12 @@ import torch
 import arwkv_ext
 from arwkv.cli import RawDescriptionDefaultsFormatter
 from arwkv.runtime import DTYPES as RUNTIME_DTYPES
-from arwkv.runtime import torch_dtype_name
+from arwkv.runtime import dtype_from_name, torch_dtype_name
 from arwkv_ext.reference import wkv6_reference, wkv7_reference
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
 
 # arwkv's dtypes under torch's names (float32, bfloat16, float16), as this script's --dtype takes them
-DTYPES = {torch_dtype_name(d): d for d in RUNTIME_DTYPES.values()}
+DTYPES = {torch_dtype_name(dtype_from_name(d)): dtype_from_name(d) for d in RUNTIME_DTYPES}
 OPS = {"wkv7": (arwkv_ext.wkv7, wkv7_reference), "wkv6": (arwkv_ext.wkv6, wkv6_reference)}
 DEFAULT_SHAPES = "1,1024,16,64;4,2048,32,64"
 DEFAULT_GPU_SHAPES = "8,4096,64,64;1,32768,32,128"  # a wide batch at N = 64, one long sequence at N = 128

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # fixtures.py: the tests' tiny teacher, tokenizer and text
 
 from arwkv.cli import DefaultsHelpFormatter, build_parser  # noqa: E402
-from arwkv.monitor import read_metrics  # noqa: E402
-from arwkv.runtime import DEVICES, DTYPES, resolve_device  # noqa: E402
+from arwkv.runtime import DEVICES, DTYPES, dtype_from_name, resolve_device  # noqa: E402
+from arwkv.training.monitor import read_metrics  # noqa: E402
 
 
 def make_inputs(work: Path, hidden: int, layers: int, head_size: int, teacher_dtype: str,
@@ -44,12 +44,12 @@ def make_inputs(work: Path, hidden: int, layers: int, head_size: int, teacher_dt
     """work/teacher (random tiny Qwen2 in teacher_dtype, with the word tokenizer), work/student
     (converted, fp32 master weights as `arwkv convert --dtype fp32` makes them) and
     work/text.jsonl (Markov-chain documents of 20-150 words)."""
-    from arwkv.convert import convert_checkpoint
+    from arwkv.conversion.convert import convert_checkpoint
     from fixtures import WORDS, markov_text, tiny_teacher, word_tokenizer
 
     teacher = tiny_teacher(seed=seed, vocab=len(WORDS), hidden=hidden, intermediate=2 * hidden,
                            layers=layers, eos_token_id=0, max_position_embeddings=1024)
-    teacher.to(DTYPES[teacher_dtype]).save_pretrained(work / "teacher")
+    teacher.to(dtype_from_name(teacher_dtype)).save_pretrained(work / "teacher")
     word_tokenizer().save_pretrained(work / "teacher")
     convert_checkpoint(work / "teacher", work / "student", head_size=head_size, dtype="fp32", overwrite=True)
     g = torch.Generator().manual_seed(seed)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--device", args.device, "--out", str(hybrid), "--overwrite"])
         distill(2, hybrid, "hybrid_stage2")
 
-        from arwkv.evaluate import evaluate
+        from arwkv.evaluation.perplexity import evaluate
 
         scored = evaluate(student, inputs["text"], seq_len=args.seq_len, max_tokens=4096, device=args.device)
         summary["eval"] = {k: scored[k] for k in ("perplexity", "predicted_tokens", "seconds", "device")}

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import arwkv_ext  # noqa: F401  (registers torch.ops.arwkv)
 from arwkv.cli import RawDescriptionDefaultsFormatter
-from arwkv.runtime import DTYPES, torch_dtype_name
+from arwkv.runtime import DTYPES, dtype_from_name, torch_dtype_name
 from arwkv_ext.testing import make_inputs
 
 DEFAULT_SHAPES = ["8,4096,64,64", "1,32768,32,128"]  # a wide batch at N = 64, one long sequence at N = 128
@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--shape", action="append",
                     help=f"B,T,H,N (repeatable) (default: {' and '.join(DEFAULT_SHAPES)})")
     ap.add_argument("--op", choices=["wkv7", "wkv6", "both"], default="both", help="which op")
-    ap.add_argument("--dtype", choices=[torch_dtype_name(d) for d in DTYPES.values()], default="bfloat16",
+    names = [torch_dtype_name(dtype_from_name(d)) for d in DTYPES]
+    ap.add_argument("--dtype", choices=names, default="bfloat16",
                     help="input dtype")
     ap.add_argument("--repeat", type=int, default=3, help="profiled calls (after 2 warm-up calls)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

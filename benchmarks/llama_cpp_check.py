@@ -139,9 +139,9 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from arwkv.convert import convert_checkpoint
-    from arwkv.gguf_export import export_gguf
-    from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+    from arwkv.conversion.convert import convert_checkpoint
+    from arwkv.export.gguf import export_gguf
+    from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="arwkv-llama-"))
     if (args.llama_build / "bin" / "libllama.so").exists():  # a build given as is

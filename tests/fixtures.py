@@ -190,7 +190,7 @@ def make_run_inputs(
     """root/teacher, root/student (converted, fp32), root/hybrid (the same with layer 0's
     attention kept; the teacher has 2 layers by default), root/text.jsonl, root/chat.jsonl,
     root/prefs.jsonl (preference pairs: the chain's next word chosen, a random word rejected)."""
-    from arwkv.convert import convert_checkpoint
+    from arwkv.conversion.convert import convert_checkpoint
 
     teacher = tiny_teacher(seed=seed, vocab=len(WORDS), hidden=hidden, intermediate=2 * hidden,
                            layers=layers, eos_token_id=0, max_position_embeddings=512)
@@ -231,6 +231,6 @@ def make_run_inputs(
 
 
 def time_mixer_parameters(student) -> list[torch.nn.Parameter]:
-    """What stage 1 trains: the time mixers' parameters, nothing else (as arwkv.distill's)."""
+    """What stage 1 trains: the time mixers' parameters, nothing else (as arwkv.training.losses's)."""
     return [p for layer in student.model.layers if layer.is_wkv
             for p in layer.self_attn.time_mixer.parameters()]

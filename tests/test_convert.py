@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from arwkv.cli import main
-from arwkv.convert import ConversionError, convert_checkpoint, student_from_teacher
-from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from arwkv.conversion.convert import ConversionError, convert_checkpoint, student_from_teacher
+from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from fixtures import VOCAB, tiny_teacher
 
 

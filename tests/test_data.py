@@ -164,7 +164,7 @@ def test_sft_loss_is_transformers_loss_on_the_same_batch(tokenizer):
     logits and labels: the labels are shifted exactly once."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from arwkv.convert import student_from_teacher
+    from arwkv.conversion.convert import student_from_teacher
     from arwkv.data import sft_example
 
     student = student_from_teacher(tiny_teacher(), head_size=32)

@@ -13,7 +13,8 @@ import torch
 import arwkv_ext
 from arwkv.cli import build_parser, main
 from arwkv.demo import ASSETS, DemoPlan, render_report, run_demo
-from arwkv.gguf_export import read_back
+from arwkv.export.gguf import read_back
+from arwkv.options import DemoOptions, options_from_args
 
 TEACHER = ASSETS / "teacher"
 
@@ -36,7 +37,7 @@ def test_the_shipped_teacher_is_a_small_genuine_qwen2():
 
 
 def test_the_teacher_report_is_what_eval_measures():
-    from arwkv.evaluate import evaluate
+    from arwkv.evaluation.perplexity import evaluate
 
     report = json.loads((TEACHER / "training_report.json").read_text())
     measured = evaluate(TEACHER, ASSETS / "heldout.jsonl", seq_len=256, device="cpu")
@@ -104,12 +105,13 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert rerun["plan"]["device"] == "auto" and rerun["device"] == ("cuda" if gpu else "cpu")
     assert rerun["gguf"] == str(out / "student.gguf") and saved["gguf"] is None
     assert main(["demo", "--quick", "--stage1-steps", "0", "--out", str(out)]) == 1
-    assert "stage1_steps must be at least 1" in capsys.readouterr().err
+    assert "--stage1-steps must be at least 1" in capsys.readouterr().err
     assert (out / "report.json").is_file()  # refused before anything was removed
 
 
 def test_demo_device_defaults_to_the_cpu():
-    assert build_parser().parse_args(["demo"]).device == "cpu"  # the published numbers are the CPU's
+    parsed = options_from_args(DemoOptions, build_parser().parse_args(["demo"]))
+    assert parsed.device == "cpu"  # the published numbers are the CPU's
     assert DemoPlan().device == DemoPlan.quick().device == "cpu"
 
 
@@ -129,7 +131,7 @@ def test_demo_on_cuda_without_gpu_kernels_is_one_line(tmp_path, capsys, monkeypa
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("arwkv demo: --device cuda: arwkv_ext was built without GPU kernels")
+    assert err.startswith("arwkv demo: --device cuda: arwkv was built without GPU kernels")
     assert err.count("\n") == 1 and not out.exists()
 
 
@@ -156,7 +158,7 @@ def test_lm_eval_scores_a_student(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
-    from arwkv.convert import convert_checkpoint
+    from arwkv.conversion.convert import convert_checkpoint
 
     student = convert_checkpoint(TEACHER, tmp_path / "student", head_size=32, dtype="fp32")
     assert (

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from arwkv.convert import student_from_teacher
-from arwkv.distill import AttentionAligner, alignment_losses_keeping_graphs
+from arwkv.conversion.convert import student_from_teacher
+from arwkv.training.losses import AttentionAligner, alignment_losses_keeping_graphs
 from arwkv_ext.testing import rel_error
 from fixtures import VOCAB, time_mixer_parameters, tiny_teacher
 
@@ -110,7 +110,7 @@ def test_bad_options():
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 5), (2.0, 64)])
 def test_chunked_kl_equals_the_full_computation(temperature, chunk):
     """Value and gradients equal KL(teacher || student) computed on full logits, with a mask."""
-    from arwkv.distill import chunked_kl
+    from arwkv.training.losses import chunked_kl
 
     g = torch.Generator().manual_seed(4)
     N, C, V = 37, 16, 50
@@ -150,7 +150,7 @@ def naive_adaptive_kl(p: list[float], q: list[float], head: float) -> float:
 
 @pytest.mark.parametrize("head", [0.2, 0.5, 0.9])
 def test_adaptive_kl_matches_its_definition(head):
-    from arwkv.distill import adaptive_kl
+    from arwkv.training.losses import adaptive_kl
 
     g = torch.Generator().manual_seed(7)
     t = torch.log_softmax(torch.randn(9, 13, generator=g, dtype=torch.float64) * 2, -1)
@@ -167,7 +167,7 @@ def test_adaptive_kl_matches_its_definition(head):
 def test_chunked_adaptive_kl_equals_the_full_computation():
     """Chunks, the mask and the recomputation in the backward give the full computation's value
     and gradients (the per-token weights carry no gradient)."""
-    from arwkv.distill import adaptive_kl, chunked_logit_losses
+    from arwkv.training.losses import adaptive_kl, chunked_logit_losses
 
     g = torch.Generator().manual_seed(5)
     N, C, V = 29, 8, 40
@@ -191,7 +191,7 @@ def test_chunked_adaptive_kl_equals_the_full_computation():
 def test_chunked_kl_holds_one_chunk_of_logits():
     """Saved-for-backward bytes peak at one chunk's logits (while that chunk is recomputed in the
     backward), whatever the number of tokens; the plain computation saves several [N, V]."""
-    from arwkv.distill import _kl_chunk, chunked_kl
+    from arwkv.training.losses import _kl_chunk, chunked_kl
 
     C, V, chunk = 32, 4000, 128
     peaks, naive = {}, {}
@@ -211,7 +211,7 @@ def test_chunked_kl_holds_one_chunk_of_logits():
 def test_chunked_cross_entropy_equals_the_full_computation():
     """The optional CE term: the mean next-token cross-entropy over the targets that are not
     -100, from the same chunks (so logits are made once for KL and CE)."""
-    from arwkv.distill import chunked_logit_losses, next_token_targets
+    from arwkv.training.losses import chunked_logit_losses, next_token_targets
 
     g = torch.Generator().manual_seed(5)
     B, T, C, V = 3, 11, 16, 50

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from arwkv.cli import main
-from arwkv.convert import convert_checkpoint
-from arwkv.gguf_export import ExportError, export_gguf, pre_tokenizer_name, read_back
-from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from arwkv.conversion.convert import convert_checkpoint
+from arwkv.export.gguf import ExportError, export_gguf, pre_tokenizer_name, read_back
+from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from fixtures import tiny_teacher, word_tokenizer
 
 DEMO_TEACHER = Path(__file__).resolve().parents[1] / "python" / "arwkv" / "demo_assets" / "teacher"

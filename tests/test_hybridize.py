@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from arwkv.cli import main
-from arwkv.convert import convert_checkpoint
-from arwkv.distill_config import DistillConfig
-from arwkv.hybridize import (
+from arwkv.conversion.convert import convert_checkpoint
+from arwkv.conversion.hybridize import (
     HybridizeError,
     choose_layers,
     hybridize,
@@ -25,8 +24,9 @@ from arwkv.hybridize import (
     measure_scores,
     scores_from_run,
 )
-from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
-from arwkv.monitor import read_metrics
+from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from arwkv.options import DistillConfig
+from arwkv.training.monitor import read_metrics
 from fixtures import WORDS, make_run_inputs, tiny_teacher
 
 LAYERS = 4
@@ -218,7 +218,7 @@ def test_scores_of_a_real_stage1_run_and_measured_on_its_split_agree(inputs, tmp
     """A 2-step stage 1 with a validation split writes val_layer_I for every layer; hybridize
     --run reads them (RUN/student by default) and keeps attention in the worst; --data on the
     same split, rows and seq_len measures the same losses."""
-    from arwkv.trainer import train
+    from arwkv.training.trainer import train
 
     run = tmp_path / "stage1"
     train(DistillConfig(stage=1, teacher=str(inputs["teacher"]), student=str(inputs["trained"]),
@@ -267,8 +267,8 @@ def kl_to_teacher(teacher_dir: Path, student_dir: Path, data: Path, rows: int, s
 
     from arwkv.data import collate, pack_documents, tokenize_documents
     from arwkv.data import iter_records as records
-    from arwkv.distill import LogitDistillation
-    from arwkv.trainer import load_student, load_teacher
+    from arwkv.training.losses import LogitDistillation
+    from arwkv.training.trainer import load_student, load_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
     batch = collate(pack_documents(tokenize_documents(records(data), tokenizer), seq_len, 0)[:rows])
@@ -318,6 +318,7 @@ def test_bad_requests_are_one_line(inputs, tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("mine")
+    capsys.readouterr()  # the set-up's own output (transformers' save bars)
 
     def error(*args: str, out: str = str(tmp_path / "out")) -> str:
         rc, _, err = run_main(["hybridize", "--teacher", teacher, "--student", student, "--out", out, *args],
@@ -330,7 +331,7 @@ def test_bad_requests_are_one_line(inputs, tmp_path, capsys):
     assert "give --keep K" in error("--run", run)
     assert "not both" in error("--keep", "1", "--layers", "1", "--run", run)
     assert "not both" in error("--keep", "1", "--run", run, "--data", str(inputs["text"]))
-    assert "--keep -1 must not be negative" in error("--keep", "-1", "--run", run)
+    assert "--keep must be at least 0, got -1" in error("--keep", "-1", "--run", run)
     assert "--keep 5: the student has only 4 time-mixing layers" in error("--keep", "5", "--run", run)
     assert "--layers [4]: not layers of this 4-layer model" in error("--layers", "1,4")
     assert "exists and is not empty; pass --overwrite" in error("--layers", "1", out=str(full))

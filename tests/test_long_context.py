@@ -1,4 +1,4 @@
-"""``arwkv eval --long-context`` (loss by position, passkey retrieval) and the cache bytes that
+"""``arwkv long-context`` (loss by position, passkey retrieval) and the cache bytes that
 plain ``arwkv eval`` reports: buckets and their means against a position-by-position computation
 from empty contexts, the sequences made of short documents, passkey prompts (length, depth) and
 their scoring, the command end to end for a teacher, a student and a hybrid, and one-line
@@ -13,16 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arwkv import long_context
 from arwkv.cli import main
-from arwkv.convert import convert_checkpoint
+from arwkv.conversion.convert import convert_checkpoint
 from arwkv.demo import ASSETS
-from arwkv.long_context import (
+from arwkv.evaluation import long_context
+from arwkv.evaluation.long_context import (
     FILLER,
     INTRO,
     KEY_SENTENCE,
     QUESTION,
-    LongContextSettings,
     PasskeyPrompt,
     bucket_edges,
     contains_key,
@@ -34,7 +33,9 @@ from arwkv.long_context import (
     passkey_key,
     passkey_prompt,
     score_positions,
+    settings_lengths,
 )
+from arwkv.options import LongContextOptions
 from fixtures import tiny_teacher, word_tokenizer
 
 # the shipped demo teacher (a real Qwen2 with a byte-level BPE tokenizer): 4 layers of width 192,
@@ -275,7 +276,7 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
 def test_long_context_command_writes_json_and_png(models, tmp_path, capsys):
     out = tmp_path / "lc"
     names = ["teacher", "student", "hybrid"]
-    rc, stdout, err = _run(["eval", "--long-context", "--model", *(str(models[n]) for n in names),
+    rc, stdout, err = _run(["long-context", "--model", *(str(models[n]) for n in names),
                             "--data", str(models["text"]), "--out", str(out), "--max-len", "128",
                             "--buckets", "4", "--max-sequences", "3", "--passkey-lengths", "96,128",
                             "--passkey-depths", "0,1", "--passkey-trials", "2", "--device", "cpu",
@@ -304,11 +305,11 @@ def test_long_context_command_writes_json_and_png(models, tmp_path, capsys):
     cache = {m["name"]: m["cache_bytes"]["per_token"] for m in report["models"]}
     assert cache == {"teacher": 2 * LAYERS * KV_HEADS * HEAD_DIM * 4, "student": 0,
                      "hybrid": 2 * 2 * KV_HEADS * HEAD_DIM * 4}
-    assert "arwkv eval: teacher: loss by position" in err and "arwkv eval: wrote" in err
+    assert "arwkv long-context: teacher: loss by position" in err and "arwkv long-context: wrote" in err
     # the default passkey lengths, loss by position only, and passkey only
-    assert LongContextSettings(max_len=2048).lengths() == [256, 512, 1024, 2048]
-    assert LongContextSettings(max_len=200).lengths() == [200]
-    rc, _, err = _run(["eval", "--long-context", "--model", str(models["student"]), "--data",
+    assert settings_lengths(LongContextOptions(max_len=2048)) == [256, 512, 1024, 2048]
+    assert settings_lengths(LongContextOptions(max_len=200)) == [200]
+    rc, _, err = _run(["long-context", "--overwrite", "--model", str(models["student"]), "--data",
                        str(models["text"]), "--out", str(out), "--max-len", "32", "--passkey-trials", "0",
                        "--max-sequences", "2", "--buckets", "1,4,16,32", "--device", "cpu"], capsys)
     assert rc == 0, err
@@ -316,7 +317,7 @@ def test_long_context_command_writes_json_and_png(models, tmp_path, capsys):
     assert only_loss["settings"]["passkey"] is None and "passkey" not in only_loss["models"][0]
     assert only_loss["settings"]["buckets"]["spacing"] == "given"
     assert [b["start"] for b in only_loss["models"][0]["loss_by_position"]["buckets"]] == [1, 4, 16]
-    rc, _, err = _run(["eval", "--long-context", "--model", str(models["teacher"]), "--out", str(out),
+    rc, _, err = _run(["long-context", "--overwrite", "--model", str(models["teacher"]), "--out", str(out),
                        "--max-len", "100", "--passkey-trials", "1", "--device", "cpu"], capsys)
     assert rc == 0, err
     only_passkey = json.loads((out / "long_context.json").read_text())
@@ -325,42 +326,63 @@ def test_long_context_command_writes_json_and_png(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--long-context"], "--long-context needs --out DIR"),
-    (["--long-context", "--out", "{out}", "--passkey-depths", "0,1.5"],
-     "--passkey-depths: 1.5 is outside [0, 1]"),
-    (["--long-context", "--out", "{out}", "--passkey-depths", "0,x"],
-     "--passkey-depths: 'x' is not a number"),
-    (["--long-context", "--out", "{out}", "--passkey-lengths", "64,4096"],
+    (["--passkey-trials", "1"], "--out is required"),
+    (["--out", "{out}", "--passkey-depths", "0,1.5"], "--passkey-depths: 1.5 is outside [0, 1]"),
+    (["--out", "{out}", "--passkey-lengths", "64,4096"],
      "--passkey-lengths: 4096 is outside [2, --max-len 2048]"),
-    (["--long-context", "--out", "{out}", "--max-len", "64", "--passkey-lengths", "20"],
+    (["--out", "{out}", "--max-len", "64", "--passkey-lengths", "20"],
      "--passkey-lengths: 20 tokens is too short"),
-    (["--long-context", "--out", "{out}", "--max-len", "1"], "--max-len must be at least 2"),
-    (["--long-context", "--out", "{out}", "--passkey-depths", "0,0.5,0.5"],
-     "--passkey-depths: 0.5 is given twice"),
-    (["--long-context", "--out", "{out}", "--buckets", "1,8,4"],
-     "--buckets: edges [1, 8, 4] are not strictly"),
-    (["--long-context", "--out", "{out}", "--passkey-trials", "0"],
-     "--long-context: give --data (loss by position) and/or --passkey-trials > 0"),
-    (["--long-context", "--out", "{out}", "--passkey-trials", "-1"], "--passkey-trials must not be negative"),
-    (["--long-context", "--out", "{out}", "--seq-len", "64"], "--long-context does not read --seq-len"),
-    (["--long-context", "--out", "{out}", "--data", "{missing}"], "does not exist"),
-    (["--long-context", "--out", "{out}", "--max-len", "64", "--data", "{short}", "--passkey-trials", "0"],
+    (["--out", "{out}", "--max-len", "1"], "--max-len must be at least 2"),
+    (["--out", "{out}", "--passkey-depths", "0,0.5,0.5"], "--passkey-depths: 0.5 is given twice"),
+    (["--out", "{out}", "--buckets", "1,8,4"], "--buckets: edges [1, 8, 4] are not strictly"),
+    (["--out", "{out}", "--passkey-trials", "0"],
+     "give --data (loss by position) and/or --passkey-trials > 0"),
+    (["--out", "{out}", "--passkey-trials", "-1"], "--passkey-trials must be at least 0"),
+    (["--out", "{out}", "--data", "{missing}"], "does not exist"),
+    (["--out", "{out}", "--max-len", "64", "--data", "{short}", "--passkey-trials", "0"],
      "fewer than --max-len 64: no sequence to score"),
-    (["{student}", "--data", "{text}"], "--model: 2 directories given; one, unless --long-context"),
-    (["--model", "{student}", "--data", "{text}"], "--model: 2 directories given"),
-    (["--data", "{text}", "--out", "{out}"], "--out: only with --long-context"),
-    (["--data", "{text}", "--passkey-trials", "3"], "--passkey-trials: only with --long-context"),
 ])
 def test_bad_flags_are_one_line(models, tmp_path, capsys, args, message):
     values = {"out": str(tmp_path / "lc"), "missing": str(tmp_path / "missing.jsonl")}
     values |= {name: str(models[name]) for name in ("text", "short", "student")}
-    argv = ["eval", "--device", "cpu", "--model", str(models["teacher"])] + [a.format(**values) for a in args]
+    argv = ["long-context", "--device", "cpu", "--model", str(models["teacher"])]
+    argv += [a.format(**values) for a in args]
     rc, stdout, err = _run(argv, capsys)
     assert rc == 1 and stdout == ""
-    assert "Traceback" not in err and err.endswith("\n")
-    last = err.splitlines()[-1]  # (after transformers' own "Loading weights" bar, if it got that far)
-    assert last.startswith("arwkv eval: ") and message in last, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("arwkv long-context: ") and message in err, err
     assert not (tmp_path / "lc").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["long-context", "--model", "{teacher}", "--out", "{out}", "--passkey-depths", "0,x"],
+     "argument --passkey-depths: 'x' is not a number"),
+    (["long-context", "--model", "{teacher}", "--out", "{out}", "--seq-len", "64"],
+     "unrecognized arguments: --seq-len 64"),
+    (["eval", "--model", "{teacher}", "{student}", "--data", "{text}"], "unrecognized arguments: "),
+    (["eval", "--model", "{teacher}", "--data", "{text}", "--out", "{out}"], "unrecognized arguments: --out"),
+    (["eval", "--model", "{teacher}", "--data", "{text}", "--passkey-trials", "3"],
+     "unrecognized arguments: --passkey-trials 3"),
+])
+def test_unreadable_command_lines_are_one_line(models, tmp_path, capsys, argv, message):
+    values = {"out": str(tmp_path / "lc")}
+    values |= {name: str(models[name]) for name in ("text", "student", "teacher")}
+    rc, stdout, err = _run([a.format(**values) for a in argv], capsys)
+    assert rc == 2 and stdout == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"arwkv {argv[0]}: ") and message in err and "--help" in err, err
+    assert not (tmp_path / "lc").exists()
+
+
+def test_long_context_refuses_to_overwrite(models, tmp_path, capsys):
+    out = tmp_path / "lc"
+    argv = ["long-context", "--model", str(models["student"]), "--out", str(out), "--max-len", "100",
+            "--passkey-trials", "1", "--passkey-depths", "0.5", "--device", "cpu"]
+    assert _run(argv, capsys)[0] == 0
+    before = (out / "long_context.json").read_bytes()
+    rc, _, err = _run(argv[:-2] + ["--passkey-depths", "0,1", "--device", "cpu"], capsys)
+    assert rc == 1 and "already holds long_context.json (--overwrite replaces it)" in err, err
+    assert (out / "long_context.json").read_bytes() == before  # untouched
+    assert _run(argv + ["--overwrite"], capsys)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +408,7 @@ def test_plain_eval_reports_cache_bytes_per_token(models, capsys):
 
 
 def test_cache_growth_of_a_transformers_cache():
-    from arwkv.evaluate import cache_growth
+    from arwkv.evaluation.perplexity import cache_growth
 
     teacher = tiny_teacher(layers=3, hidden=128)  # 4 heads of 32 over 2 key/value heads
     assert cache_growth(teacher, [5, 6, 7], (8, 24)) == {"constant": 0, "per_token": 2 * 3 * 2 * 32 * 4,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arwkv.convert import expand_kv_heads, student_from_teacher
-from arwkv.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from arwkv.conversion.convert import expand_kv_heads, student_from_teacher
+from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 from arwkv_ext.testing import rel_error
 from fixtures import VOCAB, tiny_teacher
 
@@ -465,7 +465,7 @@ def test_packed_rows_that_do_not_start_a_sequence_are_refused():
 
 
 def test_hybrid_converts_and_reloads(tmp_path):
-    from arwkv.convert import student_from_teacher as convert_in_memory
+    from arwkv.conversion.convert import student_from_teacher as convert_in_memory
 
     teacher = tiny_teacher()
     hybrid = convert_in_memory(teacher, head_size=32, wkv_layers=[0, 2])
@@ -499,7 +499,7 @@ def test_rwkv6_low_rank_widths_come_from_the_config(tmp_path):
     """RWKV-6's low-rank widths: the published keys (lora_rank_tokenshift, lora_rank_decay) when
     given, else the published rule (32 and 64, doubled from width 4096 on); a saved student
     states them and loads back with the same shapes and values."""
-    from arwkv.configuration_rwkv_hybrid import RwkvHybridConfig
+    from arwkv.models.configuration_rwkv_hybrid import RwkvHybridConfig
 
     narrow = RwkvHybridConfig(hidden_size=896, wkv_version=6)
     wide = RwkvHybridConfig(hidden_size=4096, wkv_version=6)
@@ -526,7 +526,7 @@ def test_rwkv6_low_rank_widths_come_from_the_config(tmp_path):
 @pytest.mark.parametrize("value", [-3, 0, 2.5])
 @pytest.mark.parametrize("key", ["lora_rank_tokenshift", "lora_rank_decay", "decay_low_rank"])
 def test_a_bad_low_rank_width_is_a_one_line_error(key, value):
-    from arwkv.configuration_rwkv_hybrid import RwkvHybridConfig
+    from arwkv.models.configuration_rwkv_hybrid import RwkvHybridConfig
 
     with pytest.raises(ValueError, match=f"rwkv_hybrid: {key} {value} is not a positive integer"):
         RwkvHybridConfig(**{key: value})

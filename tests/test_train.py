@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from arwkv.cli import main
-from arwkv.distill_config import ConfigError, DistillConfig, load_config_file
-from arwkv.monitor import read_metrics
-from arwkv.trainer import BatchOrder, lr_factor, micro_batches
+from arwkv.options import ConfigError, DistillConfig, load_config_file
+from arwkv.training.monitor import read_metrics
+from arwkv.training.trainer import BatchOrder, lr_factor, micro_batches
 from fixtures import WORDS, chat_record, make_run_inputs, markov_text, tiny_teacher, word_tokenizer
 
 
@@ -110,10 +110,13 @@ def test_flags_and_config_files_make_the_same_config(tmp_path, run_inputs):
     ]
     import argparse
 
-    from arwkv.distill_config import add_arguments, config_from_args
+    from arwkv.options import add_arguments, options_from_args
+
+    def config_from_args(args):
+        return options_from_args(DistillConfig, args)
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, DistillConfig)
     from_flags = config_from_args(parser.parse_args(flags[1:]))
     (tmp_path / "c.yaml").write_text(
         f"stage: 2\nteacher: {run_inputs['teacher']}\nstudent: {run_inputs['student']}\n"
@@ -144,15 +147,15 @@ def test_flags_and_config_files_make_the_same_config(tmp_path, run_inputs):
     "text,message",
     [
         ("seq_len: 64\nsequence_length: 3\n", "unknown key 'sequence_length'"),
-        ("seq_len: sixty\n", "seq_len = 'sixty' is not a int"),
-        ("freeze_mlp: 1\n", "freeze_mlp = 1 is not a bool"),
+        ("seq_len: sixty\n", "seq_len = 'sixty' is not a whole number"),
+        ("freeze_mlp: 1\n", "freeze_mlp = 1 is not true or false"),
         ("- 1\n", "expected a mapping"),
     ],
 )
 def test_bad_config_files_are_one_line(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load_config_file(tmp_path / "c.yaml")
+        load_config_file(tmp_path / "c.yaml", DistillConfig)
 
 
 def test_schedule_warms_up_then_decays():
@@ -182,8 +185,8 @@ def test_global_batches_split_over_ranks_cover_each_row_once_per_epoch(world):
 
 
 def test_what_each_stage_trains(run_inputs):
-    from arwkv.stages import make_stage
-    from arwkv.trainer import load_student, make_optimizer
+    from arwkv.training.stages import make_stage
+    from arwkv.training.trainer import load_student, make_optimizer
 
     student = load_student(run_inputs["student"])
     make_stage(DistillConfig(stage=1)).set_trainable(student)
@@ -203,7 +206,7 @@ def test_what_each_stage_trains(run_inputs):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(run_inputs):
-    from arwkv.trainer import load_student
+    from arwkv.training.trainer import load_student
 
     student = load_student(run_inputs["student"]).train()
     ids = torch.randint(5, 60, (1, 24))
@@ -284,7 +287,7 @@ def test_each_stage_trains_a_hybrid(tmp_path, run_inputs, stage):
     packed rows; the result loads and runs."""
     from transformers import AutoModelForCausalLM
 
-    from arwkv.trainer import load_student
+    from arwkv.training.trainer import load_student
 
     out = tmp_path / f"hybrid{stage}"
     inputs = {**run_inputs, "student": run_inputs["hybrid"]}
@@ -311,7 +314,7 @@ def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
     records = read_metrics(out)
     assert records[-1]["kl"] < records[0]["kl"]
     assert main(distill_args(run_inputs, tmp_path / "bad", 2, max_steps=2, kl="adaptive", akl_head=1.5)) == 1
-    assert "akl_head must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "--akl-head must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
@@ -321,7 +324,7 @@ def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "record 1: a preference record needs 'prompt', 'chosen' and 'rejected'" in err[0]
     assert main(distill_args(run_inputs, tmp_path / "o2", 4, max_steps=1, dpo_beta=0)) == 1
-    assert "dpo_beta must be positive" in capsys.readouterr().err
+    assert "--dpo-beta must be positive" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- resume, processes
@@ -384,7 +387,7 @@ def test_eval_reports_the_models_own_perplexity(run_inputs, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arwkv.data import iter_records, tokenize_documents
-    from arwkv.evaluate import windows
+    from arwkv.evaluation.perplexity import windows
 
     model_dir = run_inputs["student"]
     assert (
@@ -453,7 +456,7 @@ def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
     no_teacher = distill_args(run_inputs, tmp_path / "o")
     del no_teacher[no_teacher.index("--teacher") : no_teacher.index("--teacher") + 2]
     assert "--teacher is required" in error(no_teacher)
-    assert "not an ARWKV student" in error(
+    assert "not an arwkv student" in error(
         distill_args({**run_inputs, "student": run_inputs["teacher"]}, tmp_path / "o2", max_steps=1)
     )
     out = tmp_path / "run"
@@ -471,7 +474,7 @@ def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
         distill_args(run_inputs, out, max_steps=2, resume=True)
     )
     assert "fewer than --batch-size 400" in error(distill_args(run_inputs, tmp_path / "o3", batch_size=400))
-    assert "min_lr_ratio must be in [0, 1]" in error(
+    assert "--min-lr-ratio must be in [0, 1]" in error(
         distill_args(run_inputs, tmp_path / "o4", min_lr_ratio=-1)
     )
 

@@ -159,7 +159,7 @@ def main() -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from arwkv.data import collate, pack_documents
-    from arwkv.evaluate import score_windows, windows
+    from arwkv.evaluation.perplexity import score_windows, windows
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -30,16 +30,18 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import load_causal_lm
-from .files import write_atomic
-from .long_context import (
-    LongContextSettings,
+from .evaluation.long_context import (
     bucket_edges,
     describe_model,
+    describe_settings,
     load_sequences,
     loss_by_position,
     plot_long_context,
 )
+from .files import write_atomic
+from .loading import load_causal_lm
+from .options import LongContextOptions
+from .runtime import resolve_device
 
 ASSETS = Path(__file__).parent / "demo_assets"
 PROMPT = "The for statement is used to"
@@ -150,29 +152,10 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by arwkv demo\n")
 
 
-def _resolve_device(name: str) -> torch.device:
-    """The demo's device, checked before anything is written: ``cuda`` needs a GPU that torch
-    sees and an arwkv_ext built with GPU kernels (else the ops would refuse mid-demo); ``auto``
-    is the GPU only when both are there."""
-    import arwkv_ext
-
-    from .runtime import resolve_device
-
-    device = resolve_device(name)
-    if device.type == "cuda" and not any(k != "cpu" for k in arwkv_ext.build_info["kernels"]):
-        if name == "auto":
-            return torch.device("cpu")
-        raise ValueError(
-            f"--device {name}: arwkv_ext was built without GPU kernels (torch "
-            f"{arwkv_ext.build_info['torch']}); reinstall arwkv against a CUDA torch"
-        )
-    return device
-
-
 def _decode_rows(model, heldout_ids: list[int], plan: DemoPlan) -> list[dict]:
     """One row per context length of plan.contexts: tokens/s of greedy decoding at batch 1 after
     a prompt of that many held-out tokens (repeated when the text is shorter), and the cache."""
-    from .evaluate import decoding_speed
+    from .evaluation.perplexity import decoding_speed
 
     rows = []
     steps = plan.decode_steps
@@ -221,9 +204,9 @@ def _long_context(teacher: Path, student: Path, device: torch.device, plan: Demo
     plan.long_context_len-token sequences, and each one's cache bytes (constant, per token of
     context; measured by the held-out scoring, ``scores``), as a long-context report:
     {"settings", "models": [teacher, student]}."""
-    settings = LongContextSettings(
+    settings = LongContextOptions(
         max_len=plan.long_context_len,
-        buckets=plan.long_context_buckets,
+        buckets=str(plan.long_context_buckets),
         data=str(ASSETS / "heldout.jsonl"),
         max_sequences=plan.long_context_sequences,
         passkey_trials=0,
@@ -232,7 +215,7 @@ def _long_context(teacher: Path, student: Path, device: torch.device, plan: Demo
     edges = long_context_edges(plan)
     teacher_len = json.loads((teacher / "training_report.json").read_text()).get("seq_len")
     trained_at = {"teacher": teacher_len, "student": plan.seq_len}  # sequence lengths in training
-    report = {"settings": settings.describe(), "trained_at": trained_at, "models": []}
+    report = {"settings": describe_settings(settings), "trained_at": trained_at, "models": []}
     for name, path in (("teacher", teacher), ("student", student)):
         model, tokenizer = load_causal_lm(path, device, torch.float32)
         sequences = load_sequences(tokenizer, settings.data, settings.max_len,
@@ -246,12 +229,11 @@ def _long_context(teacher: Path, student: Path, device: torch.device, plan: Demo
 
 def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     """Runs the demo into ``out``; returns the report (also written as OUT/report.json)."""
-    from .convert import convert_checkpoint
-    from .distill_config import DistillConfig
-    from .evaluate import decoding_method, evaluate
-    from .monitor import read_metrics
-    from .stages import STAGES
-    from .trainer import train
+    from .conversion.convert import convert_checkpoint
+    from .evaluation.perplexity import decoding_method, evaluate
+    from .options import STAGE_TITLES, DistillConfig
+    from .training.monitor import read_metrics
+    from .training.trainer import train
 
     plan = plan or DemoPlan()
     out = Path(out)
@@ -277,7 +259,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     if plan.long_context_sequences is not None and plan.long_context_sequences < 1:
         raise ValueError(f"long_context_sequences must be at least 1, got {plan.long_context_sequences}")
     long_context_edges(plan)  # refused here, before OUT is touched
-    device = _resolve_device(plan.device)  # refused here, before OUT is touched
+    device = resolve_device(plan.device)  # refused here, before OUT is touched
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     # the trainer runs float32 weights under bf16 autocast on a GPU, in float32 on the CPU
     precision = "bf16 autocast over float32 weights" if device.type == "cuda" else "float32"
@@ -311,7 +293,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     ]
     for stage, steps, lr, student in stages:
         _say(
-            f"stage {stage} ({STAGES[stage].title}): {steps} steps "
+            f"stage {stage} ({STAGE_TITLES[stage]}): {steps} steps "
             f"of {plan.batch_size} x {plan.seq_len} tokens on the {_where(device.type, gpu)}"
         )
         t0 = time.perf_counter()
@@ -371,7 +353,7 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     timings["long_context_s"] = time.perf_counter() - t0
     gguf_path = None
     if plan.gguf:
-        from .gguf_export import export_gguf
+        from .export.gguf import export_gguf
 
         _say("writing the distilled student as llama.cpp's arwkv7 GGUF (f16)")
         gguf_export = export_gguf(student, out / "student.gguf", outtype="f16", overwrite=True)

@@ -1,19 +1,38 @@
-"""Small contracts shared by every command: dtype names, device resolution, seed mixing, and the
-head sizes the WKV kernels support (defined once, by the kernels themselves)."""
+"""Small contracts that every layer of arwkv shares, and so may import from anywhere: the refusal
+type, where a process runs (:class:`Place`), device and dtype names and their resolution, seed
+mixing, and the head sizes the WKV kernels support (defined once, by the kernels themselves).
+
+torch is imported inside the functions that need it, so that the command line can be built (and
+``--help`` answered) without loading it.
+"""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from typing import TYPE_CHECKING
 
-# The dtype names that commands and config files accept, and what they mean.
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+
+class ConfigError(ValueError):
+    """A bad flag, config file, key, path or combination; the message is one line naming what is
+    wrong. Every command prints it as ``arwkv COMMAND: message``."""
+
+
+# The dtype names that commands and config files accept; dtype_from_name says what they mean.
+DTYPES = ("bf16", "fp16", "fp32")
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def dtype_from_name(name: str, what: str = "--dtype") -> torch.dtype:
-    """``"bf16"`` -> torch.bfloat16, etc.; a ValueError naming ``what`` for anything else."""
+    """``"bf16"`` -> torch.bfloat16, etc.; a ConfigError naming ``what`` for anything else."""
+    import torch
+
     if name not in DTYPES:
-        raise ValueError(f"{what} {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+        raise ConfigError(f"{what} {name!r} is not one of {', '.join(DTYPES)}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -21,18 +40,55 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-DEVICES = ("auto", "cpu", "cuda")
+def gpu_kernels_built() -> bool:
+    """Whether the installed arwkv_ext has GPU (CUDA or HIP) WKV kernels; False when it cannot be
+    imported at all (then nothing runs the student on any device)."""
+    try:
+        import arwkv_ext
+    except ImportError:
+        return False
+    return any(kind != "cpu" for kind in arwkv_ext.build_info["kernels"])
 
 
 def resolve_device(device: str, what: str = "--device") -> torch.device:
-    """``auto`` is the GPU when torch sees one, else the CPU; ``cuda`` without a GPU is a
-    ValueError naming ``what``."""
+    """The device a command runs on. ``auto`` is the GPU only when torch sees one AND arwkv was
+    built with GPU kernels (else the CPU); ``cuda`` without either is a one-line ConfigError
+    naming ``what``, raised before the command writes anything."""
+    import torch
+
     if device not in DEVICES:
-        raise ValueError(f"{what} {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what} cuda: torch sees no GPU")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda") if use_cuda else torch.device("cpu")
+        raise ConfigError(f"{what} {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return torch.device("cpu")
+    gpu_seen = torch.cuda.is_available()
+    if device == "auto":
+        return torch.device("cuda" if gpu_seen and gpu_kernels_built() else "cpu")
+    if not gpu_seen:
+        raise ConfigError(f"{what} cuda: torch sees no GPU")
+    if not gpu_kernels_built():
+        import arwkv_ext
+
+        raise ConfigError(
+            f"{what} cuda: arwkv was built without GPU kernels (for torch {arwkv_ext.build_info['torch']}, "
+            f"{arwkv_ext.build_info['target']}); reinstall it against a CUDA or ROCm torch, or use "
+            "--device cpu"
+        )
+    return torch.device("cuda")
+
+
+@dataclasses.dataclass
+class Place:
+    """Where a training process runs: its global rank, the world size, its device, and whether
+    the trainer made the process group (then it also ends it)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def mix_seed(seed: int, *keys: int) -> int:

@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .configuration_rwkv_hybrid import RwkvHybridConfig
-from .convert import ConversionError, TeacherCheckpoint
-from .files import partial_name
+from ..files import partial_name
+from ..loading import load_tokenizer, open_student_tensors
+from ..models.configuration_rwkv_hybrid import RwkvHybridConfig
+from ..runtime import ConfigError
 
 ARCH = "arwkv7"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -53,7 +54,7 @@ LERPS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # llama.cpp's order in time_
 LOW_RANK = ("w", "a", "v", "g")  # decay, in-context learning rate, value residual, gate
 
 
-class ExportError(ConversionError):
+class ExportError(ConfigError):
     """A student that cannot be written as llama.cpp's arwkv7; the message says why."""
 
 
@@ -150,7 +151,6 @@ def llama_tensors(config: RwkvHybridConfig, get) -> list[tuple[str, torch.Tensor
 def _vocabulary(model_dir: Path, n_rows: int) -> dict:
     """llama.cpp's gpt2 vocabulary of the student's tokenizer (tokens padded to ``n_rows``)."""
     import gguf
-    from transformers import AutoTokenizer
 
     path = model_dir / "tokenizer.json"
     if not path.is_file():
@@ -163,7 +163,7 @@ def _vocabulary(model_dir: Path, n_rows: int) -> dict:
     if pre is None:
         raise ExportError(f"{path}: its pre-tokenizer is not Qwen2's, and no other is mapped to a llama.cpp "
                           "pre-tokenizer yet (llama.cpp would tokenize differently from transformers)")
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # (the student's own code)
+    tok = load_tokenizer(model_dir)
     vocab = tok.get_vocab()
     if len(vocab) > n_rows:
         raise ExportError(f"the tokenizer has {len(vocab)} tokens but the embedding only {n_rows} rows")
@@ -198,15 +198,14 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: s
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     model_dir, out = Path(model_dir), Path(out)
+    if out.is_dir():  # --overwrite replaces a file, never a directory
+        raise ExportError(f"--gguf {out} is a directory; give the file to write, e.g. {out / 'student.gguf'}")
     if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists (--overwrite replaces it)")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent} is not a directory")
-    ckpt = TeacherCheckpoint(model_dir, role="model", config_class=RwkvHybridConfig)
+        raise ExportError(f"--gguf {out} exists (--overwrite replaces it)")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"--gguf {out}: {out.parent} is not a directory")
+    ckpt = open_student_tensors(model_dir, "--model")
     config: RwkvHybridConfig = ckpt.config
-    if getattr(config, "model_type", None) != "rwkv_hybrid":
-        raise ExportError(f"{model_dir} is not an arwkv student (config model_type "
-                          f"{getattr(config, 'model_type', None)!r})")
     problem = unsupported(config, set(ckpt.names))
     if problem:
         raise ExportError(f"llama.cpp's arwkv7 cannot run {problem}")
@@ -220,6 +219,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: s
 
     ranks = {x: getattr(config, k) for x, k in
              (("w", "decay_low_rank"), ("a", "a_low_rank"), ("v", "v_low_rank"), ("g", "gate_low_rank"))}
+    out.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is made (as --out folders are)
     tmp = partial_name(out)
     try:
         writer = gguf.GGUFWriter(str(tmp), ARCH)

@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from .configuration_rwkv_hybrid import RwkvHybridConfig
-from .distill_config import checkpoint_dir_problem
-from .files import atomic_directory
-from .modeling_rwkv_hybrid import RwkvHybridForCausalLM, teacher_classes, time_mixer_class
-from .runtime import dtype_from_name, mix_seed, torch_dtype_name
+from ..files import atomic_directory
+from ..loading import SafetensorsCheckpoint, check_teacher_dir
+from ..models.configuration_rwkv_hybrid import RwkvHybridConfig
+from ..models.modeling_rwkv_hybrid import RwkvHybridForCausalLM, teacher_classes, time_mixer_class
+from ..runtime import ConfigError, dtype_from_name, mix_seed, torch_dtype_name
 
 Tensor = torch.Tensor
 # Files of a teacher checkpoint that travel unchanged (tokenizer and generation settings).
@@ -37,7 +37,7 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "chat_template.jinja", "chat_template.json")
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
     """A teacher that cannot be converted; the message names what is wrong."""
 
 
@@ -155,60 +155,6 @@ def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", he
     return student
 
 
-class TeacherCheckpoint:
-    """A Hugging Face checkpoint directory read tensor by tensor (single or sharded safetensors).
-    ``role`` names it in errors (``teacher``; ``model`` for a student read by ``arwkv export``),
-    ``config_class`` reads its config.json."""
-
-    def __init__(self, path: str | os.PathLike, role: str = "teacher", config_class=AutoConfig) -> None:
-        from safetensors import safe_open
-
-        self.path, self.role = Path(path), role
-        problem = checkpoint_dir_problem(self.path)
-        if problem:
-            raise ConversionError(f"--{role} {self.path} {problem}")
-        try:
-            self.config = config_class.from_pretrained(self.path)
-        except Exception as err:  # noqa: BLE001 - any parse failure is reported in one line
-            raise ConversionError(f"{role} {self.path}/config.json cannot be read: {err}") from err
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
-                raise ConversionError(f"{role} index {index} is not a safetensors index: {err}") from err
-        elif (self.path / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise ConversionError(f"{role} {self.path} has no model.safetensors or "
-                                  "model.safetensors.index.json (only safetensors checkpoints are read)")
-        self._files: dict[str, object] = {}
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self.names: dict[str, str] = {}
-        for f in files:
-            try:
-                handle = safe_open(str(self.path / f), framework="pt")
-                keys = list(handle.keys())
-            except Exception as err:  # noqa: BLE001
-                raise ConversionError(f"{role} shard {self.path / f} cannot be read: {err}") from err
-            self._files[f] = handle
-            self.names.update(dict.fromkeys(keys, f))
-
-    def get(self, name: str) -> Tensor:
-        """Tensor ``name``, read from its shard."""
-        return self._shard(name).get_tensor(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of tensor ``name``, without reading its data (an empty slice)."""
-        return self._shard(name).get_slice(name)[:0].dtype
-
-    def _shard(self, name: str):
-        if name not in self.names:
-            raise ConversionError(f"{self.role} {self.path} has no tensor {name!r} (is it a decoder with the "
-                                  "standard layout: model.layers.N.self_attn.q_proj, ...?)")
-        return self._files[self.names[name]]
-
-
 def _parse_size(text: str) -> int:
     """``"500MB"`` -> 500_000_000 (KB, MB, GB are powers of 10; a bare number is bytes)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -239,7 +185,8 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
         torch_dtype = None if dtype == "auto" else dtype_from_name(dtype)
     except ValueError as err:
         raise ConversionError(f"{err} or auto") from err
-    teacher = TeacherCheckpoint(teacher_dir)
+    check_teacher_dir(teacher_dir, "--teacher")
+    teacher = SafetensorsCheckpoint(teacher_dir, "--teacher")
     if torch_dtype is None:  # the teacher's own dtype: no weight is rounded on the way
         torch_dtype = teacher.dtype("model.embed_tokens.weight")
     out = Path(out_dir)
@@ -291,7 +238,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         config.save_pretrained(tmp)
         # copyfile, not copy2: the copies get the umask's mode, like every other file written here
-        package = Path(__file__).parent
+        package = Path(__file__).parent.parent / "models"
         for source in ("configuration_rwkv_hybrid.py", "modeling_rwkv_hybrid.py"):
             shutil.copyfile(package / source, tmp / source)
         for name in COPIED_FILES:

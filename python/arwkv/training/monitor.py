@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import write_atomic
+from ..files import write_atomic
 
 METRICS = "metrics.jsonl"
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from ..models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
 Tensor = torch.Tensor
 
@@ -292,3 +292,15 @@ class SequenceLogProbs(nn.Module):
         sequence = ((position_ids == 0).cumsum(-1) - 1).clamp(min=0, max=2)  # 0, 1; 2: padding
         sums = picked.new_zeros(B, 3).scatter_add_(1, sequence, picked)
         return sums[:, :2]
+
+
+def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Stage 4's DPO loss of a batch of pairs, and each pair's margin.
+
+    policy, reference: [B, 2] summed log-probabilities of each pair's (chosen, rejected) answer
+    under the trained model and under the frozen reference (SequenceLogProbs).
+    margin = beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)));
+    loss = mean over pairs of -log sigmoid(margin). Returns (loss [], margin [B]).
+    """
+    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    return -torch.nn.functional.logsigmoid(margin).mean(), margin

@@ -15,7 +15,6 @@ How a step is made (so that losses do not depend on how many processes run):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -27,21 +26,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import export_final, load_student_dtype, open_run, restore, save_checkpoint
-from .data import DataError, collate, iter_records
-from .distill_config import ConfigError, DistillConfig
-from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from ..data import DataError, collate, iter_records
+from ..loading import (
+    check_student_dir,
+    check_teacher_dir,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    student_dtype,
+)
+from ..options import DistillConfig
+from ..runtime import ConfigError, Place, mix_seed, resolve_device
+from .checkpoint import export_final, open_run, restore, save_checkpoint
 from .monitor import MetricsLog, Progress, plot_run
-from .runtime import mix_seed, resolve_device
 from .stages import Stage, make_stage
 
 __all__ = [
     "BatchOrder",
-    "Place",
     "Stage",
     "load_rows",
-    "load_student",
-    "load_teacher",
     "lr_factor",
     "make_optimizer",
     "micro_batches",
@@ -52,29 +55,11 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-@dataclasses.dataclass
-class Place:
-    """Where this process runs: its global rank, the world size, its device, and whether train()
-    made the process group (then it also ends it)."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def setup_place(cfg: DistillConfig) -> Place:
     """Joins the torchrun process group when there is one: NCCL/RCCL for GPU tensors, gloo for
     CPU ones (the small loss reductions), with an hour's timeout so a slow checkpoint write on
     rank 0 does not kill the others waiting at the barrier."""
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    device = resolve_device(cfg.device)
     use_cuda = device.type == "cuda"
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -150,28 +135,6 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 # ----------------------------------------------------------------------------- models, optimiser
 
 
-def load_student(path: str | Path) -> RwkvHybridForCausalLM:
-    """A student checkpoint in float32 (the optimiser's master weights)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    if config.model_type != "rwkv_hybrid":
-        raise ConfigError(
-            f"--student {path} is a {config.model_type!r} checkpoint, not an ARWKV student "
-            "(make one with arwkv convert)"
-        )
-    return RwkvHybridForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def load_teacher(path: str | Path, device: torch.device) -> nn.Module:
-    """The teacher in its own dtype, on ``device``, frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
 def make_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95), eps 1e-8, weight decay on 2-D weights only."""
     groups = [
@@ -197,11 +160,12 @@ def lr_factor(cfg: DistillConfig, step: int) -> float:
 
 def train(cfg: DistillConfig) -> Path:
     """Runs a stage as configured; returns OUT/student (the final student checkpoint)."""
-    import transformers
-    from transformers import AutoTokenizer
-
     cfg.validate()
     stage = make_stage(cfg)
+    # the checkpoints are what the flags say they are, before anything is written
+    check_student_dir(cfg.student, "--student")
+    if stage.needs_teacher:
+        check_teacher_dir(cfg.teacher, "--teacher")
     out = Path(cfg.out)
     place = setup_place(cfg)
     try:
@@ -209,10 +173,9 @@ def train(cfg: DistillConfig) -> Path:
         resume = open_run(cfg, out, place)
 
         # the student (from the checkpoint on resume) and the stage's packed rows
-        transformers.utils.logging.disable_progress_bar()  # its per-save bars would drown ours
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=True)
+        tokenizer = load_tokenizer(cfg.student, "--student")
         student = load_student(resume.path if resume else cfg.student)
-        export_dtype = load_student_dtype(cfg.student)  # the final export keeps the input's dtype
+        export_dtype = student_dtype(cfg.student)  # the final export keeps the input's dtype
         train_rows, val_rows = load_rows(cfg, tokenizer, stage)
         micro = micro_batch_size(cfg, place)
 

@@ -22,12 +22,12 @@ logits into the whole student, 3 fine-tunes the student on chat data (SFT) witho
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .data import (
+from ..data import (
     DataError,
     pack_conversations,
     pack_documents,
@@ -37,12 +37,11 @@ from .data import (
     split_documents,
     tokenize_documents,
 )
-from .distill import AttentionAligner, LogitDistillation, SequenceLogProbs
-from .distill_config import ConfigError, DistillConfig
-from .modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
-
-if TYPE_CHECKING:
-    from .trainer import Place
+from ..loading import load_student
+from ..models.modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
+from ..options import STAGE_TITLES, TEACHER_STAGES, DistillConfig
+from ..runtime import ConfigError, Place
+from .losses import AttentionAligner, LogitDistillation, SequenceLogProbs, dpo_loss
 
 Tensor = torch.Tensor
 
@@ -89,9 +88,15 @@ class Stage:
     set_requires_gradient_sync during gradient accumulation); empty in one process."""
 
     number: ClassVar[int]
-    title: ClassVar[str]
     packing_note: str = ""  # what pack() cut or left out, for the run's log (stage 3)
-    needs_teacher: ClassVar[bool] = True
+
+    @property
+    def title(self) -> str:
+        return STAGE_TITLES[self.number]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.number in TEACHER_STAGES
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
@@ -158,7 +163,7 @@ class AlignmentStage(Stage):
     teacher's own input there (AttentionAligner). Only the time mixers run and train; each is
     wrapped on its own (it is called on its own)."""
 
-    number, title = 1, "attention alignment"
+    number = 1
 
     def check_teacher(self, teacher, student):
         if (
@@ -246,7 +251,7 @@ class WholeStudentStage(Stage):
 class LogitStage(WholeStudentStage):
     """Stage 2: the teacher online (no grad, its own dtype), KL (+ CE) in chunks."""
 
-    number, title = 2, "logit distillation"
+    number = 2
 
     def attach(self, student, teacher, place):
         shard_layers(student, self.cfg, place)
@@ -281,8 +286,7 @@ class SftStage(WholeStudentStage):
     """Stage 3: the student's own next-token loss on the assistant tokens of chat examples
     (labels shifted once, by the model); no teacher."""
 
-    number, title = 3, "SFT"
-    needs_teacher = False
+    number = 3
 
     def pack(self, records, tokenizer):
         """Chat examples with their assistant-only labels, split, then each part packed with
@@ -321,8 +325,7 @@ class PreferenceStage(WholeStudentStage):
     ref(chosen)) - (log pi(rejected) - log ref(rejected)))), log-probabilities summed over the
     answers' tokens; the metrics add the share of pairs ranked right and the mean margin."""
 
-    number, title = 4, "DPO"
-    needs_teacher = False
+    number = 4
 
     def pack(self, records, tokenizer):
         cfg = self.cfg
@@ -342,7 +345,7 @@ class PreferenceStage(WholeStudentStage):
     def attach(self, student, teacher, place):
         shard_layers(student, self.cfg, place)
         self.policy = wrap(SequenceLogProbs(student), self.cfg, place)
-        reference = RwkvHybridForCausalLM.from_pretrained(self.cfg.student, dtype=torch.float32)
+        reference = load_student(self.cfg.student)
         self.reference = SequenceLogProbs(reference.to(place.device).eval().requires_grad_(False))
         self.roots = [self.policy] if place.world > 1 else []
         self.parts = ("reward_accuracy", "margin")
@@ -353,14 +356,13 @@ class PreferenceStage(WholeStudentStage):
             ref = self.reference(*args)
         with torch.set_grad_enabled(backward):
             policy = self.policy(*args)
-            margin = self.cfg.dpo_beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1]))
-            loss = -torch.nn.functional.logsigmoid(margin).mean()
+            loss, margin = dpo_loss(policy, ref, self.cfg.dpo_beta)
             if backward:
                 (loss * scale).backward()
         return [loss.item(), (margin > 0).float().mean().item(), margin.mean().item()]
 
 
-# --stage N -> its class
+# --stage N -> its class (the numbers, titles and which stages need a teacher are options.py's)
 STAGES: dict[int, type[Stage]] = {
     cls.number: cls for cls in (AlignmentStage, LogitStage, SftStage, PreferenceStage)
 }

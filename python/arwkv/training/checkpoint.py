@@ -26,13 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distill_config import ConfigError, DistillConfig
-from .files import atomic_directory, remove_stale_partials
-from .runtime import torch_dtype_name
+from ..files import atomic_directory, remove_stale_partials
+from ..loading import quiet_transformers
+from ..options import DistillConfig
+from ..runtime import ConfigError, Place, torch_dtype_name
 
 if TYPE_CHECKING:
-    from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
-    from .trainer import Place
+    from ..models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
 Tensor = torch.Tensor
 CHECKPOINTS = "checkpoints"
@@ -163,7 +163,8 @@ def write_student(
     saved_dtype = getattr(config, "dtype", None)
     config.dtype = torch_dtype_name(dtype or torch.float32)
     try:
-        student.save_pretrained(directory, state_dict=state)
+        with quiet_transformers():
+            student.save_pretrained(directory, state_dict=state)
     finally:
         config.dtype = saved_dtype
     tokenizer.save_pretrained(directory)
@@ -196,14 +197,6 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     if place.world > 1:
         dist.barrier()
-
-
-def load_student_dtype(path: str | Path) -> torch.dtype:
-    """The dtype the student checkpoint was written in (the final export keeps it)."""
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=True), "dtype", None) or "float32"
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
 
 
 def export_final(out: Path, student, tokenizer, dtype: torch.dtype, place: Place) -> Path:

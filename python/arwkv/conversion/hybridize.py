@@ -52,11 +52,20 @@ from pathlib import Path
 
 import torch
 
-from .configuration_rwkv_hybrid import RwkvHybridConfig
-from .convert import COPIED_FILES, ConversionError, TeacherCheckpoint
-from .data import collate
-from .files import atomic_directory
-from .runtime import torch_dtype_name
+from ..data import collate
+from ..files import atomic_directory
+from ..loading import (
+    SafetensorsCheckpoint,
+    check_teacher_dir,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    open_student_tensors,
+    quiet_transformers,
+)
+from ..models.configuration_rwkv_hybrid import RwkvHybridConfig
+from ..runtime import ConfigError, torch_dtype_name
+from .convert import COPIED_FILES
 
 Tensor = torch.Tensor
 REPORT = "hybridize.json"
@@ -65,7 +74,7 @@ SCORES = ("alignment", "restore")  # what a layer is judged by (see the module's
 _VAL_LAYER = re.compile(r"^val_layer_(\d+)$")
 
 
-class HybridizeError(ValueError):
+class HybridizeError(ConfigError):
     """A request arwkv hybridize cannot carry out; the message is one line naming what is wrong."""
 
 
@@ -84,7 +93,7 @@ class LayerScores:
 def scores_from_run(run_dir: str | os.PathLike) -> LayerScores:
     """The held-out per-layer losses (``val_layer_I``) of the latest validation record of a
     stage-1 run's RUN/metrics.jsonl."""
-    from .monitor import METRICS, read_metrics
+    from ..training.monitor import METRICS, read_metrics
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -117,8 +126,7 @@ def measure_scores(teacher_dir: str | os.PathLike, student_dir: str | os.PathLik
     ``validation_fraction`` and ``seed``): stage 1's loss without its backward, the teacher in its
     own dtype, the student's time mixers in float32. With the run's fraction, seed, seq_len and
     all the rows, this is the run's own final ``val_layer_I``."""
-    from .distill import AttentionAligner
-    from .trainer import load_student, load_teacher
+    from ..training.losses import AttentionAligner
 
     packed, dev = _measurement_rows(student_dir, data, rows, seq_len, batch_size, validation_fraction, seed,
                                     device)
@@ -171,8 +179,7 @@ def measure_restore_gains(teacher_dir: str | os.PathLike, student_dir: str | os.
     alignment loss cannot: how much a layer's error costs at the output, after every later
     layer. The larger the gain, the more that layer is worth keeping as attention; K layers are
     then the K largest single-layer gains (not re-measured together)."""
-    from .distill import LogitDistillation
-    from .trainer import load_student, load_teacher
+    from ..training.losses import LogitDistillation
 
     packed, dev = _measurement_rows(student_dir, data, rows, seq_len, batch_size, validation_fraction, seed,
                                     device)
@@ -207,10 +214,8 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
                       seed: int, device: str) -> tuple[list, torch.device]:
     """The first ``rows`` packed rows of ``seq_len`` tokens of ``data`` (of its validation split
     with a fraction > 0, as arwkv distill splits it), and the device to measure on."""
-    from transformers import AutoTokenizer
-
-    from .data import DataError, pack_documents, scored_documents
-    from .runtime import resolve_device
+    from ..data import DataError, pack_documents, scored_documents
+    from ..runtime import resolve_device
 
     if rows < 1 or seq_len < 2 or batch_size < 1:
         raise HybridizeError(f"--rows {rows}, --seq-len {seq_len}, --batch-size {batch_size}: need "
@@ -218,7 +223,7 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
     if not Path(data).exists():
         raise HybridizeError(f"--data {data} does not exist")
     dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
+    tokenizer = load_tokenizer(student_dir, "--student")
     docs = scored_documents(data, tokenizer, validation_fraction, seed)
     packed = pack_documents(docs, seq_len, seed)[:rows]
     if not packed:
@@ -245,30 +250,10 @@ def choose_layers(scores: dict[int, float], candidates: list[int], keep: int,
 # ----------------------------------------------------------------------------- checks
 
 
-def _open_student(path: str | os.PathLike) -> TeacherCheckpoint:
-    """The student checkpoint, read tensor by tensor; refused unless it is an arwkv student."""
-    from .distill_config import checkpoint_dir_problem
-
-    if checkpoint_dir_problem(path) is None:  # (TeacherCheckpoint words the other refusals)
-        try:
-            found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError) as err:
-            raise HybridizeError(f"--student {path}/config.json cannot be read: {err}") from None
-        if found != "rwkv_hybrid":  # before its config is read as a student's
-            raise HybridizeError(f"--student {path} is a {found!r} checkpoint, not an arwkv student "
-                                 "(make one with arwkv convert)")
-    try:
-        return TeacherCheckpoint(path, role="student", config_class=RwkvHybridConfig)
-    except ConversionError as err:
-        raise HybridizeError(str(err)) from None
-
-
-def _open_teacher(path: str | os.PathLike, student: RwkvHybridConfig) -> TeacherCheckpoint:
+def _open_teacher(path: str | os.PathLike, student: RwkvHybridConfig) -> SafetensorsCheckpoint:
     """The teacher checkpoint, refused unless it is the student's own teacher's shape."""
-    try:
-        ckpt = TeacherCheckpoint(path)
-    except ConversionError as err:
-        raise HybridizeError(str(err)) from None
+    check_teacher_dir(path, "--teacher")
+    ckpt = SafetensorsCheckpoint(path, "--teacher")
     t = ckpt.config
     if t.model_type != student.teacher_model_type:
         raise HybridizeError(f"--teacher {path} is a {t.model_type!r} model, the student's teacher a "
@@ -334,7 +319,7 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
     out = Path(out_dir)
     _check_out(out, overwrite, ("--student", student_dir), ("--teacher", teacher_dir), ("--run", run))
 
-    student = _open_student(student_dir)
+    student = open_student_tensors(student_dir, "--student")
     config: RwkvHybridConfig = student.config
     teacher = _open_teacher(teacher_dir, config)
     n_layers = config.num_hidden_layers
@@ -365,7 +350,7 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
     elif data is not None:
         measure = (measure_restore_gains if score == "restore"
                    else functools.partial(measure_scores, loss=loss))
-        with _no_progress_bars():
+        with quiet_transformers():
             scores = measure(teacher_dir, student_dir, data, rows=rows, seq_len=seq_len,
                              batch_size=batch_size, validation_fraction=validation_fraction, seed=seed,
                              device=device)
@@ -391,12 +376,12 @@ def hybridize(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, ou
     return HybridizeResult(path, report)
 
 
-def write_hybrid(teacher: TeacherCheckpoint, student: TeacherCheckpoint, out: Path, chosen: list[int],
+def write_hybrid(teacher: SafetensorsCheckpoint, student: SafetensorsCheckpoint, out: Path, chosen: list[int],
                  report: dict) -> Path:
     """OUT: the student's config with ``chosen`` layers no longer time mixing, its tensors but in
     ``chosen``, the teacher's attention tensors there (in the student's dtype), the student's
     tokenizer/generation files, the model code, and ``report`` as hybridize.json."""
-    from .modeling_rwkv_hybrid import RwkvHybridForCausalLM
+    from ..models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
     config = copy.deepcopy(student.config)
     config.wkv_layers = [i for i in range(config.num_hidden_layers)
@@ -421,16 +406,13 @@ def write_hybrid(teacher: TeacherCheckpoint, student: TeacherCheckpoint, out: Pa
         elif name == "lm_head.weight" and name not in student.names and config.tie_word_embeddings:
             continue  # a tied student stores only the embedding; save_pretrained does the same
         else:
-            try:
-                tensor = student.get(name)
-            except ConversionError as err:
-                raise HybridizeError(str(err)) from None
+            tensor = student.get(name)
         if tensor.shape != meta.shape:
             raise HybridizeError(f"{name}: shape {tuple(tensor.shape)} in the checkpoint, "
                                  f"{tuple(meta.shape)} in the hybrid")
         state[name] = tensor.contiguous()
 
-    with _no_progress_bars(), atomic_directory(out) as tmp:
+    with quiet_transformers(), atomic_directory(out) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         # copyfile, not copy2: the copies get the umask's mode (as convert's do)
         for name in COPIED_FILES:
@@ -438,21 +420,6 @@ def write_hybrid(teacher: TeacherCheckpoint, student: TeacherCheckpoint, out: Pa
                 shutil.copyfile(student.path / name, tmp / name)
         (tmp / REPORT).write_text(json.dumps({**report, "out": str(out)}, indent=2) + "\n")
     return out
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' loading/saving bars off inside (they would clutter the command's table)."""
-    import transformers
-
-    logging = transformers.utils.logging
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
 
 
 def render_scores(report: dict) -> str:

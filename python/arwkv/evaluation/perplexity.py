@@ -20,19 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, scored_documents
-from .distill_config import check_checkpoint_dir
-from .runtime import dtype_from_name, resolve_device, torch_dtype_name
-
-
-def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> tuple:
-    """A checkpoint (a transformers model, or a student through trust_remote_code) in eval mode on
-    ``device`` in ``dtype``, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+from ..data import DataError, scored_documents
+from ..loading import check_checkpoint_dir, load_causal_lm
+from ..runtime import dtype_from_name, resolve_device, torch_dtype_name
 
 
 def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:

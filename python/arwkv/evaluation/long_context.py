@@ -1,4 +1,4 @@
-"""``arwkv eval --long-context``: how a causal LM (a Transformer teacher, an RWKV-7 student, a
+"""``arwkv long-context``: how a causal LM (a Transformer teacher, an RWKV-7 student, a
 hybrid) uses a long context, measured two ways for one or more checkpoints, into one JSON file
 and one figure.
 
@@ -36,15 +36,17 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import DataError, scored_documents
-from .files import write_atomic
-from .runtime import mix_seed
+from ..data import DataError, scored_documents
+from ..files import write_atomic
+from ..loading import check_checkpoint_dir, load_causal_lm, load_tokenizer
+from ..options import LongContextOptions, parse_number_list
+from ..runtime import ConfigError, dtype_from_name, mix_seed, resolve_device
 
 Tensor = torch.Tensor
 Log = Callable[[str], None]
@@ -65,7 +67,6 @@ FILLER = (
 )
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SPACINGS = ("log", "linear")
 # Logits are turned into float32 losses this many positions at a time, so that a large
 # vocabulary never needs a second [B, T, V] float32 copy of the logits.
@@ -86,38 +87,10 @@ SEQUENCES = (
 # Settings and their command-line spellings
 
 
-def _parse_list(text: str, flag: str, kind: type, what: str) -> list:
-    """A comma-separated list of ``kind`` values; a one-line ValueError naming ``flag`` otherwise."""
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if part:
-            try:
-                values.append(kind(part))
-            except ValueError:
-                raise ValueError(f"{flag}: {part!r} is not {what}") from None
-    if not values:
-        raise ValueError(f"{flag}: give at least one value")
-    return values
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-    """``"256,512"`` -> [256, 512]."""
-    return _parse_list(text, flag, int, "a whole number")
-
-
-def parse_fractions(text: str, flag: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0], every value in [0, 1]."""
-    values = _parse_list(text, flag, float, "a number")
-    for value in values:
-        if not 0.0 <= value <= 1.0:  # also refuses nan
-            raise ValueError(f"{flag}: {value:g} is outside [0, 1]")
-    return values
-
-
 def parse_buckets(text: str) -> int | list[int]:
     """``--buckets``: ``"16"`` (that many buckets) or ``"1,64,512,2048"`` (the edges themselves)."""
-    values = parse_ints(text, "--buckets")
-    return values[0] if len(values) == 1 and "," not in text else values
+    values = parse_number_list(str(text), "buckets", int)
+    return values[0] if len(values) == 1 and "," not in str(text) else values
 
 
 def bucket_edges(max_len: int, buckets: int | Sequence[int] = 16, spacing: str = "log") -> list[int]:
@@ -164,105 +137,78 @@ def default_passkey_lengths(max_len: int) -> list[int]:
     return lengths + [max_len]
 
 
-@dataclass
-class LongContextSettings:
-    """What ``evaluate_long_context`` measures; the field names are the flags' (``max_len`` is
-    ``--max-len``)."""
+def check_settings(settings: LongContextOptions) -> None:
+    """Refuses, in one line naming the flag, settings that cannot run (before any model loads);
+    the declared checks (required, choices, least values) are the options class's own."""
+    settings.validate()
+    settings_edges(settings)
+    for length in settings_lengths(settings):
+        if not 2 <= length <= settings.max_len:
+            raise ConfigError(f"--passkey-lengths: {length} is outside [2, --max-len {settings.max_len}]")
+    for depth in settings.passkey_depths:
+        if not 0.0 <= depth <= 1.0:  # also refuses nan
+            raise ConfigError(f"--passkey-depths: {depth:g} is outside [0, 1]")
+    if not settings.passkey_depths:
+        raise ConfigError("--passkey-depths: give at least one depth")
+    repeatable: tuple[tuple[str, list], ...] = (("--passkey-lengths", settings_lengths(settings)),
+                                               ("--passkey-depths", list(settings.passkey_depths)))
+    for flag, values in repeatable:
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(f"{flag}: {twice[0]:g} is given twice")
 
-    max_len: int = 2048
-    buckets: int | list[int] = 16  # a number of buckets, or their edges (see bucket_edges)
-    bucket_spacing: str = "log"
-    data: str | None = None  # the text scored by position; None: no loss by position
-    validation_fraction: float = 0.0  # score only the validation split arwkv distill makes
-    max_sequences: int | None = None  # score at most this many sequences (the first ones)
-    passkey_lengths: list[int] | None = None  # None: default_passkey_lengths(max_len)
-    passkey_depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
-    passkey_trials: int = 5  # per (length, depth) cell; 0: no passkey retrieval
-    passkey_new_tokens: int = 10  # greedy tokens generated after the question
-    seed: int = 0  # the keys (and the validation split)
-    batch_size: int = 1  # sequences (or passkey prompts of equal length) per forward
-    device: str = "auto"
-    dtype: str = "fp32"
 
-    def check(self) -> None:
-        """Refuses, in one line naming the flag, settings that cannot run (before any model loads)."""
-        if self.max_len < 2:
-            raise ValueError(f"--max-len must be at least 2, got {self.max_len}")
-        self.edges()
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_sequences is not None and self.max_sequences < 1:
-            raise ValueError(f"--max-sequences must be at least 1, got {self.max_sequences}")
-        if self.passkey_trials < 0:
-            raise ValueError(f"--passkey-trials must not be negative, got {self.passkey_trials}")
-        if self.passkey_new_tokens < 1:
-            raise ValueError(f"passkey_new_tokens must be at least 1, got {self.passkey_new_tokens}")
-        if not self.data and not self.passkey_trials:
-            raise ValueError("--long-context: give --data (loss by position) and/or --passkey-trials > 0")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"--validation-fraction {self.validation_fraction} is not in [0, 1)")
-        for length in self.lengths():
-            if not 2 <= length <= self.max_len:
-                raise ValueError(f"--passkey-lengths: {length} is outside [2, --max-len {self.max_len}]")
-        for depth in self.passkey_depths:
-            if not 0.0 <= depth <= 1.0:
-                raise ValueError(f"--passkey-depths: {depth} is outside [0, 1]")
-        if not self.passkey_depths:
-            raise ValueError("--passkey-depths: give at least one depth")
-        repeatable: tuple[tuple[str, list], ...] = (("--passkey-lengths", self.lengths()),
-                                                   ("--passkey-depths", list(self.passkey_depths)))
-        for flag, values in repeatable:
-            twice = sorted({v for v in values if values.count(v) > 1})
-            if twice:
-                raise ValueError(f"{flag}: {twice[0]:g} is given twice")
+def settings_edges(settings: LongContextOptions) -> list[int]:
+    """The position buckets' edges (see bucket_edges)."""
+    return bucket_edges(settings.max_len, parse_buckets(settings.buckets), settings.bucket_spacing)
 
-    def edges(self) -> list[int]:
-        """The position buckets' edges (see bucket_edges)."""
-        return bucket_edges(self.max_len, self.buckets, self.bucket_spacing)
 
-    def lengths(self) -> list[int]:
-        """The passkey prompts' total lengths in tokens."""
-        return list(self.passkey_lengths) if self.passkey_lengths else default_passkey_lengths(self.max_len)
+def settings_lengths(settings: LongContextOptions) -> list[int]:
+    """The passkey prompts' total lengths in tokens."""
+    if settings.passkey_lengths:
+        return list(settings.passkey_lengths)
+    return default_passkey_lengths(settings.max_len)
 
-    def describe(self) -> dict:
-        """The settings as the JSON states them (with what the numbers mean)."""
-        edges = self.edges()
-        out = {
-            "max_len": self.max_len,
-            "positions": POSITIONS,
-            "buckets": {
-                "spacing": self.bucket_spacing if isinstance(self.buckets, int) else "given",
-                "requested": self.buckets,
-                "edges": edges,
-                "interval": "[start, end) of positions t",
-            },
-            "loss": "mean next-token cross-entropy in nats; sem: standard error of the bucket mean "
-            "over sequences",
-            "data": self.data,
-            "validation_fraction": self.validation_fraction,
-            "sequences": SEQUENCES,
-            "max_sequences": self.max_sequences,
-            "passkey": None,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "device": self.device,
-            "dtype": self.dtype,
+
+def describe_settings(settings: LongContextOptions) -> dict:
+    """The settings as the JSON states them (with what the numbers mean)."""
+    requested = parse_buckets(settings.buckets)
+    out = {
+        "max_len": settings.max_len,
+        "positions": POSITIONS,
+        "buckets": {
+            "spacing": settings.bucket_spacing if isinstance(requested, int) else "given",
+            "requested": requested,
+            "edges": settings_edges(settings),
+            "interval": "[start, end) of positions t",
+        },
+        "loss": "mean next-token cross-entropy in nats; sem: standard error of the bucket mean "
+        "over sequences",
+        "data": settings.data,
+        "validation_fraction": settings.validation_fraction,
+        "sequences": SEQUENCES,
+        "max_sequences": settings.max_sequences,
+        "passkey": None,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
+        "device": settings.device,
+        "dtype": settings.dtype,
+    }
+    if settings.passkey_trials:
+        out["passkey"] = {
+            "lengths": settings_lengths(settings),
+            "depths": list(settings.passkey_depths),
+            "trials": settings.passkey_trials,
+            "new_tokens": settings.passkey_new_tokens,
+            "key": "5-digit, from the seed, the length, the depth and the trial",
+            "depth": "fraction of the filler tokens before the key sentence",
+            "correct": "the digits of the greedy continuation contain the key",
+            "intro": INTRO,
+            "filler": list(FILLER),
+            "key_sentence": KEY_SENTENCE,
+            "question": QUESTION,
         }
-        if self.passkey_trials:
-            out["passkey"] = {
-                "lengths": self.lengths(),
-                "depths": list(self.passkey_depths),
-                "trials": self.passkey_trials,
-                "new_tokens": self.passkey_new_tokens,
-                "key": "5-digit, from the seed, the length, the depth and the trial",
-                "depth": "fraction of the filler tokens before the key sentence",
-                "correct": "the digits of the greedy continuation contain the key",
-                "intro": INTRO,
-                "filler": list(FILLER),
-                "key_sentence": KEY_SENTENCE,
-                "question": QUESTION,
-            }
-        return out
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,36 +566,33 @@ def describe_model(name: str, model_dir: str | Path, model: torch.nn.Module) -> 
     }
 
 
-def evaluate_long_context(model_dirs: Sequence[str | Path], out: str | Path, settings: LongContextSettings,
-                          log: Log | None = None) -> dict:
-    """Loss by position on ``settings.data`` and passkey retrieval, for each checkpoint in turn
-    (one loaded at a time), plus each one's cache memory; writes OUT/long_context.json and
-    OUT/long_context.png (atomically) and returns the JSON's object."""
-    from .distill_config import check_checkpoint_dir
-    from .evaluate import cache_growth, load_causal_lm
-    from .runtime import dtype_from_name, resolve_device
+def evaluate_long_context(settings: LongContextOptions, log: Log | None = None) -> dict:
+    """Loss by position on ``settings.data`` and passkey retrieval, for each checkpoint of
+    ``settings.model`` in turn (one loaded at a time), plus each one's cache memory; writes
+    OUT/long_context.json and OUT/long_context.png (atomically; an existing pair only with
+    ``overwrite``) and returns the JSON's object."""
+    from .perplexity import cache_growth
 
-    if not model_dirs:
-        raise ValueError("--model: give at least one checkpoint directory")
-    settings.check()
+    check_settings(settings)
+    model_dirs, out = list(settings.model), Path(settings.out)
     for d in model_dirs:
         check_checkpoint_dir(d, "--model")
-    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file")
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    existing = [out / name for name in (JSON_NAME, PNG_NAME) if (out / name).exists()]
+    if existing and not settings.overwrite:
+        raise ConfigError(f"--out {out} already holds {existing[0].name} (--overwrite replaces it)")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
     if settings.data and not Path(settings.data).exists():
-        raise DataError(f"data path {settings.data} does not exist")
-    edges = settings.edges()
-    lengths = settings.lengths()
+        raise DataError(f"--data {settings.data} does not exist")
+    edges = settings_edges(settings)
+    lengths = settings_lengths(settings)
     # Every model's tokenizer and data first, so that a passkey length too short for a tokenizer
     # or data too short for --max-len is refused before any weights load.
-    from transformers import AutoTokenizer
-
     prepared = []
     for model_dir in model_dirs:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+        tokenizer = load_tokenizer(model_dir)
         if settings.passkey_trials:
             passkey_prompt(tokenizer, min(lengths), 0.0, 10000)
         sequences = None
@@ -659,7 +602,7 @@ def evaluate_long_context(model_dirs: Sequence[str | Path], out: str | Path, set
                                        max_sequences=settings.max_sequences)
         prepared.append((tokenizer, sequences))
     out.mkdir(parents=True, exist_ok=True)
-    report = {"settings": settings.describe() | {"device": device.type}, "models": []}
+    report = {"settings": describe_settings(settings) | {"device": device.type}, "models": []}
     names = model_names(model_dirs)
     for name, model_dir, (tokenizer, sequences) in zip(names, model_dirs, prepared, strict=True):
         model, _ = load_causal_lm(model_dir, device, dtype)

@@ -1,0 +1,1 @@
+"""Writing students for other engines: ``gguf`` (llama.cpp's arwkv7 architecture)."""
