@@ -144,7 +144,8 @@ def test_every_flag_the_docs_name_exists():
                      "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"},
         "pip": {"--no-build-isolation", "--no-deps", "--force-reinstall", "--editable"},
         "cmake, ctest, pytest": {"--build", "--test-dir", "--durations"},
-        "benchmarks/": {"--outtypes", "--json", "--ops", "--repeat", "--shapes", "--algorithms", "--llama-build"},
+        "benchmarks/": {"--outtypes", "--json", "--ops", "--repeat", "--shapes", "--algorithms",
+                        "--llama-build"},
     }
     ours |= set().union(*others.values())
     documents = [README, *sorted((README.parent / "docs").glob("*.md"))]
