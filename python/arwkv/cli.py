@@ -11,6 +11,7 @@ names). Run `arwkv COMMAND --help` for a command's options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,6 +21,12 @@ from dataclasses import dataclass
 from . import options as o
 
 # ----------------------------------------------------------------------------- the commands
+
+
+def fields(opts: object, *leave_out: str) -> dict:
+    """An options object's fields as keyword arguments of the library function that does the work
+    (they share the names), less those passed on their own."""
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in leave_out}
 # Each takes its options dataclass (options.py) and returns the exit status. The heavy modules
 # are imported inside, so that building the parser and --help stay fast.
 
@@ -54,21 +61,7 @@ def convert(opts: o.ConvertOptions) -> int:
     from .conversion.convert import convert_checkpoint
 
     start = time.perf_counter()
-    out = convert_checkpoint(
-        opts.teacher,
-        opts.out,
-        init=opts.init,
-        head_size=opts.head_size,
-        gate=opts.gate,
-        group_norm=opts.group_norm,
-        keep_bias=opts.keep_bias,
-        dtype=opts.dtype,
-        overwrite=opts.overwrite,
-        max_shard_size=opts.max_shard_size,
-        seed=opts.seed,
-        wkv=opts.wkv,
-        wkv_layers=opts.wkv_layers,
-    )
+    out = convert_checkpoint(opts.teacher, opts.out, **fields(opts, "teacher", "out"))
     if opts.keep_bias:
         print(
             "arwkv convert: note: the student keeps the teacher's q/k/v biases; such a checkpoint runs "
@@ -89,25 +82,7 @@ def hybridize(opts: o.HybridizeOptions) -> int:
     from .conversion.hybridize import hybridize, render_scores
 
     start = time.perf_counter()
-    result = hybridize(
-        opts.teacher,
-        opts.student,
-        opts.out,
-        keep=opts.keep,
-        layers=opts.layers,
-        run=opts.run,
-        data=opts.data,
-        rows=opts.rows,
-        seq_len=opts.seq_len,
-        batch_size=opts.batch_size,
-        validation_fraction=opts.validation_fraction,
-        seed=opts.seed,
-        loss=opts.loss,
-        device=opts.device,
-        pick=opts.pick,
-        score=opts.score,
-        overwrite=opts.overwrite,
-    )
+    result = hybridize(opts.teacher, opts.student, opts.out, **fields(opts, "teacher", "student", "out"))
     print(render_scores(result.report))
     print(
         f"arwkv hybridize: wrote {result.path} in {time.perf_counter() - start:.1f} s "
@@ -121,17 +96,7 @@ def evaluate(opts: o.EvalOptions) -> int:
 
     report = {}
     if opts.data:
-        report = evaluate(
-            opts.model,
-            opts.data,
-            seq_len=opts.seq_len,
-            batch_size=opts.batch_size,
-            validation_fraction=opts.validation_fraction,
-            seed=opts.seed,
-            max_tokens=opts.max_tokens,
-            device=opts.device,
-            dtype=opts.dtype,
-        )
+        report = evaluate(opts.model, opts.data, **fields(opts, "model", "data", "lm_eval_task", "limit"))
     if opts.lm_eval_task:
         report["lm_eval"] = lm_eval_task(
             opts.model, opts.lm_eval_task, limit=opts.limit, device=opts.device, dtype=opts.dtype

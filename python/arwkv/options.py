@@ -276,6 +276,17 @@ class Options:
         """Cross-field checks of one command (one-line ConfigErrors); none by default."""
 
 
+def device_opt(help: str = "auto: the GPU when there is one and arwkv has GPU kernels") -> Any:
+    """--device, as every command that runs a model spells it."""
+    return opt("auto", help, DEVICES)
+
+
+def validation_split_opt(help: str = "score only") -> Any:
+    """--validation-fraction of a command that reads the split arwkv distill holds out."""
+    return opt(0.0, f"{help} the validation split that arwkv distill makes with this fraction and --seed "
+               "(0: all of --data)")
+
+
 def _fraction(name: str, value: float) -> None:
     if not 0 <= value < 1:
         raise ConfigError(f"{flag_of(name)} must be in [0, 1), got {value}")
@@ -403,7 +414,7 @@ class DistillConfig(Options):
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     seed: int = opt(0, "data order and split")
     strategy: str = opt("ddp", "under torchrun: DistributedDataParallel or FSDP2", ("ddp", "fsdp"))
-    device: str = opt("auto", "auto: the GPU when there is one and arwkv has GPU kernels", DEVICES)
+    device: str = device_opt()
     log_every: int = opt(10, "plain progress line every N steps when not on a terminal", minimum=1)
 
     @property
@@ -468,14 +479,10 @@ class HybridizeOptions(Options):
     rows: int = opt(64, "--data: packed rows to measure on", minimum=1)
     seq_len: int = opt(512, "--data: tokens per row", minimum=2)
     batch_size: int = opt(8, "--data: rows per forward", minimum=1)
-    validation_fraction: float = opt(
-        0.0,
-        "--data: measure on the validation split arwkv distill makes with "
-        "this fraction and --seed (0: all of --data)",
-    )
+    validation_fraction: float = validation_split_opt("--data: measure on")
     seed: int = opt(0, "--data: packing order and split")
     loss: str = opt("rms", "--data with --score alignment: stage 1's loss", ("rms", "mse"))
-    device: str = opt("auto", "--data: where the measurement runs", DEVICES)
+    device: str = device_opt("--data: where the measurement runs")
     overwrite: bool = opt(False, "replace a non-empty --out")
 
     def check(self) -> None:
@@ -504,14 +511,10 @@ class EvalOptions(Options):
     limit: int | None = opt(None, "lm_eval: at most this many documents (default: all)", minimum=1)
     seq_len: int = opt(512, "tokens per scored window", minimum=2)
     batch_size: int = opt(8, "windows per forward", minimum=1)
-    validation_fraction: float = opt(
-        0.0,
-        "score only the validation split that arwkv distill makes with "
-        "this fraction and --seed (0: all of --data)",
-    )
+    validation_fraction: float = validation_split_opt()
     seed: int = opt(0, "seed of the validation split")
     max_tokens: int | None = opt(None, "stop after about this many tokens (default: all)", minimum=1)
-    device: str = opt("auto", "auto: the GPU when there is one and arwkv has GPU kernels", DEVICES)
+    device: str = device_opt()
     dtype: str = opt("fp32", "dtype the model runs in", DTYPES)
 
     def check(self) -> None:
@@ -564,13 +567,9 @@ class LongContextOptions(Options):
     )
     passkey_new_tokens: int = opt(10, "greedy tokens generated after the passkey question", minimum=1)
     batch_size: int = opt(1, "sequences (or passkey prompts of equal length) per forward", minimum=1)
-    validation_fraction: float = opt(
-        0.0,
-        "score only the validation split that arwkv distill makes with "
-        "this fraction and --seed (0: all of --data)",
-    )
+    validation_fraction: float = validation_split_opt()
     seed: int = opt(0, "seed of the validation split and the passkeys")
-    device: str = opt("auto", "auto: the GPU when there is one and arwkv has GPU kernels", DEVICES)
+    device: str = device_opt()
     dtype: str = opt("fp32", "dtype the models run in", DTYPES)
     overwrite: bool = opt(False, "replace an existing OUT/long_context.json and .png")
 
@@ -590,7 +589,7 @@ class GenerateOptions(Options):
     prompt: str | None = opt(None, "text to continue", required=True)
     max_new_tokens: int = opt(64, "tokens to generate at most", minimum=1)
     temperature: float = opt(0.0, "sampling temperature; 0: greedy", minimum=0)
-    device: str = opt("auto", "auto: the GPU when there is one and arwkv has GPU kernels", DEVICES)
+    device: str = device_opt()
     dtype: str = opt("fp32", "dtype the model runs in", DTYPES)
 
 
