@@ -20,7 +20,7 @@ import torch
 from arwkv.cli import main
 from arwkv.options import ConfigError, DistillConfig, load_config_file
 from arwkv.training.monitor import read_metrics
-from arwkv.training.trainer import BatchOrder, lr_factor, micro_batches
+from arwkv.training.trainer import BatchOrder, Schedule, micro_batches
 from fixtures import WORDS, chat_record, make_run_inputs, markov_text, tiny_teacher, word_tokenizer
 
 
@@ -159,13 +159,48 @@ def test_bad_config_files_are_one_line(tmp_path, text, message):
 
 
 def test_schedule_warms_up_then_decays():
-    cfg = DistillConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    factors = [lr_factor(cfg, s) for s in range(100)]
+    schedule = Schedule.of(DistillConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    factors = [schedule.factor(s) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
-    assert lr_factor(cfg, 100) == pytest.approx(0.1)
-    constant = DistillConfig(max_steps=100, warmup_steps=10, schedule="constant")
-    assert {lr_factor(constant, s) for s in range(10, 100)} == {1.0}
+    assert schedule.factor(100) == pytest.approx(0.1)
+    constant = Schedule.of(DistillConfig(max_steps=100, warmup_steps=10, schedule="constant"))
+    assert {constant.factor(s) for s in range(10, 100)} == {1.0}
+
+
+@pytest.mark.parametrize("stop, total", [(6, 12), (30, 100), (60, 40), (1, 12), (100, 300)])
+def test_a_stretched_schedule_goes_on_from_where_it_was(stop, total):
+    """Resumed at ``stop`` with --max-steps ``total`` (was 100 with 10 warm-up steps): the same factor
+    as the run had at the resumed step, falling from there to --min-lr-ratio at the new total; the
+    same --max-steps changes nothing; stretching twice keeps the rate continuous both times."""
+    before = Schedule.of(DistillConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    after = before.resumed(total, stop)
+    assert before.resumed(100, stop) is before
+    assert after.factor(stop) == pytest.approx(before.factor(stop))  # no jump at the resume point
+    if stop >= 10 and total > stop:
+        tail = [after.factor(s) for s in range(stop, total + 1)]
+        assert all(a >= b - 1e-12 for a, b in zip(tail, tail[1:], strict=False))
+        assert after.factor(total) == pytest.approx(0.1)
+    elif stop < 10:  # still warming up: the schedule of the new total, from its start
+        assert [after.factor(s) for s in range(total)] == [
+            Schedule.of(DistillConfig(max_steps=total, warmup_steps=10, min_lr_ratio=0.1)).factor(s)
+            for s in range(total)]
+    again = after.resumed(total + 50, stop + 5)
+    assert again.factor(stop + 5) == pytest.approx(after.factor(stop + 5))
+
+
+def test_resume_with_more_steps_continues_the_learning_rate(tmp_path, run_inputs):
+    """The user's path: 6 steps, then --resume --max-steps 12: the logged rates go on from where
+    they were, down to --min-lr-ratio, without a jump."""
+    out = tmp_path / "run"
+    assert main(distill_args(run_inputs, out, max_steps=6)) == 0
+    assert main(distill_args(run_inputs, out, max_steps=12, resume=True)) == 0
+    lrs = [r["lr"] for r in read_metrics(out)]
+    assert len(lrs) == 12
+    first = Schedule.of(DistillConfig(max_steps=6, warmup_steps=2, lr=3e-3))
+    assert lrs[:6] == pytest.approx([3e-3 * first.factor(s) for s in range(6)])
+    assert lrs[6] == pytest.approx(3e-3 * first.factor(6))  # continuous at the resume point
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:], strict=False)) and lrs[-1] > 3e-4
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

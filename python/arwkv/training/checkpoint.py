@@ -171,7 +171,7 @@ def write_student(
 
 
 def save_checkpoint(
-    out: Path, step: int, student, optimizer, scheduler, tokenizer, cfg: DistillConfig, place: Place
+    out: Path, step: int, student, optimizer, scheduler, schedule, tokenizer, cfg: DistillConfig, place: Place
 ) -> None:
     """OUT/checkpoints/step-NNNNNNNN/ (see the module's docstring); the oldest beyond --keep-last
     are removed. Collective: every rank calls it."""
@@ -187,6 +187,7 @@ def save_checkpoint(
                     "step": step,
                     "optimizer": optim_state,
                     "scheduler": scheduler.state_dict(),
+                    "schedule": {"anchor": schedule.anchor},  # where a stretched schedule restarted
                     "rng": rng_state(),
                     "config": dataclasses.asdict(cfg),
                     "world": place.world,

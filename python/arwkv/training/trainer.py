@@ -15,6 +15,7 @@ How a step is made (so that losses do not depend on how many processes run):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -45,7 +46,7 @@ __all__ = [
     "BatchOrder",
     "Stage",
     "load_rows",
-    "lr_factor",
+    "Schedule",
     "make_optimizer",
     "micro_batches",
     "setup_place",
@@ -144,15 +145,42 @@ def make_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.opti
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def lr_factor(cfg: DistillConfig, step: int) -> float:
-    """Linear warm-up to 1, then constant or cosine down to min_lr_ratio at max_steps."""
-    warmup = min(cfg.warmup_steps, cfg.max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(cfg.max_steps - warmup, 1)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each step (0-based) as a factor of --lr: linear warm-up to 1 over
+    --warmup-steps, then constant, or cosine down to --min-lr-ratio at --max-steps.
+
+    A run resumed with another --max-steps goes on from where it was: past the warm-up, the
+    cosine starts again at the resumed step from the factor the run had there (``anchor`` =
+    (step, factor)) and reaches --min-lr-ratio at the new --max-steps, so the rate never jumps.
+    Resumed with the same --max-steps, a run follows its schedule exactly (as if never stopped)."""
+
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    kind: str = "cosine"
+    anchor: tuple[int, float] | None = None
+
+    @classmethod
+    def of(cls, cfg: DistillConfig) -> Schedule:
+        return cls(min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps, cfg.min_lr_ratio, cfg.schedule)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        start, top = self.anchor or (self.warmup_steps, 1.0)
+        progress = min((step - start) / max(self.max_steps - start, 1), 1.0)
+        return self.min_lr_ratio + (top - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def resumed(self, max_steps: int, step: int) -> Schedule:
+        """This (a checkpoint's) schedule, continued at ``step`` up to a new ``max_steps``."""
+        if max_steps == self.max_steps:
+            return self
+        anchor = (step, self.factor(step)) if step >= self.warmup_steps else None
+        return dataclasses.replace(self, max_steps=max_steps, warmup_steps=min(self.warmup_steps, max_steps),
+                                   anchor=anchor)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -194,7 +222,13 @@ def train(cfg: DistillConfig) -> Path:
         # the optimiser and schedule; on resume they, and the RNG, continue where they stopped
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+        schedule = Schedule.of(cfg)
+        if resume:  # the checkpoint's schedule, continued (stretched when --max-steps changed)
+            saved = resume.state.get("schedule") or {}
+            schedule = dataclasses.replace(
+                schedule, max_steps=resume.state["config"]["max_steps"], anchor=saved.get("anchor")
+            ).resumed(cfg.max_steps, resume.state["step"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
         start = restore(resume, student, optimizer, scheduler) if resume else 0
 
         # the data order, mixed precision on a GPU, and what the run shows (rank 0 logs)
@@ -255,7 +289,7 @@ def train(cfg: DistillConfig) -> Path:
                 log.write(record)
             progress.update(done, record["loss"], lr, record["tokens_per_s"])
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                save_checkpoint(out, done, student, optimizer, scheduler, tokenizer, cfg, place)
+                save_checkpoint(out, done, student, optimizer, scheduler, schedule, tokenizer, cfg, place)
 
         # the trained student, in its input's dtype, and the loss curves
         progress.close()
