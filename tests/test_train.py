@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -520,14 +521,50 @@ def test_sft_micro_batches_without_assistant_tokens(tmp_path, run_inputs):
     g = torch.Generator().manual_seed(1)
     data = tmp_path / "long_user.jsonl"
     with data.open("w") as f:
-        for _ in range(12):
-            f.write(json.dumps(chat_record(markov_text(g, 60), markov_text(g, 3))) + "\n")
+        for i in range(12):  # most are cut before their answer; every third fits whole
+            user = markov_text(g, 1 if i % 3 == 0 else 60)
+            f.write(json.dumps(chat_record(user, markov_text(g, 2))) + "\n")
     out = tmp_path / "run"
     assert (
         main(distill_args({**run_inputs, "chat": data}, out, 3, seq_len=16, micro_batch_size=1, max_steps=4))
         == 0
     )
     assert all(math.isfinite(loss) for loss in losses(out))
+
+
+def test_sft_data_with_nothing_to_learn_is_refused(tmp_path, run_inputs, capsys):
+    """Stage 3 whose every answer is cut off by --seq-len trains on nothing: refused in one line
+    that says why (it used to write loss -0 every step and a student)."""
+    g = torch.Generator().manual_seed(1)
+    data = tmp_path / "long_user.jsonl"
+    data.write_text("".join(json.dumps(chat_record(markov_text(g, 60), markov_text(g, 3))) + "\n"
+                            for _ in range(12)))
+    out = tmp_path / "run"
+    assert main(distill_args({**run_inputs, "chat": data}, out, 3, seq_len=16, max_steps=2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the training rows hold no assistant tokens to learn from" in err[0], err
+    assert "12 truncated to --seq-len 16" in err[0] and "raise --seq-len" in err[0]
+    assert not (out / "student").exists()
+    # with room for the answers, the log says how many tokens it learns from
+    assert main(distill_args({**run_inputs, "chat": data}, out, 3, seq_len=128, max_steps=1)) == 0
+    assert re.search(r"; \d+ assistant tokens to learn from", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("stage, records, message", [
+    (3, [{"text": "w1 w2"}], "record 1: a chat record needs a 'messages' (or 'conversations') list; it has "
+     "keys ['text']"),
+    (3, [chat_record("w1", "w2"), {"messages": []}], "record 2: its 'messages' list is empty"),
+    (3, [{"messages": [{"role": "wizard", "content": "w1"}]}], "record 1: a message needs a known role"),
+    (2, [{"text": "w1 w2"}, {"title": "w3"}], "record 2: a record needs 'text' or a 'messages'"),
+    (2, [{"text": 7}], "record 1: a record's 'text' must be a string"),
+])
+def test_bad_records_name_the_file_and_the_record(tmp_path, run_inputs, capsys, stage, records, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    key = {3: "chat", 2: "text"}[stage]
+    assert main(distill_args({**run_inputs, key: data}, tmp_path / "o", stage, max_steps=1)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"arwkv distill: {data}: {message}"), err
 
 
 def test_stage2_with_a_larger_teacher(tmp_path, run_inputs):

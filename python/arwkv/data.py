@@ -11,7 +11,7 @@ content|value}, ...]}``; the latter are rendered with the tokenizer's chat templ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -89,13 +89,30 @@ def _file_records(f: Path) -> Iterator[dict]:
         raise DataError(f"{f}: unsupported data file (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
+def per_record(make: Callable[[dict], T], records: Iterable[dict], source: str | Path) -> list[T]:
+    """``make(record)`` for every record; a refusal names the data and the record's number
+    (``data/x.jsonl: record 3: ...``), the chat template's own refusals included."""
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(make(record))
+        except (DataError, ValueError, TypeError, KeyError, AttributeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"{source}: record {i + 1}: {first}") from None
+    return out
+
+
 def chat_messages(record: dict) -> list[dict]:
     """A record's messages as chat-template input: [{"role", "content"}] (ShareGPT's from/value
     and human/gpt accepted)."""
+    if not isinstance(record, dict):
+        raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
     messages = record.get("messages", record.get("conversations"))
     if not isinstance(messages, list):
-        raise DataError("a record needs 'text' or a 'messages'/'conversations' list; "
-                        f"got keys {sorted(record)}")
+        raise DataError(f"a chat record needs a 'messages' (or 'conversations') list; it has keys "
+                        f"{sorted(record)}")
+    if not messages:
+        raise DataError("its 'messages' list is empty")
     chat = []
     for m in messages:
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
@@ -107,6 +124,9 @@ def chat_messages(record: dict) -> list[dict]:
 
 def record_text(record: dict, tokenizer) -> str:
     """The text of a record: its "text", or its messages rendered with the chat template."""
+    if isinstance(record, dict) and not {"text", "messages", "conversations"} & set(record):
+        raise DataError(f"a record needs 'text' or a 'messages'/'conversations' list; it has keys "
+                        f"{sorted(record)}")
     if "text" in record:
         if not isinstance(record["text"], str):
             raise DataError("a record's 'text' must be a string")
@@ -117,24 +137,24 @@ def record_text(record: dict, tokenizer) -> str:
     return tokenizer.apply_chat_template(chat, tokenize=False)
 
 
-def tokenize_documents(records: Iterator[dict], tokenizer, append_eos: bool = True) -> list[list[int]]:
-    """Token ids per document (the tokenizer's EOS appended, so documents end visibly)."""
-    docs = []
-    eos = tokenizer.eos_token_id
-    for record in records:
+def tokenize_documents(records: Iterable[dict], tokenizer, append_eos: bool = True,
+                       source: str | Path = "data") -> list[list[int]]:
+    """Token ids per document (the tokenizer's EOS appended, so documents end visibly); a bad
+    record is refused naming ``source`` and its number."""
+    eos = tokenizer.eos_token_id if append_eos else None
+
+    def ids_of(record: dict) -> list[int]:
         ids = tokenizer(record_text(record, tokenizer), add_special_tokens=False)["input_ids"]
-        if append_eos and eos is not None:
-            ids = ids + [eos]
-        if ids:
-            docs.append(ids)
-    return docs
+        return ids + [eos] if eos is not None else ids
+
+    return [ids for ids in per_record(ids_of, records, source) if ids]
 
 
 def scored_documents(data: str | Path, tokenizer, validation_fraction: float = 0.0,
                      seed: int = 0) -> list[list[int]]:
     """Token ids per document of ``data``, or of its validation split when validation_fraction
     > 0 (the split arwkv distill makes with that fraction and seed): what evaluations score."""
-    docs = tokenize_documents(iter_records(data), tokenizer)
+    docs = tokenize_documents(iter_records(data), tokenizer, source=data)
     return split_documents(docs, validation_fraction, seed)[1] if validation_fraction else docs
 
 
@@ -259,6 +279,20 @@ def pack_conversations(
         close_row()
     report.rows = len(rows)
     return rows, report
+
+
+def label_tokens(rows: Sequence[PackedRow]) -> int:
+    """How many tokens of ``rows`` carry a label a loss is taken on (SFT: the assistant tokens;
+    a document's first token never has one, as collate makes it)."""
+    total = 0
+    for row in rows:
+        if row.labels is None:
+            total += row.input_ids.numel() - (row.cu_seqlens.numel() - 1)
+        else:
+            labelled = row.labels != -100
+            labelled[row.cu_seqlens[:-1].long()] = False
+            total += int(labelled.sum())
+    return total
 
 
 def collate(rows: Sequence[PackedRow]) -> dict[str, Tensor]:

@@ -29,9 +29,11 @@ from torch import nn
 
 from ..data import (
     DataError,
+    label_tokens,
     pack_conversations,
     pack_documents,
     pack_preferences,
+    per_record,
     preference_pair,
     sft_example,
     split_documents,
@@ -109,7 +111,7 @@ class Stage:
         """Training and validation rows (PackedRow) of cfg.seq_len tokens from the data's records:
         plain documents, split, then each part packed."""
         cfg = self.cfg
-        docs = tokenize_documents(iter(records), tokenizer)
+        docs = tokenize_documents(records, tokenizer, source=cfg.data)
         train_docs, val_docs = split_documents(docs, cfg.validation_fraction, cfg.seed)
         return (
             pack_documents(train_docs, cfg.seq_len, cfg.seed),
@@ -292,9 +294,15 @@ class SftStage(WholeStudentStage):
         """Chat examples with their assistant-only labels, split, then each part packed with
         whole conversations per row (pack_conversations); packing_note says what was cut."""
         cfg = self.cfg
-        examples = [sft_example(r, tokenizer) for r in records]
-        return self.pack_whole(examples, tokenizer, lambda part, pad_id: pack_conversations(
+        examples = per_record(lambda r: sft_example(r, tokenizer), records, cfg.data)
+        train, val = self.pack_whole(examples, tokenizer, lambda part, pad_id: pack_conversations(
             part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id))
+        learned = label_tokens(train)
+        if not learned:  # every assistant answer was cut off (or there was none): nothing to learn
+            raise DataError(f"{cfg.data}: the training rows hold no assistant tokens to learn from "
+                            f"({self.packing_note}); raise --seq-len, or use --overlong skip")
+        self.packing_note += f"; {learned} assistant tokens to learn from"
+        return train, val
 
     @staticmethod
     def weight(batch: dict[str, Tensor]) -> int:
@@ -329,12 +337,7 @@ class PreferenceStage(WholeStudentStage):
 
     def pack(self, records, tokenizer):
         cfg = self.cfg
-        pairs = []
-        for i, record in enumerate(records):
-            try:
-                pairs.append(preference_pair(record, tokenizer))
-            except DataError as err:
-                raise DataError(f"{cfg.data}: record {i + 1}: {err}") from None
+        pairs = per_record(lambda r: preference_pair(r, tokenizer), records, cfg.data)
         return self.pack_whole(pairs, tokenizer, lambda part, pad_id: pack_preferences(
             part, cfg.seq_len, cfg.overlong, pad_id))
 
