@@ -392,6 +392,26 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_input
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path, run_inputs):
+    """Ctrl-C (SIGINT) during distill: one line saying that --resume goes on from the last
+    checkpoint, no traceback, exit status 130; and --resume then does."""
+    out = tmp_path / "run"
+    args = distill_args(run_inputs, out, max_steps=400, save_every=1, log_every=1)
+    proc = run_cli(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(read_metrics(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"arwkv distill: interrupted; the same command with --resume continues from "
+                        rf"{re.escape(str(out))}/checkpoints/step-\d{{8}}", last), last
+    resumed = run_cli(distill_args(run_inputs, out, max_steps=5, save_every=1, resume=True), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
 @pytest.mark.parametrize("stage,strategy,student", [
     (1, "ddp", "student"), (2, "ddp", "student"), (2, "fsdp", "student"), (3, "fsdp", "student"),
     (4, "ddp", "student"), (1, "ddp", "hybrid"), (2, "ddp", "hybrid"), (3, "fsdp", "hybrid"),

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import options as o
 
@@ -72,9 +73,16 @@ def convert(opts: o.ConvertOptions) -> int:
 
 
 def distill(cfg: o.DistillConfig) -> int:
+    from .training.checkpoint import checkpoints
     from .training.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: say how to go on (the run directory is consistent)
+        found = checkpoints(Path(cfg.out))
+        where = (f"from {found[-1]}" if found else
+                 "from the start (no checkpoint yet: --save-every N writes one every N steps)")
+        raise Interrupted(f"interrupted; the same command with --resume continues {where}") from None
     return 0
 
 
@@ -234,6 +242,10 @@ COMMANDS = (
 # ----------------------------------------------------------------------------- the parser
 
 
+class Interrupted(Exception):
+    """Ctrl-C; main() prints the message as one line, exit status 130 (as a shell reports SIGINT)."""
+
+
 class UsageError(Exception):
     """A command line that argparse cannot read; main() prints it as one line, exit status 2."""
 
@@ -308,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, RuntimeError, ValueError, OSError) as err:
         print(f"arwkv {args.command}: {err}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"arwkv {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
