@@ -306,3 +306,77 @@ def test_a_student_given_as_teacher_is_one_line(argv, run_inputs, tmp_path, caps
         "teacher; give the checkpoint the student was converted from\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["no terminal", "terminal"])
+def test_nothing_prompts(terminal, run_inputs, tmp_path):
+    """A student where a teacher belongs, and a student scored or decoded: no question is asked
+    (transformers asks before running a checkpoint's code, and waits on a terminal); the
+    refusal is one line, at once, with or without a terminal on standard input."""
+    import os
+    import pty
+
+    student, text = str(run_inputs["student"]), str(run_inputs["text"])
+    runs = [
+        (["convert", "--teacher", student, "--out", str(tmp_path / "c")], 1),
+        (
+            [
+                "hybridize",
+                "--teacher",
+                student,
+                "--student",
+                student,
+                "--layers",
+                "0",
+                "--out",
+                str(tmp_path / "h"),
+            ],
+            1,
+        ),
+        (
+            [
+                "eval",
+                "--model",
+                student,
+                "--data",
+                text,
+                "--seq-len",
+                "16",
+                "--max-tokens",
+                "64",
+                "--device",
+                "cpu",
+            ],
+            0,
+        ),
+        (
+            ["generate", "--model", student, "--prompt", "w1 w2", "--max-new-tokens", "2", "--device", "cpu"],
+            0,
+        ),
+    ]
+    for argv, status in runs:
+        if terminal:
+            leader, follower = pty.openpty()
+            stdin = follower
+        else:
+            leader, stdin = None, subprocess.DEVNULL
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "arwkv.cli", *argv],
+                stdin=stdin,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        finally:
+            if leader is not None:
+                os.close(leader)
+                os.close(follower)
+        assert done.returncode == status, done.stderr[-2000:]
+        assert "[y/N]" not in done.stderr + done.stdout and "trust_remote_code" not in done.stderr
+        if status:
+            assert (
+                done.stderr.count("\n") == 1
+                and "is an arwkv student, not a Transformer teacher" in done.stderr
+            )
