@@ -187,3 +187,24 @@ def test_pre_tokenizer_detection():
     spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
     assert pre_tokenizer_name(spec) is None
     assert pre_tokenizer_name({}) is None
+
+
+def test_output_paths(student, tmp_path, capsys):
+    """--gguf into a folder that does not exist yet makes it; a directory is refused as the output
+    file, --overwrite or not, and left as it was."""
+    nested = tmp_path / "gguf" / "deeper" / "x.gguf"
+    assert main(["export", "--model", str(student), "--gguf", str(nested), "--outtype", "f32"]) == 0
+    assert nested.is_file() and nested.read_bytes()[:4] == b"GGUF"
+    folder = tmp_path / "gguf"
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["export", "--model", str(student), "--gguf", str(folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"arwkv export: --gguf {folder} is a directory; give the file to write, e.g. "
+                       f"{folder / 'student.gguf'}\n")
+        assert sorted(p.name for p in folder.iterdir()) == ["deeper"]  # untouched
+    assert main(["export", "--model", str(student), "--gguf", str(nested)]) == 1  # exists, no --overwrite
+    assert "exists (--overwrite replaces it)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["export", "--model", str(student), "--gguf", str(tmp_path / "file" / "x.gguf")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
