@@ -155,3 +155,42 @@ def test_every_flag_the_docs_name_exists():
             if flag not in ours:
                 unknown.setdefault(flag, doc.name)
     assert not unknown, unknown
+
+
+NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
+
+
+def stated(figure: str, saved: list[float]) -> bool:
+    """Whether a README figure ("67.4", "3.4e-7", "1676") is one of the saved numbers as rounded
+    to the digits the README gives."""
+    mantissa = figure.split("e")[0]
+    digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    half = 0.5 * 10.0 ** (-digits) * (10.0 ** int(figure.split("e")[1]) if "e" in figure else 1.0)
+    value = float(figure)
+    return any(abs(x - value) <= half * (1 + 1e-9) for x in saved)
+
+
+def test_measured_figures_come_from_the_saved_results():
+    """Every number in the README's measured tables is, to the digits it gives, a number of the
+    saved result its row links to, and the demo report it quotes is the saved report's own text,
+    so the README cannot drift from the measurements (it once said 99 KiB of state where the
+    report said 195)."""
+    text = README.read_text()
+    measured = text[text.index("## Measured"):text.index("## Where to read more")]
+    rows = [r for r in measured.splitlines() if r.startswith("| ") and "](benchmarks/results/" in r]
+    assert len(rows) >= 10
+    missing = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        value, link = cells[1], re.search(r"\]\((benchmarks/results/[^)]+)\)", cells[2]).group(1)
+        saved = [float(x) for x in re.findall(NUMBER, (README.parent / link).read_text().replace(",", ""))]
+        missing += [(n, link) for n in re.findall(NUMBER, value.replace(",", "")) if not stated(n, saved)]
+    assert not missing, missing
+    quoted = re.search(r"`report.md` says:\n\n```\n(.*?)```", text, re.S).group(1)
+    report = (README.parent / "benchmarks/results/demo-cpu-2core/report-transfer-head64.md").read_text()
+    assert all(line in report for line in quoted.splitlines()), quoted
+
+
+def test_a_drifted_figure_is_caught():
+    assert stated("67.4", [67.37]) and stated("3.4e-7", [3.413e-07]) and stated("1676", [1675.73])
+    assert not stated("99", [199680.0, 195.0]) and not stated("1.85", [1852.0]) and not stated("24", [24.8])
