@@ -415,3 +415,21 @@ def test_cache_growth_of_a_transformers_cache():
                                                          "lengths": [8, 24]}
     with pytest.raises(ValueError, match="0 < short < long"):
         cache_growth(teacher, [5], (24, 8))
+
+
+def test_markers_beyond_the_scored_positions_do_not_stretch_the_axis():
+    """The quick demo scores positions up to 32; the teacher's training length (256) is not drawn
+    there, so the axis ends with the data (it ran to 256)."""
+    from arwkv.evaluation.long_context import describe_settings, long_context_figure
+
+    settings = describe_settings(LongContextOptions(max_len=32, buckets="3", passkey_trials=0))
+    edges = settings["buckets"]["edges"]
+    buckets = [{"start": a, "end": b, "mean_loss": 2.0, "sem": 0.1, "tokens": b - a}
+               for a, b in zip(edges, edges[1:], strict=False)]
+    loss = {"buckets": buckets, "mean_loss": 2.0, "sequences": 2, "tokens": 62}
+    report = {"settings": settings, "models": [{"name": "student", "loss_by_position": loss}]}
+    fig = long_context_figure(report, {"teacher trained at 256": 256, "student distilled at 16": 16})
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert ax.get_xlim()[1] < 64 and labels[-1] == "student distilled at 16"
+    assert "teacher trained at 256" not in labels

@@ -296,6 +296,8 @@ def test_each_stage_runs_and_leaves_a_loadable_student(tmp_path, run_inputs, sta
         pass
     err = capsys.readouterr().err
     assert "step 2/6" in err and "step 6/6" in err  # plain progress lines when not on a terminal
+    final = f"arwkv distill: validation loss {records[5]['val_loss']:.6g} at step 6"
+    assert final in err  # the last held-out loss is said, not only logged
     if stage == 3:  # conversations are packed whole, and the run says what was cut
         assert "conversations packed whole into" in err and "truncated to --seq-len" in err
     student = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
@@ -348,7 +350,8 @@ def test_stage2_adaptive_kl_runs_and_learns(tmp_path, run_inputs, capsys):
     out = tmp_path / "akl"
     assert main(distill_args(run_inputs, out, 2, max_steps=6, kl="adaptive", akl_head=0.5)) == 0
     records = read_metrics(out)
-    assert records[-1]["kl"] < records[0]["kl"]
+    assert "kl" not in records[0]  # its own key: runs of the two divergences cannot be mixed up
+    assert records[-1]["akl"] < records[0]["akl"]
     assert main(distill_args(run_inputs, tmp_path / "bad", 2, max_steps=2, kl="adaptive", akl_head=1.5)) == 1
     assert "--akl-head must be in (0, 1], got 1.5" in capsys.readouterr().err
 
@@ -449,7 +452,10 @@ def test_eval_reports_the_models_own_perplexity(run_inputs, capsys):
     assert (
         main(["eval", "--model", str(model_dir), "--data", str(run_inputs["text"]), "--seq-len", "16"]) == 0
     )
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # while it scores it says what (and nothing of transformers' own loading bars)
+    assert captured.err.startswith("arwkv eval: scoring ") and "Loading weights" not in captured.err
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, trust_remote_code=True, dtype=torch.float32
     ).eval()
@@ -494,6 +500,25 @@ def test_plot_command(tmp_path, capsys):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path / "none")]) == 1
     assert "holds no training records" in capsys.readouterr().err
+
+
+def test_loss_plot_shows_whole_steps_and_the_losss_parts():
+    """A 3-step run's axis has whole steps only; stage 1's per-layer losses and DPO's reward
+    accuracy are drawn (an unused CE term, zero throughout, is not)."""
+    from arwkv.training.monitor import loss_figure, loss_parts
+
+    stage1 = [{"step": s, "stage": 1, "loss": 1 / s, "layer_0": 1 / s, "layer_1": 2 / s, "lr": 1e-3,
+               "grad_norm": 1.0, "tokens": 64 * s, "tokens_per_s": 9.0, "val_loss": 1.0} for s in (1, 2, 3)]
+    dpo = [{"step": s, "loss": 0.7, "reward_accuracy": 0.5, "margin": 0.1 * s, "lr": 1e-6} for s in (1, 2)]
+    kl = [{"step": s, "loss": 1.0, "kl": 1.0, "ce": 0.0, "lr": 1e-4} for s in (1, 2)]
+    assert loss_parts(stage1) == ["layer_0", "layer_1"]
+    assert loss_parts(dpo) == ["reward_accuracy", "margin"] and loss_parts(kl) == ["kl"]
+    fig = loss_figure(stage1)
+    assert len(fig.axes) == 3 and [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == [
+        "layer_0", "layer_1"]
+    ticks = [t for t in fig.axes[-1].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert len(loss_figure([{"step": 1, "loss": 1.0, "lr": 1e-3}]).axes) == 2  # nothing else logged
 
 
 def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
@@ -599,3 +624,35 @@ def test_stage2_with_a_larger_teacher(tmp_path, run_inputs):
             == 0
         )
     assert len(losses(tmp_path / "run")) == 2 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+
+
+def test_on_a_terminal_the_header_comes_before_the_progress_bar(tmp_path, run_inputs):
+    """On a terminal the run's header lines are printed, then tqdm's bar starts on a line of its
+    own (the header used to be written over the bar's line)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    args = [sys.executable, "-m", "arwkv.cli", *distill_args(run_inputs, tmp_path / "run", max_steps=2)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, output.decode(errors="replace")[-2000:]
+    text = output.decode(errors="replace")
+    assert "%|" in text and "step/s" in text, text[-3000:]  # tqdm's bar was drawn
+    header_line = next(line for line in text.split("\n") if "arwkv distill: stage 2, " in line)
+    assert "%|" not in header_line, text[:2000]  # the header has its own line
+    assert text.index("arwkv distill: stage 2, ") < text.index("%|")

@@ -104,7 +104,8 @@ def evaluate(opts: o.EvalOptions) -> int:
 
     report = {}
     if opts.data:
-        report = evaluate(opts.model, opts.data, **fields(opts, "model", "data", "lm_eval_task", "limit"))
+        report = evaluate(opts.model, opts.data, **fields(opts, "model", "data", "lm_eval_task", "limit"),
+                          log=lambda line: print(f"arwkv eval: {line}", file=sys.stderr, flush=True))
     if opts.lm_eval_task:
         report["lm_eval"] = lm_eval_task(
             opts.model, opts.lm_eval_task, limit=opts.limit, device=opts.device, dtype=opts.dtype

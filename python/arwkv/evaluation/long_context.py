@@ -660,9 +660,21 @@ def _bucket_centres(buckets: list[dict], log_scale: bool) -> list[float]:
 
 
 def plot_long_context(report: dict, markers: dict[str, int] | None = None) -> bytes:
-    """The PNG of a long-context report: loss by position of every model on one axes (with the
-    standard error as a band), and a passkey accuracy heatmap (depth x length) per model.
-    ``markers``: labelled vertical lines on the loss axes (e.g. training context lengths)."""
+    """The PNG of a long-context report (long_context_figure)."""
+    import matplotlib.pyplot as plt
+
+    fig = long_context_figure(report, markers)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def long_context_figure(report: dict, markers: dict[str, int] | None = None):
+    """Loss by position of every model on one axes (with the standard error as a band), and a
+    passkey accuracy heatmap (depth x length) per model. ``markers``: labelled vertical lines on
+    the loss axes (e.g. training context lengths), drawn where they fall inside the scored
+    positions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -692,8 +704,10 @@ def plot_long_context(report: dict, markers: dict[str, int] | None = None) -> by
                 low = [a - s for a, s in zip(y, sem, strict=True)]
                 high = [a + s for a, s in zip(y, sem, strict=True)]
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+        last = settings["buckets"]["edges"][-1]
         for i, (label, position) in enumerate((markers or {}).items()):
-            ax.axvline(position, color="gray", linestyle=":" if i % 2 else "--", linewidth=1, label=label)
+            if position <= last:  # a marker beyond the scored positions would stretch the axis past the data
+                ax.axvline(position, color="gray", linestyle=":" if i % 2 else "--", linewidth=1, label=label)
         if log_scale:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -726,8 +740,5 @@ def plot_long_context(report: dict, markers: dict[str, int] | None = None) -> by
             ax.set_ylabel("key depth")
         ax.set_title(f"{m['name']}: passkey {m['passkey']['accuracy']:.2f}", fontsize="medium")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return png.getvalue()
+    return fig
 

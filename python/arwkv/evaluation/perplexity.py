@@ -15,6 +15,7 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ def evaluate(
     max_tokens: int | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Scores ``model_dir`` on ``data`` (or on its validation split, as ``arwkv distill`` splits it
     with the same fraction and seed). Returns {"perplexity", "nll", "tokens", "seconds",
@@ -86,6 +88,9 @@ def evaluate(
         pieces = kept
     if not pieces:
         raise DataError(f"{data} gives no text to score")
+    if log:  # scoring can take a while: say what is being scored
+        log(f"scoring {sum(len(p) for p in pieces)} tokens of {data} in {len(pieces)} windows of at most "
+            f"{seq_len} on {dev.type}")
     start = time.perf_counter()
     nll, count = score_windows(model, pieces, batch_size)
     if dev.type == "cuda":

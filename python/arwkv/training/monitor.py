@@ -105,12 +105,24 @@ class Progress:
             self.bar.close()
 
 
-def plot_run(run_dir: str | Path) -> Path:
-    """RUN/loss.png from RUN/metrics.jsonl: training (and validation) loss against the step, and
-    the learning rate. Written to a temporary file, then renamed (files.write_atomic)."""
-    import matplotlib
+# What a training record holds besides the loss's parts.
+RECORD_KEYS = {"step", "stage", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
 
-    matplotlib.use("Agg")
+
+def loss_parts(records: list[dict]) -> list[str]:
+    """The numbers a run logged besides the loss and the step's bookkeeping (its ``parts``: stage
+    1's layer_I, stage 2's kl/akl and ce, stage 4's reward_accuracy and margin), in order; parts
+    that are zero throughout (an unused CE term) are left out."""
+    names: dict[str, None] = {}
+    for r in records:
+        names.update((k, None) for k, v in r.items()
+                     if k not in RECORD_KEYS and not k.startswith("val_") and isinstance(v, (int, float)))
+    return [n for n in names if any(r.get(n) for r in records)]
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """RUN/loss.png from RUN/metrics.jsonl (loss_figure). Written to a temporary file, then renamed
+    (files.write_atomic)."""
     import matplotlib.pyplot as plt
 
     run = Path(run_dir)
@@ -120,8 +132,36 @@ def plot_run(run_dir: str | Path) -> Path:
     records = read_metrics(run)
     if not records:
         raise FileNotFoundError(f"{run / METRICS} holds no training records")
+    fig = loss_figure(records, run.name)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(run / "loss.png", png.getvalue())
+
+
+def loss_figure(records: list[dict], title: str = ""):
+    """Training (and validation) loss against the step, the loss's parts (when the stage logs
+    any), and the learning rate, as a matplotlib figure; the step axis has whole steps only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    parts = loss_parts(records)
+    heights = (3, 2, 1) if parts else (3, 1)
+    fig, axes = plt.subplots(len(heights), 1, figsize=(7, 2 * sum(heights) / 2 + 2), sharex=True,
+                             height_ratios=heights)
+    ax_loss, ax_lr = axes[0], axes[-1]
+    if parts:  # what the loss is made of: stage 1's per-layer losses, KL and CE, DPO's accuracy
+        ax_parts = axes[1]
+        for name in parts:
+            ax_parts.plot(steps, [r.get(name, float("nan")) for r in records], label=name)
+        ax_parts.set_ylabel("parts")
+        ax_parts.legend(fontsize="small", ncol=min(len(parts), 4))
+        ax_parts.grid(alpha=0.3)
+    ax_lr.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole
     ax_loss.plot(steps, [r["loss"] for r in records], label="train")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if val:
@@ -135,9 +175,6 @@ def plot_run(run_dir: str | Path) -> Path:
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("optimiser step")
     ax_lr.grid(alpha=0.3)
-    fig.suptitle(run.name)
+    fig.suptitle(title)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return write_atomic(run / "loss.png", png.getvalue())
+    return fig

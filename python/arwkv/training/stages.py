@@ -264,7 +264,7 @@ class LogitStage(WholeStudentStage):
             cfg, place
         )
         self.roots = [self.objective] if place.world > 1 else []
-        self.parts = ("kl", "ce")
+        self.parts = ("akl" if cfg.kl == "adaptive" else "kl", "ce")  # runs of the two cannot be mixed up
 
     def micro_step(self, batch, scale, backward=True):
         with torch.no_grad():

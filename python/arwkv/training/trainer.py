@@ -233,7 +233,6 @@ def train(cfg: DistillConfig) -> Path:
 
         # the data order, mixed precision on a GPU, and what the run shows (rank 0 logs)
         log = MetricsLog(out, resume_step=start if cfg.resume else None) if place.main else None
-        progress = Progress(cfg.max_steps, start, cfg.log_every, enabled=place.main)
         order = BatchOrder(len(train_rows), cfg.batch_size, cfg.seed)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -251,6 +250,8 @@ def train(cfg: DistillConfig) -> Path:
             )
             if stage.packing_note:
                 print(f"arwkv distill: stage {cfg.stage} packing, {stage.packing_note}", file=sys.stderr)
+        progress = Progress(cfg.max_steps, start, cfg.log_every, enabled=place.main)  # (after the header)
+        last_validation = None
 
         for step in range(start, cfg.max_steps):
             began = time.perf_counter()
@@ -285,6 +286,7 @@ def train(cfg: DistillConfig) -> Path:
                 held_out = validate(stage, val_rows, micro, place, autocast)
                 record["val_loss"] = held_out[0]
                 record.update({f"val_{name}": v for name, v in zip(stage.parts, held_out[1:], strict=True)})
+                last_validation = (done, held_out[0])
             if log is not None:
                 log.write(record)
             progress.update(done, record["loss"], lr, record["tokens_per_s"])
@@ -293,6 +295,9 @@ def train(cfg: DistillConfig) -> Path:
 
         # the trained student, in its input's dtype, and the loss curves
         progress.close()
+        if place.main and last_validation:
+            print(f"arwkv distill: validation loss {last_validation[1]:.6g} at step {last_validation[0]} "
+                  f"({len(val_rows)} held-out rows)", file=sys.stderr)
         final = export_final(out, student, tokenizer, export_dtype, place)
         if log is not None:
             log.close()
