@@ -128,7 +128,8 @@ def test_validation_split_is_deterministic_and_disjoint():
 
 @pytest.mark.parametrize("content,message", [
     (None, "does not exist"),
-    ('{"text": "w1"}\n{"text": \n', "b.jsonl:2: not valid JSON"),
+    ('{"text": "w1"}\n{"text": \n', "b.jsonl:2: not valid JSON at column 1: expecting value"),
+    ('{"text": "a\tb"}\n', "b.jsonl:1: not valid JSON at column 12: invalid control character"),
     ('["w1"]\n', "b.jsonl:1: a record must be a JSON object"),
     ('{"body": "w1"}\n', "needs 'text' or a 'messages'/'conversations' list"),
 ])

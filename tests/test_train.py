@@ -544,10 +544,10 @@ def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
     assert main(distill_args(run_inputs, out, max_steps=1)) == 0
     capsys.readouterr()
     assert "already holds a run" in error(distill_args(run_inputs, out, max_steps=1))
-    assert "seq_len=32, this run asks for seq_len=16" in error(
+    assert "was made with --seq-len 32, this run asks for --seq-len 16" in error(
         distill_args(run_inputs, out, max_steps=2, resume=True, seq_len=16)
     )
-    assert "lr=0.003, this run asks for lr=0.01" in error(
+    assert "--lr 0.003, this run asks for --lr 0.01" in error(
         distill_args(run_inputs, out, max_steps=2, resume=True, lr=0.01)
     )
     (out / "checkpoints" / "step-00000001" / "trainer_state.pt").write_bytes(b"not a checkpoint")
@@ -656,3 +656,15 @@ def test_on_a_terminal_the_header_comes_before_the_progress_bar(tmp_path, run_in
     header_line = next(line for line in text.split("\n") if "arwkv distill: stage 2, " in line)
     assert "%|" not in header_line, text[:2000]  # the header has its own line
     assert text.index("arwkv distill: stage 2, ") < text.index("%|")
+
+
+def test_quiet_surprises_are_said(tmp_path, run_inputs, capsys):
+    """--teacher given to a stage that learns from none, and --resume on an --out with no
+    checkpoint yet: each is one note line (both used to pass without a word)."""
+    out = tmp_path / "sft"
+    args = distill_args(run_inputs, out, 3, max_steps=1, resume=True)
+    args += ["--teacher", str(run_inputs["teacher"])]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "arwkv distill: note: stage 3 (SFT) learns from no teacher; --teacher is not used" in err
+    assert f"arwkv distill: note: --resume: {out} holds no checkpoint yet; starting at step 0" in err

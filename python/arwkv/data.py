@@ -73,7 +73,9 @@ def _file_records(f: Path) -> Iterator[dict]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{f}:{number}: not valid JSON ({err.msg})") from err
+                    why = err.msg.removesuffix(" at")  # json's "Invalid control character at"
+                    raise DataError(f"{f}:{number}: not valid JSON at column {err.colno}: "
+                                    f"{why[:1].lower()}{why[1:]}") from err
                 if not isinstance(record, dict):
                     raise DataError(f"{f}:{number}: a record must be a JSON object")
                 yield record

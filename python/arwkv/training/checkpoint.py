@@ -111,9 +111,10 @@ def check_resumable(cfg: DistillConfig, saved: dict, where: Path) -> None:
     """ConfigError naming the first RESUME_KEYS value that differs from the checkpoint's."""
     for key in RESUME_KEYS:
         if saved.get(key) != getattr(cfg, key):
+            flag = "--" + key.replace("_", "-")
             raise ConfigError(
-                f"--resume: {where} was made with {key}={saved.get(key)!r}, this run asks for "
-                f"{key}={getattr(cfg, key)!r}"
+                f"--resume: {where} was made with {flag} {saved.get(key)}, this run asks for "
+                f"{flag} {getattr(cfg, key)}"
             )
 
 

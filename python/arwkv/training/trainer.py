@@ -194,11 +194,17 @@ def train(cfg: DistillConfig) -> Path:
     check_student_dir(cfg.student, "--student")
     if stage.needs_teacher:
         check_teacher_dir(cfg.teacher, "--teacher")
+    elif cfg.teacher:
+        print(f"arwkv distill: note: stage {cfg.stage} ({stage.title}) learns from no teacher; --teacher is "
+              "not used", file=sys.stderr)
     out = Path(cfg.out)
     place = setup_place(cfg)
     try:
         # the run directory: a new run, or the newest checkpoint of the run to continue
         resume = open_run(cfg, out, place)
+        if cfg.resume and resume is None and place.main:
+            print(f"arwkv distill: note: --resume: {out} holds no checkpoint yet; starting at step 0",
+                  file=sys.stderr)
 
         # the student (from the checkpoint on resume) and the stage's packed rows
         tokenizer = load_tokenizer(cfg.student, "--student")
