@@ -1,9 +1,17 @@
 SHELL := /bin/bash
 # The README's commands, each doing its own set-up in .venv:
-#   make demo    distils the shipped Qwen2 teacher into an RWKV-7 student on this CPU (the main job)
-#   make bench   benchmark the WKV kernels against the reference recurrence
-#   make test    the whole test suite: C++ kernel tests, Python tests, lint
+#   make demo       distils the shipped Qwen2 teacher into an RWKV-7 student on this CPU (the main job)
+#   make bench      benchmark the WKV kernels against the reference recurrence
+#   make test       the default tier, minutes: the C++ kernel tests but those labelled slow
+#                   (ctest -LE slow), lint, and pytest -m "not slow": every Python test but the
+#                   cases marked slow, so the reference grid's default tier (every pair of values
+#                   of its axes, plus a fixed seeded sample of the rest: tests/fixtures.py)
+#   make test-full  everything: make test, then what it leaves out: the C++ tests labelled slow
+#                   (the emulated GPU kernels' other checks) and the pytest cases marked slow (the
+#                   rest of the reference grid, ten times the hypothesis examples)
 # and the GPU kernels' compile checks, which need no GPU: make check-cuda, make check-hip.
+# (pytest by hand runs what it is given, slow cases too: `pytest tests/test_reference_grid.py` is
+# the whole grid; `pytest -m "not slow" tests` is make test's part.)
 # Every target can be run again in the same tree and gives the same answer.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,7 +41,7 @@ PROJECT_DEPS = $(PY) -c 'import re, sys; \
     [d for e in sys.argv[1].split(",") for d in p["project"]["optional-dependencies"][e]]; \
   print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0] != "torch"))'
 
-.PHONY: demo bench test install lint cpp-test clean check-cuda check-hip FORCE
+.PHONY: demo bench test test-full install lint cpp-build cpp-test cpp-test-slow clean check-cuda check-hip FORCE
 
 $(VENV)/.deps: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,16 +70,31 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_wkv.py $(BENCH_ARGS)
 
-cpp-test: $(VENV)/.deps
-	$(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+# The C++ kernel tests (CMakeLists.txt), built with ninja into build/cmake (kept: a rebuild
+# compiles only what changed; a build/cmake of another generator is started afresh). cpp-test
+# runs all but those labelled slow, two at a time; cpp-test-slow those.
+cpp-build: $(VENV)/.deps
+	grep -qs '^CMAKE_GENERATOR:INTERNAL=Ninja$$' build/cmake/CMakeCache.txt || rm -rf build/cmake
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DCMAKE_BUILD_TYPE=Release >/dev/null
 	$(VENV)/bin/cmake --build build/cmake -j2
-	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
+
+cpp-test: cpp-build
+	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure -j2 -LE slow
+
+cpp-test-slow: cpp-build
+	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure -j2 -L slow
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 
 test: install cpp-test lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -m "not slow" tests
+
+# After make test (once, in the same make: `make test test-full` runs the default tier once),
+# what it leaves out; the two together are the whole suite.
+test-full: test cpp-test-slow
+	$(VENV)/bin/pytest -q -m slow tests
 
 # Builds the whole extension with its CUDA kernels for sm_80 and sm_90 (PTX for sm_90) the way
 # `pip install` does on a CUDA torch, checks that it imports, and tabulates ptxas registers and

@@ -1,9 +1,16 @@
 import os
 
-import pytest
-from hypothesis import settings
+# Before torch loads OpenMP (its libgomp reads this once): threads that wait for work sleep
+# instead of spinning. On a machine with few cores and other work, spinning threads of torch's
+# intra-op pool keep taking the cores from one another: a float64 reference at T = 1000 took 50 to
+# 240 s beside one other busy process, 5 to 8 s with passive waiting. Subprocesses inherit it.
+# (Too late, and harmless, where a plugin imported torch first; set it in the environment then.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fixtures import CPU_ALGORITHMS, GPU_ALGORITHMS
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from fixtures import CPU_ALGORITHMS, GPU_ALGORITHMS  # noqa: E402
 
 # Reproducible and bounded in CI; `HYPOTHESIS_PROFILE=dev` explores more.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)

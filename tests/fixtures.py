@@ -1,7 +1,10 @@
 """What the tests share, in one place (no test module imports another):
 
 - the ops and their step-by-step references by name, and the devices the op tests run on;
-- the reference grid (dtypes, head sizes, lengths, tolerances) and its cached float64 results;
+- the reference grid (dtypes, head sizes, lengths, tolerances), its cached float64 results, and
+  its two tiers: a default one (every pair of axis values, plus a fixed seeded sample of the
+  rest) and the full grid (the rest is marked `slow`: `make test` deselects it, `make test-full`
+  runs it);
 - a tiny random teacher of several families;
 - a whole distillation set-up small enough for tests: a word-level tokenizer with a chat
   template, a tiny Qwen2 teacher saved with it, its converted student, and text and chat data
@@ -12,9 +15,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,9 +70,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Relative Frobenius error against float64. 16-bit inputs return y and gradients rounded to
 # 16 bits, so their bound reflects that rounding, not the float32 arithmetic inside.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
-HEAD_SIZES = [16, 32, 64, 128]
+HEAD_SIZES = list(arwkv_ext.HEAD_SIZES)  # the kernels' own list (kHeadSizes in csrc/wkv_problem.h)
+# One step, two, the 16-step chunk -1 / exactly / +1, several chunks, and a long one that ends
+# in a partial chunk. (T = 0 is tested in test_ops.py and test_hypothesis.py.)
 LENGTHS = [1, 2, 15, 16, 17, 100, 1000]
 GRID_HEADS = 2
+GRADS_FROM = ["y", "state", "both"]  # the loss: from y only, from the final state only, both
 
 
 def packing(T: int) -> list[int]:
@@ -100,6 +109,129 @@ def reference(op: str, N: int, T: int, with_state: bool, packed: bool):
     g_y = [z if g is None else g for g, z in zip(g_y, zero, strict=True)]
     g_s = [z if g is None else g for g, z in zip(g_s, zero, strict=True)]
     return inputs, s0, cu, gy, gs, y.detach(), state.detach(), g_y, g_s
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid's two tiers. The full grid (test_reference_grid.py: op x dtype x N x T x state x
+# packing x gradients x CPU algorithm, 4032 cases) is mostly float64 references at T = 1000,
+# which cost seconds each. The default tier is
+#   1. a covering set: every pair of values of any two axes appears in some case (so each value
+#      of each axis does, and a kernel wrong for one value of one axis fails a test), chosen
+#      greedily, cheapest new reference first (the long length goes with small heads or packed
+#      sequences where a pair allows);
+#   2. plus GRID_SAMPLE more cases drawn with random.Random(GRID_SEED) from the rest of the grid
+#      whose reference is cheap (estimated under CHEAP_REFERENCE_S) or already computed by 1.
+# Both are fixed (no clock, no hash order): the same cases on every run and every machine. Every
+# other case is marked `slow`: `pytest -m "not slow"` (make test) skips it, make test-full and a
+# plain `pytest tests/test_reference_grid.py` run it.
+
+SLOW = pytest.mark.slow
+GRID_AXES = {
+    "op": OP_NAMES,
+    "dtype": list(DTYPES),
+    "N": HEAD_SIZES,
+    "T": LENGTHS,
+    "with_state": [False, True],
+    "packed": [False, True],
+    "grads_from": GRADS_FROM,
+    "cpu_algorithm": CPU_ALGORITHMS,
+}
+GRID_SAMPLE = 200
+GRID_SEED = 0
+CHEAP_REFERENCE_S = 0.45  # in effect: T <= 100 (and T = 1000 for WKV-6 on packed N = 16)
+
+
+def reference_key(case: dict) -> tuple:
+    """The arguments of reference() a grid case uses (the references are shared by its dtypes,
+    gradients and algorithms)."""
+    return case["op"], case["N"], case["T"], case["with_state"], case["packed"]
+
+
+def reference_seconds(op: str, N: int, T: int, with_state: bool, packed: bool) -> float:
+    """A rough estimate of reference()'s time on one core (fitted to measurements: about 1 s for
+    T = 1000, N = 16; 5-20 s for T = 1000, N = 128, two sequences of 1000; 0.01-0.3 s for
+    T <= 100). Only its order matters: it steers the default tier to cheap references."""
+    sequences = 0.5 if packed else 2.0  # packed: one batch row cut into three sequences
+    return (T / 1000) ** 1.3 * (0.4 + sequences * N * N / 6000) * (1.4 if op == "wkv7" else 1.0)
+
+
+def pairwise_cover(axes: dict[str, list], cost_of_key, key_of) -> list[int]:
+    """Indices (into the cartesian product of axes, in itertools.product order) of cases that
+    together hold every pair of values of any two axes. Greedy: each step takes the case that
+    covers the most new pairs per second, a case costing its reference's cost_of_key(key) unless
+    an earlier pick already paid for that key (ties: the first in product order)."""
+    sizes = [len(v) for v in axes.values()]
+    index = np.array(list(itertools.product(*[range(n) for n in sizes])))  # (cases, axes)
+    pair_ids, offset = [], 0
+    for i, j in itertools.combinations(range(len(sizes)), 2):
+        pair_ids.append(offset + index[:, i] * sizes[j] + index[:, j])
+        offset += sizes[i] * sizes[j]
+    pair_ids = np.stack(pair_ids, axis=1)  # (cases, pairs of axes): which pair of values
+    keys = [key_of(dict(zip(axes, case, strict=True))) for case in itertools.product(*axes.values())]
+    key_number = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    case_key = np.array([key_number[k] for k in keys])
+    key_cost = np.array([cost_of_key(*k) for k in key_number])
+    paid = np.zeros(len(key_number), dtype=bool)
+    covered = np.zeros(offset, dtype=bool)
+    chosen = []
+    while not covered.all():
+        gain = (~covered[pair_ids]).sum(axis=1)
+        seconds = 1e-3 + np.where(paid[case_key], 0.0, key_cost[case_key])  # 1 ms: the case's own
+        best = int(np.argmax(gain / seconds))
+        chosen.append(best)
+        covered[pair_ids[best]] = True
+        paid[case_key[best]] = True
+    return chosen
+
+
+@functools.cache
+def grid_tiers() -> tuple[list[tuple], frozenset[int], frozenset[int]]:
+    """The full grid's cases (tuples in GRID_AXES order, itertools.product order), and the
+    indices of the default tier's covering set and of its seeded sample."""
+    cases = list(itertools.product(*GRID_AXES.values()))
+    cover = pairwise_cover(GRID_AXES, reference_seconds, reference_key)
+    computed = {reference_key(dict(zip(GRID_AXES, cases[i], strict=True))) for i in cover}
+    chosen = set(cover)
+    rest = []
+    for i, case in enumerate(cases):
+        key = reference_key(dict(zip(GRID_AXES, case, strict=True)))
+        if i not in chosen and (key in computed or reference_seconds(*key) < CHEAP_REFERENCE_S):
+            rest.append(i)
+    sample = random.Random(GRID_SEED).sample(rest, min(GRID_SAMPLE, len(rest)))
+    return cases, frozenset(cover), frozenset(sample)
+
+
+def default_reference_keys() -> set[tuple]:
+    """The references the default tier of the grid computes (and caches)."""
+    cases, cover, sample = grid_tiers()
+    return {reference_key(dict(zip(GRID_AXES, cases[i], strict=True))) for i in cover | sample}
+
+
+def case_id(op, N, T, with_state, packed, *rest) -> str:
+    return "-".join([op, *map(str, rest[:1]), str(N), str(T), "initial_state" if with_state else "zero_state",
+                     "cu_seqlens" if packed else "batch", *map(str, rest[1:])])
+
+
+def grid_params() -> list:
+    """The whole grid as pytest params (op, dtype, N, T, with_state, packed, grads_from,
+    cpu_algorithm), those outside the default tier marked slow."""
+    cases, cover, sample = grid_tiers()
+    params = []
+    for i, (op, dtype, N, T, with_state, packed, grads_from, algorithm) in enumerate(cases):
+        params.append(pytest.param(
+            op, dtype, N, T, with_state, packed, grads_from, algorithm,
+            id=case_id(op, N, T, with_state, packed, dtype, grads_from, algorithm),
+            marks=() if i in cover or i in sample else SLOW))
+    return params
+
+
+def reference_params() -> list:
+    """Every reference of the grid as pytest params (op, N, T, with_state, packed), those the
+    default tier does not compute marked slow (so a test over the references, run in the same
+    session as the grid, reuses the cached ones)."""
+    default = default_reference_keys()
+    keys = itertools.product(OP_NAMES, HEAD_SIZES, LENGTHS, [False, True], [False, True])
+    return [pytest.param(*key, id=case_id(*key), marks=() if key in default else SLOW) for key in keys]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ CASES = [
     ("integer r", lambda a: arwkv_ext.wkv7(*replace(a, 0, a[0].int())), TypeError,
      r"r has dtype torch.int32"),
     ("unsupported N", lambda a: arwkv_ext.wkv7(*make_inputs("wkv7", B, T, H, 48)), ValueError,
-     r"head size N = 48 .* expected one of 16, 32, 64, 128"),
+     r"head size N = 48 .* expected one of " + ", ".join(map(str, arwkv_ext.HEAD_SIZES))),
     ("different devices", lambda a: arwkv_ext.wkv7(*replace(a, 4, a[4].to("meta"))), ValueError,
      r"a is on meta but r is on cpu"),
     ("initial_state shape", lambda a: arwkv_ext.wkv7(*a, initial_state=torch.zeros(B, H, N, N + 1)),

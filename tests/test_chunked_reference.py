@@ -1,6 +1,7 @@
 """The chunked (matrix-form) float64 reference against the step-by-step one, over the grid:
 every head size, awkward lengths, packed sequences, initial state and its gradient, and log
-decays down to -20, with chunk lengths that do and do not divide T."""
+decays down to -20, with chunk lengths that do and do not divide T. (By default the grid's
+references the default tier computes; `make test-full` all of them.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from arwkv_ext.chunked_reference import (
     wkv7_chunked_backward,
 )
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
-from fixtures import HEAD_SIZES, LENGTHS, OP_NAMES, REFERENCES, output_names, packing, reference
+from fixtures import OP_NAMES, REFERENCES, output_names, packing, reference, reference_params
 
 CHUNKED = {"wkv7": (wkv7_chunked, wkv7_chunked_backward), "wkv6": (wkv6_chunked, wkv6_chunked_backward)}
 EXACT = 1e-10  # float64: both forms are exact algebra, so only rounding separates them
@@ -38,11 +39,9 @@ def check(op, inputs, s0, cu, gy, gs, want, chunk):
         assert err <= EXACT, f"{name}: relative error {err:.2e} > {EXACT:.0e} (chunk {chunk})"
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
-@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
-@pytest.mark.parametrize("T", LENGTHS)
-@pytest.mark.parametrize("N", HEAD_SIZES)
-@pytest.mark.parametrize("op", OP_NAMES)
+# Every reference of the grid; by default those the default tier of test_reference_grid.py
+# computes (the rest, long and costly, are marked slow).
+@pytest.mark.parametrize(("op", "N", "T", "with_state", "packed"), reference_params())
 def test_grid_matches_step_reference(op, N, T, with_state, packed):
     inputs, s0, cu, gy, gs, y_ref, state_ref, g_y, g_s = reference(op, N, T, with_state, packed)
     inputs = [x.double() for x in inputs]

@@ -13,8 +13,6 @@ import arwkv_ext
 from arwkv_ext.testing import make_inputs, rel_error, run_with_grads
 from fixtures import (
     DTYPES,
-    HEAD_SIZES,
-    LENGTHS,
     NEEDS_GPU,
     OP_NAMES,
     OPS,
@@ -24,6 +22,7 @@ from fixtures import (
     on,
     output_names,
     reference,
+    reference_params,
 )
 
 pytestmark = NEEDS_GPU
@@ -37,15 +36,12 @@ CPU_AGREEMENT = {
 }
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
-@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
-@pytest.mark.parametrize("T", LENGTHS)
-@pytest.mark.parametrize("N", HEAD_SIZES)
-@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize(("op", "N", "T", "with_state", "packed"), reference_params())
 def test_gpu_matches_reference_and_cpu(op, N, T, with_state, packed, gpu_algorithm):
     """The CPU grid (every dtype, and gradients from y, from final_state, from both) on the
     GPU, both algorithms, against the float64 reference and against the CPU kernel. One test per
-    reference and algorithm, so parallel workers never recompute one."""
+    reference and algorithm, so parallel workers never recompute one. By default the references
+    of the CPU grid's default tier; `make test-full` all of them."""
     agreement = CPU_AGREEMENT[gpu_algorithm]
     inputs64, s0, cu, gy_all, gs_all, y_ref, state_ref, g_y, g_s = reference(op, N, T, with_state, packed)
     failures = []

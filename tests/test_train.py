@@ -369,8 +369,10 @@ def test_bad_preference_records_are_one_line(tmp_path, run_inputs, capsys):
 # ----------------------------------------------------------------------------- resume, processes
 
 
-@pytest.mark.parametrize("stage,student", [(2, "student"), (4, "student"), (2, "hybrid"), (3, "hybrid"),
-                                           (4, "hybrid")])
+# One case of each in the default tier (make test); the others in make test-full (about 20 s each).
+@pytest.mark.parametrize("stage,student", [
+    (2, "student"), *(pytest.param(*case, marks=pytest.mark.slow)
+                      for case in [(4, "student"), (2, "hybrid"), (3, "hybrid"), (4, "hybrid")])])
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tmp_path, run_inputs, stage, student):
     run_inputs = {**run_inputs, "student": run_inputs[student]}
     args = dict(max_steps=8, save_every=3, micro_batch_size=2, log_every=100)
@@ -416,9 +418,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path, run_inputs):
 
 
 @pytest.mark.parametrize("stage,strategy,student", [
-    (1, "ddp", "student"), (2, "ddp", "student"), (2, "fsdp", "student"), (3, "fsdp", "student"),
-    (4, "ddp", "student"), (1, "ddp", "hybrid"), (2, "ddp", "hybrid"), (3, "fsdp", "hybrid"),
-    (4, "ddp", "hybrid"),
+    (2, "ddp", "student"), (3, "fsdp", "hybrid"),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (1, "ddp", "student"), (2, "fsdp", "student"), (3, "fsdp", "student"), (4, "ddp", "student"),
+        (1, "ddp", "hybrid"), (2, "ddp", "hybrid"), (4, "ddp", "hybrid")]),
 ])
 def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy, student):
     """The global batch (4 rows, micro-batches of 2) split over 2 processes gives one process's
