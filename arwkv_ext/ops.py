@@ -57,7 +57,7 @@ def wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
 
     Args:
         r, w, k, v, a, b: [B, T, H, N], one dtype: float32, bfloat16, float16 (float64 on
-            CPU). N in {16, 32, 64, 128}; any B, H >= 1 and T >= 0. ``w`` is the natural log of
+            CPU). N in ``arwkv_ext.HEAD_SIZES``; any B, H >= 1 and T >= 0. ``w`` is the natural log of
             the decay (w <= 0). Non-contiguous and expanded inputs are fine.
         initial_state: [B, H, N, N] float32 (float64 for float64 inputs), ``S[b, h, i, j]`` with
             i = value index, j = key index. None means zeros. With ``cu_seqlens``: [S, H, N, N].

@@ -1,4 +1,4 @@
-"""``arwkv distill`` end to end on a tiny teacher: the three stages, one config type for flags
+"""``arwkv distill`` end to end on a tiny teacher: the four stages, one config type for flags
 and files, the schedule and batch split, checkpoints that resume exactly after SIGKILL, two gloo
 processes (DDP and FSDP2) matching one process, ``arwkv eval`` and ``arwkv plot``, one-line
 errors."""
