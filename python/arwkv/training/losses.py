@@ -1,7 +1,9 @@
-"""The losses of ARWKV's distillation stages (the ARWKV paper, Lin et al. 2025; README section
-"Distillation"): stage 1, attention alignment (``AttentionAligner``), and stage 2, logit
-distillation (``LogitDistillation``: chunked KL over the full vocabulary). Stage 3 (SFT) is the
-student's own next-token loss; trainer.py runs all three.
+"""The losses of the four stages (the ARWKV paper, Lin et al. 2025; docs/distillation.md):
+stage 1, attention alignment (``AttentionAligner``); stage 2, logit distillation
+(``LogitDistillation``: chunked forward or adaptive KL over the full vocabulary, plus an optional
+CE term); stage 3 (SFT), the student's own next-token loss on the assistant tokens (the model
+computes it); stage 4, DPO (``dpo_loss`` over ``SequenceLogProbs``). stages.py builds each
+stage's loss from these; trainer.py runs them.
 
 Stage 1 trains each student time mixer to reproduce its layer's teacher attention output from
 the teacher's own input at that layer (teacher-forced, every layer at once). The student layer
