@@ -8,7 +8,7 @@
 // the whole state once per step. The work that does not touch the state (decay products, the
 // L x L matrices, the triangular solves) is O(L^2 N) per chunk; at N = 64 it, the packing of the
 // inputs and the writing of the gradients take about as long as the products (perf, AVX-512),
-// which is why the chunked forward of WKV-7 is not faster than the step one (README, "The CPU
+// which is why the chunked forward of WKV-7 is not faster than the step one (docs/kernels.md, "The CPU
 // kernels"). Every decay factor is a running product over a sub-interval of the chunk (<= 1), never
 // a quotient of cumulative decays, so the result is exact for any decay, as the step form is.
 //
