@@ -22,14 +22,14 @@ from pathlib import Path
 from . import options as o
 
 # ----------------------------------------------------------------------------- the commands
+# Each takes its options dataclass (options.py) and returns the exit status. The heavy modules
+# are imported inside, so that building the parser and --help stay fast.
 
 
 def fields(opts: object, *leave_out: str) -> dict:
     """An options object's fields as keyword arguments of the library function that does the work
     (they share the names), less those passed on their own."""
     return {k: v for k, v in dataclasses.asdict(opts).items() if k not in leave_out}
-# Each takes its options dataclass (options.py) and returns the exit status. The heavy modules
-# are imported inside, so that building the parser and --help stay fast.
 
 
 def info(_: o.InfoOptions) -> int:
@@ -173,14 +173,8 @@ def demo(opts: o.DemoOptions) -> int:
     from .demo import DemoPlan, run_demo
 
     plan = DemoPlan.quick(opts.init) if opts.quick else DemoPlan(init=opts.init)
-    plan.device, plan.keep_bias, plan.head_size, plan.gguf = (
-        opts.device,
-        opts.keep_bias,
-        opts.head_size,
-        opts.gguf,
-    )
-    for name in ("stage1_steps", "stage2_steps"):
-        if getattr(opts, name) is not None:
+    for name in ("device", "keep_bias", "head_size", "gguf", "stage1_steps", "stage2_steps"):
+        if getattr(opts, name) is not None:  # (the step counts: the plan's unless given)
             setattr(plan, name, getattr(opts, name))
     run_demo(opts.out, plan)
     return 0
@@ -198,44 +192,22 @@ class Command:
 
 
 COMMANDS = (
-    Command(
-        "convert", "teacher checkpoint directory -> student checkpoint directory", o.ConvertOptions, convert
-    ),
-    Command(
-        "distill",
-        "train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)",
-        o.DistillConfig,
-        distill,
-    ),
-    Command(
-        "hybridize",
-        "a student -> a hybrid that keeps the teacher's attention where time mixing does worst",
-        o.HybridizeOptions,
-        hybridize,
-    ),
-    Command(
-        "eval",
-        "perplexity, tokens/s and cache bytes on a dataset, or an lm-evaluation-harness task",
-        o.EvalOptions,
-        evaluate,
-    ),
-    Command(
-        "long-context",
-        "loss by position and passkey retrieval of one or more checkpoints side by side",
-        o.LongContextOptions,
-        long_context,
-    ),
+    Command("convert", "teacher checkpoint directory -> student checkpoint directory", o.ConvertOptions,
+            convert),
+    Command("distill", "train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)",
+            o.DistillConfig, distill),
+    Command("hybridize", "a student -> a hybrid that keeps the teacher's attention where time mixing does "
+            "worst", o.HybridizeOptions, hybridize),
+    Command("eval", "perplexity, tokens/s and cache bytes on a dataset, or an lm-evaluation-harness task",
+            o.EvalOptions, evaluate),
+    Command("long-context", "loss by position and passkey retrieval of one or more checkpoints side by side",
+            o.LongContextOptions, long_context),
     Command("generate", "stream a continuation of a prompt and print tokens/s", o.GenerateOptions, generate),
-    Command(
-        "export",
-        "a student as a GGUF file that llama.cpp runs (its arwkv7 architecture)",
-        o.ExportOptions,
-        export,
-    ),
+    Command("export", "a student as a GGUF file that llama.cpp runs (its arwkv7 architecture)",
+            o.ExportOptions, export),
     Command("plot", "draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl", o.PlotOptions, plot),
-    Command(
-        "demo", "all of it on the shipped small Qwen2 teacher, on this CPU, in minutes", o.DemoOptions, demo
-    ),
+    Command("demo", "all of it on the shipped small Qwen2 teacher, on this CPU, in minutes", o.DemoOptions,
+            demo),
     Command("info", "the build, the CPU code path and the GPU", o.InfoOptions, info),
 )
 

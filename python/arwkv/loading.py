@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -38,26 +39,17 @@ class CheckpointError(ConfigError):
 # ----------------------------------------------------------------------------- checks
 
 
-def checkpoint_dir_problem(path: str | os.PathLike) -> str | None:
-    """What keeps ``path`` from being a checkpoint directory (a directory holding config.json),
-    as the end of a sentence that starts with the path; None when it is one."""
+def check_checkpoint_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path when it is a checkpoint directory (a directory holding config.json);
+    else a one-line CheckpointError naming ``flag`` (``--model``, ``--teacher``, ...)."""
     p = Path(path)
     if not p.exists():
-        return "is not a directory: it does not exist"
+        raise CheckpointError(f"{flag} {path} is not a directory: it does not exist")
     if not p.is_dir():
-        return "is not a directory"
+        raise CheckpointError(f"{flag} {path} is not a directory")
     if not (p / "config.json").is_file():
-        return "has no config.json: it holds no checkpoint"
-    return None
-
-
-def check_checkpoint_dir(path: str | os.PathLike, flag: str) -> Path:
-    """``path`` as a Path when it is a checkpoint directory; else a one-line CheckpointError
-    naming ``flag`` (``--model``, ``--teacher``, ...)."""
-    problem = checkpoint_dir_problem(path)
-    if problem:
-        raise CheckpointError(f"{flag} {path} {problem}")
-    return Path(path)
+        raise CheckpointError(f"{flag} {path} has no config.json: it holds no checkpoint")
+    return p
 
 
 def model_type(path: str | os.PathLike, flag: str) -> str | None:
@@ -188,19 +180,18 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+@functools.cache
 def register_student_classes() -> None:
-    """Makes transformers' Auto classes know the student's model type, so that its config and
-    tokenizer load through them like any other model's without running a checkpoint's code."""
+    """Makes transformers' Auto classes know the student's model type (once per process), so that
+    its config and tokenizer load through them like any other model's without running a
+    checkpoint's code."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if STUDENT_MODEL_TYPE in CONFIG_MAPPING:
-        return
     from .models.configuration_rwkv_hybrid import RwkvHybridConfig
     from .models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
-    AutoConfig.register(STUDENT_MODEL_TYPE, RwkvHybridConfig)
-    AutoModelForCausalLM.register(RwkvHybridConfig, RwkvHybridForCausalLM)
+    AutoConfig.register(STUDENT_MODEL_TYPE, RwkvHybridConfig, exist_ok=True)
+    AutoModelForCausalLM.register(RwkvHybridConfig, RwkvHybridForCausalLM, exist_ok=True)
 
 
 def load_tokenizer(path: str | os.PathLike, flag: str = "--model"):

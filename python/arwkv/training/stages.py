@@ -41,7 +41,7 @@ from ..data import (
 )
 from ..loading import load_student
 from ..models.modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
-from ..options import STAGE_TITLES, TEACHER_STAGES, DistillConfig
+from ..options import STAGE_TITLES, DistillConfig
 from ..runtime import ConfigError, Place
 from .losses import AttentionAligner, LogitDistillation, SequenceLogProbs, dpo_loss
 
@@ -98,7 +98,7 @@ class Stage:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.number in TEACHER_STAGES
+        return self.cfg.needs_teacher
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
