@@ -72,6 +72,14 @@ def convert(opts: o.ConvertOptions) -> int:
     return 0
 
 
+def tokenize(opts: o.TokenizeOptions) -> int:
+    from .data.tokenize import tokenize_corpus
+
+    tokenize_corpus(opts.data, opts.tokenizer, opts.out, **fields(opts, "data", "tokenizer", "out"),
+                    log=lambda line: print(f"arwkv tokenize: {line}", file=sys.stderr, flush=True))
+    return 0
+
+
 def distill(cfg: o.DistillConfig) -> int:
     from .training.checkpoint import checkpoints
     from .training.trainer import train
@@ -194,6 +202,8 @@ class Command:
 COMMANDS = (
     Command("convert", "teacher checkpoint directory -> student checkpoint directory", o.ConvertOptions,
             convert),
+    Command("tokenize", "a corpus -> a token directory that every --data takes (large data: do this first)",
+            o.TokenizeOptions, tokenize),
     Command("distill", "train a student: stage 1, 2, 3 or 4 (one process, or many under torchrun)",
             o.DistillConfig, distill),
     Command("hybridize", "a student -> a hybrid that keeps the teacher's attention where time mixing does "

@@ -340,6 +340,32 @@ class ConvertOptions(Options):
     overwrite: bool = opt(False, "replace a non-empty --out")
 
 
+DATA_HELP = ("a .txt/.jsonl/.parquet file, a directory of them, a saved dataset, or a token directory "
+             "from arwkv tokenize (tokenize large data first)")
+
+
+@dataclass
+class TokenizeOptions(Options):
+    """Tokenize a corpus once into a token directory that every --data flag takes: token ids in
+    flat files read lazily (memory flat in the corpus's size), the documents held out for
+    validation, stage 3's loss masks for chat records, stage 4's preference pairs, and a manifest
+    (the tokenizer's fingerprint, the sources, the counts). Written beside --out and renamed into
+    place when complete."""
+
+    data: str | None = opt(None, "a .txt/.jsonl/.parquet file, a directory of them, or a saved dataset",
+                           required=True)
+    tokenizer: str | None = opt(None, "checkpoint directory whose tokenizer to use (the teacher's or a "
+                                "student's)", metavar="DIR", required=True)
+    out: str | None = opt(None, "token directory to write", metavar="DIR", required=True)
+    workers: int = opt(0, "tokenizing processes (0: one per core)", minimum=0)
+    validation_fraction: float = opt(0.0, "share of the records held out for validation (by whole record)")
+    seed: int = opt(0, "seed of the validation split")
+    overwrite: bool = opt(False, "replace an --out made from other inputs")
+
+    def check(self) -> None:
+        _fraction("validation_fraction", self.validation_fraction)
+
+
 # The stages of `arwkv distill`: number -> title; training/stages.py implements each.
 STAGE_TITLES = {1: "attention alignment", 2: "logit distillation", 3: "SFT", 4: "DPO on preference pairs"}
 TEACHER_STAGES = (1, 2)  # the stages that learn from a teacher
@@ -360,7 +386,7 @@ class DistillConfig(Options):
     student: str | None = opt(
         None, "student checkpoint directory (from arwkv convert, or an earlier stage)", metavar="DIR"
     )
-    data: str | None = opt(None, "a .txt/.jsonl/.parquet file, a directory of them, or a saved dataset")
+    data: str | None = opt(None, DATA_HELP)
     out: str | None = opt(
         None, "run directory: metrics.jsonl, checkpoints/, student/, loss.png", metavar="DIR"
     )
@@ -373,7 +399,9 @@ class DistillConfig(Options):
         minimum=0,
     )
     max_steps: int = opt(100, "optimiser steps", minimum=1)
-    validation_fraction: float = opt(0.0, "documents held out for validation")
+    validation_fraction: float = opt(
+        0.0, "documents held out for validation (a token directory holds its own split: leave this out)"
+    )
     eval_every: int = opt(
         0, "validation loss every N steps (0: only at the end, when there is a split)", minimum=0
     )

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import collate
+from ..data.rows import collate
 from ..files import atomic_directory
 from ..loading import (
     SafetensorsCheckpoint,
@@ -214,7 +214,9 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
                       seed: int, device: str) -> tuple[list, torch.device]:
     """The first ``rows`` packed rows of ``seq_len`` tokens of ``data`` (of its validation split
     with a fraction > 0, as arwkv distill splits it), and the device to measure on."""
-    from ..data import DataError, pack_documents, scored_documents
+    from ..data.records import DataError
+    from ..data.rows import DocumentRows
+    from ..data.tokenize import open_data
     from ..runtime import resolve_device
 
     if rows < 1 or seq_len < 2 or batch_size < 1:
@@ -224,8 +226,11 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
         raise HybridizeError(f"--data {data} does not exist")
     dev = resolve_device(device)
     tokenizer = load_tokenizer(student_dir, "--student")
-    docs = scored_documents(data, tokenizer, validation_fraction, seed)
-    packed = pack_documents(docs, seq_len, seed)[:rows]
+    tokens = open_data(data, tokenizer, validation_fraction=validation_fraction, seed=seed)
+    split = tokens.validation if validation_fraction else tokens.train
+    cut = DocumentRows(split, seq_len)
+    packed = [cut[r] for r in range(min(rows, len(cut)))]
+    tokens.close()
     if not packed:
         raise DataError(f"--data {data} gives no row of {seq_len} tokens"
                         + (f" in its {validation_fraction} validation split" if validation_fraction else "")

@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, scored_documents
+from ..data.records import DataError
+from ..data.tokenize import scored_documents
 from ..files import write_atomic
 from ..loading import check_checkpoint_dir, load_causal_lm, load_tokenizer
 from ..options import LongContextOptions, parse_number_list
@@ -266,7 +267,7 @@ class Sequences:
 
 
 def long_context_sequences(docs: Sequence[list[int]], max_len: int) -> Sequences:
-    """Token-id documents (each already ending in EOS, as data.tokenize_documents makes them) ->
+    """Token-id documents (each already ending in EOS, as arwkv tokenizes them) ->
     sequences of exactly max_len tokens: a document of >= max_len tokens gives max_len-token pieces
     from its start; the shorter documents and the long ones' tails are concatenated in order and
     cut into max_len-token sequences, the last shorter piece dropped. Rows come in document order."""
@@ -376,7 +377,7 @@ def load_sequences(tokenizer, data: str | Path, max_len: int, *, validation_frac
     """``data`` (any format arwkv distill reads; its validation split when validation_fraction > 0)
     tokenized and made into max_len-token sequences (long_context_sequences), the first
     ``max_sequences`` kept."""
-    docs = scored_documents(data, tokenizer, validation_fraction, seed)
+    docs = [d.tolist() for d in scored_documents(data, tokenizer, validation_fraction, seed)]
     sequences = long_context_sequences(docs, max_len)
     if not sequences.rows:
         total = sum(len(d) for d in docs)

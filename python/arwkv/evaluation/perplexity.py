@@ -15,22 +15,32 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, scored_documents
+from ..data.records import DataError
+from ..data.tokenize import scored_documents
 from ..loading import check_checkpoint_dir, load_causal_lm
 from ..runtime import dtype_from_name, resolve_device, torch_dtype_name
 
 
-def windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
-    """Documents cut into pieces of at most seq_len tokens (one-token pieces predict nothing: dropped)."""
-    return [
-        d[i : i + seq_len] for d in docs for i in range(0, len(d), seq_len) if len(d[i : i + seq_len]) > 1
-    ]
+def windows(docs: Iterable[Sequence[int]], seq_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Documents cut into pieces of at most seq_len tokens (one-token pieces predict nothing:
+    dropped); with max_tokens, pieces until they hold at least that many tokens (the documents
+    after that are not read)."""
+    pieces, total = [], 0
+    for doc in docs:
+        doc = doc.tolist() if hasattr(doc, "tolist") else list(doc)
+        for i in range(0, len(doc), seq_len):
+            if max_tokens and total >= max_tokens:
+                return pieces
+            if len(doc[i : i + seq_len]) > 1:
+                pieces.append(doc[i : i + seq_len])
+                total += len(pieces[-1])
+    return pieces
 
 
 @torch.no_grad()
@@ -77,15 +87,7 @@ def evaluate(
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     dev = resolve_device(device)
     model, tokenizer = load_causal_lm(model_dir, dev, dtype_from_name(dtype))
-    pieces = windows(scored_documents(data, tokenizer, validation_fraction, seed), seq_len)
-    if max_tokens:
-        kept, total = [], 0
-        for p in pieces:
-            if total >= max_tokens:
-                break
-            kept.append(p)
-            total += len(p)
-        pieces = kept
+    pieces = windows(scored_documents(data, tokenizer, validation_fraction, seed), seq_len, max_tokens)
     if not pieces:
         raise DataError(f"{data} gives no text to score")
     if log:  # scoring can take a while: say what is being scored

@@ -3,7 +3,7 @@
 A stage owns everything in which one stage differs from another, so that the training loop
 (trainer.py) never asks which stage it runs:
 
-- its data rows: how the records are packed into rows of --seq-len tokens (:meth:`Stage.pack`);
+- its data rows: how the tokenized data is cut into rows of --seq-len tokens (:meth:`Stage.rows`);
 - what it checks of the student and the teacher before training (:meth:`Stage.check_student`,
   :meth:`Stage.check_teacher`), and whether it needs a teacher at all (``needs_teacher``);
 - where the student's parts live (:meth:`Stage.place`) and which of them train
@@ -27,18 +27,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..data import (
-    DataError,
-    label_tokens,
-    pack_conversations,
-    pack_documents,
-    pack_preferences,
-    per_record,
-    preference_pair,
-    sft_example,
-    split_documents,
-    tokenize_documents,
-)
+from ..data.records import DataError
+from ..data.rows import ConversationRows, DocumentRows, PreferenceRows
+from ..data.shards import TokenSet
 from ..loading import load_student
 from ..models.modeling_rwkv_hybrid import Rwkv7TimeMixer, RwkvHybridForCausalLM
 from ..options import STAGE_TITLES, DistillConfig
@@ -90,7 +81,8 @@ class Stage:
     set_requires_gradient_sync during gradient accumulation); empty in one process."""
 
     number: ClassVar[int]
-    packing_note: str = ""  # what pack() cut or left out, for the run's log (stage 3)
+    packing_note: str = ""  # what rows() cut or left out, for the run's log (stages 3-4)
+    data_kinds: tuple[str, ...] = ("text", "chat")  # the records it trains on
 
     @property
     def title(self) -> str:
@@ -107,16 +99,20 @@ class Stage:
 
     # ---- data
 
-    def pack(self, records: list[dict], tokenizer) -> tuple[list, list]:
-        """Training and validation rows (PackedRow) of cfg.seq_len tokens from the data's records:
-        plain documents, split, then each part packed."""
-        cfg = self.cfg
-        docs = tokenize_documents(records, tokenizer, source=cfg.data)
-        train_docs, val_docs = split_documents(docs, cfg.validation_fraction, cfg.seed)
-        return (
-            pack_documents(train_docs, cfg.seq_len, cfg.seed),
-            pack_documents(val_docs, cfg.seq_len, cfg.seed),
-        )
+    def rows(self, tokens: TokenSet, pad_id: int) -> tuple:
+        """Training and validation rows (row sources: len() and [i] -> PackedRow) of cfg.seq_len
+        tokens, from the two splits of the tokenized data: documents one after another."""
+        self.check_kinds(tokens)
+        return DocumentRows(tokens.train, self.cfg.seq_len), DocumentRows(tokens.validation, self.cfg.seq_len)
+
+    def check_kinds(self, tokens: TokenSet) -> None:
+        """DataError when the data holds records of a kind this stage does not train on."""
+        wrong = {k: n for k, n in tokens.counts.items() if n and k not in self.data_kinds}
+        if wrong:
+            held = ", ".join(f"{n} {k} records" for k, n in wrong.items())
+            wanted = " or ".join(self.data_kinds)
+            raise DataError(f"stage {self.number} ({self.title}) trains on {wanted} records; --data "
+                            f"{self.cfg.data} holds {held}")
 
     # ---- models: checks, placement, what trains
 
@@ -232,22 +228,14 @@ class WholeStudentStage(Stage):
         if self.cfg.freeze_embeddings:
             student.model.embed_tokens.requires_grad_(False)
 
-    def pack_whole(self, examples: list, tokenizer, pack_part) -> tuple[list, list]:
-        """Training and validation rows of whole examples (stages 3-4): the examples split, then
-        each part packed by ``pack_part(part, pad_id) -> (rows, report)``; packing_note is what
-        the reports say."""
-        cfg = self.cfg
-        # padding carries no labels, so any id serves: the tokenizer's own pad or eos if it has one
-        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        train, val = split_documents(examples, cfg.validation_fraction, cfg.seed)
-        notes, parts = [], []
-        for name, part in (("training", train), ("validation", val)):
-            rows, report = pack_part(part, pad_id)
-            parts.append(rows)
-            if part:
-                notes.append(f"{name}: {report.describe(cfg.seq_len, cfg.overlong)}")
-        self.packing_note = "; ".join(notes)
-        return parts[0], parts[1]
+    def whole_rows(self, tokens: TokenSet, make) -> tuple:
+        """Training and validation rows of whole examples (stages 3-4), ``make(split)`` from each
+        split; packing_note is what they cut or left out."""
+        self.check_kinds(tokens)
+        train, val = make(tokens.train), make(tokens.validation)
+        self.packing_note = "; ".join(f"{name}: {rows.describe()}" for name, rows in
+                                      (("training", train), ("validation", val)) if rows.split.documents)
+        return train, val
 
 
 class LogitStage(WholeStudentStage):
@@ -290,18 +278,19 @@ class SftStage(WholeStudentStage):
 
     number = 3
 
-    def pack(self, records, tokenizer):
-        """Chat examples with their assistant-only labels, split, then each part packed with
-        whole conversations per row (pack_conversations); packing_note says what was cut."""
+    data_kinds = ("chat",)
+
+    def rows(self, tokens, pad_id):
+        """Whole conversations per row (ConversationRows), labelled on their assistant tokens."""
         cfg = self.cfg
-        examples = per_record(lambda r: sft_example(r, tokenizer), records, cfg.data)
-        train, val = self.pack_whole(examples, tokenizer, lambda part, pad_id: pack_conversations(
-            part, cfg.seq_len, cfg.seed, cfg.overlong, pad_id))
-        learned = label_tokens(train)
-        if not learned:  # every assistant answer was cut off (or there was none): nothing to learn
+        train, val = self.whole_rows(
+            tokens, lambda split: ConversationRows(split, cfg.seq_len, cfg.overlong, pad_id)
+        )
+        if not any(bool((train[r].labels != -100).any()) for r in range(len(train))):
+            # every assistant answer was cut off (or there was none): nothing to learn
             raise DataError(f"{cfg.data}: the training rows hold no assistant tokens to learn from "
                             f"({self.packing_note}); raise --seq-len, or use --overlong skip")
-        self.packing_note += f"; {learned} assistant tokens to learn from"
+        self.packing_note += f"; {tokens.train.labelled:,} assistant tokens in the training conversations"
         return train, val
 
     @staticmethod
@@ -335,11 +324,11 @@ class PreferenceStage(WholeStudentStage):
 
     number = 4
 
-    def pack(self, records, tokenizer):
+    data_kinds = ("preference",)
+
+    def rows(self, tokens, pad_id):
         cfg = self.cfg
-        pairs = per_record(lambda r: preference_pair(r, tokenizer), records, cfg.data)
-        return self.pack_whole(pairs, tokenizer, lambda part, pad_id: pack_preferences(
-            part, cfg.seq_len, cfg.overlong, pad_id))
+        return self.whole_rows(tokens, lambda split: PreferenceRows(split, cfg.seq_len, cfg.overlong, pad_id))
 
     @staticmethod
     def weight(batch: dict[str, Tensor]) -> int:

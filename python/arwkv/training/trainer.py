@@ -3,13 +3,15 @@ stage does), one process or many (torchrun; DistributedDataParallel or FSDP2), w
 that resume exactly (checkpoint.py).
 
 How a step is made (so that losses do not depend on how many processes run):
-- The packed training rows are visited in a seeded order, epoch after epoch; step s takes global
-  rows s*B ... s*B + B - 1 (B = --batch-size). Nothing else decides the data position, so a
-  resumed run needs only the step number.
+- The training rows (cut lazily from the tokenized data: data/rows.py) are visited in a seeded
+  order, epoch after epoch; step s takes global rows s*B ... s*B + B - 1 (B = --batch-size).
+  Nothing else decides the data position, so a resumed run needs only the step number, and
+  rereads nothing.
 - The global batch is cut into micro-batches of --micro-batch-size rows; micro-batch j runs on
-  rank j % world. Each micro-batch's loss is a mean over its tokens, and the step's gradient is
-  that of the mean over all micro-batches (DDP/FSDP average over ranks, accumulation over the
-  rest). With the same micro-batch size, one process and N processes make the same sums.
+  rank j % world, which reads only those rows. Each micro-batch's loss is a mean over its tokens,
+  and the step's gradient is that of the mean over all micro-batches (DDP/FSDP average over
+  ranks, accumulation over the rest; the ranks sum their token counts first). With the same
+  micro-batch size, one process and N processes make the same sums.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import DataError, collate, iter_records
+from ..data.order import RowOrder
+from ..data.records import DataError
+from ..data.rows import collate
+from ..data.shards import TokenSet
+from ..data.tokenize import open_data
 from ..loading import (
     check_student_dir,
     check_teacher_dir,
@@ -37,13 +43,12 @@ from ..loading import (
     student_dtype,
 )
 from ..options import DistillConfig
-from ..runtime import ConfigError, Place, mix_seed, resolve_device
+from ..runtime import ConfigError, Place, resolve_device
 from .checkpoint import export_final, open_run, restore, save_checkpoint
 from .monitor import MetricsLog, Progress, plot_run
 from .stages import Stage, make_stage
 
 __all__ = [
-    "BatchOrder",
     "Stage",
     "load_rows",
     "Schedule",
@@ -77,39 +82,50 @@ def setup_place(cfg: DistillConfig) -> Place:
 # ----------------------------------------------------------------------------- data
 
 
-def load_rows(cfg: DistillConfig, tokenizer, stage: Stage) -> tuple[list, list]:
-    """Training and validation rows (PackedRow) of cfg.seq_len tokens, packed as the stage packs
-    them (stage 3: SFT examples with their assistant-only labels; stages 1-2: plain documents)."""
-    train, val = stage.pack(list(iter_records(cfg.data)), tokenizer)
-    if cfg.validation_fraction and not val:
+def load_rows(cfg: DistillConfig, tokenizer, stage: Stage, place: Place) -> tuple[TokenSet, object, object]:
+    """The tokenized data (a token directory as it is; raw data tokenized now, into a temporary
+    one) and its training and validation rows of cfg.seq_len tokens, cut as the stage cuts them.
+    A token directory must have been made with the student's tokenizer, and the teacher's."""
+    log = (lambda line: print(f"arwkv distill: {line}", file=sys.stderr, flush=True)) if place.main else None
+    tokens = open_data(cfg.data, tokenizer, validation_fraction=cfg.validation_fraction, seed=cfg.seed,
+                       log=log)
+    if tokens.keep_alive is None:  # made elsewhere: by the student's tokenizer, and the teacher's?
+        tokens.check_tokenizer(tokenizer, "--student")
+        if stage.needs_teacher and not same_tokenizer_files(cfg.student, cfg.teacher):
+            teacher_tokenizer = try_tokenizer(cfg.teacher)
+            if teacher_tokenizer is not None:
+                tokens.check_tokenizer(teacher_tokenizer, "--teacher")
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    train, val = stage.rows(tokens, pad_id)  # padding carries no labels: any id serves
+    if tokens.validation.documents and not len(val):
         raise DataError(
-            f"--validation-fraction {cfg.validation_fraction} holds out too little text for one row of "
-            f"{cfg.seq_len} tokens; raise it or shorten --seq-len"
+            f"the validation split ({tokens.validation.size} tokens) is too little for one row of "
+            f"{cfg.seq_len} tokens; raise --validation-fraction or shorten --seq-len"
         )
     if len(train) < cfg.batch_size:
         raise DataError(
             f"{cfg.data} gives {len(train)} training rows of {cfg.seq_len} tokens, fewer than "
             f"--batch-size {cfg.batch_size}; use more data, a shorter --seq-len or a smaller batch"
         )
-    return train, val
+    return tokens, train, val
 
 
-class BatchOrder:
-    """Global row indices of each step: a seeded permutation of the rows per epoch."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
-    def __init__(self, rows: int, batch_size: int, seed: int) -> None:
-        self.rows, self.batch_size, self.seed, self.perms = rows, batch_size, seed, {}
 
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self.perms:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self.perms = {epoch: torch.randperm(self.rows, generator=g).tolist()}
-        return self.perms[epoch]
+def same_tokenizer_files(a, b) -> bool:
+    """Whether two checkpoint directories carry byte-identical tokenizer files (a student and the
+    teacher it was converted from do)."""
+    pairs = [(Path(a) / name, Path(b) / name) for name in TOKENIZER_FILES]
+    return all(x.exists() == y.exists() and (not x.exists() or x.read_bytes() == y.read_bytes())
+               for x, y in pairs) and (Path(a) / TOKENIZER_FILES[0]).exists()
 
-    def batch(self, step: int) -> list[int]:
-        """Rows of optimiser step ``step`` (0-based)."""
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return [self._perm(p // self.rows)[p % self.rows] for p in positions]
+
+def try_tokenizer(path):
+    """The tokenizer of a checkpoint directory, or None when it has no tokenizer files."""
+    if not any((Path(path) / name).exists() for name in TOKENIZER_FILES[:2]):
+        return None
+    return load_tokenizer(path, "--teacher")
 
 
 def micro_batch_size(cfg: DistillConfig, place: Place) -> int:
@@ -210,7 +226,7 @@ def train(cfg: DistillConfig) -> Path:
         tokenizer = load_tokenizer(cfg.student, "--student")
         student = load_student(resume.path if resume else cfg.student)
         export_dtype = student_dtype(cfg.student)  # the final export keeps the input's dtype
-        train_rows, val_rows = load_rows(cfg, tokenizer, stage)
+        tokens, train_rows, val_rows = load_rows(cfg, tokenizer, stage, place)
         micro = micro_batch_size(cfg, place)
 
         # the stage checks the student, places it, chooses what trains, and builds its loss
@@ -239,7 +255,7 @@ def train(cfg: DistillConfig) -> Path:
 
         # the data order, mixed precision on a GPU, and what the run shows (rank 0 logs)
         log = MetricsLog(out, resume_step=start if cfg.resume else None) if place.main else None
-        order = BatchOrder(len(train_rows), cfg.batch_size, cfg.seed)
+        order = RowOrder(len(train_rows), cfg.batch_size, cfg.seed)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if place.device.type == "cuda"
@@ -262,8 +278,8 @@ def train(cfg: DistillConfig) -> Path:
         for step in range(start, cfg.max_steps):
             began = time.perf_counter()
             # forward/backward over the step's global batch: its mean loss (and the loss's parts)
-            batch = [train_rows[i] for i in order.batch(step)]
-            means = accumulate_gradients(stage, batch, micro, place, autocast)
+            means, data_seconds = accumulate_gradients(stage, train_rows, order.batch(step), micro, place,
+                                                       autocast)
             if not math.isfinite(means[0]):  # before the update: the last checkpoint stays good
                 raise RuntimeError(f"loss is {means[0]} at step {step + 1}; lower --lr or check the data")
             # clip, update, move the schedule on
@@ -285,6 +301,7 @@ def train(cfg: DistillConfig) -> Path:
                 "grad_norm": float(_full(grad_norm)),
                 "tokens": done * tokens_per_step,
                 "tokens_per_s": tokens_per_step / (time.perf_counter() - began),
+                "data_s": data_seconds,  # of the step's time: reading and collating this rank's rows
             }
             if val_rows and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
                 # held-out means of the loss and of its parts (stage 1: val_layer_I per layer,
@@ -318,18 +335,25 @@ def train(cfg: DistillConfig) -> Path:
             dist.destroy_process_group()
 
 
-def accumulate_gradients(stage: Stage, rows: list, micro: int, place: Place, autocast) -> list[float]:
-    """Runs this rank's micro-batches of a global batch (``rows``, PackedRow) forward and backward,
-    accumulating the gradient of the batch's mean loss; returns [loss, ...parts], each the mean
-    over the global batch's tokens (stage 3: its labelled ones). Micro-batch i weighs w_i / W
-    (its tokens over the batch's); DDP/FSDP then average over the ranks, so the scale has the
-    world size in it."""
-    batches = [collate(chunk) for chunk in micro_batches(rows, micro, 1, 0)]
-    weights = [stage.weight(b) for b in batches]
-    total_weight = max(sum(weights), 1)
-    mine = list(zip(batches, weights, strict=True))[place.rank :: place.world]
+def accumulate_gradients(stage: Stage, source, rows: list[int], micro: int, place: Place,
+                         autocast) -> tuple[list[float], float]:
+    """Runs this rank's micro-batches of a global batch (``rows``: indices into ``source``, which
+    gives PackedRow) forward and backward, accumulating the gradient of the batch's mean loss;
+    returns [loss, ...parts], each the mean over the global batch's tokens (stage 3: its labelled
+    ones), and the seconds spent reading this rank's rows. A rank reads only its own
+    micro-batches; micro-batch i weighs w_i / W (its tokens over the batch's, W summed over the
+    ranks); DDP/FSDP then average over the ranks, so the scale has the world size in it."""
+    began = time.perf_counter()
+    chunks = micro_batches(rows, micro, place.world, place.rank)
+    mine = [collate([source[i] for i in chunk]) for chunk in chunks]
+    data_seconds = time.perf_counter() - began
+    weights = [stage.weight(b) for b in mine]
+    total_weight = torch.tensor(float(sum(weights)), dtype=torch.float64)
+    if place.world > 1:
+        dist.all_reduce(total_weight)
+    total_weight = max(float(total_weight), 1.0)
     sums = None
-    for k, (batch, w) in enumerate(mine):
+    for k, (batch, w) in enumerate(zip(mine, weights, strict=True)):
         with gradient_sync(stage.roots, sync=k == len(mine) - 1), autocast:
             values = stage.micro_step(to_device(batch, place.device), scale=w * place.world / total_weight)
         values = [v * w for v in values]
@@ -337,7 +361,7 @@ def accumulate_gradients(stage: Stage, rows: list, micro: int, place: Place, aut
     total = torch.tensor(sums, dtype=torch.float64)
     if place.world > 1:
         dist.all_reduce(total)
-    return (total / total_weight).tolist()
+    return (total / total_weight).tolist(), data_seconds
 
 
 @contextlib.contextmanager
@@ -360,16 +384,17 @@ def _full(value: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def validate(stage: Stage, rows: list, micro: int, place: Place, autocast) -> list[float]:
+def validate(stage: Stage, rows, micro: int, place: Place, autocast) -> list[float]:
     """[loss, ...parts], each its mean over the validation tokens (stage 3: labelled ones),
     micro-batches shared out over the ranks. Every rank makes the same number of forward calls
     (FSDP's are collective): a rank short of work repeats the first micro-batch with weight 0."""
-    chunks = [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]
+    chunks = math.ceil(len(rows) / micro)  # micro-batch c: rows c*micro ... (c+1)*micro - 1
     total = torch.zeros(len(stage.parts) + 2, dtype=torch.float64)  # weighted sums, then the weight
-    for j in range(math.ceil(len(chunks) / place.world)):
+    for j in range(math.ceil(chunks / place.world)):
         index = place.rank + j * place.world
-        batch = collate([rows[i] for i in chunks[index if index < len(chunks) else 0]])
-        weight = float(stage.weight(batch)) if index < len(chunks) else 0.0
+        c = index if index < chunks else 0
+        batch = collate([rows[i] for i in range(c * micro, min((c + 1) * micro, len(rows)))])
+        weight = float(stage.weight(batch)) if index < chunks else 0.0
         with autocast:
             values = stage.micro_step(to_device(batch, place.device), scale=1.0, backward=False)
         total += torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64)
