@@ -362,6 +362,19 @@ def make_run_inputs(
 # Helpers only the tests use, copied from the product
 
 
+def token_split(directory: Path, docs: list[list[int]], masks: list[list[int]] | None = None):
+    """A token split holding ``docs`` (token ids; with ``masks``, stage 3's loss masks), written
+    as arwkv tokenize writes one, opened for reading."""
+    from arwkv.data.shards import SplitWriter, TokenSplit
+
+    dtype = np.dtype(np.uint32)
+    writer = SplitWriter(directory, dtype, with_mask=masks is not None)
+    for i, doc in enumerate(docs):
+        mask = np.array(masks[i], dtype=np.uint8) if masks is not None else None
+        writer.append(np.array(doc, dtype=np.int64), np.array([len(doc)]), mask)
+    return TokenSplit(directory, writer.close(), dtype)
+
+
 def time_mixer_parameters(student) -> list[torch.nn.Parameter]:
     """What stage 1 trains: the time mixers' parameters, nothing else (as arwkv.training.losses's)."""
     return [p for layer in student.model.layers if layer.is_wkv

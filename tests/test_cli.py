@@ -129,6 +129,11 @@ def _given(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--teacher", "t", "--out", "o", "--wkv-layers", "0,2", "--no-gate"],
             "teacher: t\nout: o\nwkv-layers: [0, 2]\ngate: false\n",
         ),
+        "tokenize": (
+            ["--data", str(data), "--tokenizer", "t", "--out", "o", "--workers", "2", "--validation-fraction",
+             "0.01"],
+            f"data: {data}\ntokenizer: t\nout: o\nworkers: 2\nvalidation-fraction: 0.01\n",
+        ),
         "distill": (
             ["--stage", "3", "--student", "s", "--data", str(data), "--out", "o", "--lr", "2e-5"],
             f"stage: 3\nstudent: s\ndata: {data}\nout: o\nlr: 2e-5\n",

@@ -96,7 +96,7 @@ class ChunkEncoder:
                 kinds[kind] += 1
                 if kind == "text":
                     texts.append(record_text(record, None))
-                    text_at.append(len(docs[split]))
+                    text_at.append((split, len(docs[split])))
                     docs[split].append(None)  # filled below, in one batch
                 elif kind == "chat":
                     try:
@@ -111,9 +111,7 @@ class ChunkEncoder:
             except RECORD_ERRORS as err:
                 raise DataError(f"{self.source}: record {number}: {one_line(err)}") from None
         # the plain texts of the chunk in one call, then put back in their places
-        encoded = iter(self.encode_texts(texts))
-        slots = [(name, i) for name in SPLITS for i, d in enumerate(docs[name]) if d is None]
-        for (name, i), ids in zip(slots, encoded, strict=True):
+        for (name, i), ids in zip(text_at, self.encode_texts(texts), strict=True):
             docs[name][i] = (ids + [self.eos] if self.eos is not None else ids, None)
         out = {}
         for name in SPLITS:
