@@ -265,13 +265,24 @@ def kl_to_teacher(teacher_dir: Path, student_dir: Path, data: Path, rows: int, s
     directly with stage 2's objective (a real checkpoint each time: no module swapping)."""
     from transformers import AutoTokenizer
 
-    from arwkv.data import collate, pack_documents, tokenize_documents
-    from arwkv.data import iter_records as records
+    from arwkv.data.records import iter_records
+    from arwkv.data.rows import PackedRow, collate
     from arwkv.training.losses import LogitDistillation
     from arwkv.training.trainer import load_student, load_teacher
 
+    # the documents one after another (each closed by EOS), cut into rows; a boundary where each
+    # document starts inside a row
     tokenizer = AutoTokenizer.from_pretrained(student_dir, trust_remote_code=True)
-    batch = collate(pack_documents(tokenize_documents(records(data), tokenizer), seq_len, 0)[:rows])
+    docs = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for r in iter_records(data)]
+    stream = [t for d in docs for t in d]
+    starts = {sum(map(len, docs[:i])) for i in range(len(docs))}
+    packed = []
+    for r in range(rows):
+        inner = sorted(p - r * seq_len for p in starts if 0 < p - r * seq_len < seq_len)
+        packed.append(PackedRow(torch.tensor(stream[r * seq_len:(r + 1) * seq_len]),
+                                torch.tensor([0, *inner, seq_len], dtype=torch.int32)))
+    batch = collate(packed)
     teacher = load_teacher(teacher_dir, torch.device("cpu"))
     student = load_student(student_dir).eval()
     with torch.no_grad():

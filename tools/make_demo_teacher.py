@@ -141,6 +141,26 @@ def unigram_perplexity(train: list[list[int]], heldout: list[list[int]], vocab: 
     return math.exp(nll / sum(len(d) - 1 for d in heldout if len(d) > 1))
 
 
+def pack_documents(docs: list[list[int]], seq_len: int, seed: int) -> list:
+    """The documents in a seeded order, one after another, cut into rows of seq_len tokens with
+    their document starts (how the shipped teacher's training rows were made; arwkv distill now
+    cuts rows lazily from a token directory, in the documents' own order)."""
+    from arwkv.data.rows import PackedRow
+
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream = [t for i in order for t in docs[i]]
+    starts, at = set(), 0
+    for i in order:
+        starts.add(at)
+        at += len(docs[i])
+    rows = []
+    for r in range(len(stream) // seq_len):
+        inner = sorted(p - r * seq_len for p in starts if 0 < p - r * seq_len < seq_len)
+        rows.append(PackedRow(torch.tensor(stream[r * seq_len:(r + 1) * seq_len]),
+                              torch.tensor([0, *inner, seq_len], dtype=torch.int32)))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -158,7 +178,7 @@ def main() -> int:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from arwkv.data import collate, pack_documents
+    from arwkv.data.rows import collate
     from arwkv.evaluation.perplexity import score_windows, windows
 
     torch.set_num_threads(args.threads)
