@@ -471,7 +471,7 @@ def test_two_gloo_processes_match_one(tmp_path, run_inputs, stage, strategy, stu
 # ----------------------------------------------------------------------------- eval, plot, errors
 
 
-def test_eval_reports_the_models_own_perplexity(run_inputs, capsys):
+def test_eval_reports_the_models_own_perplexity(run_inputs, capsys, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arwkv.data.tokenize import scored_documents
@@ -515,7 +515,19 @@ def test_eval_reports_the_models_own_perplexity(run_inputs, capsys):
         )
         == 0
     )
-    assert 0 < json.loads(capsys.readouterr().out)["predicted_tokens"] < n
+    held_out = json.loads(capsys.readouterr().out)
+    assert 0 < held_out["predicted_tokens"] < n
+    # a token directory made with the same fraction scores the same documents: the same numbers;
+    # without the flag, all of them (both splits)
+    tokens = tmp_path / "tokens"
+    assert main(["tokenize", "--data", str(run_inputs["text"]), "--tokenizer", str(model_dir), "--out",
+                 str(tokens), "--validation-fraction", "0.2"]) == 0
+    for flags, expected in ((["--validation-fraction", "0.2"], held_out), ([], report)):
+        argv = ["eval", "--model", str(model_dir), "--data", str(tokens), "--seq-len", "16", *flags]
+        assert main(argv) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert (scored["predicted_tokens"], scored["nll"]) == pytest.approx(
+            (expected["predicted_tokens"], expected["nll"]), rel=1e-9)
 
 
 def test_plot_command(tmp_path, capsys):

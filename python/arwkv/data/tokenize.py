@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections import deque
@@ -134,6 +135,7 @@ def _start_worker(backend_json: str, eos: int | None, tokenizer_dir: str, source
     parallelism); transformers (and torch) are imported only if a chat record needs them."""
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (one line)
     from tokenizers import Tokenizer
 
     def full_tokenizer():
