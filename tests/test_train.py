@@ -518,16 +518,16 @@ def test_eval_reports_the_models_own_perplexity(run_inputs, capsys, tmp_path):
     held_out = json.loads(capsys.readouterr().out)
     assert 0 < held_out["predicted_tokens"] < n
     # a token directory made with the same fraction scores the same documents: the same numbers;
-    # without the flag, all of them (both splits)
+    # without the flag, all of them (both splits: train first, so other batches, float rounding)
     tokens = tmp_path / "tokens"
     assert main(["tokenize", "--data", str(run_inputs["text"]), "--tokenizer", str(model_dir), "--out",
                  str(tokens), "--validation-fraction", "0.2"]) == 0
-    for flags, expected in ((["--validation-fraction", "0.2"], held_out), ([], report)):
+    for flags, expected, rel in ((["--validation-fraction", "0.2"], held_out, 1e-12), ([], report, 1e-6)):
         argv = ["eval", "--model", str(model_dir), "--data", str(tokens), "--seq-len", "16", *flags]
         assert main(argv) == 0
         scored = json.loads(capsys.readouterr().out)
-        assert (scored["predicted_tokens"], scored["nll"]) == pytest.approx(
-            (expected["predicted_tokens"], expected["nll"]), rel=1e-9)
+        assert scored["predicted_tokens"] == expected["predicted_tokens"]
+        assert scored["nll"] == pytest.approx(expected["nll"], rel=rel)
 
 
 def test_plot_command(tmp_path, capsys):
