@@ -8,10 +8,10 @@ Python layer on top of them, one folder per concern:
 - ``training``: ``arwkv distill``'s loop, stages, losses, checkpoints and metrics;
 - ``evaluation``: perplexity, speed and cache memory; long-context curves and passkey retrieval;
 - ``export``: GGUF for llama.cpp;
-- ``data`` (reading, tokenizing, packing), ``loading`` (every checkpoint loader and its checks),
-  ``options`` (every command's options: one dataclass each), ``runtime`` (shared small types:
-  devices, dtypes, Place, ConfigError), ``files`` (atomic writes), ``demo``, and ``cli`` (the
-  ``arwkv`` command).
+- ``data``: records, ``arwkv tokenize``'s token directories, rows cut from them lazily;
+- ``loading`` (every checkpoint loader and its checks), ``options`` (every command's options: one
+  dataclass each), ``runtime`` (shared small types: devices, dtypes, Place, ConfigError), ``files``
+  (atomic writes), ``demo``, and ``cli`` (the ``arwkv`` command).
 """
 
 __version__ = "0.1.0"
