@@ -215,6 +215,25 @@ def test_refusals_are_one_line(inputs, tmp_path):
         tokenize_corpus(good, inputs["student"], tmp_path / "x", workers=1)
 
 
+def test_a_saved_dataset_dict_is_raw_data_not_a_token_directory(inputs, tmp_path):
+    """A dataset saved with datasets (a train/ folder inside) is read as records, by every command."""
+    import datasets
+
+    from arwkv.loading import load_tokenizer
+
+    saved = tmp_path / "saved"
+    texts = [r["text"] for r in iter_records(inputs["text"])]
+    train = datasets.Dataset.from_list([{"text": t} for t in texts])
+    datasets.DatasetDict({"train": train}).save_to_disk(saved)
+    tok = load_tokenizer(inputs["student"], "--student")
+    from_saved = all_documents(open_data(saved, tok))
+    assert from_saved == all_documents(open_data(inputs["text"], tok)) and len(from_saved) == len(texts)
+    tokens = open_tokens(tokenize_corpus(saved, inputs["student"], tmp_path / "t", workers=1))
+    assert tokens.train.documents == len(texts)
+    with pytest.raises(DataError, match="holds --data's"):  # --overwrite never removes what it reads
+        tokenize_corpus(saved, inputs["student"], tmp_path, workers=1, overwrite=True)
+
+
 def test_tokenizing_again_keeps_what_is_up_to_date(inputs, tmp_path):
     out = tmp_path / "t"
     tokenize(inputs["text"], inputs, out)

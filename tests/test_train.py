@@ -596,6 +596,10 @@ def test_bad_runs_are_one_line(tmp_path, run_inputs, capsys):
         distill_args(run_inputs, out, max_steps=2, resume=True)
     )
     assert "fewer than --batch-size 400" in error(distill_args(run_inputs, tmp_path / "o3", batch_size=400))
+    # a split asked for that holds out too little for one row
+    assert "gives no row of 32 tokens; hold out more" in error(
+        distill_args(run_inputs, tmp_path / "o5", validation_fraction=0.01)
+    )
     assert "--min-lr-ratio must be in [0, 1]" in error(
         distill_args(run_inputs, tmp_path / "o4", min_lr_ratio=-1)
     )

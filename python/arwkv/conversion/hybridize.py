@@ -227,10 +227,11 @@ def _measurement_rows(student_dir, data, rows: int, seq_len: int, batch_size: in
     dev = resolve_device(device)
     tokenizer = load_tokenizer(student_dir, "--student")
     tokens = open_data(data, tokenizer, validation_fraction=validation_fraction, seed=seed)
-    split = tokens.validation if validation_fraction else tokens.train
-    cut = DocumentRows(split, seq_len)
-    packed = [cut[r] for r in range(min(rows, len(cut)))]
-    tokens.close()
+    try:
+        cut = DocumentRows(tokens.validation if validation_fraction else tokens.train, seq_len)
+        packed = [cut[r] for r in range(min(rows, len(cut)))]
+    finally:
+        tokens.close()
     if not packed:
         raise DataError(f"--data {data} gives no row of {seq_len} tokens"
                         + (f" in its {validation_fraction} validation split" if validation_fraction else "")

@@ -5,17 +5,15 @@ directory of such files (sorted, recursively), or a dataset saved with ``dataset
 (``save_to_disk``). A record is ``{"text": ...}``; or ``{"messages"|"conversations": [{role|from,
 content|value}, ...]}``, a chat rendered with the tokenizer's chat template; or ``{"prompt",
 "chosen", "rejected"}``, a preference pair (stage 4). Nothing here holds more than one record (a
-parquet file is read a row group at a time), so a corpus of any size streams through.
+parquet file is read 1,024 rows at a time), so a corpus of any size streams through.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 # ShareGPT-style speaker names -> chat-template roles
@@ -73,9 +71,9 @@ def count_records(path: str | Path) -> int:
     for f in data_files(p):
         if f.suffix == ".txt":
             total += 1
-        elif f.suffix == ".jsonl":
-            with f.open("rb") as lines:
-                total += sum(1 for line in lines if not line.isspace())
+        elif f.suffix == ".jsonl":  # (read as _file_records reads it: the same lines count)
+            with f.open(encoding="utf-8", errors="replace") as lines:
+                total += sum(1 for line in lines if line.strip())
         elif f.suffix == ".parquet":
             total += _parquet(f).metadata.num_rows
         else:
@@ -155,15 +153,6 @@ def one_line(err: BaseException) -> str:
 
 # the errors a record's contents (or a chat template given them) can raise
 RECORD_ERRORS = (DataError, ValueError, TypeError, KeyError, AttributeError)
-
-
-def per_record(make: Callable[[dict], T], record: dict, number: int, source: str | Path) -> T:
-    """``make(record)``; a refusal names the data and the record's number (``data/x.jsonl:
-    record 3: ...``), the chat template's own refusals included."""
-    try:
-        return make(record)
-    except RECORD_ERRORS as err:
-        raise DataError(f"{source}: record {number}: {one_line(err)}") from None
 
 
 def chat_messages(record: dict) -> list[dict]:

@@ -134,15 +134,14 @@ class ConversationRows:
             raise IndexError(r)
         S, offsets = self.seq_len, self.split.offsets
         a, b = int(self.first[r]), int(self.first[r + 1])
-        base, end = int(offsets[a]), int(offsets[b])
-        stream, mask = self.split.tokens(base, end), self.split.loss_mask(base, end)
         ids, labels, starts = [], [], []
-        for c in np.flatnonzero(self.keep[a:b]) + a:
-            lo = int(offsets[c]) - base
-            hi = min(int(offsets[c + 1]) - base, lo + S)
+        for c in (np.flatnonzero(self.keep[a:b]) + a).tolist():  # each kept one, at most S of its tokens
+            lo = int(offsets[c])
+            hi = min(int(offsets[c + 1]), lo + S)
+            tokens, mask = self.split.tokens(lo, hi), self.split.loss_mask(lo, hi)
             starts.append(sum(map(len, ids)))
-            ids.append(stream[lo:hi])
-            labels.append(np.where(mask[lo:hi] == 1, stream[lo:hi].astype(np.int64), -100))
+            ids.append(tokens)
+            labels.append(np.where(mask == 1, tokens.astype(np.int64), -100))
         used = starts[-1] + len(ids[-1])
         pad = S - used
         ids.append(np.full(pad, self.pad_id, dtype=np.int64))

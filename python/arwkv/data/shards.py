@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is None:
         raise DataError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; arwkv needs one")
     definition = json.loads(backend.to_str())
+    for state in ("truncation", "padding"):  # call-time settings transformers changes, not the ids' rules
+        definition.pop(state, None)
     blob = json.dumps({"tokenizer": definition, "chat_template": getattr(tokenizer, "chat_template", None),
                        "eos_token_id": tokenizer.eos_token_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -77,9 +80,10 @@ def file_digest(path: Path) -> str:
 
 
 def is_token_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is (or was meant to be) an arwkv token directory."""
+    """Whether ``path`` is (or was meant to be) an arwkv token directory (not raw data: a saved
+    dataset or a folder of files may well have a train/ folder too)."""
     p = Path(path)
-    return p.is_dir() and any((p / name).exists() for name in (MANIFEST, PARTIAL_MARKER, "train"))
+    return p.is_dir() and any((p / name).exists() for name in (MANIFEST, PARTIAL_MARKER, f"train/{TOKENS}"))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -99,6 +103,9 @@ class TokenSplit:
         self._tokens = os.open(directory / TOKENS, os.O_RDONLY)
         mask = directory / LOSS_MASK
         self._mask = os.open(mask, os.O_RDONLY) if mask.exists() else None
+        # the descriptors close with the object, or with close(), whichever comes first
+        self._closers = [weakref.finalize(self, os.close, fd)
+                         for fd in (self._tokens, self._mask) if fd is not None]
 
     @property
     def has_loss_mask(self) -> bool:
@@ -142,10 +149,8 @@ class TokenSplit:
             d = end_doc
 
     def close(self) -> None:
-        for fd in (self._tokens, self._mask):
-            if fd is not None:
-                os.close(fd)
-        self._tokens, self._mask = -1, None
+        for closer in self._closers:
+            closer()  # (a finalizer runs once)
 
 
 @dataclass

@@ -154,12 +154,15 @@ def _encode_in_worker(first: int, records: list[dict], held_out: np.ndarray) -> 
 # ----------------------------------------------------------------------------- the corpus
 
 
-def chunks(data: str | os.PathLike, held_out: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple]:
+def chunks(data: str | os.PathLike, total: int,
+           held_out: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple]:
     """(first record index, records, held-out flags) of about CHUNK_RECORDS records or CHUNK_CHARS
-    characters each, in order."""
+    characters each, in order; ``total``: how many records were counted."""
     batch: list[dict] = []
     chars, first = 0, 0
     for record in iter_records(data):
+        if first + len(batch) >= total:
+            raise DataError(f"{data} changed while it was read (more than the {total} records counted)")
         batch.append(record)
         text = record.get("text") if isinstance(record, dict) else None
         chars += len(text) if isinstance(text, str) else 256
@@ -214,6 +217,9 @@ def tokenize_corpus(data: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
     if Path(data).exists() and is_token_dir(data):
         raise DataError(f"--data {data} is already a token directory; give it to the command that reads it")
     sources = source_list(data)
+    for source in sources:  # --overwrite must never remove the data it reads
+        if Path(source["path"]).is_relative_to(out.resolve()):
+            raise DataError(f"--out {out} holds --data's {source['path']}; write the tokens elsewhere")
     if tokenizer is None:
         with quiet_transformers():
             tokenizer = load_tokenizer(tokenizer_dir, "--tokenizer")
@@ -247,13 +253,15 @@ def tokenize_corpus(data: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
     with atomic_directory(out) as tmp:
         (tmp / PARTIAL_MARKER).touch()
         writers = {name: SplitWriter(tmp / name, dtype, with_mask=True) for name in SPLITS}
-        for result in _encoded_chunks(data, tokenizer, tokenizer_dir, workers, held_out):
-            for kind, n in result["kinds"].items():
-                kinds[kind] += n
-            for name, (tokens, lengths, mask) in result["splits"].items():
-                if len(tokens) and int(tokens.max()) >= np.iinfo(dtype).max + 1:
-                    raise DataError(f"token id {int(tokens.max())} does not fit {dtype}")
-                writers[name].append(tokens, lengths, mask)
+        encoded = _encoded_chunks(data, records, tokenizer, tokenizer_dir, workers, held_out)
+        with contextlib.closing(encoded) as results:  # (on an error too: the worker pool goes at once)
+            for result in results:
+                for kind, n in result["kinds"].items():
+                    kinds[kind] += n
+                for name, (tokens, lengths, mask) in result["splits"].items():
+                    if len(tokens) and int(tokens.max()) >= np.iinfo(dtype).max + 1:
+                        raise DataError(f"token id {int(tokens.max())} does not fit {dtype}")
+                    writers[name].append(tokens, lengths, mask)
         splits = {name: w.close() for name, w in writers.items()}
         if kinds["preference"] and kinds["preference"] != records:
             raise DataError(f"{data}: mixes {kinds['preference']} preference pairs with "
@@ -289,14 +297,14 @@ def _made_from(out: Path) -> dict | None:
         return None
 
 
-def _encoded_chunks(data, tokenizer, tokenizer_dir, workers: int, held_out) -> Iterator[dict]:
+def _encoded_chunks(data, total: int, tokenizer, tokenizer_dir, workers: int, held_out) -> Iterator[dict]:
     """The encoded chunks of ``data`` in order: in this process (one worker), or from ``workers``
     spawned processes with at most IN_FLIGHT chunks each queued."""
     source = str(data)
     if workers == 1:
         encoder = ChunkEncoder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, source, lambda: tokenizer)
         with _single_threaded_tokenizers():
-            for chunk in chunks(data, held_out):
+            for chunk in chunks(data, total, held_out):
                 yield encoder(*chunk)
         return
     import multiprocessing
@@ -310,7 +318,7 @@ def _encoded_chunks(data, tokenizer, tokenizer_dir, workers: int, held_out) -> I
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=start) as pool:
         pending: deque = deque()
         try:
-            for chunk in chunks(data, held_out):
+            for chunk in chunks(data, total, held_out):
                 pending.append(pool.submit(_encode_in_worker, *chunk))
                 if len(pending) >= IN_FLIGHT * workers:
                     yield pending.popleft().result()
@@ -327,7 +335,7 @@ def _encoded_chunks(data, tokenizer, tokenizer_dir, workers: int, held_out) -> I
 
 
 def open_data(data: str | os.PathLike, tokenizer, *, validation_fraction: float = 0.0, seed: int = 0,
-              flag: str = "--data", log: Log | None = None) -> TokenSet:
+              flag: str = "--data", whose: str = "the model", log: Log | None = None) -> TokenSet:
     """What a command reads from ``--data``: a token directory, checked against ``tokenizer``
     (its fingerprint) and against the split asked for (a fraction > 0 must be the one it was
     made with); or raw data, tokenized in this process into a temporary token directory (removed
@@ -337,13 +345,18 @@ def open_data(data: str | os.PathLike, tokenizer, *, validation_fraction: float 
         raise DataError(f"{flag} {p} does not exist")
     if is_token_dir(p):
         tokens = open_tokens(p, flag)
-        tokens.check_tokenizer(tokenizer, "the model")
-        if validation_fraction and (validation_fraction, seed) != (tokens.validation_fraction, tokens.seed):
-            raise DataError(
-                f"--validation-fraction {validation_fraction} with --seed {seed}: {flag} {p} holds the split "
-                f"made at tokenize time (fraction {tokens.validation_fraction}, seed {tokens.seed}); leave "
-                "--validation-fraction out to use it, or tokenize again"
-            )
+        try:
+            tokens.check_tokenizer(tokenizer, whose)
+            made_with = (tokens.validation_fraction, tokens.seed)
+            if validation_fraction and (validation_fraction, seed) != made_with:
+                raise DataError(
+                    f"--validation-fraction {validation_fraction} with --seed {seed}: {flag} {p} holds the "
+                    f"split made at tokenize time (fraction {made_with[0]}, seed {made_with[1]}); leave "
+                    "--validation-fraction out to use it, or tokenize again"
+                )
+        except BaseException:
+            tokens.close()
+            raise
         return tokens
     size = sum(f.stat().st_size for f in data_files(p))
     if log and size > RAW_NOTE_BYTES:  # (small data goes quietly)

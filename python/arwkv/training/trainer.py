@@ -88,25 +88,30 @@ def load_rows(cfg: DistillConfig, tokenizer, stage: Stage, place: Place) -> tupl
     A token directory must have been made with the student's tokenizer, and the teacher's."""
     log = (lambda line: print(f"arwkv distill: {line}", file=sys.stderr, flush=True)) if place.main else None
     tokens = open_data(cfg.data, tokenizer, validation_fraction=cfg.validation_fraction, seed=cfg.seed,
-                       log=log)
-    if tokens.keep_alive is None:  # made elsewhere: by the student's tokenizer, and the teacher's?
-        tokens.check_tokenizer(tokenizer, "--student")
-        if stage.needs_teacher and not same_tokenizer_files(cfg.student, cfg.teacher):
+                       whose="--student", log=log)
+    try:
+        # a directory made elsewhere: the student's tokenizer made it (checked); the teacher's too?
+        made_elsewhere = tokens.keep_alive is None
+        if made_elsewhere and stage.needs_teacher and not same_tokenizer_files(cfg.student, cfg.teacher):
             teacher_tokenizer = try_tokenizer(cfg.teacher)
             if teacher_tokenizer is not None:
                 tokens.check_tokenizer(teacher_tokenizer, "--teacher")
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    train, val = stage.rows(tokens, pad_id)  # padding carries no labels: any id serves
-    if tokens.validation.documents and not len(val):
-        raise DataError(
-            f"the validation split ({tokens.validation.size} tokens) is too little for one row of "
-            f"{cfg.seq_len} tokens; raise --validation-fraction or shorten --seq-len"
-        )
-    if len(train) < cfg.batch_size:
-        raise DataError(
-            f"{cfg.data} gives {len(train)} training rows of {cfg.seq_len} tokens, fewer than "
-            f"--batch-size {cfg.batch_size}; use more data, a shorter --seq-len or a smaller batch"
-        )
+        pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        train, val = stage.rows(tokens, pad_id)  # padding carries no labels: any id serves
+        if (cfg.validation_fraction or tokens.validation.documents) and not len(val):
+            raise DataError(
+                f"the validation split ({tokens.validation.documents} documents, {tokens.validation.size} "
+                f"tokens) gives no row of {cfg.seq_len} tokens; hold out more (--validation-fraction, here "
+                "or at tokenize time) or shorten --seq-len"
+            )
+        if len(train) < cfg.batch_size:
+            raise DataError(
+                f"{cfg.data} gives {len(train)} training rows of {cfg.seq_len} tokens, fewer than "
+                f"--batch-size {cfg.batch_size}; use more data, a shorter --seq-len or a smaller batch"
+            )
+    except BaseException:
+        tokens.close()
+        raise
     return tokens, train, val
 
 
