@@ -55,7 +55,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     """Every record under ``path``, in a fixed order."""
     p = Path(path)
     if _is_saved_dataset(p):
-        yield from _saved_dataset(p)
+        yield from _open_saved_dataset(p)
         return
     for f in data_files(p):
         yield from _file_records(f)
@@ -93,10 +93,6 @@ def _open_saved_dataset(p: Path):
             raise DataError(f"saved dataset {p} has splits {list(ds)} but no 'train'")
         ds = ds["train"]
     return ds
-
-
-def _saved_dataset(p: Path) -> Iterator[dict]:
-    yield from _open_saved_dataset(p)
 
 
 def _parquet(f: Path):

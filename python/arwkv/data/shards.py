@@ -192,14 +192,6 @@ class TokenSet:
             raise DataError(f"--data {self.path} was tokenized with tokenizer {self.fingerprint}, but "
                             f"{whose}'s tokenizer is {theirs}; run arwkv tokenize again with that tokenizer")
 
-    def describe(self) -> str:
-        """One line: what the set holds."""
-        parts = [f"{n} {k}" for k, n in self.counts.items() if n]
-        held = f", {self.validation.documents} held out" if self.validation.documents else ""
-        return (f"{self.path}: {self.train.size + self.validation.size:,} tokens in "
-                f"{self.train.documents + self.validation.documents:,} documents{held} "
-                f"({', '.join(parts) or 'no'} records)")
-
     def close(self) -> None:
         self.train.close()
         self.validation.close()
