@@ -368,7 +368,7 @@ def token_split(directory: Path, docs: list[list[int]], masks: list[list[int]] |
     from arwkv.data.shards import SplitWriter, TokenSplit
 
     dtype = np.dtype(np.uint32)
-    writer = SplitWriter(directory, dtype, with_mask=masks is not None)
+    writer = SplitWriter(directory, dtype)
     for i, doc in enumerate(docs):
         mask = np.array(masks[i], dtype=np.uint8) if masks is not None else None
         writer.append(np.array(doc, dtype=np.int64), np.array([len(doc)]), mask)

@@ -245,19 +245,22 @@ class SplitWriter:
     """Appends documents to one split's files (used by arwkv tokenize, inside a directory that is
     renamed into place only when complete)."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, with_mask: bool) -> None:
+    def __init__(self, directory: Path, dtype: np.dtype) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory, self.dtype = directory, dtype
         self.tokens = (directory / TOKENS).open("wb")
         self.documents = (directory / DOCUMENTS).open("wb")
-        self.mask = (directory / LOSS_MASK).open("wb") if with_mask else None
+        self.mask = None  # opened by the first loss mask (chat data only)
         self.size = self.count = self.labelled = 0
         np.zeros(1, dtype=np.int64).tofile(self.documents)
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None) -> None:
-        """Documents of ``lengths`` whose tokens are ``tokens`` (one after another)."""
+        """Documents of ``lengths`` whose tokens are ``tokens`` (one after another), with their
+        loss mask when they have one."""
         if not len(lengths):
             return
+        if mask is not None:
+            self.open_mask()
         tokens.astype(self.dtype, copy=False).tofile(self.tokens)
         (self.size + np.cumsum(lengths, dtype=np.int64)).tofile(self.documents)
         if self.mask is not None:
@@ -265,6 +268,13 @@ class SplitWriter:
             self.labelled += int(mask.sum()) if mask is not None else 0
         self.size += len(tokens)
         self.count += len(lengths)
+
+    def open_mask(self) -> None:
+        """Starts the loss-mask file (zeros for the tokens written so far), if not yet started."""
+        if self.mask is None:
+            self.mask = (self.directory / LOSS_MASK).open("wb")
+            for start in range(0, self.size, 1 << 24):
+                np.zeros(min(1 << 24, self.size - start), np.uint8).tofile(self.mask)
 
     def close(self) -> dict:
         """Flushes the files; the split's entry of the manifest."""

@@ -154,14 +154,14 @@ def _encode_in_worker(first: int, records: list[dict], held_out: np.ndarray) -> 
 # ----------------------------------------------------------------------------- the corpus
 
 
-def chunks(data: str | os.PathLike, total: int,
+def chunks(data: str | os.PathLike, total: int | None,
            held_out: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple]:
     """(first record index, records, held-out flags) of about CHUNK_RECORDS records or CHUNK_CHARS
-    characters each, in order; ``total``: how many records were counted."""
+    characters each, in order; ``total``: how many records were counted (None: not counted)."""
     batch: list[dict] = []
     chars, first = 0, 0
     for record in iter_records(data):
-        if first + len(batch) >= total:
+        if total is not None and first + len(batch) >= total:
             raise DataError(f"{data} changed while it was read (more than the {total} records counted)")
         batch.append(record)
         text = record.get("text") if isinstance(record, dict) else None
@@ -238,8 +238,9 @@ def tokenize_corpus(data: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
         shutil.rmtree(stale, ignore_errors=True)
 
     start = time.perf_counter()
-    records = count_records(data)
-    held_count = round(records * validation_fraction)
+    # the split needs N before the first record is read: a quick counting pass, only then
+    records = count_records(data) if validation_fraction else None
+    held_count = round(records * validation_fraction) if records else 0
 
     def held_out(index: np.ndarray) -> np.ndarray:
         return permute(index, records, seed) < held_count if held_count else np.zeros(len(index), bool)
@@ -247,12 +248,13 @@ def tokenize_corpus(data: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
     dtype = token_dtype(len(tokenizer))
     workers = workers or default_workers()
     if log:
-        log(f"tokenizing {records:,} records of {data} ({sum(s['bytes'] for s in sources):,} bytes) with "
+        counted = f"{records:,} records of " if records is not None else ""
+        log(f"tokenizing {counted}{data} ({sum(s['bytes'] for s in sources):,} bytes) with "
             f"{workers} worker(s) into {out}")
     kinds = dict.fromkeys(KINDS, 0)
     with atomic_directory(out) as tmp:
         (tmp / PARTIAL_MARKER).touch()
-        writers = {name: SplitWriter(tmp / name, dtype, with_mask=True) for name in SPLITS}
+        writers = {name: SplitWriter(tmp / name, dtype) for name in SPLITS}
         encoded = _encoded_chunks(data, records, tokenizer, tokenizer_dir, workers, held_out)
         with contextlib.closing(encoded) as results:  # (on an error too: the worker pool goes at once)
             for result in results:
@@ -262,13 +264,14 @@ def tokenize_corpus(data: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
                     if len(tokens) and int(tokens.max()) >= np.iinfo(dtype).max + 1:
                         raise DataError(f"token id {int(tokens.max())} does not fit {dtype}")
                     writers[name].append(tokens, lengths, mask)
+        documents = sum(kinds.values()) - kinds["preference"]
+        if kinds["preference"] and documents:
+            raise DataError(f"{data}: mixes {kinds['preference']} preference pairs with {documents} "
+                            "documents; tokenize them apart")
+        if kinds["chat"]:  # chat data: both splits carry loss masks (a split without chat: zeros)
+            for writer in writers.values():
+                writer.open_mask()
         splits = {name: w.close() for name, w in writers.items()}
-        if kinds["preference"] and kinds["preference"] != records:
-            raise DataError(f"{data}: mixes {kinds['preference']} preference pairs with "
-                            f"{records - kinds['preference']} documents; tokenize them apart")
-        if not kinds["chat"]:  # no loss masks without chat records
-            for name in SPLITS:
-                (tmp / name / "loss_mask.bin").unlink()
         seconds = time.perf_counter() - start
         write_manifest(tmp, {
             "tokenizer": {"fingerprint": fingerprint, "path": str(Path(tokenizer_dir).resolve()),
@@ -297,7 +300,8 @@ def _made_from(out: Path) -> dict | None:
         return None
 
 
-def _encoded_chunks(data, total: int, tokenizer, tokenizer_dir, workers: int, held_out) -> Iterator[dict]:
+def _encoded_chunks(data, total: int | None, tokenizer, tokenizer_dir, workers: int,
+                    held_out) -> Iterator[dict]:
     """The encoded chunks of ``data`` in order: in this process (one worker), or from ``workers``
     spawned processes with at most IN_FLIGHT chunks each queued."""
     source = str(data)
