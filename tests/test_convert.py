@@ -161,6 +161,9 @@ def test_convert_hybrid_from_the_command_line(teacher_dir, tmp_path):
                  "--wkv-layers", "1"]) == 0
     loaded = RwkvHybridForCausalLM.from_pretrained(out).eval()
     assert loaded.config.wkv_layers == [1]
+    # the checkpoint says which layers hold a recurrent state (vLLM reads this to plan its caches)
+    saved = json.loads((out / "config.json").read_text())["layer_types"]
+    assert saved == ["full_attention", "linear_attention", "full_attention"]
     assert [layer.is_wkv for layer in loaded.model.layers] == [False, True, False]
     expected = student_from_teacher(teacher, head_size=32, wkv_layers=[1]).eval()
     ids = torch.randint(0, VOCAB, (1, 7))

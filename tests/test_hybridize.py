@@ -114,7 +114,10 @@ def test_cli_keeps_attention_where_the_scores_say(inputs, tmp_path, capsys, pick
                             "--out", str(out)], capsys)
     assert rc == 0
     wkv = [i for i in range(LAYERS) if i not in chosen]
-    assert json.loads((out / "config.json").read_text())["wkv_layers"] == wkv
+    config = json.loads((out / "config.json").read_text())
+    assert config["wkv_layers"] == wkv
+    assert config["layer_types"] == ["linear_attention" if i in wkv else "full_attention"
+                                     for i in range(LAYERS)]
     report = json.loads((out / "hybridize.json").read_text())
     assert report["chosen"] == chosen and report["pick"] == pick and report["keep"] == 2
     assert report["scores"] == {str(i): v for i, v in SCORES.items()}

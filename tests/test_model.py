@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arwkv.conversion.convert import expand_kv_heads, student_from_teacher
-from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
+from arwkv.models.modeling_rwkv_hybrid import LayerState, RwkvHybridForCausalLM
 from arwkv_ext.testing import rel_error
 from fixtures import VOCAB, tiny_teacher
 
@@ -59,6 +59,25 @@ def test_packed_sequences_equal_separate_calls(wkv):
     packed = student(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 5, 6, 18])).logits
     separate = torch.cat([student(s).logits for s in seqs], 1)
     assert rel_error(packed, separate) <= 1e-5
+
+
+@pytest.mark.parametrize("wkv", [7, 6])
+@torch.no_grad()
+def test_packed_sequences_continue_from_their_own_states(wkv):
+    """A time mixer given cu_seqlens and one carried state per sequence (what a server batching
+    requests at different points does) equals each sequence continued alone, states included."""
+    mixer = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv).model.layers[1].self_attn.time_mixer
+    g = torch.Generator().manual_seed(4)
+    lengths = (3, 1, 9)
+    before = [torch.randn(1, n, 128, generator=g) for n in (6, 2, 4)]  # earlier tokens of each
+    after = [torch.randn(1, n, 128, generator=g) for n in lengths]
+    states = [mixer(x)[1] for x in before]
+    alone = [mixer(x, state)[:2] for x, state in zip(after, states, strict=True)]
+    carried = LayerState(shift=torch.cat([s.shift for s in states]), wkv=torch.cat([s.wkv for s in states]))
+    y, state, _ = mixer(torch.cat(after, 1), carried, cu_seqlens=torch.tensor([0, 3, 4, 13]))
+    assert rel_error(y, torch.cat([out for out, _ in alone], 1)) <= 1e-5
+    assert rel_error(state.shift, torch.cat([s.shift for _, s in alone])) == 0
+    assert rel_error(state.wkv, torch.cat([s.wkv for _, s in alone])) <= 1e-5
 
 
 def test_transfer_copies_teacher_weights_exactly_and_unties_embeddings():

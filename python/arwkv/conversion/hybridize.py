@@ -390,10 +390,11 @@ def write_hybrid(teacher: SafetensorsCheckpoint, student: SafetensorsCheckpoint,
     from ..models.modeling_rwkv_hybrid import RwkvHybridForCausalLM
 
     config = copy.deepcopy(student.config)
-    config.wkv_layers = [i for i in range(config.num_hidden_layers)
-                         if student.config.is_wkv_layer(i) and i not in chosen]
-    if config.wkv_layers == list(range(config.num_hidden_layers)):
-        config.wkv_layers = student.config.wkv_layers  # nothing changed: keep None as None
+    wkv_layers = [i for i in range(config.num_hidden_layers)
+                  if student.config.is_wkv_layer(i) and i not in chosen]
+    if wkv_layers == list(range(config.num_hidden_layers)):
+        wkv_layers = student.config.wkv_layers  # nothing changed: keep None as None
+    config.set_wkv_layers(wkv_layers)
     dtype = student.dtype("model.embed_tokens.weight")  # the student's own: its tensors stay bit for bit
     config.dtype = torch_dtype_name(dtype)
     with torch.device("meta"):  # names and shapes only; the values come from the checkpoints

@@ -60,6 +60,9 @@ class RwkvHybridConfig(PretrainedConfig):
         # The published configuration class also writes num_wkv_heads, which here follows from
         # attention_hidden_size / head_size: accepted when it agrees, refused when it does not.
         published_heads = kwargs.pop("num_wkv_heads", None)
+        # The teacher's per-layer attention kinds (all full_attention when it has none): kept
+        # layers keep theirs, time-mixing layers say "linear_attention" (set by _validate).
+        teacher_layer_types = kwargs.pop("layer_types", None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -87,6 +90,7 @@ class RwkvHybridConfig(PretrainedConfig):
         self.lora_rank_tokenshift = lora_rank_tokenshift
         self.lora_rank_decay = lora_rank_decay
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.layer_types = teacher_layer_types
         self._validate()
         if published_heads is not None and published_heads != self.num_wkv_heads:
             raise ValueError(f"rwkv_hybrid: num_wkv_heads {published_heads} does not match "
@@ -115,6 +119,23 @@ class RwkvHybridConfig(PretrainedConfig):
                 raise ValueError(f"rwkv_hybrid: wkv_layers {bad} are not layers of a "
                                  f"{self.num_hidden_layers}-layer model")
             self.wkv_layers = sorted(set(self.wkv_layers))
+        self._set_layer_types()
+
+    def set_wkv_layers(self, wkv_layers: list[int] | None) -> None:
+        """Changes which layers use time mixing (checked, and ``layer_types`` follows)."""
+        self.wkv_layers = wkv_layers
+        self._validate()
+
+    def _set_layer_types(self) -> None:
+        """``layer_types`` (transformers' and vLLM's per-layer kind): "linear_attention" for the
+        time-mixing layers, the teacher's kind (default "full_attention") for kept attention, so
+        a checkpoint says itself which layers hold a recurrent state."""
+        given = list(getattr(self, "layer_types", None) or [])
+        kinds = []
+        for i in range(self.num_hidden_layers):
+            kept = given[i] if i < len(given) and given[i] != "linear_attention" else "full_attention"
+            kinds.append("linear_attention" if self.is_wkv_layer(i) else kept)
+        self.layer_types = kinds
 
     def is_wkv_layer(self, layer_idx: int) -> bool:
         """Whether layer layer_idx uses time mixing (else it keeps the teacher's attention)."""

@@ -107,7 +107,9 @@ def teacher_classes(model_type: str, kept_attention: bool = False) -> dict[str, 
 
 
 def _orthogonal(rows: int, cols: int, scale: float) -> Tensor:
-    w = torch.empty(rows, cols)
+    # float32 whatever the default dtype (QR has no 16-bit CPU kernel; vLLM builds models under
+    # a bfloat16 default); copy_ casts to the parameter's dtype
+    w = torch.empty(rows, cols, dtype=torch.float32)
     nn.init.orthogonal_(w)
     return w * scale
 
@@ -115,7 +117,8 @@ def _orthogonal(rows: int, cols: int, scale: float) -> Tensor:
 def token_shift(x: Tensor, state: LayerState | None, cu_seqlens: Tensor | None,
                 keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """x [B, T, C] with padding zeroed (keep [B, T, 1]), and xx = shift(x) - x, where shift(x)_t =
-    x_{t-1}: the carried last token at t = 0, zeros at the start of each packed sequence."""
+    x_{t-1}: at t = 0 the carried last token (zeros without a state); with cu_seqlens (B = 1) at
+    the start of each packed sequence s its carried token ``state.shift[s]`` (zeros without)."""
     B, T, C = x.shape
     if keep is not None:
         x = x * keep
@@ -124,8 +127,15 @@ def token_shift(x: Tensor, state: LayerState | None, cu_seqlens: Tensor | None,
         shifted = torch.cat([prev, x[:, :-1]], dim=1)
     else:
         shifted = torch.cat([x.new_zeros(B, 1, C), x[:, :-1]], dim=1)
-        shifted[:, cu_seqlens[:-1].long()] = 0
+        shifted[:, cu_seqlens[:-1].long()] = state.shift.to(x.dtype) if state is not None else 0
     return x, shifted - x
+
+
+def last_tokens(x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """The token shift's carried state: x [B, T, C] -> its last token [B, C], or with cu_seqlens
+    (B = 1) the last token of each packed sequence [S, C]."""
+    last = x[:, -1] if cu_seqlens is None else x[0, cu_seqlens[1:].long() - 1]
+    return last.detach().clone()
 
 
 class TimeMixerBase(nn.Module):
@@ -257,7 +267,7 @@ class Rwkv7TimeMixer(TimeMixerBase):
         if self.has_gate:
             xg = x + xx * self.x_g
             y = y * (torch.sigmoid(xg @ self.g1) @ self.g2)
-        return self.output(y), LayerState(shift=x[:, -1].detach().clone(), wkv=wkv), v_first
+        return self.output(y), LayerState(shift=last_tokens(x, cu_seqlens), wkv=wkv), v_first
 
 
 class Rwkv6TimeMixer(TimeMixerBase):
@@ -331,7 +341,7 @@ class Rwkv6TimeMixer(TimeMixerBase):
             y = self.ln_x(y.view(B * T, H * N)).view(B, T, H * N)
         if self.has_gate:
             y = y * F.silu(self.gate(x + xx * (self.time_maa_g + mg)))
-        return self.output(y), LayerState(shift=x[:, -1].detach().clone(), wkv=wkv), v_first
+        return self.output(y), LayerState(shift=last_tokens(x, cu_seqlens), wkv=wkv), v_first
 
 
 def time_mixer_class(config: RwkvHybridConfig) -> type[nn.Module]:

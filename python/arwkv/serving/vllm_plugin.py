@@ -1,0 +1,69 @@
+"""vLLM plugin: lets ``vllm serve ./student`` and ``LLM(model="./student")`` run arwkv students.
+
+vLLM calls :func:`register` in each of its processes (the entry point ``arwkv`` in the group
+``vllm.general_plugins``, declared in pyproject.toml). It registers
+
+- the architecture ``RwkvHybridForCausalLM`` (what ``arwkv convert`` writes in config.json's
+  ``architectures``) as a lazy reference to :mod:`arwkv.serving.vllm_model`, so the model code,
+  and torch with it, is imported only by the processes that build the model;
+- the configuration class of ``model_type`` ``rwkv_hybrid`` with transformers' AutoConfig, so the
+  checkpoint's config loads without ``trust_remote_code``;
+- a check of the configuration, run by vLLM when it reads it (before any model process starts),
+  that refuses in one line what the model cannot serve.
+
+Calling it again does nothing (vLLM loads plugins more than once per process).
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "RwkvHybridForCausalLM"
+MODEL_CLASS = "arwkv.serving.vllm_model:RwkvHybridForCausalLM"
+# The teacher families whose decoder layers vLLM builds for a hybrid's kept attention (the
+# families arwkv convert is tested with); their MLP is the gated SiLU one.
+SERVED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+class ServeError(ValueError):
+    """A student vLLM cannot serve as configured; the message names what and why."""
+
+
+def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Refuses, in one line, a student (an RwkvHybridConfig) this model cannot run: a teacher
+    family whose layers it does not build, an MLP other than the gated SiLU one, heads that do not
+    split over the tensor-parallel ranks, pipeline parallelism."""
+    family = config.teacher_model_type
+    if family not in SERVED_FAMILIES:
+        raise ServeError(f"arwkv: vLLM serves students of {', '.join(SERVED_FAMILIES)} teachers, not "
+                         f"{family!r}")
+    mlp_bias = getattr(config, "mlp_bias", False)
+    if config.hidden_act != "silu" or mlp_bias:
+        raise ServeError(f"arwkv: vLLM serves the gated SiLU MLP without biases, not hidden_act "
+                         f"{config.hidden_act!r} with mlp_bias {mlp_bias}")
+    if config.num_wkv_heads % tensor_parallel:
+        raise ServeError(f"arwkv: {config.num_wkv_heads} time-mixing heads do not split over "
+                         f"--tensor-parallel-size {tensor_parallel}")
+    if pipeline_parallel > 1:
+        raise ServeError("arwkv: vLLM serves students without pipeline parallelism (use "
+                         "--tensor-parallel-size)")
+
+
+def register() -> None:
+    """Registers the student's architecture with vLLM, its config with transformers, and the
+    configuration check with vLLM."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    from ..models.configuration_rwkv_hybrid import RwkvHybridConfig
+
+    class CheckStudent(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            parallel = vllm_config.parallel_config
+            check_servable(vllm_config.model_config.hf_config, parallel.tensor_parallel_size,
+                           parallel.pipeline_parallel_size)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, CheckStudent)
+    AutoConfig.register(RwkvHybridConfig.model_type, RwkvHybridConfig, exist_ok=True)
