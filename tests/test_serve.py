@@ -187,6 +187,22 @@ def test_other_students_equal_transformers(students, family_students, case):
     assert [list(o.outputs[0].token_ids) for o in outputs] == [tokens for tokens, _ in expected]
 
 
+@pytest.mark.parametrize("wkv", [7, 6])
+def test_tensor_parallel_over_two_ranks_equals_transformers(tmp_path, monkeypatch, wkv):
+    """Two CPU ranks, one core each: the time mixers split by heads (6 heads of 32, three a rank;
+    RWKV-6 with group norm over each rank's heads), the kept attention split as vLLM splits it."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one rank a core (one NUMA node here)
+    options = dict(wkv_layers=[1, 3]) if wkv == 7 else dict(wkv=6, group_norm=True)
+    model = convert_checkpoint(DEMO_TEACHER, tmp_path / "student", head_size=32, **options)
+    batch = prompts((1, 9, 70, 130), seed=5)
+    with engine(model, tensor_parallel_size=2) as llm:
+        outputs = vllm_greedy(llm, batch)
+    expected = hf_greedy(model, torch.float32, batch)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [tokens for tokens, _ in expected]
+
+
 def test_what_cannot_be_served_is_refused_in_one_line(tmp_path):
     """The plugin's check runs when vLLM reads the config, before any model process starts."""
     from vllm import LLM
@@ -200,6 +216,12 @@ def test_what_cannot_be_served_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"arwkv: vLLM serves the gated SiLU MLP without biases, not "
                                          r"hidden_act 'gelu' with mlp_bias False\s"):
         LLM(model=str(student), skip_tokenizer_init=True, **ENGINE)
+    teacher = tmp_path / "teacher-2"
+    tiny_teacher("llama", vocab=300).save_pretrained(teacher)
+    student = convert_checkpoint(teacher, tmp_path / "student-2", head_size=64)  # 2 heads
+    with pytest.raises(ValueError, match=r"arwkv: 2 time-mixing heads do not split over "
+                                         r"--tensor-parallel-size 4\s"):
+        LLM(model=str(student), skip_tokenizer_init=True, tensor_parallel_size=4, **ENGINE)
 
 
 # ---------------------------------------------------------------------------------------------
