@@ -139,7 +139,7 @@ def main() -> None:
 
     results = {"shape": args.shape, "dtype": args.dtype, "new_tokens": args.new_tokens,
                "vllm": vllm.__version__, "torch": torch.__version__,
-               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         models = make_models(args.shape, Path(tmp))
@@ -159,7 +159,8 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"vLLM {results['vllm']} (CPU build), torch {results['torch']}, {results['threads']} threads, "
+    lines = [f"vLLM {results['vllm']} (CPU build, its default threading), torch {results['torch']}, "
+             f"{results['cores']} cores, "
              f"{results['dtype']}, shape {results['shape']}, {results['new_tokens']} generated tokens a "
              "request (prompt: random tokens; all requests submitted at once)", "",
              "| model | context | concurrent | tokens/s | mean first token (s) | cache bytes / sequence |",

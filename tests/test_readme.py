@@ -142,7 +142,8 @@ def test_every_flag_the_docs_name_exists():
     others = {  # the flags of the other tools the docs show
         "torchrun": {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
                      "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"},
-        "pip": {"--no-build-isolation", "--no-deps", "--force-reinstall", "--editable"},
+        "pip": {"--no-build-isolation", "--no-deps", "--force-reinstall", "--editable", "--extra-index-url"},
+        "vllm": {"--max-model-len", "--tensor-parallel-size"},
         "cmake, ctest, pytest": {"--build", "--test-dir", "--durations"},
         "benchmarks/": {"--outtypes", "--json", "--ops", "--repeat", "--shapes", "--algorithms",
                         "--llama-build"},

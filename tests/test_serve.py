@@ -163,7 +163,7 @@ def family_students(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     made = {}
     for family, options in (("llama", dict(wkv_layers=[0, 2], head_size=32)),
-                            ("qwen3", dict(wkv_layers=[1])),
+                            ("qwen3", dict(wkv_layers=[1], head_size=128)),
                             ("mistral", dict(gate=False, head_size=16))):
         teacher = root / f"{family}-teacher"
         tiny_teacher(family, vocab=300, seed=3).save_pretrained(teacher)
@@ -174,7 +174,8 @@ def family_students(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", ["rwkv6", "llama", "qwen3", "mistral"])
 def test_other_students_equal_transformers(students, family_students, case):
     """RWKV-6 with group norm, no gate and kept biases; hybrids of Llama (head size 32) and Qwen3
-    (head_dim 64 != hidden / heads) teachers; a pure Mistral student without gate, head size 16."""
+    (head_dim 64 != hidden / heads; head size 128) teachers; a pure Mistral student without gate,
+    head size 16."""
     model = students.get(case) or family_students[case]
     vocab = 2048 if case == "rwkv6" else 300
     batch = prompts((1, 9, 70, 130, 33), seed=2, vocab=vocab)
@@ -199,6 +200,22 @@ def test_tensor_parallel_over_two_ranks_equals_transformers(tmp_path, monkeypatc
         outputs = vllm_greedy(llm, batch)
     expected = hf_greedy(model, torch.float32, batch)
     assert [list(o.outputs[0].token_ids) for o in outputs] == [tokens for tokens, _ in expected]
+
+
+def test_the_check_names_what_it_refuses(students):
+    from arwkv.models.configuration_rwkv_hybrid import RwkvHybridConfig
+    from arwkv.serving.vllm_plugin import ServeError, check_servable
+
+    config = RwkvHybridConfig.from_pretrained(students["hybrid"])
+    check_servable(config, tensor_parallel=3)  # 3 heads of 64
+    for options, message in ((dict(pipeline_parallel=2), "without pipeline parallelism"),
+                             (dict(speculative=True), "without speculative decoding"),
+                             (dict(tensor_parallel=2), "3 time-mixing heads do not split")):
+        with pytest.raises(ServeError, match=message):
+            check_servable(config, **options)
+    config.teacher_model_type = "gemma"
+    with pytest.raises(ServeError, match="not 'gemma'"):
+        check_servable(config)
 
 
 def test_what_cannot_be_served_is_refused_in_one_line(tmp_path):

@@ -27,10 +27,11 @@ class ServeError(ValueError):
     """A student vLLM cannot serve as configured; the message names what and why."""
 
 
-def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                   speculative: bool = False) -> None:
     """Refuses, in one line, a student (an RwkvHybridConfig) this model cannot run: a teacher
     family whose layers it does not build, an MLP other than the gated SiLU one, heads that do not
-    split over the tensor-parallel ranks, pipeline parallelism."""
+    split over the tensor-parallel ranks, pipeline parallelism, speculative decoding."""
     family = config.teacher_model_type
     if family not in SERVED_FAMILIES:
         raise ServeError(f"arwkv: vLLM serves students of {', '.join(SERVED_FAMILIES)} teachers, not "
@@ -45,6 +46,9 @@ def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1)
     if pipeline_parallel > 1:
         raise ServeError("arwkv: vLLM serves students without pipeline parallelism (use "
                          "--tensor-parallel-size)")
+    if speculative:
+        raise ServeError("arwkv: vLLM serves students without speculative decoding (a time mixer's "
+                         "state cannot take back rejected draft tokens)")
 
 
 def hold_block_size(cache_config, config) -> None:
@@ -71,7 +75,8 @@ def register() -> None:
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             config, parallel = vllm_config.model_config.hf_config, vllm_config.parallel_config
-            check_servable(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+            check_servable(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                           vllm_config.speculative_config is not None)
             hold_block_size(vllm_config.cache_config, config)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
