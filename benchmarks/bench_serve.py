@@ -153,8 +153,8 @@ def main() -> None:
                       f"{r['tokens_per_s']:8.1f} tokens/s, cache {r['cache_bytes_per_sequence']:,} B/seq",
                       flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table(results))
+    Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")  # (with_suffix would eat ".5b")
+    Path(f"{args.out}.md").write_text(table(results))
     print(table(results))
 
 

@@ -26,8 +26,8 @@ from arwkv.models.modeling_rwkv_hybrid import RwkvHybridForCausalLM  # noqa: E40
 from fixtures import tiny_teacher  # noqa: E402
 
 DEMO_TEACHER = Path(__file__).resolve().parents[1] / "python" / "arwkv" / "demo_assets" / "teacher"
-# Small engines: few state slots and a 64-token budget per step, so long prompts are prefilled in
-# chunks and requests wait for, then reuse, the slots of finished ones.
+# Small engines: at most 3 sequences at once and a 64-token budget per step, so long prompts are
+# prefilled in chunks and requests wait for running ones to finish.
 ENGINE = dict(max_num_seqs=3, max_num_batched_tokens=64, max_model_len=512, enable_prefix_caching=True)
 # Mixed lengths: one token (a new request that looks like a decode), the chunk edges, several
 # chunks; more requests than slots.
@@ -107,9 +107,10 @@ def poison_states(model) -> int:
 
 @pytest.mark.parametrize("kind", ["pure", "hybrid"])
 def test_greedy_tokens_equal_transformers_fp32(students, kind):
-    """Concurrent requests of mixed lengths (chunked prefill, slots reused, a one-token prompt) over
-    state caches filled with garbage give transformers' tokens exactly; so do prompts that share a
-    long prefix with an earlier one, which start from its saved state (prefix-cache hits)."""
+    """Concurrent requests of mixed lengths (chunked prefill, more requests than sequences at once,
+    a one-token prompt) over state caches filled with garbage (what a slot of a finished request
+    holds) give transformers' tokens exactly; so do prompts that share a long prefix with an
+    earlier one, which start from its saved state (prefix-cache hits)."""
     model = students[kind]
     batch = prompts()
     base = prompts((300,), seed=1)[0]
