@@ -7,7 +7,8 @@ SHELL := /bin/bash
 #                   cases marked slow, so the reference grid's default tier (every pair of values
 #                   of its axes, plus a fixed seeded sample of the rest: tests/fixtures.py)
 #   make serve-test the vLLM tests (tests/test_serve.py) in their own environment, .venv-vllm,
-#                   set up as the README's serving section tells a user: pip install ".[vllm]"
+#                   set up as the README's serving section tells a user: pip install ".[vllm]";
+#                   then the student model's tests there (vLLM pins an older transformers)
 #   make test-full  everything: make test, then what it leaves out: the C++ tests labelled slow
 #                   (the emulated GPU kernels' other checks) and the pytest cases marked slow (the
 #                   rest of the reference grid, ten times the hypothesis examples)
@@ -112,8 +113,11 @@ $(VLLM_VENV)/.installed: Makefile pyproject.toml $(SOURCES)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The vLLM tests, and the student model's own tests under the older transformers vLLM pins.
 serve-test: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/pytest -q tests/test_serve.py
+	$(VLLM_VENV)/bin/pytest -q -m "not slow" tests/test_model.py tests/test_convert.py tests/test_hybridize.py \
+	  tests/test_long_context.py
 
 # Tokens/s and cache bytes of a student, a hybrid and their teacher under vLLM (README "Serving").
 bench-serve: $(VLLM_VENV)/.installed

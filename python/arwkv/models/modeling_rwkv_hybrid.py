@@ -16,6 +16,7 @@ generated token is constant.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -462,6 +463,10 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
                                     for i in range(config.num_hidden_layers))
         self.norm = classes["RMSNorm"](config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = classes["RotaryEmbedding"](config) if hybrid else None
+        # the keyword the kept attention takes its cache by: "cache" from transformers 5.24,
+        # "past_key_values" before (vLLM 0.32 pins transformers < 5.20)
+        takes = inspect.signature(classes["Attention"].forward).parameters if hybrid else {}
+        self.cache_keyword = "past_key_values" if "past_key_values" in takes else "cache"
         self.gradient_checkpointing = False  # recompute each layer in the backward when training
         self.post_init()
 
@@ -553,7 +558,7 @@ class RwkvHybridModel(RwkvHybridPreTrainedModel):
         allowed = causal[None, :, :] & full[:, None, :].bool()  # [B, T, past + T]
         x = self.embed_tokens.weight[:1].unsqueeze(0)  # only its dtype and device matter
         return AttentionInputs({"position_embeddings": self.rotary_emb(x, position_ids),
-                                "attention_mask": additive_mask(allowed, x.dtype), "cache": cache})
+                                "attention_mask": additive_mask(allowed, x.dtype), self.cache_keyword: cache})
 
 
 class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
