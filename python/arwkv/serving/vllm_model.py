@@ -134,19 +134,27 @@ class TimeMixing(nn.Module, MambaBase):
             metadata = metadata.get(self.prefix)
         if metadata is None:  # a profiling or warm-up pass: no requests, no state
             T, state, cu_seqlens, slots = hidden_states.shape[0], None, None, None
+            x = hidden_states.unsqueeze(0)
         else:
             T = metadata.num_prefill_tokens + metadata.num_decode_tokens
-            slots = metadata.state_indices_tensor.long()
+            # PAD_SLOT_ID (-1) marks padding rows of a captured batch: they go to block 0, vLLM's
+            # null block, which no request owns
+            slots = metadata.state_indices_tensor.long().clamp(min=0)
             cu_seqlens = metadata.query_start_loc[: slots.numel() + 1]
             state = self._read_state(slots, cu_seqlens, metadata.seq_lens[: slots.numel()])
-        x = hidden_states[:T].unsqueeze(0)
+            if metadata.num_prefills == 0:
+                # decoding only, one token a request: a batch of rows, no packing (cu_seqlens would
+                # be checked on the host, which a CUDA graph cannot capture)
+                x, cu_seqlens = hidden_states[:T].unsqueeze(1), None  # [S, 1, C]
+            else:
+                x = hidden_states[:T].unsqueeze(0)  # [1, T, C], requests packed by cu_seqlens
         v_first = None if self.first else self.residual.value
         y, new_state, v_first = self.time_mixer(x, state, v_first, cu_seqlens)
         if self.first:
             self.residual.value = v_first
         if self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
-        output[:T] = y[0]
+        output[:T] = y.reshape(T, -1)
         output[T:] = 0
         if slots is not None:
             shift, wkv = self.kv_cache
