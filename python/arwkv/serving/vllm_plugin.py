@@ -4,8 +4,8 @@ vLLM calls :func:`register` in each of its processes (the entry point ``arwkv`` 
 ``vllm.general_plugins``, declared in pyproject.toml). It registers
 
 - the architecture ``RwkvHybridForCausalLM`` (what ``arwkv convert`` writes in config.json's
-  ``architectures``) as a lazy reference to :mod:`arwkv.serving.vllm_model`, so the model code,
-  and torch with it, is imported only by the processes that build the model;
+  ``architectures``) as a lazy reference to :mod:`arwkv.serving.vllm_model`, so the model code is
+  imported only by the processes that build the model;
 - the configuration class of ``model_type`` ``rwkv_hybrid`` with transformers' AutoConfig, so the
   checkpoint's config loads without ``trust_remote_code``;
 - a check of the configuration, run by vLLM when it reads it (before any model process starts),
