@@ -211,6 +211,7 @@ def test_the_check_names_what_it_refuses(students):
     check_servable(config, tensor_parallel=3)  # 3 heads of 64
     for options, message in ((dict(pipeline_parallel=2), "without pipeline parallelism"),
                              (dict(speculative=True), "without speculative decoding"),
+                             (dict(quantization="fp8"), "unquantized, not with quantization 'fp8'"),
                              (dict(tensor_parallel=2), "3 time-mixing heads do not split")):
         with pytest.raises(ServeError, match=message):
             check_servable(config, **options)

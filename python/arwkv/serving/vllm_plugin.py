@@ -28,10 +28,11 @@ class ServeError(ValueError):
 
 
 def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                   speculative: bool = False) -> None:
+                   speculative: bool = False, quantization: str | None = None) -> None:
     """Refuses, in one line, a student (an RwkvHybridConfig) this model cannot run: a teacher
     family whose layers it does not build, an MLP other than the gated SiLU one, heads that do not
-    split over the tensor-parallel ranks, pipeline parallelism, speculative decoding."""
+    split over the tensor-parallel ranks, pipeline parallelism, speculative decoding,
+    quantization (it would reach the MLPs and kept attention but not the time mixers)."""
     family = config.teacher_model_type
     if family not in SERVED_FAMILIES:
         raise ServeError(f"arwkv: vLLM serves students of {', '.join(SERVED_FAMILIES)} teachers, not "
@@ -46,6 +47,9 @@ def check_servable(config, tensor_parallel: int = 1, pipeline_parallel: int = 1,
     if pipeline_parallel > 1:
         raise ServeError("arwkv: vLLM serves students without pipeline parallelism (use "
                          "--tensor-parallel-size)")
+    if quantization is not None:
+        raise ServeError(f"arwkv: vLLM serves students unquantized, not with quantization "
+                         f"{quantization!r} (the time mixers are plain float layers)")
     if speculative:
         raise ServeError("arwkv: vLLM serves students without speculative decoding (a time mixer's "
                          "state cannot take back rejected draft tokens)")
@@ -76,7 +80,8 @@ def register() -> None:
         def verify_and_update_config(vllm_config) -> None:
             config, parallel = vllm_config.model_config.hf_config, vllm_config.parallel_config
             check_servable(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
-                           vllm_config.speculative_config is not None)
+                           vllm_config.speculative_config is not None,
+                           vllm_config.model_config.quantization)
             hold_block_size(vllm_config.cache_config, config)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
