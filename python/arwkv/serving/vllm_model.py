@@ -62,7 +62,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from ..models.configuration_rwkv_hybrid import RwkvHybridConfig
-from ..models.modeling_rwkv_hybrid import LayerState, time_mixer_class
+from ..models.modeling_rwkv_hybrid import LayerState, some_names, time_mixer_class
 from .vllm_plugin import SERVED_FAMILIES, ServeError
 
 Tensor = torch.Tensor
@@ -85,8 +85,9 @@ def state_dtypes(model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 
 
 class ValueResidual:
-    """RWKV-7's first-layer values [1, T, D / tp], written by the first time-mixing layer of each
-    forward pass and read by the later ones (a plain object: no parameter, no buffer)."""
+    """RWKV-7's first-layer values ([1, T, D / tp], or [S, 1, D / tp] in a decode-only step),
+    written by the first time-mixing layer of each forward pass and read by the later ones (a
+    plain object: no parameter, no buffer)."""
 
     def __init__(self) -> None:
         self.value: Tensor | None = None
@@ -314,16 +315,17 @@ class RwkvHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
         for name, tensor in weights:
             if name in tied:
                 continue
+            mixer = ".time_mixer." in name
             target, shard = name, None
-            for stacked, piece, shard_id in STACKED:
-                if piece in name and ".time_mixer." not in name:
+            for stacked, piece, shard_id in () if mixer else STACKED:
+                if piece in name:
                     target, shard = name.replace(piece, stacked), shard_id
                     break
             if target not in params:
                 raise ServeError(f"arwkv vLLM model: the checkpoint's tensor {name} has no place in "
                                  f"this model (config.json and the weights disagree)")
             param = params[target]
-            if ".time_mixer." in name:
+            if mixer:
                 param.data.copy_(head_shard(tensor, param.shape))
             elif shard is not None:
                 param.weight_loader(param, tensor, shard)
@@ -332,8 +334,8 @@ class RwkvHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
             loaded.add(target)
         missing = sorted(set(params) - loaded - tied)
         if missing:
-            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-            raise ServeError(f"arwkv vLLM model: the checkpoint lacks {len(missing)} tensors: {shown}")
+            raise ServeError(f"arwkv vLLM model: the checkpoint lacks {len(missing)} tensors: "
+                             f"{some_names(missing)}")
         return loaded | tied
 
 
