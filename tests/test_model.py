@@ -12,6 +12,10 @@ from arwkv.models.modeling_rwkv_hybrid import LayerState, RwkvHybridForCausalLM
 from arwkv_ext.testing import rel_error
 from fixtures import VOCAB, tiny_teacher
 
+# the time mixings a student can have: RWKV-7, RWKV-6 in its qrwkv form (convert's default) and finch
+MIXINGS = pytest.mark.parametrize("mixing", [dict(wkv=7), dict(wkv=6), dict(wkv=6, wkv6_form="finch")],
+                                  ids=["rwkv7", "rwkv6-qrwkv", "rwkv6-finch"])
+
 
 def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     cache, out = None, []
@@ -24,20 +28,20 @@ def logits_step_by_step(model: RwkvHybridForCausalLM, ids: torch.Tensor) -> torc
 
 @pytest.mark.parametrize("gate,group_norm,head_size",
                          [(True, False, 32), (False, False, 64), (True, True, 32), (True, False, 128)])
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_full_sequence_equals_step_by_step(wkv, gate, group_norm, head_size):
+def test_full_sequence_equals_step_by_step(mixing, gate, group_norm, head_size):
     student = student_from_teacher(tiny_teacher(), gate=gate, group_norm=group_norm, head_size=head_size,
-                                   wkv=wkv)
+                                   **mixing)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
     full = student(ids).logits
     assert rel_error(logits_step_by_step(student, ids), full) <= 1e-4
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_prefill_then_decode_equals_one_forward(wkv):
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+def test_prefill_then_decode_equals_one_forward(mixing):
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     ids = torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(2))
     full = student(ids)
     prefix = student(ids[:, :17])
@@ -50,10 +54,10 @@ def test_prefill_then_decode_equals_one_forward(wkv):
         assert rel_error(a.wkv, b.wkv) <= 1e-5 and rel_error(a.shift, b.shift) <= 1e-5
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_packed_sequences_equal_separate_calls(wkv):
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+def test_packed_sequences_equal_separate_calls(mixing):
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in (5, 1, 12)]
     packed = student(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 5, 6, 18])).logits
@@ -61,12 +65,12 @@ def test_packed_sequences_equal_separate_calls(wkv):
     assert rel_error(packed, separate) <= 1e-5
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_packed_sequences_continue_from_their_own_states(wkv):
+def test_packed_sequences_continue_from_their_own_states(mixing):
     """A time mixer given cu_seqlens and one carried state per sequence (what a server batching
     requests at different points does) equals each sequence continued alone, states included."""
-    mixer = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv).model.layers[1].self_attn.time_mixer
+    mixer = student_from_teacher(tiny_teacher(), head_size=32, **mixing).model.layers[1].self_attn.time_mixer
     g = torch.Generator().manual_seed(4)
     lengths = (3, 1, 9)
     before = [torch.randn(1, n, 128, generator=g) for n in (6, 2, 4)]  # earlier tokens of each
@@ -78,6 +82,51 @@ def test_packed_sequences_continue_from_their_own_states(wkv):
     assert rel_error(y, torch.cat([out for out, _ in alone], 1)) <= 1e-5
     assert rel_error(state.shift, torch.cat([s.shift for _, s in alone])) == 0
     assert rel_error(state.wkv, torch.cat([s.wkv for _, s in alone])) <= 1e-5
+
+
+def qrwkv_reference(m, x: torch.Tensor, shift: torch.Tensor, S: torch.Tensor):
+    """The QRWKV6 time mixing from its formula, a token at a time (float64): x [B, T, C], the
+    carried last token [B, C] and state [B, H, N(value), N(key)] -> output [B, T, C], state."""
+    p = {name: t.double() for name, t in m.named_parameters()}
+    B, T, C = x.shape
+    H, N = m.num_heads, m.head_size
+    xx = torch.cat([shift[:, None], x[:, :-1]], 1) - x
+    low = torch.tanh((x + xx * p["time_maa_x"]) @ p["time_maa_w1"]).view(B, T, 5, -1)
+    mix = torch.einsum("btjr,jrc->jbtc", low, p["time_maa_w2"])
+    xw, xk, xv, xr, xg = (x + xx * (p[f"time_maa_{z}"] + mix[j]) for j, z in enumerate("wkvrg"))
+
+    def linear(name, z):
+        return z @ p[f"{name}.weight"].T + (p[f"{name}.bias"] if f"{name}.bias" in p else 0)
+
+    r, k, v, g = linear("receptance", xr), linear("key", xk), linear("value", xv), linear("gate", xg)
+    d = torch.exp(-torch.exp(p["time_decay"] + torch.tanh(xw @ p["time_decay_w1"]) @ p["time_decay_w2"]))
+    k = k * (1 - d)
+    ys = []
+    for t in range(T):
+        rt, kt, vt, dt = (z[:, t].view(B, H, N) for z in (r, k, v, d))
+        S = S * dt[:, :, None, :] + vt[..., :, None] * kt[..., None, :]  # update, then read
+        ys.append(torch.einsum("bhij,bhj->bhi", S, rt) / N**0.5)
+    y = torch.stack(ys, 1).reshape(B, T, H * N) * torch.sigmoid(g)
+    return linear("output", y), S
+
+
+@torch.no_grad()
+def test_qrwkv_form_is_the_recurrence_llama_cpp_computes():
+    """The qrwkv form equals its formula run token by token (llama.cpp's rwkv6qwen2 runs that
+    formula), from a carried state, with decays from near 0 to near 1 and q/k/v biases."""
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=6, keep_bias=True)
+    m = student.model.layers[1].self_attn.time_mixer
+    g = torch.Generator().manual_seed(11)
+    for p in m.parameters():  # every path nonzero
+        p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    m.time_decay.copy_(torch.linspace(-4, 2.5, m.time_decay.numel()).view_as(m.time_decay))  # d 0.98 .. 5e-6
+    B, T, C = 2, 21, 128
+    x, shift = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    S = torch.randn(B, m.num_heads, 32, 32, generator=g)
+    y, state, _ = m(x, LayerState(shift=shift, wkv=S))
+    y_ref, S_ref = qrwkv_reference(m, x.double(), shift.double(), S.double())
+    assert rel_error(y, y_ref) <= 1e-5 and rel_error(state.wkv, S_ref) <= 1e-5
+    assert torch.equal(state.shift, x[:, -1])
 
 
 def test_transfer_copies_teacher_weights_exactly_and_unties_embeddings():
@@ -144,9 +193,9 @@ def test_fresh_init_follows_arwkv_and_keeps_linear_default():
     assert decay.min() > 0.545 and decay.max() < 1
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
-def test_gradients_reach_every_time_mixer_parameter(wkv):
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+@MIXINGS
+def test_gradients_reach_every_time_mixer_parameter(mixing):
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     for p in student.parameters():  # nonzero low-rank paths so every parameter matters
         p.data.add_(torch.randn_like(p) * 1e-2)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
@@ -158,9 +207,9 @@ def test_gradients_reach_every_time_mixer_parameter(wkv):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     # the value residual carries gradient back into layer 0's value projection from later layers
     assert student.model.layers[0].self_attn.time_mixer.value.weight.grad.abs().sum() > 0
-    if wkv == 6:
-        assert student.config.wkv_version == 6 and hasattr(student.model.layers[0].self_attn.time_mixer,
-                                                           "time_faaaa")
+    if mixing.get("wkv") == 6:  # the bonus is the finch form's only
+        assert hasattr(student.model.layers[0].self_attn.time_mixer, "time_faaaa") == (
+            mixing.get("wkv6_form") == "finch")
 
 
 def test_biases_dropped_by_default_and_kept_when_asked():
@@ -182,12 +231,12 @@ def test_bad_teacher_is_a_clear_error():
         student_from_teacher(tiny_teacher(), head_size=48)
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_left_padding_leaves_the_state_untouched(wkv):
+def test_left_padding_leaves_the_state_untouched(mixing):
     """A left-padded row gives the same logits at its real tokens, and the same cache, as the
     prompt alone."""
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     g = torch.Generator().manual_seed(6)
     short, long = torch.randint(0, VOCAB, (1, 5), generator=g), torch.randint(0, VOCAB, (1, 9), generator=g)
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
@@ -199,10 +248,10 @@ def test_left_padding_leaves_the_state_untouched(wkv):
         assert rel_error(a.wkv[0], b.wkv[0]) <= 1e-5 and rel_error(a.shift[0], b.shift[0]) <= 1e-6
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_generate_greedy_matches_manual_decoding_and_padding(wkv):
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+def test_generate_greedy_matches_manual_decoding_and_padding(mixing):
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(1, VOCAB, (1, 4), generator=g), torch.randint(1, VOCAB, (1, 7), generator=g)
     out_a = student.generate(a, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -222,15 +271,15 @@ def test_generate_greedy_matches_manual_decoding_and_padding(wkv):
     assert sampled.shape == (1, 9)
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
-def test_save_load_round_trip_in_a_fresh_offline_process(tmp_path, wkv):
+@MIXINGS
+def test_save_load_round_trip_in_a_fresh_offline_process(tmp_path, mixing):
     """save_pretrained -> AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in a new
     Python process, offline, reproduces the logits exactly."""
     import json
     import subprocess
     import sys
 
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     out = tmp_path / "student"
     student.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
@@ -263,12 +312,12 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_beam_search_scores_match_a_full_forward(wkv):
+def test_beam_search_scores_match_a_full_forward(mixing):
     """Beam search reorders the recurrent cache: the score it reports for its best sequence is
     the log-probability a fresh full forward gives that sequence."""
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv)
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing)
     prompt = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(9))
     out = student.generate(prompt, num_beams=3, max_new_tokens=5, do_sample=False, length_penalty=0.0,
                            pad_token_id=0, return_dict_in_generate=True, output_scores=True)
@@ -385,11 +434,11 @@ def test_hybrid_keeping_every_attention_layer_is_the_teacher():
     assert rel_error(logits_step_by_step(hybrid, ids), want) <= 1e-5
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
+@MIXINGS
 @torch.no_grad()
-def test_hybrid_mixes_attention_and_time_mixing_consistently(wkv):
+def test_hybrid_mixes_attention_and_time_mixing_consistently(mixing):
     teacher = tiny_teacher()
-    hybrid = student_from_teacher(teacher, head_size=32, wkv=wkv, wkv_layers=[1])
+    hybrid = student_from_teacher(teacher, head_size=32, **mixing, wkv_layers=[1])
     assert [layer.is_wkv for layer in hybrid.model.layers] == [False, True, False]
     kept, original = hybrid.model.layers[0].self_attn, teacher.model.layers[0].self_attn
     assert torch.equal(kept.q_proj.weight, original.q_proj.weight)
@@ -498,12 +547,12 @@ def test_hybrid_converts_and_reloads(tmp_path):
         convert_in_memory(teacher, head_size=32, wkv_layers=[5])
 
 
-@pytest.mark.parametrize("wkv", [7, 6])
-def test_bf16_autocast_over_float32_weights(wkv):
+@MIXINGS
+def test_bf16_autocast_over_float32_weights(mixing):
     """Training on GPUs runs float32 master weights under bf16 autocast: the projections come out
     in bf16 while the float32 mixes do not, and the op still gets one dtype; the loss stays close
     to float32's and gradients reach the weights in float32."""
-    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=wkv).float().train()
+    student = student_from_teacher(tiny_teacher(), head_size=32, **mixing).float().train()
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
     reference = student(ids, labels=ids, use_cache=False).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -63,10 +63,16 @@ def convert(opts: o.ConvertOptions) -> int:
 
     start = time.perf_counter()
     out = convert_checkpoint(opts.teacher, opts.out, **fields(opts, "teacher", "out"))
-    if opts.keep_bias:
+    if opts.keep_bias and opts.wkv == 7:
         print(
-            "arwkv convert: note: the student keeps the teacher's q/k/v biases; such a checkpoint runs "
-            "only in arwkv (the published ARWKV code and llama.cpp have no place for them)"
+            "arwkv convert: note: the student keeps the teacher's q/k/v biases; such an RWKV-7 checkpoint "
+            "runs only in arwkv and vLLM (the published ARWKV code and llama.cpp's arwkv7 have no place "
+            "for them)"
+        )
+    if opts.wkv == 6 and opts.wkv6_form == "finch":
+        print(
+            "arwkv convert: note: a finch RWKV-6 student runs in arwkv and vLLM; llama.cpp's rwkv6qwen2 "
+            "computes the qrwkv form (the default --wkv6-form)"
         )
     print(f"arwkv convert: wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -314,6 +314,14 @@ class ConvertOptions(Options):
         "transfer", "transfer: r,k,v,o <- q,k,v,o of the teacher; fresh: ARWKV's init", ("transfer", "fresh")
     )
     wkv: int = opt(7, "time mixing: RWKV-7 or RWKV-6", (7, 6))
+    wkv6_form: str = opt(
+        "qrwkv",
+        "with --wkv 6, the recurrence: qrwkv (QRWKV6: reads the state after its update, key scaled by "
+        "1 - decay, sigmoid gate, no bonus; llama.cpp's rwkv6qwen2 runs it exactly: export it with "
+        "arwkv export --gguf) or finch (stock RWKV-6 with the per-head bonus and silu gate; runs only in "
+        "arwkv and vLLM)",
+        ("qrwkv", "finch"),
+    )
     dtype: str = opt(
         "auto",
         "dtype of the written weights; auto: the teacher's own, so its weights are copied bit for bit",
@@ -332,8 +340,8 @@ class ConvertOptions(Options):
     group_norm: bool = opt(False, "per-head GroupNorm of the WKV output")
     keep_bias: bool = opt(
         False,
-        "keep the teacher's q/k/v biases on receptance/key/value (runs only in "
-        "arwkv; the published ARWKV layout and llama.cpp have none)",
+        "keep the teacher's q/k/v biases on receptance/key/value (RWKV-7: runs only in arwkv and vLLM; "
+        "the published ARWKV layout and llama.cpp's arwkv7 have none. RWKV-6 qrwkv: llama.cpp runs them)",
     )
     max_shard_size: str = opt("2GB", "largest safetensors shard (e.g. 500MB)")
     seed: int = opt(0, "seed of the time mixers' random initial values")

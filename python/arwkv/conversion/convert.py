@@ -54,7 +54,7 @@ def expand_kv_heads(weight: Tensor, num_kv_heads: int, num_heads: int) -> Tensor
 
 def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gate: bool = True,
                    group_norm: bool = False, qkv_bias: bool = False, wkv: int = 7,
-                   wkv_layers: list[int] | None = None) -> RwkvHybridConfig:
+                   wkv6_form: str = "qrwkv", wkv_layers: list[int] | None = None) -> RwkvHybridConfig:
     """The student's config: the teacher's keys, plus the time mixer's."""
     t = teacher_config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"):
@@ -62,7 +62,7 @@ def student_config(teacher_config: PretrainedConfig, *, head_size: int = 64, gat
     heads = teacher_config.num_attention_heads
     head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads
     t.update(
-        head_size=head_size, head_size_divisor=8, wkv_version=wkv, wkv_has_gate=gate,
+        head_size=head_size, head_size_divisor=8, wkv_version=wkv, wkv6_form=wkv6_form, wkv_has_gate=gate,
         wkv_has_group_norm=group_norm, wkv_layers=wkv_layers, teacher_model_type=teacher_config.model_type,
         attention_hidden_size=heads * head_dim, wkv_qkv_bias=qkv_bias, tie_word_embeddings=False,
         architectures=["RwkvHybridForCausalLM"],
@@ -134,7 +134,7 @@ def _with_tied_head(get: Callable[[str], Tensor], tied: bool) -> Callable[[str],
 @torch.no_grad()
 def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", head_size: int = 64,
                          gate: bool = True, group_norm: bool = False, keep_bias: bool = False,
-                         seed: int = 0, wkv: int = 7,
+                         seed: int = 0, wkv: int = 7, wkv6_form: str = "qrwkv",
                          wkv_layers: list[int] | None = None) -> RwkvHybridForCausalLM:
     """The student of a teacher already in memory (a transformers decoder with the standard
     layout: model.embed_tokens, model.layers[i].{self_attn, mlp, input_layernorm,
@@ -143,6 +143,7 @@ def student_from_teacher(teacher: PreTrainedModel, *, init: str = "transfer", he
     has_bias = getattr(teacher.model.layers[0].self_attn.q_proj, "bias", None) is not None
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
                             qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
+                            wkv6_form=wkv6_form,
                             wkv_layers=wkv_layers)
     weights = teacher.state_dict()
     get = _with_tied_head(weights.__getitem__, "lm_head.weight" not in weights or
@@ -169,7 +170,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
                        init: str = "transfer", head_size: int = 64, gate: bool = True,
                        group_norm: bool = False, keep_bias: bool = False, dtype: str = "auto",
                        overwrite: bool = False, max_shard_size: str = "2GB", seed: int = 0,
-                       wkv: int = 7, wkv_layers: list[int] | None = None) -> Path:
+                       wkv: int = 7, wkv6_form: str = "qrwkv", wkv_layers: list[int] | None = None) -> Path:
     """Streams a teacher checkpoint into a student checkpoint directory: sharded safetensors +
     index, config.json (with auto_map), the teacher's generation/tokenizer files, and the
     configuration/modeling .py files. ``dtype`` "auto" keeps the teacher's own (the dtype of its
@@ -200,6 +201,7 @@ def convert_checkpoint(teacher_dir: str | os.PathLike, out_dir: str | os.PathLik
     has_bias = "model.layers.0.self_attn.q_proj.bias" in teacher.names
     config = student_config(tcfg, head_size=head_size, gate=gate, group_norm=group_norm,
                             qkv_bias=has_bias and keep_bias and init == "transfer", wkv=wkv,
+                            wkv6_form=wkv6_form,
                             wkv_layers=wkv_layers)
     config.dtype = torch_dtype_name(torch_dtype)
     config.auto_map = {"AutoConfig": "configuration_rwkv_hybrid.RwkvHybridConfig",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+WKV6_FORMS = ("finch", "qrwkv")  # RWKV-6 recurrences: see RwkvHybridConfig's wkv6_form
+
 
 def _kernel_head_sizes() -> tuple[int, ...] | None:
     """The head sizes the compiled WKV kernels run: ``arwkv_ext.HEAD_SIZES``, the one definition.
@@ -31,8 +33,16 @@ class RwkvHybridConfig(PretrainedConfig):
         head_size: WKV head size N: one of the sizes the WKV kernels run (``arwkv_ext.HEAD_SIZES``;
             64 in the published models).
         head_size_divisor: scales the group-norm epsilon (``1e-5 * divisor**2``).
-        wkv_version: 7 (RWKV-7 time mixing) or 6 (RWKV-6 "Finch", stock parameter names).
-        wkv_has_gate: output gate (RWKV-7: ``sigmoid(x G1) G2``; RWKV-6: ``silu(x Wg)``).
+        wkv_version: 7 (RWKV-7 time mixing) or 6 (RWKV-6, stock parameter names).
+        wkv6_form: which RWKV-6 recurrence (RWKV-6 only). "finch": stock Finch, each token reads
+            the state before its own update plus a per-head bonus ``time_faaaa``, gate
+            ``silu(x Wg)``. "qrwkv": the QRWKV6 form (the RADLADS conversions; llama.cpp's
+            rwkv6qwen2 architecture): no bonus, the key scaled by (1 - decay), each token reads
+            the state after its update scaled by 1/sqrt(head_size), gate ``sigmoid(x Wg)``.
+            Default "finch" (files written before the key existed); ``arwkv convert`` writes
+            "qrwkv" unless told otherwise.
+        wkv_has_gate: output gate (RWKV-7: ``sigmoid(x G1) G2``; RWKV-6: ``silu(x Wg)``, or
+            ``sigmoid(x Wg)`` in the "qrwkv" form).
         wkv_has_group_norm: per-head GroupNorm of the WKV output.
         wkv_layers: indices of the layers that use time mixing (None: all); the others keep the
             teacher's attention (a hybrid).
@@ -51,7 +61,8 @@ class RwkvHybridConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 151936, hidden_size: int = 896, intermediate_size: int = 4864,
                  num_hidden_layers: int = 24, hidden_act: str = "silu", rms_norm_eps: float = 1e-6,
                  tie_word_embeddings: bool = False, head_size: int = 64, head_size_divisor: int = 8,
-                 wkv_version: int = 7, wkv_has_gate: bool = True, wkv_has_group_norm: bool = False,
+                 wkv_version: int = 7, wkv6_form: str = "finch", wkv_has_gate: bool = True,
+                 wkv_has_group_norm: bool = False,
                  wkv_layers: list[int] | None = None, teacher_model_type: str = "qwen2",
                  attention_hidden_size: int | None = None, wkv_qkv_bias: bool = False,
                  decay_low_rank: int = 64, a_low_rank: int = 64, v_low_rank: int = 32,
@@ -72,6 +83,7 @@ class RwkvHybridConfig(PretrainedConfig):
         self.head_size = head_size
         self.head_size_divisor = head_size_divisor
         self.wkv_version = wkv_version
+        self.wkv6_form = wkv6_form
         self.wkv_has_gate = wkv_has_gate
         self.wkv_has_group_norm = wkv_has_group_norm
         self.wkv_layers = wkv_layers
@@ -101,6 +113,8 @@ class RwkvHybridConfig(PretrainedConfig):
         """Raises a one-line ValueError for a config the student cannot run."""
         if self.wkv_version not in (6, 7):
             raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not 7 (RWKV-7) or 6 (RWKV-6)")
+        if self.wkv6_form not in WKV6_FORMS:
+            raise ValueError(f"rwkv_hybrid: wkv6_form {self.wkv6_form!r} is not one of {', '.join(WKV6_FORMS)}")
         head_sizes = _kernel_head_sizes()
         if head_sizes is not None and self.head_size not in head_sizes:
             raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of "

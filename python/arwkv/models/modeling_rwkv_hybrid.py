@@ -278,9 +278,15 @@ class Rwkv7TimeMixer(TimeMixerBase):
 
 
 class Rwkv6TimeMixer(TimeMixerBase):
-    """RWKV-6 ("Finch") time mixing, stock parameter names: data-dependent token shift (a
-    5-way low-rank mixer), decay exp(-exp(time_decay + tanh(x W1) W2)), per-head bonus
-    ``time_faaaa`` [H, N], output gate silu(x_g Wg), optional GroupNorm."""
+    """RWKV-6 time mixing, stock parameter names: data-dependent token shift (a 5-way low-rank
+    mixer), decay d = exp(-exp(time_decay + tanh(x W1) W2)), optional GroupNorm, in one of two
+    recurrences (``config.wkv6_form``), per head with state S [N, N]:
+
+    - "finch": y_t = r_t (S_{t-1} + diag(u) k_t^T v_t), S_t = diag(d_t) S_{t-1} + k_t^T v_t, with the
+      per-head bonus u = ``time_faaaa`` [H, N]; gate silu(x_g Wg).
+    - "qrwkv": S_t = diag(d_t) S_{t-1} + (k_t (1 - d_t))^T v_t, y_t = r_t S_t / sqrt(N); no bonus;
+      gate sigmoid(x_g Wg) (what llama.cpp's rwkv6qwen2 computes).
+    """
 
     def __init__(self, config: RwkvHybridConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
@@ -293,7 +299,9 @@ class Rwkv6TimeMixer(TimeMixerBase):
         self.time_decay = nn.Parameter(torch.zeros(1, 1, D))
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, self.decay_rank))
         self.time_decay_w2 = nn.Parameter(torch.zeros(self.decay_rank, D))
-        self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))
+        self.form = config.wkv6_form
+        if self.form == "finch":
+            self.time_faaaa = nn.Parameter(torch.zeros(self.num_heads, N))
         if self.has_gate:
             self.gate = nn.Linear(C, D, bias=False)
         self.reset_rwkv_parameters()
@@ -318,8 +326,9 @@ class Rwkv6TimeMixer(TimeMixerBase):
         self.time_decay.copy_((-6 + 5 * (n / max(D - 1, 1)) ** (0.7 + 1.3 * r0)).view(1, 1, D))
         self.time_decay_w1.zero_()
         self.time_decay_w2.uniform_(-0.01, 0.01)
-        bonus = r0 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
-        self.time_faaaa.copy_(bonus.view(self.num_heads, self.head_size))
+        if self.form == "finch":
+            bonus = r0 * (1 - n / max(D - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
+            self.time_faaaa.copy_(bonus.view(self.num_heads, self.head_size))
 
     def forward(self, x: Tensor, state: LayerState | None = None, v_first: Tensor | None = None,
                 cu_seqlens: Tensor | None = None,
@@ -340,15 +349,38 @@ class Rwkv6TimeMixer(TimeMixerBase):
         log_decay = -torch.exp(w.float()).to(x.dtype)
         if keep is not None:  # padding: decay 1, nothing written
             k, v, log_decay = k * keep, v * keep, log_decay * keep
-        heads = [t.reshape(B, T, H, N).to(r.dtype) for t in (r, log_decay, k, v)]  # one dtype (autocast)
-        y, wkv = arwkv_ext.wkv6(*heads, self.time_faaaa.to(r.dtype),
-                                state.wkv if state is not None else None, cu_seqlens)
+        initial = state.wkv if state is not None else None
+        if self.form == "finch":
+            heads = [t.reshape(B, T, H, N).to(r.dtype) for t in (r, log_decay, k, v)]  # one dtype (autocast)
+            y, wkv = arwkv_ext.wkv6(*heads, self.time_faaaa.to(r.dtype), initial, cu_seqlens)
+        else:
+            y, wkv = self._read_after_update(r, log_decay, k, v, initial, cu_seqlens)
         y = y.reshape(B, T, H * N)
         if self.has_group_norm:
             y = self.ln_x(y.view(B * T, H * N)).view(B, T, H * N)
         if self.has_gate:
-            y = y * F.silu(self.gate(x + xx * (self.time_maa_g + mg)))
+            gate = self.gate(x + xx * (self.time_maa_g + mg))
+            y = y * (F.silu(gate) if self.form == "finch" else torch.sigmoid(gate))
         return self.output(y), LayerState(shift=last_tokens(x, cu_seqlens), wkv=wkv), v_first
+
+
+    def _read_after_update(self, r: Tensor, log_decay: Tensor, k: Tensor, v: Tensor, initial: Tensor | None,
+                           cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The "qrwkv" recurrence on the WKV-6 op, exactly: r, log_decay, k, v [B, T, D] ->
+        y [B, T, H, N] and the state [B, H, N, N]. With k' = k (1 - d), reading after the update
+        splits as y_t = (r_t d_t) S_{t-1} + (r_t . k'_t) v_t (per head): the op with receptance
+        r d and no bonus gives the first term and the same state; the second is added here."""
+        B, T, D = r.shape
+        H, N = self.num_heads, self.head_size
+        dt = r.dtype  # one dtype for the op (under autocast the projections are 16-bit)
+        decay = torch.exp(log_decay.float())
+        rh = (r.float() * decay * N**-0.5).view(B, T, H, N).to(dt)
+        kh = (k.float() * -torch.expm1(log_decay.float())).view(B, T, H, N).to(dt)
+        vh = v.view(B, T, H, N).to(dt)
+        y, wkv = arwkv_ext.wkv6(rh, log_decay.view(B, T, H, N).to(dt), kh, vh, rh.new_zeros(H, N), initial,
+                                cu_seqlens)
+        this_token = (r.view(B, T, H, N) * N**-0.5 * kh).sum(-1, keepdim=True) * vh
+        return y + this_token.to(y.dtype), wkv
 
 
 def time_mixer_class(config: RwkvHybridConfig) -> type[nn.Module]:
