@@ -114,7 +114,8 @@ class RwkvHybridConfig(PretrainedConfig):
         if self.wkv_version not in (6, 7):
             raise ValueError(f"rwkv_hybrid: wkv_version {self.wkv_version} is not 7 (RWKV-7) or 6 (RWKV-6)")
         if self.wkv6_form not in WKV6_FORMS:
-            raise ValueError(f"rwkv_hybrid: wkv6_form {self.wkv6_form!r} is not one of {', '.join(WKV6_FORMS)}")
+            raise ValueError(f"rwkv_hybrid: wkv6_form {self.wkv6_form!r} is not one of "
+                             f"{', '.join(WKV6_FORMS)}")
         head_sizes = _kernel_head_sizes()
         if head_sizes is not None and self.head_size not in head_sizes:
             raise ValueError(f"rwkv_hybrid: head_size {self.head_size} is not one of "
