@@ -103,7 +103,11 @@ def build_llama(build: Path) -> tuple[Path, Path]:
         sources = list(src_root.glob("llama_cpp_python-*/vendor/llama.cpp"))
     source, out = sources[0], build / "cmake"
     if not (out / "bin" / "libllama.so").exists():
+        # -march=native turns on AMX where the CPU has it; a kernel (or sandbox) that has not
+        # enabled AMX's register state then kills q8_0 matmuls with SIGILL. AMX changes speed only.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
         run(["cmake", "-S", str(source), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release",
+             f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}",
              "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_CURL=OFF"])
         run(["cmake", "--build", str(out), "--target", "llama", "-j", str(os.cpu_count() or 2)])
@@ -132,6 +136,8 @@ def main() -> int:
     ap.add_argument("--llama-build", type=Path, default=ROOT / "build" / "llama.cpp",
                     help="where llama.cpp is (or gets) built; a directory with bin/libllama.so is used as is")
     ap.add_argument("--model", type=Path, help="student to export (default: demo teacher -> head size 64)")
+    ap.add_argument("--wkv", type=int, choices=(7, 6), default=7,
+                    help="time mixing of the default student (RWKV-6: arwkv convert's default qrwkv form)")
     ap.add_argument("--tokens", type=int, default=512, help="held-out tokens scored")
     ap.add_argument("--outtypes", default="f32,f16,bf16,q8_0")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llama-cpp")
@@ -158,7 +164,7 @@ def main() -> int:
     model_dir = args.model
     if model_dir is None:
         model_dir = work / "student"
-        convert_checkpoint(DEMO_TEACHER, model_dir, head_size=64, dtype="fp32")
+        convert_checkpoint(DEMO_TEACHER, model_dir, head_size=64, dtype="fp32", wkv=args.wkv)
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     text = "\n".join(json.loads(line)["text"] for line in HELDOUT.read_text().splitlines()[:200])
     ids = np.array(tok(text)["input_ids"][: args.tokens], dtype=np.int32)
@@ -166,7 +172,8 @@ def main() -> int:
     model = RwkvHybridForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.from_numpy(ids.astype(np.int64))[None], use_cache=False).logits[0].numpy()
-    results = {"model": str(args.model or "demo teacher, arwkv convert --head-size 64 (transfer init)"),
+    default = f"demo teacher, arwkv convert --head-size 64 --wkv {args.wkv} (transfer init)"
+    results = {"model": str(args.model or default),
                "llama_cpp": SDIST + " (vendored llama.cpp)", "tokens": int(len(ids)),
                "arwkv": {"ppl": math.exp(nll(ref, ids))}, "outtypes": {}}
 
