@@ -14,17 +14,17 @@ from arwkv_ext.testing import rel_error
 from fixtures import VOCAB, time_mixer_parameters, tiny_teacher
 
 
-def pair(layers: int = 3, width: int = 128, wkv_layers=None, seed: int = 0):
+def pair(layers: int = 3, width: int = 128, wkv_layers=None, seed: int = 0, wkv: int = 7):
     teacher = tiny_teacher(tie=False, seed=seed, hidden=width, intermediate=2 * width, layers=layers)
-    student = student_from_teacher(teacher, head_size=32, wkv_layers=wkv_layers)
+    student = student_from_teacher(teacher, head_size=32, wkv_layers=wkv_layers, wkv=wkv)
     for p in student.parameters():  # a student that does not already match at init
         p.data.add_(torch.randn_like(p) * 0.02)
     return teacher, student
 
 
-@pytest.mark.parametrize("wkv_layers", [None, [1, 2]])
-def test_stage1_losses_and_gradients_match_keeping_every_graph(wkv_layers):
-    teacher, student = pair(wkv_layers=wkv_layers)
+@pytest.mark.parametrize("wkv_layers,wkv", [(None, 7), ([1, 2], 7), (None, 6)])
+def test_stage1_losses_and_gradients_match_keeping_every_graph(wkv_layers, wkv):
+    teacher, student = pair(wkv_layers=wkv_layers, wkv=wkv)
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 17, dtype=torch.long)
     mask[0, :5] = 0  # left padding does not count
@@ -36,9 +36,9 @@ def test_stage1_losses_and_gradients_match_keeping_every_graph(wkv_layers):
     assert losses == pytest.approx([x.item() for x in want_losses], rel=1e-5)
     want = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     assert set(got) == set(want) and all("time_mixer" in n for n in got)
-    # every time-mixer parameter trains, but the value-residual ones of the first time-mixing layer
-    # (it makes v_first and has no residual)
-    assert len(got) == len(time_mixer_parameters(student)) - 3
+    # every time-mixer parameter trains, but the value-residual ones of RWKV-7's first time-mixing
+    # layer (it makes v_first and has no residual)
+    assert len(got) == len(time_mixer_parameters(student)) - (3 if wkv == 7 else 0)
     for n in got:
         assert rel_error(got[n], want[n]) <= 1e-5, n
     assert all(p.grad is None for n, p in teacher.named_parameters())

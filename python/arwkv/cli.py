@@ -187,7 +187,7 @@ def demo(opts: o.DemoOptions) -> int:
     from .demo import DemoPlan, run_demo
 
     plan = DemoPlan.quick(opts.init) if opts.quick else DemoPlan(init=opts.init)
-    for name in ("device", "keep_bias", "head_size", "gguf", "stage1_steps", "stage2_steps"):
+    for name in ("device", "keep_bias", "wkv", "head_size", "gguf", "stage1_steps", "stage2_steps"):
         if getattr(opts, name) is not None:  # (the step counts: the plan's unless given)
             setattr(plan, name, getattr(opts, name))
     run_demo(opts.out, plan)

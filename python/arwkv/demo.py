@@ -3,9 +3,9 @@
 A small Qwen2 teacher ships in ``arwkv/demo_assets/teacher`` (trained by
 tools/make_demo_teacher.py on text that ships with Python: the pydoc topics and the standard
 library's docstrings; ``train.jsonl`` / ``heldout.jsonl`` beside it). The demo converts it into an
-RWKV-7 student, runs stage 1 (attention alignment) and stage 2 (logit distillation) on the
-training split, then scores teacher and student on the held-out split, times decoding at a short
-and a long context (batch 1, greedy; the median of several timed runs after a warm-up: see
+RWKV-7 student (RWKV-6 with ``--wkv 6``), runs stage 1 (attention alignment) and stage 2 (logit
+distillation) on the training split, then scores teacher and student on the held-out split, times
+decoding at a short and a long context (batch 1, greedy; the median of several timed runs after a warm-up: see
 ``evaluate.decoding_speed``), generates a sample from each, measures the loss by position of
 both on long sequences of the held-out text (``long_context``: documents concatenated into
 2048-token sequences, each scored from an empty context; the teacher was trained on 256-token
@@ -55,6 +55,7 @@ class DemoPlan:
     # where training, scoring and decoding run: cpu (the published story), cuda or auto
     device: str = "cpu"
     keep_bias: bool = False  # the teacher's q/k/v biases on the student (runs only in arwkv)
+    wkv: int = 7  # the student's time mixing: RWKV-7, or RWKV-6 in convert's default (qrwkv) form
     # the student's WKV head size: 64, which llama.cpp runs correctly (its CPU kernel mishandles
     # 32 on AVX-512 machines); measured at the default steps: 1.021x (head size 32: 1.009x)
     head_size: int = 64
@@ -132,6 +133,10 @@ OUTPUTS = (
     "long_context.png",
     "student.gguf",
 )
+
+
+def mixing_name(wkv: int) -> str:
+    return "RWKV-7" if wkv == 7 else "RWKV-6 (qrwkv)"
 
 
 def _prepare_out(out: Path) -> None:
@@ -272,11 +277,11 @@ def run_demo(out: str | Path, plan: DemoPlan | None = None) -> dict:
     began = time.perf_counter()
     timings = {}
 
-    _say(f"converting the shipped Qwen2 teacher into an RWKV-7 student (--init {plan.init}, --head-size "
-         f"{plan.head_size}{', --keep-bias' if plan.keep_bias else ''})")
+    _say(f"converting the shipped Qwen2 teacher into an {mixing_name(plan.wkv)} student (--init {plan.init}, "
+         f"--head-size {plan.head_size}{', --keep-bias' if plan.keep_bias else ''})")
     t0 = time.perf_counter()
     convert_checkpoint(teacher, out / "student-init", init=plan.init, head_size=plan.head_size, dtype="fp32",
-                       keep_bias=plan.keep_bias)
+                       keep_bias=plan.keep_bias, wkv=plan.wkv)
     timings["convert_s"] = time.perf_counter() - t0
 
     common = dict(
@@ -437,11 +442,12 @@ def render_report(r: dict) -> str:
         if device == "cpu"
         else f"({r.get('training_precision', 'bf16 autocast over float32 weights')})"
     )
+    mixing = mixing_name(r["plan"].get("wkv", 7))
     lines = [
         "# arwkv demo",
         "",
-        f"A Qwen2 teacher (shipped, trained on Python's own documentation) converted into an RWKV-7 student "
-        f"(`--init {r['init']}`) and distilled on this machine's {_where(device, r.get('gpu'))} in "
+        f"A Qwen2 teacher (shipped, trained on Python's own documentation) converted into an {mixing} "
+        f"student (`--init {r['init']}`) and distilled on this machine's {_where(device, r.get('gpu'))} in "
         f"{r['seconds']:.0f} s {how}: stage 1 for {r['plan']['stage1_steps']} steps, stage 2 for "
         f"{r['plan']['stage2_steps']} steps.",
         "",
@@ -450,7 +456,7 @@ def render_report(r: dict) -> str:
         "| model | perplexity |",
         "|---|---|",
         f"| teacher (Transformer) | {r['teacher_ppl']:.2f} |",
-        f"| student (RWKV-7), distilled | {r['student_ppl']:.2f} |",
+        f"| student ({mixing}), distilled | {r['student_ppl']:.2f} |",
         f"| student before distillation | {r['student_ppl_before_distillation']:.2f} |",
     ]
     if r.get("unigram_ppl"):

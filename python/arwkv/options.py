@@ -655,8 +655,8 @@ class PlotOptions(Options):
 
 @dataclass
 class DemoOptions(Options):
-    """Convert the shipped small Qwen2 teacher into an RWKV-7 student, distil it (stages 1 and 2) on
-    this CPU (or the --device given), compare perplexity, decoding speed, cache memory and loss by
+    """Convert the shipped small Qwen2 teacher into an RWKV-7 (or RWKV-6) student, distil it (stages 1
+    and 2) on this CPU (or the --device given), compare perplexity, decoding speed, cache memory and loss by
     position on long held-out sequences, and write OUT/report.md with OUT/long_context.png (a few
     minutes, no download)."""
 
@@ -670,6 +670,9 @@ class DemoOptions(Options):
     )
     keep_bias: bool = opt(
         False, "the student keeps the teacher's q/k/v biases (as arwkv convert --keep-bias)"
+    )
+    wkv: int = opt(
+        7, "the student's time mixing: RWKV-7, or RWKV-6 (arwkv convert's default qrwkv form)", (7, 6)
     )
     head_size: int = opt(64, "the student's WKV head size (llama.cpp runs 64 and 128 correctly)", metavar="N")
     gguf: bool = opt(False, "also write the distilled student as OUT/student.gguf (f16) for llama.cpp")

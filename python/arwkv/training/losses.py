@@ -92,7 +92,7 @@ class AttentionAligner:
                     if cu_seqlens is not None:  # the student sees the rows as one packed sequence
                         x_in = x_in.reshape(1, -1, x_in.shape[-1])
                     y, _, v = mixer(x_in, None, v_first[0], cu_seqlens, mask)
-                    if v_first[0] is None:
+                    if v_first[0] is None and v is not None:  # (RWKV-6 has no value residual)
                         v_first[0] = v.detach()
                     loss = alignment_loss(y.view_as(target), target.detach(), self.loss, mask)
                     if backward:
@@ -142,7 +142,7 @@ def alignment_losses_keeping_graphs(teacher: nn.Module, student: RwkvHybridForCa
             continue
         x, target = seen[i]
         y, _, v = layer.self_attn.time_mixer(x, None, v_first, None, mask)
-        v_first = v.detach() if v_first is None else v_first
+        v_first = v.detach() if v_first is None and v is not None else v_first
         losses.append(alignment_loss(y, target, loss, mask))
     return losses
 
