@@ -1,11 +1,13 @@
 """A student exported by `arwkv export --gguf`, run by llama.cpp itself: the same tokens through
-arwkv (float32) and through llama.cpp's arwkv7 for each --outtype, compared on logits, greedy
-tokens and perplexity; and llama.cpp's tokenization of held-out text against transformers'.
+arwkv (float32) and through llama.cpp (its arwkv7 architecture for RWKV-7 students, rwkv6qwen2
+for RWKV-6 ones) for each --outtype, compared on logits, greedy tokens and perplexity; and
+llama.cpp's tokenization of held-out text against transformers'.
 
     python benchmarks/llama_cpp_check.py                      # builds llama.cpp once (~15 min on 2 cores)
     python benchmarks/llama_cpp_check.py --llama-build DIR    # reuse a build (its bin/ has libllama.so)
     python benchmarks/llama_cpp_check.py --model STUDENT_DIR  # another student (default: the demo
                                                               # teacher converted with --head-size 64)
+    python benchmarks/llama_cpp_check.py --wkv 6              # that default student as RWKV-6
 
 llama.cpp comes from the source package of its Python binding (llama_cpp_python on PyPI, which
 vendors llama.cpp), built as a shared library with its CPU backend; a 40-line C++ program in
@@ -173,7 +175,9 @@ def main() -> int:
     with torch.no_grad():
         ref = model(torch.from_numpy(ids.astype(np.int64))[None], use_cache=False).logits[0].numpy()
     default = f"demo teacher, arwkv convert --head-size 64 --wkv {args.wkv} (transfer init)"
-    results = {"model": str(args.model or default),
+    from arwkv.export.gguf import ARCHES
+
+    results = {"model": str(args.model or default), "architecture": ARCHES[model.config.wkv_version],
                "llama_cpp": SDIST + " (vendored llama.cpp)", "tokens": int(len(ids)),
                "arwkv": {"ppl": math.exp(nll(ref, ids))}, "outtypes": {}}
 
@@ -202,7 +206,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# arwkv vs llama.cpp ({results['llama_cpp']}), {results['tokens']} held-out tokens",
-             "", f"Student: {results['model']}. arwkv float32 perplexity: {results['arwkv']['ppl']:.6g}.",
+             "", f"Student: {results['model']}, as llama.cpp's `{results['architecture']}` architecture. "
+             f"arwkv float32 perplexity: {results['arwkv']['ppl']:.6g}.",
              f"Tokenization of the same text, llama.cpp vs transformers: {results.get('tokenization')}", "",
              "| GGUF --outtype | file MB | perplexity in llama.cpp | max abs logit diff vs arwkv "
              "| greedy agreement |",
