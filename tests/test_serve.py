@@ -41,13 +41,15 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model s
 @pytest.fixture(scope="module")
 def students(tmp_path_factory) -> dict[str, Path]:
     """Students of the demo teacher (Qwen2, vocabulary 2048, 4 layers; q/k/v biases): pure and
-    hybrid RWKV-7, and an RWKV-6 one with group norm, no gate and the teacher's biases kept."""
+    hybrid RWKV-7, an RWKV-6 one (qrwkv form) with group norm, no gate and the teacher's biases
+    kept, and an RWKV-6 one of the finch form."""
     root = tmp_path_factory.mktemp("students")
     return {
         "pure": convert_checkpoint(DEMO_TEACHER, root / "pure"),
         "hybrid": convert_checkpoint(DEMO_TEACHER, root / "hybrid", wkv_layers=[1, 3]),
         "rwkv6": convert_checkpoint(DEMO_TEACHER, root / "rwkv6", wkv=6, group_norm=True, gate=False,
                                     keep_bias=True),
+        "rwkv6-finch": convert_checkpoint(DEMO_TEACHER, root / "rwkv6-finch", wkv=6, wkv6_form="finch"),
     }
 
 
@@ -172,15 +174,15 @@ def family_students(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.parametrize("case", ["rwkv6", "llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("case", ["rwkv6", "rwkv6-finch", "llama", "qwen3", "mistral"])
 def test_other_students_equal_transformers(students, family_students, case):
-    """RWKV-6 with group norm, no gate and kept biases; hybrids of Llama (head size 32) and Qwen3
-    (head_dim 64 != hidden / heads; head size 128) teachers; a pure Mistral student without gate,
-    head size 16."""
+    """RWKV-6 (qrwkv) with group norm, no gate and kept biases; RWKV-6 finch; hybrids of Llama
+    (head size 32) and Qwen3 (head_dim 64 != hidden / heads; head size 128) teachers; a pure
+    Mistral student without gate, head size 16."""
     model = students.get(case) or family_students[case]
-    vocab = 2048 if case == "rwkv6" else 300
-    batch = prompts((1, 9, 70, 130, 33), seed=2, vocab=vocab)
-    options = {} if case == "rwkv6" else dict(skip_tokenizer_init=True)
+    demo = case.startswith("rwkv6")  # students of the demo teacher
+    batch = prompts((1, 9, 70, 130, 33), seed=2, vocab=2048 if demo else 300)
+    options = {} if demo else dict(skip_tokenizer_init=True)
     with engine(model, **options) as llm:
         outputs = vllm_greedy(llm, batch)
     expected = hf_greedy(model, torch.float32, batch)
