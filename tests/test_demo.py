@@ -94,11 +94,13 @@ def test_quick_demo_writes_its_report(tmp_path, capsys):
     assert "is not an earlier demo's output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (out / "notes.txt").write_text("mine")  # a rerun replaces the demo's own entries only
-    rerun_args = ["demo", "--quick", "--device", "auto", "--head-size", "64", "--gguf", "--out", str(out)]
+    rerun_args = ["demo", "--quick", "--device", "auto", "--head-size", "64", "--gguf", "--wkv", "6",
+                  "--out", str(out)]
     assert main(rerun_args) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").is_file()
-    meta, _ = read_back(out / "student.gguf")  # the distilled student, for llama.cpp
-    assert meta["general.architecture"] == "arwkv7" and meta["arwkv7.wkv.head_size"] == 64
+    meta, _ = read_back(out / "student.gguf")  # the distilled RWKV-6 student, for llama.cpp
+    assert meta["general.architecture"] == "rwkv6qwen2" and meta["rwkv6qwen2.wkv.head_size"] == 64
+    assert "converted into an RWKV-6 (qrwkv) student" in (out / "report.md").read_text()
     # auto is the GPU only where torch sees one and the kernels were built for it
     gpu = torch.cuda.is_available() and any(k != "cpu" for k in arwkv_ext.build_info["kernels"])
     rerun = json.loads((out / "report.json").read_text())

@@ -4,6 +4,8 @@ initialisation (bit-exact copies, grouped key/value heads in the teacher's order
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -598,3 +600,25 @@ def test_a_bad_low_rank_width_is_a_one_line_error(key, value):
 
     with pytest.raises(ValueError, match=f"rwkv_hybrid: {key} {value} is not a positive integer"):
         RwkvHybridConfig(**{key: value})
+
+
+def test_rwkv6_form_is_recorded_and_an_older_config_is_finch(tmp_path):
+    """convert writes wkv6_form (qrwkv unless told); a config without the key, written before it
+    existed, means the stock finch form it was; a wrong value is a one-line error."""
+    from arwkv.models.configuration_rwkv_hybrid import RwkvHybridConfig
+
+    student = student_from_teacher(tiny_teacher(), head_size=32, wkv=6)
+    assert student.config.wkv6_form == "qrwkv"
+    student.save_pretrained(tmp_path / "qrwkv")
+    assert RwkvHybridForCausalLM.from_pretrained(tmp_path / "qrwkv").config.wkv6_form == "qrwkv"
+    older = student_from_teacher(tiny_teacher(), head_size=32, wkv=6, wkv6_form="finch")
+    older.save_pretrained(tmp_path / "older")
+    config_file = tmp_path / "older" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["wkv6_form"]
+    config_file.write_text(json.dumps(config))
+    loaded = RwkvHybridForCausalLM.from_pretrained(tmp_path / "older")
+    assert loaded.config.wkv6_form == "finch"
+    assert hasattr(loaded.model.layers[0].self_attn.time_mixer, "time_faaaa")
+    with pytest.raises(ValueError, match="rwkv_hybrid: wkv6_form 'gla' is not one of finch, qrwkv"):
+        RwkvHybridConfig(wkv_version=6, wkv6_form="gla")
