@@ -46,7 +46,7 @@ PROJECT_DEPS = $(PY) -c 'import re, sys; \
     [d for e in sys.argv[1].split(",") for d in p["project"]["optional-dependencies"][e]]; \
   print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0] != "torch"))'
 
-.PHONY: demo bench test test-full serve-test bench-serve install lint cpp-build cpp-test cpp-test-slow clean check-cuda check-hip FORCE
+.PHONY: demo bench test test-full serve-test bench-serve install lint cpp-build cpp-test cpp-test-slow clean check-cuda check-hip gpu-model FORCE
 
 $(VENV)/.deps: Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -150,6 +150,17 @@ check-cuda: $(CUDA_VENV)/.deps
 # benchmarks/results/check-hip.txt (fails on spills or scratch, or a missed occupancy goal).
 check-hip:
 	tools/check_hip.sh $(RESULTS)/check-hip.txt
+
+# Estimated GPU kernel times from the kernels' machine code (tools/gpu_model: nvcc -> sm_90a SASS ->
+# instructions per loop trip by unit -> an H100 model), printed beside the one H100 measurement;
+# writes benchmarks/results/gpu-model.md. Needs nvcc (CUDA_HOME), no GPU; exits 1 while any
+# estimate of a measured time is off by more than 35%.
+$(VENV)/.gpu-model-tools: $(VENV)/.deps
+	$(PY) -m pip install -q nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump
+	touch $@
+
+gpu-model: $(VENV)/.gpu-model-tools
+	cd tools && ../$(PY) -m gpu_model --nvcc $(CUDA_HOME)/bin/nvcc --out ../$(RESULTS)/gpu-model.md
 
 # Everything the targets above made: the venvs, the build folders, the in-place kernels.
 clean:

@@ -1,0 +1,112 @@
+"""The GPU performance model's pieces that need no compiler: reading an nvdisasm listing (kernels,
+source lines, nested loops, instructions by unit, the in-order serial chain), trip counts with the
+compiler's unroll factor read back, occupancy, and the closed-network time between its bounds.
+(``make gpu-model`` runs the whole model on the real kernels; it needs nvcc.)"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from gpu_model.hardware import H100  # noqa: E402
+from gpu_model.model import KernelSpec, LoopSpec, closed_network_time, dynamic, resident_blocks  # noqa: E402
+from gpu_model.sass import parse, serial_chain, unit_counts  # noqa: E402
+
+SRC = "/src/k.cu"
+# A kernel with an outer loop (line 10) around an inner loop unrolled twice (line 12: two shared
+# stores per trip where the source has one), then the trap loop nvdisasm prints after EXIT.
+LISTING = f"""
+.text._Z6kernelPf:
+	//## File "{SRC}", line 5
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   MOV R1, RZ ;
+.L_x_1:
+	//## File "{SRC}", line 11
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   FFMA R8, R4, R5, R6 ;
+.L_x_2:
+	//## File "{SRC}", line 13
+        /*0040*/                   STS [R0], R8 ;
+        /*0050*/                   STS [R0+0x4], R8 ;
+        /*0060*/                   LDS.128 R12, [R0] ;
+        /*0070*/                   FFMA R9, R12, R13, R9 ;
+	//## File "{SRC}", line 12
+        /*0080*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0090*/              @!P0 BRA `(.L_x_2) ;
+	//## File "{SRC}", line 10
+        /*00a0*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*00b0*/                   ISETP.GE.AND P1, PT, R1, 0x8, PT ;
+        /*00c0*/              @!P1 BRA `(.L_x_1) ;
+        /*00d0*/                   EXIT ;
+.L_x_3:
+        /*00e0*/                   BRA `(.L_x_3);
+"""
+SOURCES = {SRC: ["" for _ in range(20)]}
+SOURCES[SRC][9] = "  for (int c = 0; c < num_chunks; ++c) {"
+SOURCES[SRC][11] = "    for (int t = 0; t < m; ++t) {"
+
+
+def test_listing_reads_into_kernels_loops_and_units():
+    kernels = parse(LISTING)
+    assert list(kernels) == ["_Z6kernelPf"]
+    k = kernels["_Z6kernelPf"]
+    assert len(k.insns) == 14 and k.insns[2].opcode == "LDG.E.128" and k.insns[2].line == (SRC, 11)
+    assert len(k.loops) == 1  # the self-branch after EXIT is dropped
+    outer = k.loops[0]
+    assert (outer.head, outer.tail, outer.line) == (0x20, 0xC0, (SRC, 10))
+    assert [(c.head, c.tail, c.line) for c in outer.children] == [(0x40, 0x90, (SRC, 12))]
+    counts = unit_counts(k.body(0x40, 0x90))
+    assert counts["shared"] == 3 and counts["fp32"] == 1 and counts["alu"] == 1 and counts["branch"] == 1
+    assert counts["shared_wavefronts"] == 1 + 1 + 4  # two 4-byte stores, one 16-byte load
+    assert unit_counts(k.body(0x20, 0x30))["global_bytes"] == 32 * 16
+
+
+def test_serial_chain_issues_in_order_and_waits_for_sources():
+    k = parse(LISTING)["_Z6kernelPf"]
+    body = k.body(0x40, 0x70)  # STS, STS, LDS.128 -> R12..R15, FFMA needs R12, R13
+    # issue at 1, 2, 3; the FFMA waits for the load (3 + 30), then its own latency 4
+    assert serial_chain(body) == 3 + 30 + 4
+    independent = k.body(0x00, 0x10)  # S2R, MOV: one clock apart, no dependence
+    assert serial_chain(independent) == 2 + 4
+
+
+def test_trips_read_the_unroll_factor_back():
+    k = parse(LISTING)["_Z6kernelPf"]
+    spec = KernelSpec("k", "kernel", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+                      loops=[LoopSpec(r"c < num_chunks", lambda s: s["chunks"]),
+                             LoopSpec(r"t < m;", lambda s: 8, stores_per_trip=1)])
+    per_warp, chain = dynamic(k, spec, {"chunks": 3}, SOURCES)
+    # the inner body (6 instructions) runs 8 / 2 = 4 times a chunk; the outer's own 5, 3 chunks;
+    # 3 outside (S2R, MOV, EXIT)
+    assert per_warp["issue"] == 3 * (5 + 4 * 6) + 3
+    assert per_warp["shared"] == 3 * 4 * 3 and per_warp["global"] == 3
+    assert chain > 3 * 4 * serial_chain(k.body(0x40, 0x90))
+    missing = KernelSpec("k", "kernel", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0, loops=[])
+    with pytest.raises(ValueError, match="no trip count for the loop"):
+        dynamic(k, missing, {}, SOURCES)
+
+
+def test_occupancy_follows_registers_shared_memory_and_threads():
+    assert resident_blocks(H100, 128, 64, 0) == 8  # 64 K registers / (128 x 64)
+    assert resident_blocks(H100, 128, 159, 0) == 3  # 160 allocated per thread
+    assert resident_blocks(H100, 64, 32, 100 * 1024) == 2  # shared memory
+    assert resident_blocks(H100, 1024, 16, 0) == 2  # threads
+
+
+@pytest.mark.parametrize("warps", [1, 4, 16, 64])
+def test_closed_network_time_lies_between_its_bounds(warps):
+    demands = {"issue": 100.0, "shared": 60.0}
+    stalls = 500.0
+    t = closed_network_time(warps, demands, stalls)
+    lower = max(sum(demands.values()) + stalls, warps * max(demands.values()))
+    upper = warps * (sum(demands.values()) + stalls)
+    assert lower - 1e-6 <= t <= upper + 1e-6
+    assert closed_network_time(1, demands, stalls) == pytest.approx(sum(demands.values()) + stalls)
+    # many warps: the busiest resource, fully used
+    assert closed_network_time(200, demands, stalls) == pytest.approx(200 * 100.0, rel=0.05)
+    assert Counter(demands)  # (demands are per warp, not changed)

@@ -1,0 +1,164 @@
+"""``python -m gpu_model`` (``make gpu-model``): the GPU kernels' estimated times on an H100, from
+their machine code, checked against the times measured on one.
+
+Compiles csrc/gpu/wkv_gpu_bf16.cu for sm_90a with nvcc (line info kept), disassembles it with
+nvdisasm and reads each kernel's registers and shared memory with cuobjdump (both from PyPI's
+nvidia-cuda-nvdisasm / nvidia-cuda-cuobjdump), then estimates every kernel a WKV call launches
+(see model.py) for the shapes measured on an H100 and prints the estimate beside the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .hardware import H100
+from .kernels import step_kernels
+from .model import ASSUMPTIONS, estimate
+from .sass import parse
+
+ROOT = Path(__file__).resolve().parents[2]
+# The step kernels' times measured on an H100 SXM (benchmarks/results/gpu-h100-2026-11-27/,
+# bf16, WKV-7): (B, T, H, N) -> (forward ms, backward ms)
+MEASURED = {(8, 4096, 64, 64): (6.97, 43.3), (1, 32768, 32, 128): (31.2, 133.0)}
+MEASURED_COMMIT = "a803514"  # the kernels those times are of
+TOLERANCE = 0.35
+
+
+def tool(name: str) -> str:
+    """nvdisasm / cuobjdump: on PATH, or from the nvidia-cuda-* wheels of this Python."""
+    found = shutil.which(name)
+    if found:
+        return found
+    import nvidia  # the namespace package the wheels install into
+
+    for base in nvidia.__path__:
+        for candidate in Path(base).glob(f"cu*/bin/{name}"):
+            return str(candidate)
+    raise SystemExit(f"gpu-model: {name} not found (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump)")
+
+
+def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[str, tuple[int, int]]]:
+    """(the SASS listing, {kernel: (registers, shared bytes)}) of the bf16 kernels for sm_90a, of
+    the working tree or of ``commit``'s csrc/ (extracted with git archive); rebuilt when a
+    source changes."""
+    root = ROOT
+    if commit:
+        root = out / f"src-{commit}"
+        if not (root / "csrc").is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "csrc"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    source = root / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
+    headers = sorted((root / "csrc").rglob("*.h")) + sorted((root / "csrc").rglob("*.cuh"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [source, *headers])).hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    cubin, sass, res = out / f"bf16-{digest}.cubin", out / f"bf16-{digest}.sass", out / f"bf16-{digest}.res"
+    if not sass.exists():
+        flags = json.loads((ROOT / "csrc" / "build.json").read_text())
+        cmd = [nvcc, "-cubin", "-arch=sm_90a", "-lineinfo", f"-std=c++{flags['cxx_standard']}",
+               *flags["gpu_flags"], *flags["nvcc_flags"], f"-I{root / 'csrc'}", str(source), "-o", str(cubin)]
+        print("gpu-model:", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+        env = dict(os.environ, PATH=f"{Path(tool('nvdisasm')).parent}:{os.environ.get('PATH', '')}")
+        text = subprocess.run([tool("nvdisasm"), "-g", "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], check=True, capture_output=True,
+                               text=True, env=env).stdout
+        sass.write_text(text)
+        res.write_text(usage)
+    resources = {}
+    name = None
+    for line in res.read_text().splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+).*SHARED:(\d+)", line)
+        if m and name:
+            resources[name] = (int(m.group(1)), int(m.group(2)))
+    return sass.read_text(), resources
+
+
+def sources_of(kernels) -> dict[str, list[str]]:
+    files = {i.line[0] for k in kernels.values() for i in k.insns if i.line}
+    return {f: Path(f).read_text().splitlines() for f in files if Path(f).is_file()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nvcc", default=os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc"))
+    ap.add_argument("--build", type=Path, default=ROOT / "build" / "gpu-model")
+    ap.add_argument("--out", type=Path, help="also write the report here (markdown)")
+    args = ap.parse_args()
+
+    gpu = H100
+    lines = ["# GPU model: estimated kernel times (H100 SXM, bf16 WKV-7)", "",
+             f"Hardware: {gpu.describe()}.", "", "Assumptions:"] + [f"- {a}" for a in ASSUMPTIONS] + [""]
+    step = {}
+    for label, commit in ((f"the measured kernels (commit {MEASURED_COMMIT})", MEASURED_COMMIT),
+                          ("this tree's kernels", None)):
+        text, resources = build(args.build, args.nvcc, commit)
+        kernels = parse(text)
+        sources = sources_of(kernels)
+        lines += [f"## Step kernels: {label}", "",
+                  "| B, T, H, N | pass | kernel | blocks | resident / unit | instructions / warp | "
+                  "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        totals = step[commit] = {}
+        for B, T, H, N in MEASURED:
+            shape = {"B": B, "T": T, "H": H, "N": N, "V": 7, "bytes": 2}
+            for pass_name, specs in step_kernels(shape, gpu.units).items():
+                total = 0.0
+                for spec in specs:
+                    matches = [k for k in kernels if re.search(spec.name, k)]
+                    if len(matches) != 1:
+                        raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
+                    e = estimate(kernels[matches[0]], resources[matches[0]], spec, shape, gpu, sources)
+                    total += e.ms
+                    lines.append(f"| {B}, {T}, {H}, {N} | {pass_name} | {e.label} | {e.blocks} | "
+                                 f"{e.resident} | {e.per_warp['issue']:,.0f} | "
+                                 f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | "
+                                 f"{e.bound} | {e.ms:.2f} |")
+                totals[(B, T, H, N, pass_name)] = total
+        lines.append("")
+    lines += [f"## Calibration: the measured kernels (commit {MEASURED_COMMIT}) against their H100 times",
+              "", "(benchmarks/results/gpu-h100-2026-11-27/; this tree's step kernels beside them: since "
+              "that commit the columns kernel reads rows without bank conflicts and sums columns in one "
+              "reduce-scatter, and HIP alone stages fewer steps)", "",
+              "| B, T, H, N | pass | estimate ms | measured ms | error | this tree's kernels, estimate ms |",
+              "|---|---|---|---|---|---|"]
+    worst = 0.0
+    for (B, T, H, N), (fwd, bwd) in MEASURED.items():
+        for pass_name, m in (("forward", fwd), ("backward", bwd)):
+            e = step[MEASURED_COMMIT][(B, T, H, N, pass_name)]
+            err = e / m - 1
+            worst = max(worst, abs(err))
+            lines.append(f"| {B}, {T}, {H}, {N} | {pass_name} | {e:.2f} | {m:.2f} | {err:+.0%} | "
+                         f"{step[None][(B, T, H, N, pass_name)]:.2f} |")
+    ok = worst <= TOLERANCE
+    lines += ["", f"Largest error {worst:.0%} (goal: within {TOLERANCE:.0%} each): "
+              f"{'calibrated' if ok else 'NOT calibrated: the model must improve before it steers design'}."]
+    f = step[MEASURED_COMMIT][(8, 4096, 64, 64, "forward")]
+    b = step[MEASURED_COMMIT][(8, 4096, 64, 64, "backward")]
+    final = (f"gpu-model: h100 wkv7 bf16 8,4096,64,64: chunked fwd n/a ms bwd n/a ms; step fwd {f:.2f} ms "
+             f"bwd {b:.2f} ms (measured 6.97 / 43.30)")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n\n" + final + "\n")
+    print(final)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

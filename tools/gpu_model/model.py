@@ -1,0 +1,195 @@
+"""From a kernel's machine code and a problem shape to an estimated time on a GPU.
+
+Per kernel: dynamic instructions per warp by unit = the instructions of each loop body (read from
+the machine code) times its trips (from the launch's shape: ``KernelSpec.loops`` says, for each
+source loop, how many times it runs; the unroll factor the compiler chose is read back from the
+machine code). Then, per unit (an SM / CU) and per wave of resident blocks:
+
+    time = max(issue, each pipe's work / its rate, shared-memory wavefronts, the serial chain)
+
+where the serial chain is one warp's longest register-dependence path summed over its loop trips
+(what no amount of parallel warps hides), and over the kernel: at least its DRAM bytes / bandwidth.
+Every assumption is printed by the caller (``describe``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .hardware import Gpu
+from .sass import Insn, Kernel, Loop, serial_chain, unit_counts
+
+ASSUMPTIONS = [
+    "straight-line code in a loop body counts in full on every trip (branches inside it are not "
+    "followed: peeled remainders and rarely taken paths are over-counted)",
+    "a loop the compiler unrolled runs floor(trips / unroll) times; its remainder is the peeled "
+    "code counted with the enclosing body",
+    "shared-memory accesses are conflict-free: a warp access of B bytes per lane takes B / 4 "
+    "wavefronts",
+    "DRAM traffic is each tensor's bytes once (re-reads by other blocks hit L2)",
+    "blocks are spread evenly: the busiest unit runs ceil(blocks / units) blocks, as many at once "
+    "as registers, shared memory, threads and the block limit allow",
+    "latencies (clocks): fp32/alu 4, conversions 6, special functions 18, shared 30, shuffles 25, "
+    "global 260 (L2), tensor 24",
+]
+
+
+@dataclass
+class LoopSpec:
+    """A source loop of a kernel: ``pattern`` matches the source line of its backward branch
+    (the loop's own ``for``), ``trips(shape)`` how many times it runs per enclosing trip,
+    ``stores_per_trip`` its shared stores per source iteration (how the unroll factor is read
+    back: stores in the machine-code body / stores per trip), ``needs_global_loads``: a version
+    of the loop without global loads is the one that does not run (a null-pointer branch)."""
+
+    pattern: str
+    trips: Callable[[dict], float]
+    stores_per_trip: int | None = None
+    needs_global_loads: bool = False
+
+
+@dataclass
+class KernelSpec:
+    """How a kernel is launched for a shape: the kernel (regex on its mangled name), its grid
+    (blocks) and block (threads), its loops, and the DRAM bytes it moves."""
+
+    label: str
+    name: str
+    blocks: Callable[[dict], int]
+    threads: int
+    loops: list[LoopSpec]
+    dram_bytes: Callable[[dict], float]
+
+
+@dataclass
+class Estimate:
+    label: str
+    ms: float
+    bound: str
+    blocks: int
+    resident: int  # blocks at once per unit
+    per_warp: Counter = field(default_factory=Counter)
+    chain_clocks: float = 0.0
+    parts_ms: dict = field(default_factory=dict)
+
+
+def _source_line(loop: Loop, sources: dict[str, list[str]]) -> str:
+    if loop.line is None:
+        return ""
+    lines = sources.get(loop.line[0])
+    return lines[loop.line[1] - 1] if lines and 0 < loop.line[1] <= len(lines) else ""
+
+
+def _spec_of(loop: Loop, kernel: Kernel, spec: KernelSpec, sources: dict[str, list[str]]) -> LoopSpec:
+    text = _source_line(loop, sources)
+    for ls in spec.loops:
+        if re.search(ls.pattern, text):
+            return ls
+    raise ValueError(f"{spec.label}: no trip count for the loop at {loop.line} ({text.strip()!r})")
+
+
+def _trips(loop: Loop, kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> float:
+    ls = _spec_of(loop, kernel, spec, sources)
+    body = kernel.body(loop.head, loop.tail)
+    if ls.needs_global_loads and not any(i.unit == "global" and i.base.startswith("LD") for i in body):
+        return 0.0
+    unroll = 1
+    if ls.stores_per_trip:
+        stores = sum(1 for i in body if i.base == "STS")
+        unroll = max(1, round(stores / ls.stores_per_trip))
+    return math.floor(ls.trips(shape) / unroll)
+
+
+def dynamic(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> tuple[Counter, float]:
+    """(instructions per warp by unit for one block's work, the serial chain in clocks)."""
+
+    def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
+        inside = set()
+        counts, chain = Counter(), 0.0
+        for loop in loops:
+            body = kernel.body(loop.head, loop.tail)
+            inside.update(i.addr for i in body)
+            trips = _trips(loop, kernel, spec, shape, sources)
+            c, ch = walk(body, loop.children)
+            for k, v in c.items():
+                counts[k] += trips * v
+            chain += trips * ch
+        own = [i for i in insns if i.addr not in inside]
+        counts.update(unit_counts(own))
+        counts["issue"] += len(own)
+        return counts, chain + serial_chain(own)
+
+    return walk(kernel.insns, kernel.loops)
+
+
+def resident_blocks(gpu: Gpu, threads: int, regs: int, shared: int) -> int:
+    warps = math.ceil(threads / gpu.warp)
+    regs_per_warp = math.ceil(max(regs, 1) * gpu.warp / 256) * 256  # allocated in 256-register units
+    by_regs = gpu.registers // (regs_per_warp * warps)
+    by_shared = gpu.shared_bytes // shared if shared else gpu.max_blocks
+    by_threads = gpu.max_threads // threads
+    return max(0, min(by_regs, by_shared, by_threads, gpu.max_blocks))
+
+
+def demands(per_warp: Counter, chain: float, gpu: Gpu) -> dict[str, float]:
+    """Clocks of each shared resource of a unit one warp's work takes: the schedulers' issue
+    slots and each pipe (a unit's schedulers counted as one server that many times as fast),
+    and the unit's shared memory and shuffle network."""
+    d = {"issue": per_warp["issue"] / (gpu.rates["issue"] * gpu.schedulers)}
+    for unit in ("fp32", "alu", "imad", "conv", "mufu", "tensor", "uniform"):
+        d[unit] = per_warp[unit] / (gpu.rates[unit] * gpu.schedulers)
+    d["shared"] = per_warp["shared_wavefronts"] / gpu.rates["shared"]
+    d["shuffle"] = per_warp["shuffle"] / gpu.rates["shuffle"]
+    return d
+
+
+def closed_network_time(warps: int, demands: dict[str, float], chain: float) -> float:
+    """Clocks for ``warps`` warps to finish their work on one unit: exact mean-value analysis of
+    a closed queueing network, each warp cycling through the unit's resources (queueing stations
+    with the demands above) and its own serial chain (a delay: latency no other warp can take).
+    Between the two simple bounds, max(sum of one warp's demands + chain, busiest resource x
+    warps), and close to the larger when one dominates."""
+    queue = {k: 0.0 for k in demands}
+    throughput = 0.0
+    for n in range(1, warps + 1):
+        residence = {k: d * (1 + queue[k]) for k, d in demands.items()}
+        throughput = n / (chain + sum(residence.values()))
+        queue = {k: throughput * r for k, r in residence.items()}
+    return warps / throughput if throughput else 0.0
+
+
+def estimate(kernel: Kernel, resources: tuple[int, int], spec: KernelSpec, shape: dict, gpu: Gpu,
+             sources: dict) -> Estimate:
+    regs, shared = resources
+    blocks = spec.blocks(shape)
+    per_warp, chain = dynamic(kernel, spec, shape, sources)
+    resident = resident_blocks(gpu, spec.threads, regs, shared)
+    if resident == 0:
+        raise ValueError(f"{spec.label}: a block does not fit on one unit")
+    warps_per_block = math.ceil(spec.threads / gpu.warp)
+    busiest = math.ceil(blocks / gpu.units)
+    clocks, bounds = 0.0, Counter()
+    left = busiest
+    while left > 0:  # one wave of resident blocks after another on the busiest unit
+        b = min(left, resident)
+        warps = b * warps_per_block
+        parts = demands(per_warp, chain, gpu)
+        # the chain includes the warp's own issue slots: the delay is the rest (its stalls)
+        stalls = max(0.0, chain - per_warp["issue"] / gpu.rates["issue"])
+        wave = closed_network_time(warps, parts, stalls)
+        if left == busiest:
+            first_wave = {k: v * warps / (gpu.clock_ghz * 1e6) for k, v in parts.items()}
+            first_wave["chain"] = chain / (gpu.clock_ghz * 1e6)
+        bound = max(parts, key=parts.get) if max(parts.values()) * warps > stalls else "latency"
+        clocks += wave
+        bounds[bound] += wave
+        left -= b
+    compute_ms = clocks / (gpu.clock_ghz * 1e6)
+    dram_ms = spec.dram_bytes(shape) / (gpu.hbm_tb_s * 1e9)
+    bound = max(bounds, key=bounds.get) if compute_ms >= dram_ms else "dram"
+    return Estimate(spec.label, max(compute_ms, dram_ms), bound, blocks, resident, per_warp, chain,
+                    {"compute": compute_ms, "dram": dram_ms, "first wave": first_wave})
