@@ -7,17 +7,21 @@ kernels (prep, forward / starts, state-grad, grads), costs what (benchmarks/gpu_
                                                                 # (1,32768,32,128), bf16
     python benchmarks/gpu_kernel_times.py --shape 8,4096,64,64 --op wkv6
 
-On a CPU it lists the ops' CPU time instead (a smoke test of this script).
+On a CPU it lists the ops' CPU time instead (a smoke test of this script). Beside each kernel it
+prints the H100 estimate `make gpu-model` saved for it (benchmarks/results/gpu-model.json), when
+there is one, so a GPU run tests the model too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +31,7 @@ from arwkv.cli import RawDescriptionDefaultsFormatter
 from arwkv.runtime import DTYPES, dtype_from_name, torch_dtype_name
 from arwkv_ext.testing import make_inputs
 
+MODEL = Path(__file__).resolve().parent / "results" / "gpu-model.json"
 DEFAULT_SHAPES = ["8,4096,64,64", "1,32768,32,128"]  # a wide batch at N = 64, one long sequence at N = 128
 ROW_MODES = {"0": "rows forward", "1": "rows snapshots", "2": "rows state-grad"}
 
@@ -87,6 +92,7 @@ def main() -> None:
     if any(len(s) != 4 for s in shapes):
         ap.error("--shape takes B,T,H,N")
     dtype = getattr(torch, args.dtype)
+    model = json.loads(MODEL.read_text())["ms"] if MODEL.is_file() else {}
     ops = ["wkv7", "wkv6"] if args.op == "both" else [args.op]
     for op in ops:
         forward = getattr(torch.ops.arwkv, op)
@@ -100,13 +106,15 @@ def main() -> None:
                 os.environ["ARWKV_GPU_ALGORITHM"] = algorithm if args.device == "cuda" else "auto"
                 where = f"{args.device}, {algorithm}"
                 print(f"== {op} B={B} T={T} H={H} N={N} {args.dtype} ({where}), ms per call")
+                estimates = model.get(f"{op} {B},{T},{H},{N} {args.dtype} {algorithm}", {})
                 for label, fn in (("forward", partial(forward, *xs, state, None)),
                                   ("backward", partial(backward, *xs, state, None, gy, gs))):
                     times = kernel_times(fn, args.device, args.repeat)
                     total = sum(times.values())
                     print(f"  {label}: {total:.3f} ms in all")
                     for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-                        print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}")
+                        guess = f"  (model: {estimates[name]:.3f})" if name in estimates else ""
+                        print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}{guess}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 

@@ -77,7 +77,7 @@ def test_serial_chain_issues_in_order_and_waits_for_sources():
 
 def test_trips_read_the_unroll_factor_back():
     k = parse(LISTING)["_Z6kernelPf"]
-    spec = KernelSpec("k", "kernel", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+    spec = KernelSpec("k", "kernel", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
                       loops=[LoopSpec(r"c < num_chunks", lambda s: s["chunks"]),
                              LoopSpec(r"t < m;", lambda s: 8, stores_per_trip=1)])
     per_warp, chain = dynamic(k, spec, {"chunks": 3}, SOURCES)
@@ -86,7 +86,7 @@ def test_trips_read_the_unroll_factor_back():
     assert per_warp["issue"] == 3 * (5 + 4 * 6) + 3
     assert per_warp["shared"] == 3 * 4 * 3 and per_warp["global"] == 3
     assert chain > 3 * 4 * serial_chain(k.body(0x40, 0x90))
-    missing = KernelSpec("k", "kernel", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0, loops=[])
+    missing = KernelSpec("k", "kernel", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0, loops=[])
     with pytest.raises(ValueError, match="no trip count for the loop"):
         dynamic(k, missing, {}, SOURCES)
 

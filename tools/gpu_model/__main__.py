@@ -114,6 +114,7 @@ def main() -> int:
                   "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         totals = step[commit] = {}
+        per_kernel = {}
         for B, T, H, N in MEASURED:
             shape = {"B": B, "T": T, "H": H, "N": N, "V": 7, "bytes": 2}
             for pass_name, specs in step_kernels(shape, gpu.units).items():
@@ -124,12 +125,16 @@ def main() -> int:
                         raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
                     e = estimate(kernels[matches[0]], resources[matches[0]], spec, shape, gpu, sources)
                     total += e.ms
+                    key = f"wkv7 {B},{T},{H},{N} bfloat16 step"
+                    per_kernel.setdefault(key, {})[spec.short] = round(e.ms, 3)
                     lines.append(f"| {B}, {T}, {H}, {N} | {pass_name} | {e.label} | {e.blocks} | "
                                  f"{e.resident} | {e.per_warp['issue']:,.0f} | "
                                  f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | "
                                  f"{e.bound} | {e.ms:.2f} |")
                 totals[(B, T, H, N, pass_name)] = total
         lines.append("")
+        if commit is None:
+            estimates = per_kernel
     lines += [f"## Calibration: the measured kernels (commit {MEASURED_COMMIT}) against their H100 times",
               "", "(benchmarks/results/gpu-h100-2026-11-27/; this tree's step kernels beside them: since "
               "that commit the columns kernel reads rows without bank conflicts and sums columns in one "
@@ -156,6 +161,10 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n\n" + final + "\n")
+        # per kernel of this tree, for benchmarks/gpu_kernel_times.py to print beside its timings
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"gpu": gpu.name, "note": "estimates from the machine code (make gpu-model), not measurements",
+             "ms": estimates}, indent=1) + "\n")
     print(final)
     return 0 if ok else 1
 

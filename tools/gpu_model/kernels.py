@@ -50,6 +50,7 @@ def rows_kernel(s: dict, mode: int, units: int) -> KernelSpec:
     return KernelSpec(
         label=f"{label} ({kpt} keys x {threads} threads)",
         name=rf"wkv_rows_kernelINS0_4Bf16ELi{V}ENS0_7RowTileILi{N}ELi{kpt}ELi{threads}EEELi{mode}E",
+        short=f"{label} <{N},{kpt},{threads}>",
         blocks=lambda s: (s["N"] // rows) * s["H"] * s["B"],
         threads=threads,
         loops=[LoopSpec(r"step < num_chunks", lambda s: math.ceil(s["T"] / K_CHUNK)),
@@ -75,6 +76,7 @@ def columns_kernel(s: dict) -> KernelSpec:
     return KernelSpec(
         label=f"columns ({threads} threads)",
         name=rf"wkv_columns_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"columns <{N}>",
         blocks=lambda s: (s["N"] // cols) * s["H"] * s["B"],
         threads=threads,
         loops=[LoopSpec(r"c >= 0;", lambda s: math.ceil(s["T"] / K_CHUNK)),

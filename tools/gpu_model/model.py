@@ -59,6 +59,7 @@ class KernelSpec:
 
     label: str
     name: str
+    short: str  # the name benchmarks/gpu_kernel_times.py gives the kernel (it prints the estimate)
     blocks: Callable[[dict], int]
     threads: int
     loops: list[LoopSpec]
