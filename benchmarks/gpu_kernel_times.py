@@ -110,10 +110,11 @@ def main() -> None:
                 for label, fn in (("forward", partial(forward, *xs, state, None)),
                                   ("backward", partial(backward, *xs, state, None, gy, gs))):
                     times = kernel_times(fn, args.device, args.repeat)
+                    guesses = estimates.get(label, {})
                     total = sum(times.values())
                     print(f"  {label}: {total:.3f} ms in all")
                     for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-                        guess = f"  (model: {estimates[name]:.3f})" if name in estimates else ""
+                        guess = f"  (model: {guesses[name]:.3f})" if name in guesses else ""
                         print(f"    {ms:9.3f}  {100 * ms / max(total, 1e-12):5.1f}%  {name}{guess}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()

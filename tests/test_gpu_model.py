@@ -79,7 +79,7 @@ def test_trips_read_the_unroll_factor_back():
     k = parse(LISTING)["_Z6kernelPf"]
     spec = KernelSpec("k", "kernel", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
                       loops=[LoopSpec(r"c < num_chunks", lambda s: s["chunks"]),
-                             LoopSpec(r"t < m;", lambda s: 8, stores_per_trip=1)])
+                             LoopSpec(r"t < m;", lambda s: 8, per_trip=("STS", 1))])
     per_warp, chain = dynamic(k, spec, {"chunks": 3}, SOURCES)
     # the inner body (6 instructions) runs 8 / 2 = 4 times a chunk; the outer's own 5, 3 chunks;
     # 3 outside (S2R, MOV, EXIT)
@@ -110,3 +110,40 @@ def test_closed_network_time_lies_between_its_bounds(warps):
     # many warps: the busiest resource, fully used
     assert closed_network_time(200, demands, stalls) == pytest.approx(200 * 100.0, rel=0.05)
     assert Counter(demands)  # (demands are per warp, not changed)
+
+
+def test_an_unrolled_loop_and_its_remainder_share_the_trips_and_copies_do_not():
+    """Two machine-code loops of one source loop: with different unroll factors they are its
+    unrolled body and remainder (n // U and n % U trips); with the same, two inlined copies."""
+
+    def listing(stores_second: int) -> str:
+        second = "\n".join(f"        /*{0x60 + 0x10 * i:04x}*/                   STS [R0], R1 ;"
+                           for i in range(stores_second))
+        end = 0x60 + 0x10 * stores_second
+        return f"""
+.text._Z1kv:
+.L_x_1:
+	//## File "{SRC}", line 12
+        /*0000*/                   STS [R0], R1 ;
+        /*0010*/                   STS [R0+0x4], R1 ;
+        /*0020*/                   STS [R0+0x8], R1 ;
+        /*0030*/                   STS [R0+0xc], R1 ;
+        /*0040*/              @!P0 BRA `(.L_x_1) ;
+        /*0050*/                   NOP ;
+.L_x_2:
+{second}
+        /*{end:04x}*/              @!P0 BRA `(.L_x_2) ;
+        /*{end + 0x10:04x}*/                   EXIT ;
+"""
+
+    spec = KernelSpec("k", "kv", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+                      loops=[LoopSpec(r"t < m;", lambda s: 10, per_trip=("STS", 1))])
+    from gpu_model.model import loop_trips
+
+    k = parse(listing(1))["_Z1kv"]
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [2, 2]  # 10 // 4 unrolled, 10 % 4 left over
+    k = parse(listing(4))["_Z1kv"]
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [2, 2]  # two copies, each 10 // 4
+    spec.loops[0].trips = lambda s: 11
+    k = parse(listing(1))["_Z1kv"]
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [2, 3]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .hardware import H100
-from .kernels import step_kernels
+from .kernels import chunked_kernels, step_kernels
 from .model import ASSUMPTIONS, estimate
 from .sass import parse
 
@@ -54,8 +54,9 @@ def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[st
         root = out / f"src-{commit}"
         if not (root / "csrc").is_dir():
             root.mkdir(parents=True, exist_ok=True)
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "csrc"], check=True,
-                                     capture_output=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", commit, "csrc"], check=True, capture_output=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     source = root / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
     headers = sorted((root / "csrc").rglob("*.h")) + sorted((root / "csrc").rglob("*.cuh"))
@@ -64,15 +65,28 @@ def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[st
     cubin, sass, res = out / f"bf16-{digest}.cubin", out / f"bf16-{digest}.sass", out / f"bf16-{digest}.res"
     if not sass.exists():
         flags = json.loads((ROOT / "csrc" / "build.json").read_text())
-        cmd = [nvcc, "-cubin", "-arch=sm_90a", "-lineinfo", f"-std=c++{flags['cxx_standard']}",
-               *flags["gpu_flags"], *flags["nvcc_flags"], f"-I{root / 'csrc'}", str(source), "-o", str(cubin)]
+        cmd = [
+            nvcc,
+            "-cubin",
+            "-arch=sm_90a",
+            "-lineinfo",
+            f"-std=c++{flags['cxx_standard']}",
+            *flags["gpu_flags"],
+            *flags["nvcc_flags"],
+            f"-I{root / 'csrc'}",
+            str(source),
+            "-o",
+            str(cubin),
+        ]
         print("gpu-model:", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
         env = dict(os.environ, PATH=f"{Path(tool('nvdisasm')).parent}:{os.environ.get('PATH', '')}")
-        text = subprocess.run([tool("nvdisasm"), "-g", "-c", str(cubin)], check=True, capture_output=True,
-                              text=True).stdout
-        usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], check=True, capture_output=True,
-                               text=True, env=env).stdout
+        text = subprocess.run(
+            [tool("nvdisasm"), "-g", "-c", str(cubin)], check=True, capture_output=True, text=True
+        ).stdout
+        usage = subprocess.run(
+            [tool("cuobjdump"), "-res-usage", str(cubin)], check=True, capture_output=True, text=True, env=env
+        ).stdout
         sass.write_text(text)
         res.write_text(usage)
     resources = {}
@@ -93,6 +107,42 @@ def sources_of(kernels) -> dict[str, list[str]]:
     return {f: Path(f).read_text().splitlines() for f in files if Path(f).is_file()}
 
 
+KERNEL_HEADER = [
+    "| op | B, T, H, N | algorithm | pass | kernel | blocks | resident / unit | instructions / warp | "
+    "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def estimate_passes(
+    kernels, resources, sources, gpu, version: int, algorithm: str, shape4, lines, per_kernel
+):
+    """{pass: ms} of one op call at shape4 = (B, T, H, N), bf16; a row per kernel into lines,
+    each kernel's estimate into per_kernel (keyed as benchmarks/gpu_kernel_times.py names it)."""
+    B, T, H, N = shape4
+    shape = {"B": B, "T": T, "H": H, "N": N, "V": version, "bytes": 2}
+    launches = step_kernels(shape, gpu.units) if algorithm == "step" else chunked_kernels(shape)
+    totals = {}
+    for pass_name, specs in launches.items():
+        total = 0.0
+        for spec in specs:
+            matches = [k for k in kernels if re.search(spec.name, k)]
+            if len(matches) != 1:
+                raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
+            e = estimate(kernels[matches[0]], resources[matches[0]], spec, shape, gpu, sources)
+            total += e.ms
+            key = f"wkv{version} {B},{T},{H},{N} bfloat16 {algorithm}"
+            per_kernel.setdefault(key, {}).setdefault(pass_name, {})[spec.short] = round(e.ms, 3)
+            lines.append(
+                f"| wkv{version} | {B}, {T}, {H}, {N} | {algorithm} | {pass_name} | {e.label} | "
+                f"{e.blocks} | {e.resident} | {e.per_warp['issue']:,.0f} | "
+                f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | {e.bound} | "
+                f"{e.ms:.2f} |"
+            )
+        totals[pass_name] = total
+    return totals
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nvcc", default=os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc"))
@@ -101,70 +151,105 @@ def main() -> int:
     args = ap.parse_args()
 
     gpu = H100
-    lines = ["# GPU model: estimated kernel times (H100 SXM, bf16 WKV-7)", "",
-             f"Hardware: {gpu.describe()}.", "", "Assumptions:"] + [f"- {a}" for a in ASSUMPTIONS] + [""]
-    step = {}
-    for label, commit in ((f"the measured kernels (commit {MEASURED_COMMIT})", MEASURED_COMMIT),
-                          ("this tree's kernels", None)):
-        text, resources = build(args.build, args.nvcc, commit)
-        kernels = parse(text)
-        sources = sources_of(kernels)
-        lines += [f"## Step kernels: {label}", "",
-                  "| B, T, H, N | pass | kernel | blocks | resident / unit | instructions / warp | "
-                  "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        totals = step[commit] = {}
-        per_kernel = {}
-        for B, T, H, N in MEASURED:
-            shape = {"B": B, "T": T, "H": H, "N": N, "V": 7, "bytes": 2}
-            for pass_name, specs in step_kernels(shape, gpu.units).items():
-                total = 0.0
-                for spec in specs:
-                    matches = [k for k in kernels if re.search(spec.name, k)]
-                    if len(matches) != 1:
-                        raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
-                    e = estimate(kernels[matches[0]], resources[matches[0]], spec, shape, gpu, sources)
-                    total += e.ms
-                    key = f"wkv7 {B},{T},{H},{N} bfloat16 step"
-                    per_kernel.setdefault(key, {})[spec.short] = round(e.ms, 3)
-                    lines.append(f"| {B}, {T}, {H}, {N} | {pass_name} | {e.label} | {e.blocks} | "
-                                 f"{e.resident} | {e.per_warp['issue']:,.0f} | "
-                                 f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | "
-                                 f"{e.bound} | {e.ms:.2f} |")
-                totals[(B, T, H, N, pass_name)] = total
-        lines.append("")
-        if commit is None:
-            estimates = per_kernel
-    lines += [f"## Calibration: the measured kernels (commit {MEASURED_COMMIT}) against their H100 times",
-              "", "(benchmarks/results/gpu-h100-2026-11-27/; this tree's step kernels beside them: since "
-              "that commit the columns kernel reads rows without bank conflicts and sums columns in one "
-              "reduce-scatter, and HIP alone stages fewer steps)", "",
-              "| B, T, H, N | pass | estimate ms | measured ms | error | this tree's kernels, estimate ms |",
-              "|---|---|---|---|---|---|"]
+    lines = (
+        [
+            "# GPU model: estimated kernel times (H100 SXM, bf16)",
+            "",
+            "Estimates from the kernels' sm_90a machine code (`make gpu-model`), not measurements.",
+            "",
+            f"Hardware: {gpu.describe()}.",
+            "",
+            "Assumptions:",
+        ]
+        + [f"- {a}" for a in ASSUMPTIONS]
+        + [""]
+    )
+
+    # 1. the kernels that were measured, against the measurement
+    text, resources = build(args.build, args.nvcc, MEASURED_COMMIT)
+    kernels = parse(text)
+    old_rows, measured_est = [], {}
+    for shape4 in MEASURED:
+        measured_est[shape4] = estimate_passes(
+            kernels, resources, sources_of(kernels), gpu, 7, "step", shape4, old_rows, {}
+        )
+
+    # 2. this tree's kernels: both ops, both algorithms
+    text, resources = build(args.build, args.nvcc)
+    kernels = parse(text)
+    sources = sources_of(kernels)
+    rows, per_kernel, now = [], {}, {}
+    for version in (7, 6):
+        for shape4 in MEASURED:
+            for algorithm in ("step", "chunked"):
+                now[(version, shape4, algorithm)] = estimate_passes(
+                    kernels, resources, sources, gpu, version, algorithm, shape4, rows, per_kernel
+                )
+
+    lines += [
+        f"## Calibration: the measured kernels (commit {MEASURED_COMMIT}) against their H100 times",
+        "",
+        "(benchmarks/results/gpu-h100-2026-11-27/, bf16 WKV-7, step kernels. Since that commit the "
+        "columns kernel reads rows without bank conflicts and sums columns in one reduce-scatter, and "
+        "HIP alone stages fewer steps: this tree's estimate is beside it.)",
+        "",
+        "| B, T, H, N | pass | estimate ms | measured ms | error | this tree's step kernels, estimate ms |",
+        "|---|---|---|---|---|---|",
+    ]
     worst = 0.0
-    for (B, T, H, N), (fwd, bwd) in MEASURED.items():
+    for shape4, (fwd, bwd) in MEASURED.items():
         for pass_name, m in (("forward", fwd), ("backward", bwd)):
-            e = step[MEASURED_COMMIT][(B, T, H, N, pass_name)]
+            e = measured_est[shape4][pass_name]
             err = e / m - 1
             worst = max(worst, abs(err))
-            lines.append(f"| {B}, {T}, {H}, {N} | {pass_name} | {e:.2f} | {m:.2f} | {err:+.0%} | "
-                         f"{step[None][(B, T, H, N, pass_name)]:.2f} |")
+            lines.append(
+                f"| {', '.join(map(str, shape4))} | {pass_name} | {e:.2f} | {m:.2f} | {err:+.0%} | "
+                f"{now[(7, shape4, 'step')][pass_name]:.2f} |"
+            )
     ok = worst <= TOLERANCE
-    lines += ["", f"Largest error {worst:.0%} (goal: within {TOLERANCE:.0%} each): "
-              f"{'calibrated' if ok else 'NOT calibrated: the model must improve before it steers design'}."]
-    f = step[MEASURED_COMMIT][(8, 4096, 64, 64, "forward")]
-    b = step[MEASURED_COMMIT][(8, 4096, 64, 64, "backward")]
-    final = (f"gpu-model: h100 wkv7 bf16 8,4096,64,64: chunked fwd n/a ms bwd n/a ms; step fwd {f:.2f} ms "
-             f"bwd {b:.2f} ms (measured 6.97 / 43.30)")
+    lines += [
+        "",
+        f"Largest error {worst:.0%} (goal: within {TOLERANCE:.0%} each): "
+        f"{'calibrated' if ok else 'NOT calibrated: the model must improve before it steers design'}.",
+        "",
+    ]
+    lines += [
+        "## This tree's kernels, per call (bf16)",
+        "",
+        "| op | B, T, H, N | algorithm | forward ms | backward ms | fwd+bwd ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (version, shape4, algorithm), t in now.items():
+        lines.append(
+            f"| wkv{version} | {', '.join(map(str, shape4))} | {algorithm} | {t['forward']:.2f} | "
+            f"{t['backward']:.2f} | {t['forward'] + t['backward']:.2f} |"
+        )
+    lines += ["", "## Per kernel: this tree", ""] + KERNEL_HEADER + rows
+    lines += ["", f"## Per kernel: commit {MEASURED_COMMIT}", ""] + KERNEL_HEADER + old_rows
+    headline = (8, 4096, 64, 64)
+    chunked, step = now[(7, headline, "chunked")], measured_est[headline]
+    final = (
+        f"gpu-model: h100 wkv7 bf16 8,4096,64,64: chunked fwd {chunked['forward']:.2f} ms bwd "
+        f"{chunked['backward']:.2f} ms; step fwd {step['forward']:.2f} ms bwd {step['backward']:.2f} ms "
+        f"(measured 6.97 / 43.30)"
+    )
     report = "\n".join(lines)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n\n" + final + "\n")
         # per kernel of this tree, for benchmarks/gpu_kernel_times.py to print beside its timings
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"gpu": gpu.name, "note": "estimates from the machine code (make gpu-model), not measurements",
-             "ms": estimates}, indent=1) + "\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "gpu": gpu.name,
+                    "note": "estimates from the machine code (make gpu-model), not measurements",
+                    "ms": per_kernel,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     print(final)
     return 0 if ok else 1
 

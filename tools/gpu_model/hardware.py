@@ -24,19 +24,41 @@ class Gpu:
 
     def describe(self) -> str:
         r = ", ".join(f"{k} {v:g}" for k, v in self.rates.items())
-        return (f"{self.name}: {self.units} units x {self.schedulers} schedulers at {self.clock_ghz} GHz, "
-                f"{self.registers} registers and {self.shared_bytes // 1024} KiB shared per unit, "
-                f"<= {self.max_threads} threads / {self.max_blocks} blocks per unit, "
-                f"HBM {self.hbm_tb_s} TB/s; "
-                f"rates (warp instructions / clock / scheduler; shared: wavefronts / clock / unit; shuffle: "
-                f"per unit): {r}")
+        return (
+            f"{self.name}: {self.units} units x {self.schedulers} schedulers at {self.clock_ghz} GHz, "
+            f"{self.registers} registers and {self.shared_bytes // 1024} KiB shared per unit, "
+            f"<= {self.max_threads} threads / {self.max_blocks} blocks per unit, "
+            f"HBM {self.hbm_tb_s} TB/s; "
+            f"rates (warp instructions / clock / scheduler; shared: wavefronts / clock / unit; shuffle: "
+            f"per unit): {r}"
+        )
 
 
 # H100 SXM5 (Hopper): 132 SMs, 4 SMSPs each; 128 FP32 lanes per SM (one warp FFMA a clock per
 # SMSP), 64 integer lanes (half rate), 16 special-function and conversion lanes per SM; shared
 # memory 128 bytes a clock per SM; 32 shuffle lanes a clock per SM; 989 dense bf16 tensor TFLOP/s
 # = 0.5 m16n8k16 HMMA a clock per SM at 1.755 GHz, i.e. 0.125 per SMSP.
-H100 = Gpu("H100 SXM", units=132, clock_ghz=1.755, schedulers=4, warp=32, registers=65536,
-           shared_bytes=228 * 1024, max_threads=2048, max_blocks=32, hbm_tb_s=3.35,
-           rates={"issue": 1.0, "fp32": 1.0, "alu": 0.5, "imad": 0.5, "conv": 0.125, "mufu": 0.125,
-                  "tensor": 0.125, "shared": 1.0, "shuffle": 1.0, "uniform": 1.0})
+H100 = Gpu(
+    "H100 SXM",
+    units=132,
+    clock_ghz=1.755,
+    schedulers=4,
+    warp=32,
+    registers=65536,
+    shared_bytes=228 * 1024,
+    max_threads=2048,
+    max_blocks=32,
+    hbm_tb_s=3.35,
+    rates={
+        "issue": 1.0,
+        "fp32": 1.0,
+        "alu": 0.5,
+        "imad": 0.5,
+        "conv": 0.125,
+        "mufu": 0.125,
+        "tensor": 0.125,
+        "shared": 1.0,
+        "shuffle": 1.0,
+        "uniform": 1.0,
+    },
+)

@@ -53,12 +53,18 @@ def rows_kernel(s: dict, mode: int, units: int) -> KernelSpec:
         short=f"{label} <{N},{kpt},{threads}>",
         blocks=lambda s: (s["N"] // rows) * s["H"] * s["B"],
         threads=threads,
-        loops=[LoopSpec(r"step < num_chunks", lambda s: math.ceil(s["T"] / K_CHUNK)),
-               LoopSpec(r"si < num_stages", lambda s: 1),
-               LoopSpec(r"idx < n \* N;", lambda s: K_CHUNK * s["N"] / threads, stores_per_trip=keys),
-               LoopSpec(r"idx < n \* ROWS;", lambda s: K_CHUNK * rows / threads, stores_per_trip=1,
-                        needs_global_loads=True),
-               LoopSpec(r"t < [mn];", lambda s: K_CHUNK)],
+        loops=[
+            LoopSpec(r"step < num_chunks", lambda s: math.ceil(s["T"] / K_CHUNK)),
+            LoopSpec(r"si < num_stages", lambda s: 1),
+            LoopSpec(r"idx < n \* N;", lambda s: K_CHUNK * s["N"] / threads, per_trip=("STS", keys)),
+            LoopSpec(
+                r"idx < n \* ROWS;",
+                lambda s: K_CHUNK * rows / threads,
+                per_trip=("STS", 1),
+                needs_global_loads=True,
+            ),
+            LoopSpec(r"t < [mn];", lambda s: K_CHUNK),
+        ],
         dram_bytes=lambda s: dram,
     )
 
@@ -71,18 +77,25 @@ def columns_kernel(s: dict) -> KernelSpec:
     keys = 5 if V == 7 else 3
     chunks = math.ceil(s["T"] / K_CHUNK)
     state = s["B"] * s["H"] * N * N * 4
-    dram = ((keys + 2) * elements(s) * b + (2 * elements(s) * 4 if V == 7 else 0) + (chunks + 1) * state
-            + keys * elements(s) * b)  # reads v, grad_y, keys, sa, dsa, snapshots; writes the key grads
+    dram = (
+        (keys + 2) * elements(s) * b
+        + (2 * elements(s) * 4 if V == 7 else 0)
+        + (chunks + 1) * state
+        + keys * elements(s) * b
+    )  # reads v, grad_y, keys, sa, dsa, snapshots; writes the key grads
     return KernelSpec(
         label=f"columns ({threads} threads)",
         name=rf"wkv_columns_kernelINS0_4Bf16ELi{V}ELi{N}E",
         short=f"columns <{N}>",
         blocks=lambda s: (s["N"] // cols) * s["H"] * s["B"],
         threads=threads,
-        loops=[LoopSpec(r"c >= 0;", lambda s: math.ceil(s["T"] / K_CHUNK)),
-               LoopSpec(r"idx < n \* N;", lambda s: K_CHUNK * s["N"] / threads,
-                        stores_per_trip=4 if V == 7 else 2),
-               LoopSpec(r"idx < n \* COLS;", lambda s: K_CHUNK * cols / threads, stores_per_trip=keys)],
+        loops=[
+            LoopSpec(r"c >= 0;", lambda s: math.ceil(s["T"] / K_CHUNK)),
+            LoopSpec(
+                r"idx < n \* N;", lambda s: K_CHUNK * s["N"] / threads, per_trip=("STS", 4 if V == 7 else 2)
+            ),
+            LoopSpec(r"idx < n \* COLS;", lambda s: K_CHUNK * cols / threads, per_trip=("STS", keys)),
+        ],
         dram_bytes=lambda s: dram,
     )
 
@@ -90,6 +103,194 @@ def columns_kernel(s: dict) -> KernelSpec:
 def step_kernels(s: dict, units: int) -> dict[str, list[KernelSpec]]:
     """The step path's launches: forward = rows forward; backward = rows snapshots, rows
     state-grad, columns."""
-    return {"forward": [rows_kernel(s, FORWARD, units)],
-            "backward": [rows_kernel(s, SNAPSHOTS, units), rows_kernel(s, STATE_GRAD, units),
-                         columns_kernel(s)]}
+    return {
+        "forward": [rows_kernel(s, FORWARD, units)],
+        "backward": [rows_kernel(s, SNAPSHOTS, units), rows_kernel(s, STATE_GRAD, units), columns_kernel(s)],
+    }
+
+
+# ---- the chunked kernels (csrc/gpu/wkv_gpu_chunked.cuh) -----------------------------------------
+L_CHUNK = 16  # wkv_gpu.h kChunkSteps: steps per chunk
+PREP_THREADS = 256  # kPrepThreads
+
+
+def chunk_slots(s: dict) -> int:
+    """num_chunk_slots(p, kChunkSteps): the per-chunk kernels' grid (x)."""
+    return s["B"] * s["T"] // L_CHUNK + s["B"] + 1
+
+
+def operand_floats(s: dict) -> int:
+    """Operands<V, N>::size: the prep kernel's fp32 operands per (chunk, head)."""
+    L, N = L_CHUNK, s["N"]
+    return 4 * L * N + N + 4 * L * L if s["V"] == 7 else 2 * L * N + N + L * L
+
+
+def _seek(s: dict) -> float:
+    """Trips of chunk_at_slot's binary search over the sequences."""
+    return math.ceil(math.log2(max(s["B"], 1))) if s["B"] > 1 else 0
+
+
+def chunk_prep(s: dict) -> KernelSpec:
+    V, N = s["V"], s["N"]
+    ks = min(N, 32)
+    warps = PREP_THREADS // 32
+    inputs = 4 if V == 7 else 2  # r, k (, a, b) staged per key slab; w by the cumulative sums
+    dram = (inputs + 1) * elements(s) * s["bytes"] + chunk_slots(s) * s["H"] * operand_floats(s) * 4
+    return KernelSpec(
+        label="chunk prep",
+        name=rf"wkv_chunk_prep_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"chunk prep <{N}>",
+        blocks=lambda s: chunk_slots(s) * s["H"],
+        threads=PREP_THREADS,
+        loops=[
+            LoopSpec(r"while \(lo < hi\)", _seek),
+            LoopSpec(r"j0 < N; j0 \+= KS", lambda s: N / ks),
+            LoopSpec(
+                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int q = idx / KS, jj = idx % KS;\s+const bool",
+                lambda s: L_CHUNK * ks / PREP_THREADS,
+                per_trip=("LDG", inputs),
+            ),
+            LoopSpec(
+                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
+                lambda s: L_CHUNK * ks / PREP_THREADS,
+                per_trip=("LDG", 1),
+            ),
+            LoopSpec(
+                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int q = idx / KS, jj = idx % KS;"
+                r"\s+const int64_t at",
+                lambda s: L_CHUNK * ks / PREP_THREADS,
+                per_trip=("STG", inputs),
+            ),
+            # only the threads below KS: one trip for the first KS / 32 warps of the block
+            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: (ks / 32) / warps),
+            LoopSpec(r"jj < KS; \+\+jj", lambda s: ks, per_trip=("MUFU", 2 if V == 7 else 1)),
+        ],
+        dram_bytes=lambda s: dram,
+    )
+
+
+def chunk_state(s: dict, starts: bool) -> KernelSpec:
+    V, N = s["V"], s["N"]
+    chunks = math.ceil(s["T"] / L_CHUNK)
+    state = s["B"] * s["H"] * N * N * 4
+    dram = chunk_slots(s) * s["H"] * operand_floats(s) * 4 + elements(s) * s["bytes"] + 2 * state
+    if starts:  # start states and S a_t instead of y
+        dram += chunk_slots(s) * s["H"] * N * N * 4 + (elements(s) * 4 if V == 7 else 0)
+    else:
+        dram += elements(s) * s["bytes"]
+    mode = 1 if starts else 0
+    return KernelSpec(
+        label="chunk starts" if starts else "chunk forward",
+        name=rf"wkv_chunk_state_kernelINS0_4Bf16ELi{V}ELi{N}ELi{mode}E",
+        short=f"chunk {'starts' if starts else 'forward'} <{N}>",
+        blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
+        threads=32,
+        loops=[
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) S\[",
+                lambda s: 16 * N / 32,
+                per_trip=("STS", 1),
+                needs_global_loads=True,
+            ),
+            LoopSpec(r"c < num_chunks", lambda s: chunks),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.snapshots",
+                lambda s: 16 * N / 32,
+                per_trip=("STG", 1),
+            ),
+            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / 32, per_trip=("STS", 1)),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) final_state", lambda s: 16 * N / 32, per_trip=("STG", 1)
+            ),
+        ],
+        dram_bytes=lambda s: dram,
+    )
+
+
+def chunk_state_grad(s: dict) -> KernelSpec:
+    V, N = s["V"], s["N"]
+    chunks = math.ceil(s["T"] / L_CHUNK)
+    state = s["B"] * s["H"] * N * N * 4
+    dram = (
+        chunk_slots(s) * s["H"] * (operand_floats(s) + N * N) * 4
+        + 2 * elements(s) * s["bytes"]
+        + (elements(s) * 4 if V == 7 else 0)
+        + 2 * state
+    )
+    return KernelSpec(
+        label="chunk state-grad",
+        name=rf"wkv_chunk_state_grad_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"chunk state_grad <{N}>",
+        blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
+        threads=32,
+        loops=[
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) dS\[",
+                lambda s: 16 * N / 32,
+                per_trip=("STS", 1),
+                needs_global_loads=True,
+            ),
+            LoopSpec(r"c >= 0; --c", lambda s: chunks),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.state_grads",
+                lambda s: 16 * N / 32,
+                per_trip=("STG", 1),
+            ),
+            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / 32, per_trip=("STS", 1)),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) grad_s0", lambda s: 16 * N / 32, per_trip=("STG", 1)
+            ),
+        ],
+        dram_bytes=lambda s: dram,
+    )
+
+
+def chunk_grads(s: dict) -> KernelSpec:
+    V, N = s["V"], s["N"]
+    warps = max(N // 16, 4)
+    threads = warps * 32
+    kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
+    # the lanes of one accumulator element cover rows 0-7 or 8-15: the triangular loops run the
+    # warp's longest, 8 or 16 trips, 12 on average
+    tri = 0.75 * L_CHUNK
+    keys = 5 if V == 7 else 3
+    dram = (
+        chunk_slots(s) * s["H"] * 2 * N * N * 4
+        + (keys + 2) * elements(s) * s["bytes"]
+        + (2 * elements(s) * 4 if V == 7 else 0)
+        + keys * elements(s) * s["bytes"]
+    )
+    return KernelSpec(
+        label="chunk grads",
+        name=rf"wkv_chunk_grads_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"chunk grads <{N}>",
+        blocks=lambda s: chunk_slots(s) * s["H"],
+        threads=threads,
+        loops=[
+            LoopSpec(r"while \(lo < hi\)", _seek),
+            LoopSpec(
+                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
+                lambda s: L_CHUNK * N / threads,
+                per_trip=("LDG", 1),
+            ),
+            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: (N / 32) / warps),
+            LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16),
+            # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
+            LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
+            LoopSpec(r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: 8 * kt_warps),
+            LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: tri),
+            LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: tri),
+            LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),
+            LoopSpec(r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps),
+        ],
+        dram_bytes=lambda s: dram,
+    )
+
+
+def chunked_kernels(s: dict) -> dict[str, list[KernelSpec]]:
+    """The chunked path's launches: forward = prep, forward state pass; backward = prep, starts,
+    state-grad, grads."""
+    return {
+        "forward": [chunk_prep(s), chunk_state(s, starts=False)],
+        "backward": [chunk_prep(s), chunk_state(s, starts=True), chunk_state_grad(s), chunk_grads(s)],
+    }

@@ -28,8 +28,7 @@ ASSUMPTIONS = [
     "followed: peeled remainders and rarely taken paths are over-counted)",
     "a loop the compiler unrolled runs floor(trips / unroll) times; its remainder is the peeled "
     "code counted with the enclosing body",
-    "shared-memory accesses are conflict-free: a warp access of B bytes per lane takes B / 4 "
-    "wavefronts",
+    "shared-memory accesses are conflict-free: a warp access of B bytes per lane takes B / 4 wavefronts",
     "DRAM traffic is each tensor's bytes once (re-reads by other blocks hit L2)",
     "blocks are spread evenly: the busiest unit runs ceil(blocks / units) blocks, as many at once "
     "as registers, shared memory, threads and the block limit allow",
@@ -40,15 +39,18 @@ ASSUMPTIONS = [
 
 @dataclass
 class LoopSpec:
-    """A source loop of a kernel: ``pattern`` matches the source line of its backward branch
-    (the loop's own ``for``), ``trips(shape)`` how many times it runs per enclosing trip,
-    ``stores_per_trip`` its shared stores per source iteration (how the unroll factor is read
-    back: stores in the machine-code body / stores per trip), ``needs_global_loads``: a version
-    of the loop without global loads is the one that does not run (a null-pointer branch)."""
+    """A source loop of a kernel: ``pattern`` matches its header line and the two lines after it
+    (the source line of the loop's backward branch is its ``for``); ``trips(shape)`` is how many
+    times it runs per trip of the enclosing loop (per warp: a loop only some warps run counts as
+    the average over the block's warps; a loop whose trips differ across a warp's lanes counts
+    the warp's most); ``per_trip`` = (opcode, how many a source iteration has) reads the
+    compiler's unroll factor back (that opcode in the machine-code body / per source iteration);
+    ``needs_global_loads``: a version of the loop without global loads is the one that does not
+    run (a null-pointer branch)."""
 
     pattern: str
     trips: Callable[[dict], float]
-    stores_per_trip: int | None = None
+    per_trip: tuple[str, int] | None = None
     needs_global_loads: bool = False
 
 
@@ -78,31 +80,53 @@ class Estimate:
     parts_ms: dict = field(default_factory=dict)
 
 
-def _source_line(loop: Loop, sources: dict[str, list[str]]) -> str:
+def _context(loop: Loop, sources: dict[str, list[str]]) -> str:
+    """The source line of the loop's backward branch and the two after it."""
     if loop.line is None:
         return ""
-    lines = sources.get(loop.line[0])
-    return lines[loop.line[1] - 1] if lines and 0 < loop.line[1] <= len(lines) else ""
+    lines = sources.get(loop.line[0]) or []
+    return " ".join(lines[loop.line[1] - 1 : loop.line[1] + 2])
 
 
-def _spec_of(loop: Loop, kernel: Kernel, spec: KernelSpec, sources: dict[str, list[str]]) -> LoopSpec:
-    text = _source_line(loop, sources)
-    for ls in spec.loops:
+def _spec_of(loop: Loop, spec: KernelSpec, sources: dict[str, list[str]]) -> int:
+    text = _context(loop, sources)
+    for n, ls in enumerate(spec.loops):
         if re.search(ls.pattern, text):
-            return ls
-    raise ValueError(f"{spec.label}: no trip count for the loop at {loop.line} ({text.strip()!r})")
+            return n
+    lines = sources.get(loop.line[0]) or [] if loop.line else []
+    line = lines[loop.line[1] - 1].strip() if loop.line and 0 < loop.line[1] <= len(lines) else ""
+    raise ValueError(f"{spec.label}: no trip count for the loop at {loop.line} ({line[:80]!r})")
 
 
-def _trips(loop: Loop, kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> float:
-    ls = _spec_of(loop, kernel, spec, sources)
-    body = kernel.body(loop.head, loop.tail)
-    if ls.needs_global_loads and not any(i.unit == "global" and i.base.startswith("LD") for i in body):
-        return 0.0
-    unroll = 1
-    if ls.stores_per_trip:
-        stores = sum(1 for i in body if i.base == "STS")
-        unroll = max(1, round(stores / ls.stores_per_trip))
-    return math.floor(ls.trips(shape) / unroll)
+def _unroll(loop: Loop, kernel: Kernel, ls: LoopSpec) -> int:
+    if not ls.per_trip:
+        return 1
+    opcode, per_iteration = ls.per_trip
+    found = sum(1 for i in kernel.body(loop.head, loop.tail) if i.base == opcode)
+    return max(1, round(found / per_iteration))
+
+
+def loop_trips(
+    loops: list[Loop], kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict
+) -> list[float]:
+    """Trips of each of these sibling loops. Loops of one source loop with different unroll
+    factors are its unrolled body and its remainder (floor(n / U) trips, and the n mod U left
+    over); with the same factor they are copies of it (inlined at several places), each with
+    its own n."""
+    which = [_spec_of(loop, spec, sources) for loop in loops]
+    unroll = [_unroll(loop, kernel, spec.loops[w]) for loop, w in zip(loops, which, strict=True)]
+    trips = []
+    for loop, w, u in zip(loops, which, unroll, strict=True):
+        ls = spec.loops[w]
+        if ls.needs_global_loads and not any(
+            i.unit == "global" and i.base.startswith("LD") for i in kernel.body(loop.head, loop.tail)
+        ):
+            trips.append(0.0)
+            continue
+        n = ls.trips(shape)
+        widest = max(uu for ww, uu in zip(which, unroll, strict=True) if ww == w)
+        trips.append(math.floor(n / u) if u == widest else (n % widest) / u)
+    return trips
 
 
 def dynamic(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> tuple[Counter, float]:
@@ -111,10 +135,9 @@ def dynamic(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> tup
     def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
         inside = set()
         counts, chain = Counter(), 0.0
-        for loop in loops:
+        for loop, trips in zip(loops, loop_trips(loops, kernel, spec, shape, sources), strict=True):
             body = kernel.body(loop.head, loop.tail)
             inside.update(i.addr for i in body)
-            trips = _trips(loop, kernel, spec, shape, sources)
             c, ch = walk(body, loop.children)
             for k, v in c.items():
                 counts[k] += trips * v
@@ -128,8 +151,10 @@ def dynamic(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> tup
 
 
 def resident_blocks(gpu: Gpu, threads: int, regs: int, shared: int) -> int:
+    """Blocks of ``threads`` threads one unit holds at once, by registers (allocated per warp in
+    units of 256), shared memory, threads and the block limit."""
     warps = math.ceil(threads / gpu.warp)
-    regs_per_warp = math.ceil(max(regs, 1) * gpu.warp / 256) * 256  # allocated in 256-register units
+    regs_per_warp = math.ceil(max(regs, 1) * gpu.warp / 256) * 256
     by_regs = gpu.registers // (regs_per_warp * warps)
     by_shared = gpu.shared_bytes // shared if shared else gpu.max_blocks
     by_threads = gpu.max_threads // threads
@@ -163,8 +188,9 @@ def closed_network_time(warps: int, demands: dict[str, float], chain: float) -> 
     return warps / throughput if throughput else 0.0
 
 
-def estimate(kernel: Kernel, resources: tuple[int, int], spec: KernelSpec, shape: dict, gpu: Gpu,
-             sources: dict) -> Estimate:
+def estimate(
+    kernel: Kernel, resources: tuple[int, int], spec: KernelSpec, shape: dict, gpu: Gpu, sources: dict
+) -> Estimate:
     regs, shared = resources
     blocks = spec.blocks(shape)
     per_warp, chain = dynamic(kernel, spec, shape, sources)
@@ -192,5 +218,13 @@ def estimate(kernel: Kernel, resources: tuple[int, int], spec: KernelSpec, shape
     compute_ms = clocks / (gpu.clock_ghz * 1e6)
     dram_ms = spec.dram_bytes(shape) / (gpu.hbm_tb_s * 1e9)
     bound = max(bounds, key=bounds.get) if compute_ms >= dram_ms else "dram"
-    return Estimate(spec.label, max(compute_ms, dram_ms), bound, blocks, resident, per_warp, chain,
-                    {"compute": compute_ms, "dram": dram_ms, "first wave": first_wave})
+    return Estimate(
+        spec.label,
+        max(compute_ms, dram_ms),
+        bound,
+        blocks,
+        resident,
+        per_warp,
+        chain,
+        {"compute": compute_ms, "dram": dram_ms, "first wave": first_wave},
+    )

@@ -13,36 +13,123 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 # Units an instruction issues to (the H100 model gives each a rate per SM per clock).
-UNITS = ("fp32", "alu", "imad", "conv", "mufu", "tensor", "shared", "shuffle", "global", "barrier",
-         "uniform", "branch", "other")
+UNITS = (
+    "fp32",
+    "alu",
+    "imad",
+    "conv",
+    "mufu",
+    "tensor",
+    "shared",
+    "shuffle",
+    "global",
+    "barrier",
+    "uniform",
+    "branch",
+    "other",
+)
 
 _UNIT_OF = {
-    "FFMA": "fp32", "FADD": "fp32", "FMUL": "fp32", "FMNMX": "fp32", "FSEL": "fp32", "FSETP": "fp32",
-    "FSET": "fp32", "FCHK": "fp32", "FSWZADD": "fp32",
-    "IMAD": "imad", "IMUL": "imad",
-    "IADD3": "alu", "LOP3": "alu", "SHF": "alu", "ISETP": "alu", "LEA": "alu", "PRMT": "alu", "SEL": "alu",
-    "IABS": "alu", "IMNMX": "alu", "FLO": "alu", "POPC": "alu", "BREV": "alu", "MOV": "alu", "PLOP3": "alu",
-    "P2R": "alu", "R2P": "alu", "VIADD": "alu", "VIMNMX": "alu", "IDP": "alu", "IMNMX3": "alu", "CS2R": "alu",
-    "S2R": "alu", "SGXT": "alu", "BMSK": "alu", "LOP": "alu", "IADD": "alu", "ISCADD": "alu",
-    "F2F": "conv", "F2I": "conv", "I2F": "conv", "F2FP": "conv", "I2FP": "conv", "F2IP": "conv",
+    "FFMA": "fp32",
+    "FADD": "fp32",
+    "FMUL": "fp32",
+    "FMNMX": "fp32",
+    "FSEL": "fp32",
+    "FSETP": "fp32",
+    "FSET": "fp32",
+    "FCHK": "fp32",
+    "FSWZADD": "fp32",
+    "IMAD": "imad",
+    "IMUL": "imad",
+    "IADD3": "alu",
+    "LOP3": "alu",
+    "SHF": "alu",
+    "ISETP": "alu",
+    "LEA": "alu",
+    "PRMT": "alu",
+    "SEL": "alu",
+    "IABS": "alu",
+    "IMNMX": "alu",
+    "FLO": "alu",
+    "POPC": "alu",
+    "BREV": "alu",
+    "MOV": "alu",
+    "PLOP3": "alu",
+    "P2R": "alu",
+    "R2P": "alu",
+    "VIADD": "alu",
+    "VIMNMX": "alu",
+    "IDP": "alu",
+    "IMNMX3": "alu",
+    "CS2R": "alu",
+    "S2R": "alu",
+    "SGXT": "alu",
+    "BMSK": "alu",
+    "LOP": "alu",
+    "IADD": "alu",
+    "ISCADD": "alu",
+    "F2F": "conv",
+    "F2I": "conv",
+    "I2F": "conv",
+    "F2FP": "conv",
+    "I2FP": "conv",
+    "F2IP": "conv",
     "FRND": "conv",
     "MUFU": "mufu",
-    "HMMA": "tensor", "IMMA": "tensor", "HGMMA": "tensor", "BMMA": "tensor",
-    "LDS": "shared", "STS": "shared", "LDSM": "shared", "ATOMS": "shared", "LDGSTS": "shared",
+    "HMMA": "tensor",
+    "IMMA": "tensor",
+    "HGMMA": "tensor",
+    "BMMA": "tensor",
+    "LDS": "shared",
+    "STS": "shared",
+    "LDSM": "shared",
+    "ATOMS": "shared",
+    "LDGSTS": "shared",
     "SHFL": "shuffle",
-    "LDG": "global", "STG": "global", "LD": "global", "ST": "global", "RED": "global", "ATOMG": "global",
+    "LDG": "global",
+    "STG": "global",
+    "LD": "global",
+    "ST": "global",
+    "RED": "global",
+    "ATOMG": "global",
     "LDC": "other",
-    "BAR": "barrier", "WARPSYNC": "barrier", "DEPBAR": "barrier", "MEMBAR": "barrier", "ERRBAR": "barrier",
-    "BRA": "branch", "EXIT": "branch", "BSSY": "branch", "BSYNC": "branch", "RET": "branch", "CALL": "branch",
-    "JMP": "branch", "BPT": "branch", "NOP": "branch", "YIELD": "branch", "WARPGROUP": "branch",
+    "BAR": "barrier",
+    "WARPSYNC": "barrier",
+    "DEPBAR": "barrier",
+    "MEMBAR": "barrier",
+    "ERRBAR": "barrier",
+    "BRA": "branch",
+    "EXIT": "branch",
+    "BSSY": "branch",
+    "BSYNC": "branch",
+    "RET": "branch",
+    "CALL": "branch",
+    "JMP": "branch",
+    "BPT": "branch",
+    "NOP": "branch",
+    "YIELD": "branch",
+    "WARPGROUP": "branch",
 }
 
 # Latency (clocks) from issue to a dependent instruction, per unit: the public microbenchmark
 # figures for Hopper (fixed-latency pipes ~4-6, shared memory ~30, shuffles ~25, MUFU ~15-20,
 # global memory from L2 ~250, from HBM ~500; the model uses the L2 figure: the step kernels
 # re-read each chunk's staged inputs from other blocks of the same head).
-LATENCY = {"fp32": 4, "alu": 4, "imad": 4, "conv": 6, "mufu": 18, "tensor": 24, "shared": 30,
-           "shuffle": 25, "global": 260, "barrier": 20, "uniform": 4, "branch": 4, "other": 10}
+LATENCY = {
+    "fp32": 4,
+    "alu": 4,
+    "imad": 4,
+    "conv": 6,
+    "mufu": 18,
+    "tensor": 24,
+    "shared": 30,
+    "shuffle": 25,
+    "global": 260,
+    "barrier": 20,
+    "uniform": 4,
+    "branch": 4,
+    "other": 10,
+}
 
 _LINE = re.compile(r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
 _INSN = re.compile(r"/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P[T0-9]\s+)?(?P<body>[^;]*);")
@@ -95,8 +182,16 @@ class Insn:
     def defs(self) -> list[int]:
         """Registers written (the first operand of most instructions; stores, branches and barriers
         write none)."""
-        if self.unit in ("branch", "barrier") or self.base in ("STS", "STG", "ST", "RED", "ISETP", "FSETP",
-                                                                "PLOP3", "LDGSTS"):
+        if self.unit in ("branch", "barrier") or self.base in (
+            "STS",
+            "STG",
+            "ST",
+            "RED",
+            "ISETP",
+            "FSETP",
+            "PLOP3",
+            "LDGSTS",
+        ):
             return []
         if not self.operands:
             return []
@@ -156,7 +251,7 @@ def parse(text: str) -> dict[str, Kernel]:
     for raw in text.splitlines():
         if raw.startswith(".text."):
             close()
-            name, insns, labels, line = raw[len(".text."):].rstrip(":"), [], {}, None
+            name, insns, labels, line = raw[len(".text.") :].rstrip(":"), [], {}, None
             continue
         if name is None:
             continue
@@ -179,8 +274,9 @@ def parse(text: str) -> dict[str, Kernel]:
         opcode, _, rest = body.partition(" ")
         target = _TARGET.search(rest)
         operands = [o.strip() for o in rest.split(",")] if rest.strip() else []
-        insns.append(Insn(addr, opcode, operands, line, bool(m.group("pred")),
-                          target.group(1) if target else None))
+        insns.append(
+            Insn(addr, opcode, operands, line, bool(m.group("pred")), target.group(1) if target else None)
+        )
     close()
     return kernels
 
