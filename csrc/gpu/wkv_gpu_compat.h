@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #if defined(ARWKV_GPU_EMULATION)
 #include "gpu_emulator.h"
 #elif defined(__HIP_PLATFORM_AMD__) || defined(USE_ROCM) || defined(__HIPCC__)
@@ -96,12 +98,36 @@ template <class T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
+// bf16 rounding to nearest even: one cvt instruction on sm_80 and newer; elsewhere (gfx942 has
+// no such instruction, and the CPU emulator) integer arithmetic that rounds the same way (a NaN
+// stays a NaN; its payload bits may differ from the instruction's).
+#if !defined(ARWKV_GPU_EMULATION) && !defined(ARWKV_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define ARWKV_BF16_CVT 1
+#endif
 template <>
 __device__ __forceinline__ Bf16 from_float<Bf16>(float x) {
+#if defined(ARWKV_BF16_CVT)
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return Bf16{h};
+#else
   uint32_t u = __float_as_uint(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return Bf16{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);                                                // round to nearest even
   return Bf16{uint16_t(u >> 16)};
+#endif
+}
+
+// Two floats rounded to bf16 (as from_float<Bf16>) in one register, lo in the low half: one
+// cvt.rn.bf16x2.f32 on sm_80 and newer.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+#if defined(ARWKV_BF16_CVT)
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // (the first source goes high)
+  return r;
+#else
+  return uint32_t(from_float<Bf16>(lo).bits) | uint32_t(from_float<Bf16>(hi).bits) << 16;
+#endif
 }
 template <>
 __device__ __forceinline__ F16 from_float<F16>(float x) {
@@ -322,24 +348,27 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
 }
 
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
-// rc(lane, e) of p.
+// rc(lane, e) of p. A bf16 source is exact: its bits are hi as they are, and lo is 0.
 template <class S, class RowCol>
 __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
                                              int64_t ld, int rows_valid, RowCol rc) {
   const int l = lane_id();
 #pragma unroll
   for (int e = 0; e < kTileAB; e += 2) {
-    uint32_t h2 = 0, l2 = 0;
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-      int r, c;
-      rc(l, e + f, r, c);
-      const float x = element_or_zero(p, ld, rows_valid, r, c);
-      const Bf16 xh = from_float<Bf16>(x);
-      h2 |= uint32_t(xh.bits) << (16 * f);
-      l2 |= uint32_t(from_float<Bf16>(x - to_float(xh)).bits) << (16 * f);
+    int r0, c0, r1, c1;
+    rc(l, e, r0, c0);
+    rc(l, e + 1, r1, c1);
+    if constexpr (std::is_same_v<S, Bf16>) {
+      const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
+      const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
+      hi[e / 2] = x0 | x1 << 16, lo[e / 2] = 0u;
+    } else {
+      const float x0 = element_or_zero(p, ld, rows_valid, r0, c0);
+      const float x1 = element_or_zero(p, ld, rows_valid, r1, c1);
+      const uint32_t h2 = pack_bf16x2(x0, x1);
+      hi[e / 2] = h2;
+      lo[e / 2] = pack_bf16x2(x0 - __uint_as_float(h2 << 16), x1 - __uint_as_float(h2 & 0xffff0000u));
     }
-    hi[e / 2] = h2, lo[e / 2] = l2;
   }
 }
 
