@@ -147,3 +147,63 @@ def test_an_unrolled_loop_and_its_remainder_share_the_trips_and_copies_do_not():
     spec.loops[0].trips = lambda s: 11
     k = parse(listing(1))["_Z1kv"]
     assert loop_trips(k.loops, k, spec, {}, SOURCES) == [2, 3]
+
+
+AMD_LISTING = """
+	.file	0 "/src" "k.cu"
+	.file	1 "/src" "k.cuh"
+_Z4stepv:                               ; @_Z4stepv
+	.loc	1 5 0
+	s_mov_b32 s4, 0
+	v_mov_b32_e32 v1, 0
+.LBB0_1:
+	.loc	1 13 3
+	ds_read_b128 v[2:5], v1
+	global_load_dwordx4 v[6:9], v[10:11], off
+	s_waitcnt vmcnt(0) lgkmcnt(0)
+	v_fmac_f32_e32 v2, v6, v3
+	ds_write2_b32 v1, v2, v3 offset1:1
+	v_exp_f32_e32 v12, v2
+	.loc	1 12 5
+	s_add_i32 s4, s4, 1
+	s_cmp_lg_u32 s4, 16
+	.loc	1 17 9
+	s_cbranch_scc1 .LBB0_1
+	s_endpgm
+.Lfunc_end0:
+	.amdgpu_metadata
+---
+amdhsa.kernels:
+  - .agpr_count:     4
+    .group_segment_fixed_size: 2048
+    .name:           _Z4stepv
+    .vgpr_count:     40
+...
+"""
+
+
+def test_gfx942_listing_reads_into_the_same_kernels_loops_and_units():
+    from gpu_model import amdgpu
+    from gpu_model.model import _spec_of
+
+    kernels, resources = amdgpu.parse(AMD_LISTING)
+    k = kernels["_Z4stepv"]
+    assert resources["_Z4stepv"] == (44, 2048) and k.lanes == 64
+    assert len(k.loops) == 1 and len(k.loop_body(k.loops[0])) == 9
+    body = k.loop_body(k.loops[0])
+    counts = unit_counts(body, k.lanes)
+    assert counts["fp32"] == 1 and counts["mufu"] == 1 and counts["tensor"] == 0
+    assert counts["shared"] == 2 and counts["shared_wavefronts"] == 64 * 16 // 128 + 64 * 8 // 128
+    assert counts["global_bytes"] == 64 * 16 and counts["uniform"] == 2
+    assert [i.kind() for i in body].count("STS") == 1 and body[4].multiplicity() == 2
+    # the trip test's line (12) names the loop, not the back edge's (17: a line of its body)
+    sources = {"/src/k.cuh": ["" for _ in range(20)]}
+    sources["/src/k.cuh"][11] = "  for (int t = 0; t < m; ++t) {"
+    sources["/src/k.cuh"][16] = "  for (int idx = 0; idx < n * N; ++idx) {"
+    spec = KernelSpec("k", "k", "k", blocks=lambda s: 1, threads=64, dram_bytes=lambda s: 0,
+                      loops=[LoopSpec(r"idx < n \* N", lambda s: 1), LoopSpec(r"t < m;", lambda s: 16)])
+    assert _spec_of(k.loops[0], k, spec, sources) == 1
+    # v2 waits for the load (500 clocks on the MI300X model) before the FMA
+    from gpu_model.hardware import MI300X
+
+    assert serial_chain(body, MI300X.latency) >= 500

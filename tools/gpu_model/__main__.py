@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .hardware import H100
+from . import amdgpu
+from .hardware import H100, MI300X
 from .kernels import chunked_kernels, step_kernels
 from .model import ASSUMPTIONS, estimate
 from .sass import parse
@@ -102,15 +103,51 @@ def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[st
     return sass.read_text(), resources
 
 
+def build_gfx942(out: Path) -> str | None:
+    """The gfx942 assembly of the bf16 kernels with line tables, or None without clang-19 and the
+    ROCm device libraries (``make check-hip`` installs them and derives gfx942's ISA-version
+    bitcode into build/check-hip/device-libs, which this reuses)."""
+    libs = ROOT / "build" / "check-hip" / "device-libs"
+    clang = shutil.which("clang++-19")
+    if not clang or not (libs / "oclc_isa_version_942.bc").exists():
+        return None
+    source = ROOT / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
+    headers = sorted((ROOT / "csrc").rglob("*.h")) + sorted((ROOT / "csrc").rglob("*.cuh"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [source, *headers])).hexdigest()[:16]
+    asm = out / f"bf16-gfx942-{digest}.s"
+    if not asm.exists():
+        flags = json.loads((ROOT / "csrc" / "build.json").read_text())
+        cmd = [
+            clang,
+            "-x",
+            "hip",
+            *flags["gpu_flags"],
+            f"-std=c++{flags['cxx_standard']}",
+            "--offload-arch=gfx942",
+            "--cuda-device-only",
+            "--rocm-path=/usr",
+            f"--rocm-device-lib-path={libs}",
+            "-gline-tables-only",
+            "-Wno-unused-command-line-argument",
+            "-S",
+            str(source),
+            "-o",
+            str(asm),
+        ]
+        print("gpu-model:", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return asm.read_text()
+
+
 def sources_of(kernels) -> dict[str, list[str]]:
     files = {i.line[0] for k in kernels.values() for i in k.insns if i.line}
     return {f: Path(f).read_text().splitlines() for f in files if Path(f).is_file()}
 
 
 KERNEL_HEADER = [
-    "| op | B, T, H, N | algorithm | pass | kernel | blocks | resident / unit | instructions / warp | "
+    "| GPU | op | B, T, H, N | algorithm | pass | kernel | blocks | resident / unit | instructions / warp | "
     "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -120,7 +157,7 @@ def estimate_passes(
     """{pass: ms} of one op call at shape4 = (B, T, H, N), bf16; a row per kernel into lines,
     each kernel's estimate into per_kernel (keyed as benchmarks/gpu_kernel_times.py names it)."""
     B, T, H, N = shape4
-    shape = {"B": B, "T": T, "H": H, "N": N, "V": version, "bytes": 2}
+    shape = {"B": B, "T": T, "H": H, "N": N, "V": version, "bytes": 2, "hip": gpu.warp == 64}
     launches = step_kernels(shape, gpu.units) if algorithm == "step" else chunked_kernels(shape)
     totals = {}
     for pass_name, specs in launches.items():
@@ -134,7 +171,7 @@ def estimate_passes(
             key = f"wkv{version} {B},{T},{H},{N} bfloat16 {algorithm}"
             per_kernel.setdefault(key, {}).setdefault(pass_name, {})[spec.short] = round(e.ms, 3)
             lines.append(
-                f"| wkv{version} | {B}, {T}, {H}, {N} | {algorithm} | {pass_name} | {e.label} | "
+                f"| {gpu.name} | wkv{version} | {B}, {T}, {H}, {N} | {algorithm} | {pass_name} | {e.label} | "
                 f"{e.blocks} | {e.resident} | {e.per_warp['issue']:,.0f} | "
                 f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | {e.bound} | "
                 f"{e.ms:.2f} |"
@@ -153,7 +190,7 @@ def main() -> int:
     gpu = H100
     lines = (
         [
-            "# GPU model: estimated kernel times (H100 SXM, bf16)",
+            "# GPU model: estimated kernel times (H100 SXM and MI300X, bf16)",
             "",
             "Estimates from the kernels' sm_90a machine code (`make gpu-model`), not measurements.",
             "",
@@ -182,9 +219,36 @@ def main() -> int:
     for version in (7, 6):
         for shape4 in MEASURED:
             for algorithm in ("step", "chunked"):
-                now[(version, shape4, algorithm)] = estimate_passes(
+                now[(gpu.name, version, shape4, algorithm)] = estimate_passes(
                     kernels, resources, sources, gpu, version, algorithm, shape4, rows, per_kernel
                 )
+
+    # 3. the same kernels compiled for gfx942, on an MI300X (no measurement to check against)
+    amd = build_gfx942(args.build)
+    amd_rows = []
+    if amd is None:
+        print(
+            "gpu-model: MI300X skipped: no clang-19 / ROCm device libraries (make check-hip installs them)",
+            file=sys.stderr,
+        )
+    else:
+        amd_kernels, amd_resources = amdgpu.parse(amd)
+        amd_sources = sources_of(amd_kernels)
+        for version in (7, 6):
+            for shape4 in MEASURED:
+                for algorithm in ("step", "chunked"):
+                    now[(MI300X.name, version, shape4, algorithm)] = estimate_passes(
+                        amd_kernels,
+                        amd_resources,
+                        amd_sources,
+                        MI300X,
+                        version,
+                        algorithm,
+                        shape4,
+                        amd_rows,
+                        {},
+                    )
+    lines += [f"MI300X: {MI300X.describe()}.", ""]
 
     lines += [
         f"## Calibration: the measured kernels (commit {MEASURED_COMMIT}) against their H100 times",
@@ -204,7 +268,7 @@ def main() -> int:
             worst = max(worst, abs(err))
             lines.append(
                 f"| {', '.join(map(str, shape4))} | {pass_name} | {e:.2f} | {m:.2f} | {err:+.0%} | "
-                f"{now[(7, shape4, 'step')][pass_name]:.2f} |"
+                f"{now[(gpu.name, 7, shape4, 'step')][pass_name]:.2f} |"
             )
     ok = worst <= TOLERANCE
     lines += [
@@ -216,18 +280,18 @@ def main() -> int:
     lines += [
         "## This tree's kernels, per call (bf16)",
         "",
-        "| op | B, T, H, N | algorithm | forward ms | backward ms | fwd+bwd ms |",
-        "|---|---|---|---|---|---|",
+        "| GPU | op | B, T, H, N | algorithm | forward ms | backward ms | fwd+bwd ms |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (version, shape4, algorithm), t in now.items():
+    for (name, version, shape4, algorithm), t in now.items():
         lines.append(
-            f"| wkv{version} | {', '.join(map(str, shape4))} | {algorithm} | {t['forward']:.2f} | "
+            f"| {name} | wkv{version} | {', '.join(map(str, shape4))} | {algorithm} | {t['forward']:.2f} | "
             f"{t['backward']:.2f} | {t['forward'] + t['backward']:.2f} |"
         )
-    lines += ["", "## Per kernel: this tree", ""] + KERNEL_HEADER + rows
+    lines += ["", "## Per kernel: this tree", ""] + KERNEL_HEADER + rows + amd_rows
     lines += ["", f"## Per kernel: commit {MEASURED_COMMIT}", ""] + KERNEL_HEADER + old_rows
     headline = (8, 4096, 64, 64)
-    chunked, step = now[(7, headline, "chunked")], measured_est[headline]
+    chunked, step = now[(gpu.name, 7, headline, "chunked")], measured_est[headline]
     final = (
         f"gpu-model: h100 wkv7 bf16 8,4096,64,64: chunked fwd {chunked['forward']:.2f} ms bwd "
         f"{chunked['backward']:.2f} ms; step fwd {step['forward']:.2f} ms bwd {step['backward']:.2f} ms "

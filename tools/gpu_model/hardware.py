@@ -3,7 +3,9 @@ printed with the estimates: they are assumptions, not measurements made here).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .sass import LATENCY
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class Gpu:
     # warp instructions per clock per scheduler, by unit (sass.UNITS); shared memory in 128-byte
     # wavefronts per clock per unit; shuffles in warp instructions per clock per unit
     rates: dict
+    latency: dict = field(default_factory=lambda: dict(LATENCY))  # clocks to a dependent instruction
+    # units that are one pipe here (AMD: every VALU instruction, float or integer, on one SIMD)
+    merged: dict = field(default_factory=dict)
+    vgprs_per_simd: int = 0  # AMD: registers per lane of a SIMD (unified VGPRs + AGPRs); 0: NVIDIA's rule
+    max_waves_per_simd: int = 0
 
     def describe(self) -> str:
         r = ", ".join(f"{k} {v:g}" for k, v in self.rates.items())
@@ -61,4 +68,55 @@ H100 = Gpu(
         "shuffle": 1.0,
         "uniform": 1.0,
     },
+)
+
+
+# MI300X (CDNA3, gfx942): 304 CUs at 2.1 GHz, 4 SIMDs each; a SIMD runs a 64-lane wave's VALU
+# instruction in 4 clocks (16 lanes), float and integer alike (one pipe), transcendentals at a
+# quarter of that; 1307 dense bf16 tensor TFLOP/s = one 16x16x16 MFMA every 16 clocks per SIMD;
+# one scalar ALU per CU; LDS 64 KiB and 128 bytes a clock per CU; 512 VGPRs + AGPRs per SIMD lane,
+# at most 8 waves per SIMD; HBM3 5.3 TB/s. Latencies: VALU ~8, LDS ~64, MFMA 16x16x16 ~32,
+# L2 / Infinity Cache ~500 clocks.
+MI300X = Gpu(
+    "MI300X",
+    units=304,
+    clock_ghz=2.1,
+    schedulers=4,
+    warp=64,
+    registers=0,
+    shared_bytes=64 * 1024,
+    max_threads=2048,
+    max_blocks=32,
+    hbm_tb_s=5.3,
+    rates={
+        "issue": 1.0,
+        "fp32": 0.25,
+        "alu": 0.25,
+        "imad": 0.25,
+        "conv": 0.25,
+        "mufu": 0.0625,
+        "tensor": 0.0625,
+        "shared": 1.0,
+        "shuffle": 1.0,
+        "uniform": 0.25,
+        "valu": 0.25,
+    },
+    latency={
+        "fp32": 8,
+        "alu": 8,
+        "imad": 8,
+        "conv": 8,
+        "mufu": 20,
+        "tensor": 32,
+        "shared": 64,
+        "shuffle": 64,
+        "global": 500,
+        "barrier": 20,
+        "uniform": 4,
+        "branch": 4,
+        "other": 8,
+    },
+    merged={"valu": ("fp32", "alu", "imad", "conv")},
+    vgprs_per_simd=512,
+    max_waves_per_simd=8,
 )

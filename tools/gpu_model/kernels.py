@@ -13,9 +13,21 @@ from .model import KernelSpec, LoopSpec
 K_CHUNK = 8  # csrc/gpu/wkv_gpu.h kChunk: steps staged per chunk (and between snapshots)
 FORWARD, SNAPSHOTS, STATE_GRAD = 0, 1, 2
 
-# (keys per thread, threads) of the row tiles on CUDA, by head size
+# (keys per thread, threads) of the row tiles, by head size; HIP narrows N = 128 (VGPRs, LDS)
 WIDE_ROWS = {16: (4, 64), 32: (16, 64), 64: (16, 128), 128: (32, 128)}
 NARROW_ROWS = {16: (4, 64), 32: (8, 64), 64: (8, 64), 128: (8, 64)}
+WIDE_ROWS_HIP = {**WIDE_ROWS, 128: (16, 128)}
+NARROW_ROWS_HIP = {**NARROW_ROWS, 128: (8, 128)}
+
+
+def warp(s: dict) -> int:
+    """Lanes of a warp (CUDA, 32) or wavefront (HIP, 64): shape["hip"] says which."""
+    return 64 if s.get("hip") else 32
+
+
+def stage_steps(s: dict) -> int:
+    """kStage: steps the rows kernels stage per barrier (all kChunk on CUDA, 2 on HIP)."""
+    return 2 if s.get("hip") else K_CHUNK
 
 
 def elements(s: dict) -> int:
@@ -25,10 +37,10 @@ def elements(s: dict) -> int:
 def row_tile(s: dict, units: int) -> tuple[int, int, int]:
     """(keys per thread, threads, rows per block) of the rows kernels for shape s."""
     N = s["N"]
-    kpt, threads = WIDE_ROWS[N]
+    kpt, threads = (WIDE_ROWS_HIP if s.get("hip") else WIDE_ROWS)[N]
     rows = threads // (N // kpt)
     if s["B"] * s["H"] * (N // rows) < 2 * units:  # few wide blocks: narrow ones
-        kpt, threads = NARROW_ROWS[N]
+        kpt, threads = (NARROW_ROWS_HIP if s.get("hip") else NARROW_ROWS)[N]
         rows = threads // (N // kpt)
     return kpt, threads, rows
 
@@ -55,15 +67,15 @@ def rows_kernel(s: dict, mode: int, units: int) -> KernelSpec:
         threads=threads,
         loops=[
             LoopSpec(r"step < num_chunks", lambda s: math.ceil(s["T"] / K_CHUNK)),
-            LoopSpec(r"si < num_stages", lambda s: 1),
-            LoopSpec(r"idx < n \* N;", lambda s: K_CHUNK * s["N"] / threads, per_trip=("STS", keys)),
+            LoopSpec(r"si < num_stages", lambda s: K_CHUNK // stage_steps(s)),
+            LoopSpec(r"idx < n \* N;", lambda s: stage_steps(s) * s["N"] / threads, per_trip=("STS", keys)),
             LoopSpec(
                 r"idx < n \* ROWS;",
-                lambda s: K_CHUNK * rows / threads,
+                lambda s: stage_steps(s) * rows / threads,
                 per_trip=("STS", 1),
                 needs_global_loads=True,
             ),
-            LoopSpec(r"t < [mn];", lambda s: K_CHUNK),
+            LoopSpec(r"t < [mn];", lambda s: stage_steps(s)),
         ],
         dram_bytes=lambda s: dram,
     )
@@ -133,7 +145,7 @@ def _seek(s: dict) -> float:
 def chunk_prep(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
     ks = min(N, 32)
-    warps = PREP_THREADS // 32
+    warps = PREP_THREADS // warp(s)
     inputs = 4 if V == 7 else 2  # r, k (, a, b) staged per key slab; w by the cumulative sums
     dram = (inputs + 1) * elements(s) * s["bytes"] + chunk_slots(s) * s["H"] * operand_floats(s) * 4
     return KernelSpec(
@@ -161,8 +173,8 @@ def chunk_prep(s: dict) -> KernelSpec:
                 lambda s: L_CHUNK * ks / PREP_THREADS,
                 per_trip=("STG", inputs),
             ),
-            # only the threads below KS: one trip for the first KS / 32 warps of the block
-            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: (ks / 32) / warps),
+            # only the threads below KS: one trip for the block's first warps that hold them
+            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: math.ceil(ks / warp(s)) / warps),
             LoopSpec(r"jj < KS; \+\+jj", lambda s: ks, per_trip=("MUFU", 2 if V == 7 else 1)),
         ],
         dram_bytes=lambda s: dram,
@@ -184,23 +196,27 @@ def chunk_state(s: dict, starts: bool) -> KernelSpec:
         name=rf"wkv_chunk_state_kernelINS0_4Bf16ELi{V}ELi{N}ELi{mode}E",
         short=f"chunk {'starts' if starts else 'forward'} <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
-        threads=32,
+        threads=warp(s),
         loops=[
             LoopSpec(
                 r"idx < 16 \* N; idx \+= kWarpSize\) S\[",
-                lambda s: 16 * N / 32,
+                lambda s: 16 * N / warp(s),
                 per_trip=("STS", 1),
                 needs_global_loads=True,
             ),
             LoopSpec(r"c < num_chunks", lambda s: chunks),
             LoopSpec(
                 r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.snapshots",
-                lambda s: 16 * N / 32,
+                lambda s: 16 * N / warp(s),
                 per_trip=("STG", 1),
             ),
-            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / 32, per_trip=("STS", 1)),
             LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) final_state", lambda s: 16 * N / 32, per_trip=("STG", 1)
+                r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / warp(s), per_trip=("STS", 1)
+            ),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) final_state",
+                lambda s: 16 * N / warp(s),
+                per_trip=("STG", 1),
             ),
         ],
         dram_bytes=lambda s: dram,
@@ -222,23 +238,25 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         name=rf"wkv_chunk_state_grad_kernelINS0_4Bf16ELi{V}ELi{N}E",
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
-        threads=32,
+        threads=warp(s),
         loops=[
             LoopSpec(
                 r"idx < 16 \* N; idx \+= kWarpSize\) dS\[",
-                lambda s: 16 * N / 32,
+                lambda s: 16 * N / warp(s),
                 per_trip=("STS", 1),
                 needs_global_loads=True,
             ),
             LoopSpec(r"c >= 0; --c", lambda s: chunks),
             LoopSpec(
                 r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.state_grads",
-                lambda s: 16 * N / 32,
+                lambda s: 16 * N / warp(s),
                 per_trip=("STG", 1),
             ),
-            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / 32, per_trip=("STS", 1)),
             LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) grad_s0", lambda s: 16 * N / 32, per_trip=("STG", 1)
+                r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / warp(s), per_trip=("STS", 1)
+            ),
+            LoopSpec(
+                r"idx < 16 \* N; idx \+= kWarpSize\) grad_s0", lambda s: 16 * N / warp(s), per_trip=("STG", 1)
             ),
         ],
         dram_bytes=lambda s: dram,
@@ -248,11 +266,11 @@ def chunk_state_grad(s: dict) -> KernelSpec:
 def chunk_grads(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
     warps = max(N // 16, 4)
-    threads = warps * 32
+    threads = warps * warp(s)
     kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
     # the lanes of one accumulator element cover rows 0-7 or 8-15: the triangular loops run the
     # warp's longest, 8 or 16 trips, 12 on average
-    tri = 0.75 * L_CHUNK
+    tri = 14.5 if s.get("hip") else 0.75 * L_CHUNK  # gfx942: rows e, 4 + e, 8 + e, 12 + e of a lane
     keys = 5 if V == 7 else 3
     dram = (
         chunk_slots(s) * s["H"] * 2 * N * N * 4
@@ -273,11 +291,13 @@ def chunk_grads(s: dict) -> KernelSpec:
                 lambda s: L_CHUNK * N / threads,
                 per_trip=("LDG", 1),
             ),
-            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: (N / 32) / warps),
+            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: math.ceil(N / warp(s)) / warps),
             LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16),
             # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
             LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
-            LoopSpec(r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: 8 * kt_warps),
+            LoopSpec(
+                r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: (4 if s.get("hip") else 8) * kt_warps
+            ),
             LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: tri),
             LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: tri),
             LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),

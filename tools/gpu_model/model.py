@@ -80,20 +80,50 @@ class Estimate:
     parts_ms: dict = field(default_factory=dict)
 
 
-def _context(loop: Loop, sources: dict[str, list[str]]) -> str:
-    """The source line of the loop's backward branch and the two after it."""
-    if loop.line is None:
+def _context(line: tuple[str, int] | None, sources: dict[str, list[str]]) -> str:
+    """A source line and the two after it."""
+    if line is None:
         return ""
-    lines = sources.get(loop.line[0]) or []
-    return " ".join(lines[loop.line[1] - 1 : loop.line[1] + 2])
+    lines = sources.get(line[0]) or []
+    return " ".join(lines[line[1] - 1 : line[1] + 2])
 
 
-def _spec_of(loop: Loop, spec: KernelSpec, sources: dict[str, list[str]]) -> int:
-    text = _context(loop, sources)
-    for n, ls in enumerate(spec.loops):
-        if re.search(ls.pattern, text):
-            return n
-    lines = sources.get(loop.line[0]) or [] if loop.line else []
+def _candidate_lines(loop: Loop, kernel: Kernel) -> list[tuple[str, int]]:
+    """Where a loop's own ``for`` may be, most likely first: the compares just before its back
+    edge (the trip test: both compilers tag it with the loop's line), the back edge itself
+    (NVIDIA's compiler keeps the line there; AMD's often tags it with a line of the body), its
+    header, its own branches, its other instructions by frequency."""
+    inner = set().union(*(c.addrs for c in loop.children)) if loop.children else set()
+    own = [i for i in kernel.loop_body(loop) if i.addr not in inner and i.line]
+    at = next((n for n, i in enumerate(kernel.insns) if i.addr == loop.tail), None)
+    latch = []
+    if at is not None:
+        for i in reversed(kernel.insns[max(0, at - 24) : at]):
+            if i.is_branch:
+                break
+            if i.base.startswith(("ISETP", "s_cmp", "v_cmp")) and i.line:
+                latch.append(i.line)
+    head = next((i.line for i in own if i.addr == loop.head), None)
+    branches = [i.line for i in own if i.is_branch]
+    counts: dict = {}
+    for i in own:
+        counts[i.line] = counts.get(i.line, 0) + 1
+    ordered = [*latch, loop.line, head, *branches, *sorted(counts, key=counts.get, reverse=True)]
+    seen, out = set(), []
+    for line in ordered:
+        if line and line not in seen:
+            seen.add(line)
+            out.append(line)
+    return out
+
+
+def _spec_of(loop: Loop, kernel: Kernel, spec: KernelSpec, sources: dict[str, list[str]]) -> int:
+    for line in _candidate_lines(loop, kernel):
+        text = _context(line, sources)
+        for n, ls in enumerate(spec.loops):
+            if re.search(ls.pattern, text):
+                return n
+    lines = (sources.get(loop.line[0]) or []) if loop.line else []
     line = lines[loop.line[1] - 1].strip() if loop.line and 0 < loop.line[1] <= len(lines) else ""
     raise ValueError(f"{spec.label}: no trip count for the loop at {loop.line} ({line[:80]!r})")
 
@@ -102,7 +132,7 @@ def _unroll(loop: Loop, kernel: Kernel, ls: LoopSpec) -> int:
     if not ls.per_trip:
         return 1
     opcode, per_iteration = ls.per_trip
-    found = sum(1 for i in kernel.body(loop.head, loop.tail) if i.base == opcode)
+    found = sum(i.multiplicity() for i in kernel.loop_body(loop) if i.kind() == opcode)
     return max(1, round(found / per_iteration))
 
 
@@ -113,14 +143,12 @@ def loop_trips(
     factors are its unrolled body and its remainder (floor(n / U) trips, and the n mod U left
     over); with the same factor they are copies of it (inlined at several places), each with
     its own n."""
-    which = [_spec_of(loop, spec, sources) for loop in loops]
+    which = [_spec_of(loop, kernel, spec, sources) for loop in loops]
     unroll = [_unroll(loop, kernel, spec.loops[w]) for loop, w in zip(loops, which, strict=True)]
     trips = []
     for loop, w, u in zip(loops, which, unroll, strict=True):
         ls = spec.loops[w]
-        if ls.needs_global_loads and not any(
-            i.unit == "global" and i.base.startswith("LD") for i in kernel.body(loop.head, loop.tail)
-        ):
+        if ls.needs_global_loads and not any(i.kind() == "LDG" for i in kernel.loop_body(loop)):
             trips.append(0.0)
             continue
         n = ls.trips(shape)
@@ -129,23 +157,25 @@ def loop_trips(
     return trips
 
 
-def dynamic(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> tuple[Counter, float]:
+def dynamic(
+    kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict, latency: dict[str, int] | None = None
+) -> tuple[Counter, float]:
     """(instructions per warp by unit for one block's work, the serial chain in clocks)."""
 
     def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
         inside = set()
         counts, chain = Counter(), 0.0
         for loop, trips in zip(loops, loop_trips(loops, kernel, spec, shape, sources), strict=True):
-            body = kernel.body(loop.head, loop.tail)
+            body = kernel.loop_body(loop)
             inside.update(i.addr for i in body)
             c, ch = walk(body, loop.children)
             for k, v in c.items():
                 counts[k] += trips * v
             chain += trips * ch
         own = [i for i in insns if i.addr not in inside]
-        counts.update(unit_counts(own))
+        counts.update(unit_counts(own, kernel.lanes))
         counts["issue"] += len(own)
-        return counts, chain + serial_chain(own)
+        return counts, chain + serial_chain(own, latency)
 
     return walk(kernel.insns, kernel.loops)
 
@@ -154,8 +184,12 @@ def resident_blocks(gpu: Gpu, threads: int, regs: int, shared: int) -> int:
     """Blocks of ``threads`` threads one unit holds at once, by registers (allocated per warp in
     units of 256), shared memory, threads and the block limit."""
     warps = math.ceil(threads / gpu.warp)
-    regs_per_warp = math.ceil(max(regs, 1) * gpu.warp / 256) * 256
-    by_regs = gpu.registers // (regs_per_warp * warps)
+    if gpu.vgprs_per_simd:  # AMD: waves per SIMD by registers (allocated in 8s), a block's waves spread
+        waves = min(gpu.max_waves_per_simd, gpu.vgprs_per_simd // (math.ceil(max(regs, 1) / 8) * 8))
+        by_regs = waves * gpu.schedulers // warps
+    else:
+        regs_per_warp = math.ceil(max(regs, 1) * gpu.warp / 256) * 256
+        by_regs = gpu.registers // (regs_per_warp * warps)
     by_shared = gpu.shared_bytes // shared if shared else gpu.max_blocks
     by_threads = gpu.max_threads // threads
     return max(0, min(by_regs, by_shared, by_threads, gpu.max_blocks))
@@ -166,8 +200,12 @@ def demands(per_warp: Counter, chain: float, gpu: Gpu) -> dict[str, float]:
     slots and each pipe (a unit's schedulers counted as one server that many times as fast),
     and the unit's shared memory and shuffle network."""
     d = {"issue": per_warp["issue"] / (gpu.rates["issue"] * gpu.schedulers)}
+    merged = {u for units in gpu.merged.values() for u in units}
     for unit in ("fp32", "alu", "imad", "conv", "mufu", "tensor", "uniform"):
-        d[unit] = per_warp[unit] / (gpu.rates[unit] * gpu.schedulers)
+        if unit not in merged:
+            d[unit] = per_warp[unit] / (gpu.rates[unit] * gpu.schedulers)
+    for pipe, units in gpu.merged.items():
+        d[pipe] = sum(per_warp[u] for u in units) / (gpu.rates[pipe] * gpu.schedulers)
     d["shared"] = per_warp["shared_wavefronts"] / gpu.rates["shared"]
     d["shuffle"] = per_warp["shuffle"] / gpu.rates["shuffle"]
     return d
@@ -193,7 +231,7 @@ def estimate(
 ) -> Estimate:
     regs, shared = resources
     blocks = spec.blocks(shape)
-    per_warp, chain = dynamic(kernel, spec, shape, sources)
+    per_warp, chain = dynamic(kernel, spec, shape, sources, gpu.latency)
     resident = resident_blocks(gpu, spec.threads, regs, shared)
     if resident == 0:
         raise ValueError(f"{spec.label}: a block does not fit on one unit")

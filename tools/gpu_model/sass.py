@@ -152,6 +152,19 @@ class Insn:
         return self.opcode.split(".")[0]
 
     @property
+    def is_branch(self) -> bool:
+        return self.base == "BRA"
+
+    def multiplicity(self) -> int:
+        """Accesses it makes (AMD's read2 / write2 make two)."""
+        return 1
+
+    def kind(self) -> str:
+        """The SASS mnemonic of what it does (LDG, STG, LDS, STS, MUFU, ...): loop signatures
+        (model.LoopSpec.per_trip) are written in these for every vendor."""
+        return self.base
+
+    @property
     def unit(self) -> str:
         base = self.base
         if base.startswith("U") and base not in _UNIT_OF:  # uniform datapath (one per warp)
@@ -210,13 +223,11 @@ class Insn:
 
 @dataclass
 class Loop:
-    head: int  # address of the first instruction of the body
-    tail: int  # address of the backward branch
-    line: tuple[str, int] | None  # source line of the backward branch (the loop's `for`)
+    head: int  # address of its header (the target of its back edges)
+    tail: int  # address of its last back-edge branch
+    line: tuple[str, int] | None  # source line of that branch (the loop's own `for`)
+    addrs: frozenset = frozenset()  # addresses of its instructions (its blocks, nested loops included)
     children: list[Loop] = field(default_factory=list)
-
-    def contains(self, addr: int) -> bool:
-        return self.head <= addr <= self.tail
 
 
 @dataclass
@@ -224,9 +235,14 @@ class Kernel:
     name: str
     insns: list[Insn]
     loops: list[Loop]  # outermost first; nested ones in .children
+    lanes: int = 32  # lanes of a warp (32) or wavefront (64)
 
     def body(self, lo: int, hi: int) -> list[Insn]:
+        """The instructions at addresses lo .. hi."""
         return [i for i in self.insns if lo <= i.addr <= hi]
+
+    def loop_body(self, loop: Loop) -> list[Insn]:
+        return [i for i in self.insns if i.addr in loop.addrs]
 
     def all_loops(self) -> list[Loop]:
         out, todo = [], list(self.loops)
@@ -282,45 +298,125 @@ def parse(text: str) -> dict[str, Kernel]:
 
 
 def _loops(insns: list[Insn], labels: dict[str, int | None]) -> list[Loop]:
-    flat = []
-    for i in insns:
-        if i.base == "BRA" and i.target and labels.get(i.target) is not None and labels[i.target] < i.addr:
-            flat.append(Loop(labels[i.target], i.addr, i.line))
-    flat.sort(key=lambda lp: (lp.head, -lp.tail))
+    """The natural loops of the control-flow graph (a back edge is a branch to a block that
+    dominates it; the loop is what reaches the branch without passing its header), nested by
+    containment. Address ranges would not do: compilers place blocks out of order (gfx942 code
+    jumps back to blocks laid out early)."""
+    if not insns:
+        return []
+    starts = {0} | {
+        labels[i.target] for i in insns if i.is_branch and i.target and labels.get(i.target) is not None
+    }
+    index = {i.addr: n for n, i in enumerate(insns)}
+    cut = sorted(
+        {index[a] for a in starts if a in index}
+        | {0}
+        | {
+            n + 1
+            for n, i in enumerate(insns)
+            if (i.is_branch or i.base in ("EXIT", "s_endpgm")) and n + 1 < len(insns)
+        }
+    )
+    blocks = [(cut[b], (cut[b + 1] if b + 1 < len(cut) else len(insns)) - 1) for b in range(len(cut))]
+    block_at = {insns[first].addr: b for b, (first, _) in enumerate(blocks)}
+    succ: list[list[int]] = []
+    for b, (_, last) in enumerate(blocks):
+        i = insns[last]
+        out = []
+        ends = i.base in ("EXIT", "s_endpgm") and not i.predicated
+        unconditional = i.is_branch and not i.predicated and i.opcode in ("BRA", "s_branch")
+        if i.is_branch and i.target and labels.get(i.target) in block_at:
+            out.append(block_at[labels[i.target]])
+        if not ends and not unconditional and b + 1 < len(blocks):
+            out.append(b + 1)
+        succ.append(out)
+    # dominators, iteratively (blocks are few hundred)
+    everything = set(range(len(blocks)))
+    dom = [everything] * len(blocks)
+    dom[0] = {0}
+    pred: list[list[int]] = [[] for _ in blocks]
+    for b, out in enumerate(succ):
+        for c in out:
+            pred[c].append(b)
+    changed = True
+    while changed:
+        changed = False
+        for b in range(1, len(blocks)):
+            ps = [dom[p] for p in pred[b]]
+            new = ({b} | set.intersection(*ps)) if ps else {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    loops: dict[int, Loop] = {}
+    for b, out in enumerate(succ):
+        for h in out:
+            if h in dom[b]:  # back edge b -> h
+                body, todo = {h, b}, ([b] if b != h else [])  # (never past the header)
+                while todo:
+                    x = todo.pop()
+                    for p in pred[x]:
+                        if p not in body:
+                            body.add(p)
+                            todo.append(p)
+                addrs = {insns[n].addr for blk in body for n in range(blocks[blk][0], blocks[blk][1] + 1)}
+                branch = insns[blocks[b][1]]
+                if h in loops:  # another back edge of the same header: one loop
+                    old = loops[h]
+                    loops[h] = Loop(
+                        old.head,
+                        max(old.tail, branch.addr),
+                        old.line if old.tail >= branch.addr else branch.line,
+                        frozenset(old.addrs | addrs),
+                    )
+                else:
+                    loops[h] = Loop(insns[blocks[h][0]].addr, branch.addr, branch.line, frozenset(addrs))
+    flat = sorted(loops.values(), key=lambda lp: -len(lp.addrs))
     roots: list[Loop] = []
-    stack: list[Loop] = []
-    for loop in flat:
-        while stack and not (stack[-1].head <= loop.head and loop.tail <= stack[-1].tail):
-            stack.pop()
-        (stack[-1].children if stack else roots).append(loop)
-        stack.append(loop)
+    for loop in flat:  # largest first: each goes under the smallest loop already placed that holds it
+        parent, level = None, roots
+        while True:
+            holder = next((o for o in level if loop.addrs <= o.addrs and o is not loop), None)
+            if holder is None:
+                break
+            parent, level = holder, holder.children
+        (parent.children if parent else roots).append(loop)
+    for loop in [*roots]:
+        _sort_children(loop)
+    roots.sort(key=lambda lp: lp.head)
     return roots
 
 
-def unit_counts(insns: list[Insn]) -> Counter:
-    """Instructions by unit, plus shared-memory wavefronts (``shared_wavefronts``: 32-byte lanes
-    of a conflict-free warp access = width / 4) and global bytes per warp (``global_bytes``)."""
+def _sort_children(loop: Loop) -> None:
+    loop.children.sort(key=lambda lp: lp.head)
+    for child in loop.children:
+        _sort_children(child)
+
+
+def unit_counts(insns: list[Insn], lanes: int = 32) -> Counter:
+    """Instructions by unit, plus shared-memory wavefronts (``shared_wavefronts``: 128-byte
+    cycles of a conflict-free warp access = lanes x width / 128) and global bytes per warp
+    (``global_bytes``)."""
     c = Counter(i.unit for i in insns)
     for i in insns:
         if i.unit == "shared" and i.base != "LDSM":
-            c["shared_wavefronts"] += max(1, i.width() // 4)
+            c["shared_wavefronts"] += max(1, lanes * i.width() // 128)
         elif i.base == "LDSM":
             c["shared_wavefronts"] += 4
         if i.unit == "global":
-            c["global_bytes"] += 32 * i.width()
+            c["global_bytes"] += lanes * i.width()
     return c
 
 
-def serial_chain(insns: list[Insn]) -> int:
+def serial_chain(insns: list[Insn], latency: dict[str, int] | None = None) -> int:
     """Clocks one warp takes for ``insns`` alone: issued in program order (as a GPU issues a
     warp's instructions), each one clock after the previous and no earlier than its source
     registers are ready (per-unit latencies). A lower bound on the time of one trip, which no
     number of other warps shortens."""
-    ready: dict[int, int] = {}
+    latency = latency or LATENCY
+    ready: dict = {}
     clock, end = 0, 0
     for i in insns:
         clock = max([clock + 1] + [ready.get(r, 0) for r in i.uses()])
-        done = clock + LATENCY[i.unit]
+        done = clock + latency[i.unit]
         for r in i.defs():
             ready[r] = done
         end = max(end, done)
