@@ -46,6 +46,14 @@ def tool(name: str) -> str:
     raise SystemExit(f"gpu-model: {name} not found (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump)")
 
 
+def kernel_source(root: Path) -> tuple[Path, str]:
+    """The bf16 kernel file under root, and a digest of it and every header it may include (the
+    compiled listings are cached under it)."""
+    source = root / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
+    headers = sorted((root / "csrc").rglob("*.h")) + sorted((root / "csrc").rglob("*.cuh"))
+    return source, hashlib.sha256(b"".join(p.read_bytes() for p in [source, *headers])).hexdigest()[:16]
+
+
 def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[str, tuple[int, int]]]:
     """(the SASS listing, {kernel: (registers, shared bytes)}) of the bf16 kernels for sm_90a, of
     the working tree or of ``commit``'s csrc/ (extracted with git archive); rebuilt when a
@@ -59,9 +67,7 @@ def build(out: Path, nvcc: str, commit: str | None = None) -> tuple[str, dict[st
                 ["git", "-C", str(ROOT), "archive", commit, "csrc"], check=True, capture_output=True
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    source = root / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
-    headers = sorted((root / "csrc").rglob("*.h")) + sorted((root / "csrc").rglob("*.cuh"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [source, *headers])).hexdigest()[:16]
+    source, digest = kernel_source(root)
     out.mkdir(parents=True, exist_ok=True)
     cubin, sass, res = out / f"bf16-{digest}.cubin", out / f"bf16-{digest}.sass", out / f"bf16-{digest}.res"
     if not sass.exists():
@@ -111,9 +117,7 @@ def build_gfx942(out: Path) -> str | None:
     clang = shutil.which("clang++-19")
     if not clang or not (libs / "oclc_isa_version_942.bc").exists():
         return None
-    source = ROOT / "csrc" / "gpu" / "wkv_gpu_bf16.cu"
-    headers = sorted((ROOT / "csrc").rglob("*.h")) + sorted((ROOT / "csrc").rglob("*.cuh"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [source, *headers])).hexdigest()[:16]
+    source, digest = kernel_source(ROOT)
     asm = out / f"bf16-gfx942-{digest}.s"
     if not asm.exists():
         flags = json.loads((ROOT / "csrc" / "build.json").read_text())

@@ -181,9 +181,29 @@ def chunk_prep(s: dict) -> KernelSpec:
     )
 
 
+def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> list[LoopSpec]:
+    """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
+    loop, a [16, N] store per chunk, the chunk's [L, 16] values staged, the band's state written out."""
+    N, w = s["N"], warp(s)
+    chunk_count = math.ceil(s["T"] / L_CHUNK)
+    return [
+        LoopSpec(
+            rf"idx < 16 \* N; idx \+= kWarpSize\) {first}",
+            lambda s: 16 * N / w,
+            per_trip=("STS", 1),
+            needs_global_loads=True,
+        ),
+        LoopSpec(chunks, lambda s: chunk_count),
+        LoopSpec(
+            rf"idx < 16 \* N; idx \+= kWarpSize\)\s+{per_chunk}", lambda s: 16 * N / w, per_trip=("STG", 1)
+        ),
+        LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / w, per_trip=("STS", 1)),
+        LoopSpec(rf"idx < 16 \* N; idx \+= kWarpSize\) {last}", lambda s: 16 * N / w, per_trip=("STG", 1)),
+    ]
+
+
 def chunk_state(s: dict, starts: bool) -> KernelSpec:
     V, N = s["V"], s["N"]
-    chunks = math.ceil(s["T"] / L_CHUNK)
     state = s["B"] * s["H"] * N * N * 4
     dram = chunk_slots(s) * s["H"] * operand_floats(s) * 4 + elements(s) * s["bytes"] + 2 * state
     if starts:  # start states and S a_t instead of y
@@ -197,35 +217,13 @@ def chunk_state(s: dict, starts: bool) -> KernelSpec:
         short=f"chunk {'starts' if starts else 'forward'} <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=[
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) S\[",
-                lambda s: 16 * N / warp(s),
-                per_trip=("STS", 1),
-                needs_global_loads=True,
-            ),
-            LoopSpec(r"c < num_chunks", lambda s: chunks),
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.snapshots",
-                lambda s: 16 * N / warp(s),
-                per_trip=("STG", 1),
-            ),
-            LoopSpec(
-                r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / warp(s), per_trip=("STS", 1)
-            ),
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) final_state",
-                lambda s: 16 * N / warp(s),
-                per_trip=("STG", 1),
-            ),
-        ],
+        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", r"final_state"),
         dram_bytes=lambda s: dram,
     )
 
 
 def chunk_state_grad(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
-    chunks = math.ceil(s["T"] / L_CHUNK)
     state = s["B"] * s["H"] * N * N * 4
     dram = (
         chunk_slots(s) * s["H"] * (operand_floats(s) + N * N) * 4
@@ -239,26 +237,7 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=[
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) dS\[",
-                lambda s: 16 * N / warp(s),
-                per_trip=("STS", 1),
-                needs_global_loads=True,
-            ),
-            LoopSpec(r"c >= 0; --c", lambda s: chunks),
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\)\s+sc.state_grads",
-                lambda s: 16 * N / warp(s),
-                per_trip=("STG", 1),
-            ),
-            LoopSpec(
-                r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / warp(s), per_trip=("STS", 1)
-            ),
-            LoopSpec(
-                r"idx < 16 \* N; idx \+= kWarpSize\) grad_s0", lambda s: 16 * N / warp(s), per_trip=("STG", 1)
-            ),
-        ],
+        loops=_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
         dram_bytes=lambda s: dram,
     )
 
