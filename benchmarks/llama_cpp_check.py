@@ -3,7 +3,7 @@ arwkv (float32) and through llama.cpp (its arwkv7 architecture for RWKV-7 studen
 for RWKV-6 ones) for each --outtype, compared on logits, greedy tokens and perplexity; and
 llama.cpp's tokenization of held-out text against transformers'.
 
-    python benchmarks/llama_cpp_check.py                      # builds llama.cpp once (~15 min on 2 cores)
+    python benchmarks/llama_cpp_check.py                      # builds llama.cpp once (8-15 min on 2 cores)
     python benchmarks/llama_cpp_check.py --llama-build DIR    # reuse a build (its bin/ has libllama.so)
     python benchmarks/llama_cpp_check.py --model STUDENT_DIR  # another student (default: the demo
                                                               # teacher converted with --head-size 64)

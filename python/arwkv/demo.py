@@ -54,7 +54,7 @@ class DemoPlan:
     init: str = "transfer"
     # where training, scoring and decoding run: cpu (the published story), cuda or auto
     device: str = "cpu"
-    keep_bias: bool = False  # the teacher's q/k/v biases on the student (runs only in arwkv)
+    keep_bias: bool = False  # the teacher's q/k/v biases on the student (as arwkv convert --keep-bias)
     wkv: int = 7  # the student's time mixing: RWKV-7, or RWKV-6 in convert's default (qrwkv) form
     # the student's WKV head size: 64, which llama.cpp runs correctly (its CPU kernel mishandles
     # 32 on AVX-512 machines); measured at the default steps: 1.021x (head size 32: 1.009x)

@@ -25,7 +25,8 @@ rwkv6qwen2, per layer:
 - no ``time_mix_first``: without it llama.cpp takes its qrwkv path (sigmoid gate, key scaled by
   1 - decay, gated linear attention scaled by 1/sqrt(N)), which is the qrwkv form's math;
 - a student without gate gets a zero gate (sigmoid 0 = 1/2) and twice its output matrix: exact
-  in every type, since scaling by 2 only moves the exponent.
+  in f32, bf16 and q8_0, since scaling by 2 only moves the exponent (f16 too but for weights under
+  2^-14, subnormal there, which round on their own grid: differences of 2^-25 at most).
 
 Both: ``output.weight`` is always written (llama.cpp does not fall back to the embedding): for a
 tied student, a copy of the embedding.
@@ -171,7 +172,7 @@ def _rwkv6qwen2_mixer(config: RwkvHybridConfig, get, blk: str, i: int) -> list[t
     if config.wkv_has_gate:
         out += [(blk + "time_mix_gate.weight", get("gate.weight")),
                 (blk + "time_mix_output.weight", get("output.weight"))]
-    else:  # sigmoid(0) = 1/2 undone by twice the output matrix: exact (see the module docstring)
+    else:  # sigmoid(0) = 1/2 undone by twice the output matrix (exact: see the module docstring)
         output = get("output.weight")
         out += [(blk + "time_mix_gate.weight", output.new_zeros(output.shape[1], output.shape[0])),
                 (blk + "time_mix_output.weight", output.float() * 2)]

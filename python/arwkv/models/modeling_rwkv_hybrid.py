@@ -373,11 +373,12 @@ class Rwkv6TimeMixer(TimeMixerBase):
         B, T, D = r.shape
         H, N = self.num_heads, self.head_size
         dt = r.dtype  # one dtype for the op (under autocast the projections are 16-bit)
+        log_decay = log_decay.to(dt)  # the decay the op applies, in k' and r d too
         decay = torch.exp(log_decay.float())
         rh = (r.float() * decay * N**-0.5).view(B, T, H, N).to(dt)
         kh = (k.float() * -torch.expm1(log_decay.float())).view(B, T, H, N).to(dt)
         vh = v.view(B, T, H, N).to(dt)
-        y, wkv = arwkv_ext.wkv6(rh, log_decay.view(B, T, H, N).to(dt), kh, vh, rh.new_zeros(H, N), initial,
+        y, wkv = arwkv_ext.wkv6(rh, log_decay.view(B, T, H, N), kh, vh, rh.new_zeros(H, N), initial,
                                 cu_seqlens)
         this_token = (r.view(B, T, H, N) * N**-0.5 * kh).sum(-1, keepdim=True) * vh
         return y + this_token.to(y.dtype), wkv
