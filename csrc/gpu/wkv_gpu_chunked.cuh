@@ -7,10 +7,11 @@
 // (decay 1, zero operands). Sequence s's chunk c has the scratch slot floor(bos_s / L) + s + c.
 // Kernels, by what they depend on:
 //  1. prep (one block per chunk slot and head; parallel over the whole sequence): the cumulative
-//     log decays G_t = w_0 + ... + w_t inside the chunk, the decayed operands, the decay over
-//     the chunk, the L x L matrices, and (WKV-7) the inverse of the unit lower-triangular
-//     I - A_ab. Every decay factor is exp(G_t - G_s) for t >= s: a decay over a sub-interval of
-//     the chunk (<= 1), never a quotient of cumulative decays, so any decay stays exact.
+//     log decays G_t = log2(e) (w_0 + ... + w_t) inside the chunk (base 2: one hardware 2^x per
+//     factor), the decayed operands, the decay over the chunk, the L x L matrices, and (WKV-7) the
+//     inverse of the unit lower-triangular I - A_ab. Every decay factor is exp2(G_t - G_s) for
+//     t >= s: a decay over a sub-interval of the chunk (<= 1), never a quotient of cumulative
+//     decays, so any decay stays exact.
 //  2. state (one warp / wave per 16 value rows of a (sequence, head); serial over chunks): value
 //     rows are independent given the chunk operands, so each block carries a 16 x N band of the
 //     state through the chunks with tensor-core products only: outputs, the next state, and
@@ -31,6 +32,7 @@ namespace gpu {
 namespace chunked {
 
 constexpr int L = kChunkSteps;
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e): the cumulative log decays are kept in base 2
 static_assert(L == 16, "a chunk is one 16 x 16 tile");
 constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L matrices
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
@@ -94,7 +96,9 @@ __device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
   return k;
 }
 
-// Loads G[t][jj] = w_0 + ... + w_t at key j0 + jj, jj < KS, of the chunk (w = 0 on padded steps)
+// Loads G[t][jj] = log2(e) (w_0 + ... + w_t) at key j0 + jj, jj < KS, of the chunk (w = 0 on padded
+// steps): log2-scaled, so that each decay product is one exp2f of a difference (one hardware 2^x,
+// where expf would first scale its argument and split it)
 // into shared memory (every thread of the block takes part).
 template <class T, int N, int KS, int THREADS>
 __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, int j0,
@@ -102,7 +106,7 @@ __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const
   const int64_t H = p.H;
   for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
     const int t = idx / KS, jj = idx % KS;
-    G[t][jj] = t < k.steps ? load<T>(p.w, ((k.first + t) * H + h) * N + j0 + jj) : 0.f;
+    G[t][jj] = t < k.steps ? kLog2e * load<T>(p.w, ((k.first + t) * H + h) * N + j0 + jj) : 0.f;
   }
   __syncthreads();
   for (int jj = threadIdx.x; jj < KS; jj += THREADS) {
@@ -160,21 +164,21 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
     for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
       const int q = idx / KS, jj = idx % KS;
       const int64_t at = int64_t(q) * N + j0 + jj;
-      const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = expf(G[L - 1][jj] - g);
-      out[Op::rt + at] = xr[q][jj] * expf(V == 7 ? g : before);
+      const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = exp2f(G[L - 1][jj] - g);
+      out[Op::rt + at] = xr[q][jj] * exp2f(V == 7 ? g : before);
       out[Op::kh + at] = xk[q][jj] * to_end;
       if (V == 7) {
-        out[Op::at + at] = xa[q][jj] * expf(before);
+        out[Op::at + at] = xa[q][jj] * exp2f(before);
         out[Op::bh + at] = xb[q][jj] * to_end;
       }
     }
-    for (int jj = threadIdx.x; jj < KS; jj += THREADS) out[Op::gam + j0 + jj] = expf(G[L - 1][jj]);
+    for (int jj = threadIdx.x; jj < KS; jj += THREADS) out[Op::gam + j0 + jj] = exp2f(G[L - 1][jj]);
 
     if (s <= t) {
 #pragma unroll 4  // (fully unrolled, gfx942 ran out of registers)
       for (int jj = 0; jj < KS; ++jj) {
-        const float e = expf(G[t][jj] - G[s][jj]);                     // E[t, s]
-        const float ep = s < t ? expf(G[t - 1][jj] - G[s][jj]) : 0.f;  // E[t-1, s]
+        const float e = exp2f(G[t][jj] - G[s][jj]);                     // E[t, s]
+        const float ep = s < t ? exp2f(G[t - 1][jj] - G[s][jj]) : 0.f;  // E[t-1, s]
         if (V == 7) {
           rb = fmaf(xr[t][jj] * xb[s][jj], e, rb);
           rk = fmaf(xr[t][jj] * xk[s][jj], e, rk);
@@ -446,7 +450,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
 #pragma unroll 1
     for (int e = 0; e < kTileAcc; ++e) {  // this lane's elements of the tile
       const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
-      const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = expf(G[L - 1][j] - g);
+      const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = exp2f(G[L - 1][j] - g);
       const bool real = t < n;
       const float r_t = real ? input(r, t, j) : 0.f, k_t = real ? input(kk, t, j) : 0.f;
       const int64_t out = row0 + int64_t(t) * ld + j;
@@ -454,23 +458,23 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       if (V == 7) {
         const float a_t = real ? input(a, t, j) : 0.f, b_t = real ? input(b, t, j) : 0.f;
         // row operands: r_t (E[t, s], s <= t) and a_t (E[t-1, s], s < t)
-        float dr = dys * expf(g), da = before_[t][c] * expf(before);
+        float dr = dys * exp2f(g), da = before_[t][c] * exp2f(before);
 #pragma unroll 1
         for (int s = 0; s <= t && s < n; ++s) {
           const float bs = input(b, s, j), ks = input(kk, s, j);
-          dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), expf(g - G[s][j]), dr);
-          if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), expf(before - G[s][j]), da);
+          dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), exp2f(g - G[s][j]), dr);
+          if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), exp2f(before - G[s][j]), da);
         }
         // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
         const float db_end = sads[t][c] * to_end, dk_end = vds * to_end;
         float db = db_end, dk = dk_end;
 #pragma unroll 1
         for (int q = t; q < n; ++q) {
-          const float rq = input(r, q, j), e_rq = expf(G[q][j] - g);
+          const float rq = input(r, q, j), e_rq = exp2f(G[q][j] - g);
           db = fmaf(dA[0][q][t] * rq, e_rq, db);
           dk = fmaf(dA[1][q][t] * rq, e_rq, dk);
           if (q > t) {
-            const float aq = input(a, q, j), e_aq = expf(G[q - 1][j] - g);
+            const float aq = input(a, q, j), e_aq = exp2f(G[q - 1][j] - g);
             db = fmaf(dA[2][q][t] * aq, e_aq, db);
             dk = fmaf(dA[3][q][t] * aq, e_aq, dk);
           }
@@ -487,13 +491,13 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       } else {
         // r_t reads E[t-1, s] (s < t), k_t is column t; the bonus (diagonal) carries no decay
         const float uj = load<T>(p.u, int64_t(h) * N + j), bonus = dA[1][t][t];
-        float dr = dys * expf(before);
+        float dr = dys * exp2f(before);
 #pragma unroll 1
-        for (int s = 0; s < t && s < n; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), expf(before - G[s][j]), dr);
+        for (int s = 0; s < t && s < n; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), exp2f(before - G[s][j]), dr);
         const float dk_end = vds * to_end;
         float dk = dk_end;
 #pragma unroll 1
-        for (int q = t + 1; q < n; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), expf(G[q - 1][j] - g), dk);
+        for (int q = t + 1; q < n; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), exp2f(G[q - 1][j] - g), dk);
         here[t][c] = -dk * k_t;
         before_[t][c] = dr * r_t;
         all[t][c] = dk_end * k_t;
@@ -512,7 +516,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     float acc = 0.f;
 #pragma unroll 8
     for (int i = 0; i < N; ++i) acc = fmaf(S0[i * N + j], dS1[i * N + j], acc);
-    acc *= expf(G[L - 1][j]);
+    acc *= exp2f(G[L - 1][j]);
     for (int t = 0; t < L; ++t) acc += all[t][lane];
     float du = 0.f;
     for (int t = L - 1; t >= 0; --t) {
