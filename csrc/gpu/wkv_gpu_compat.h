@@ -348,7 +348,15 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
 }
 
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
-// rc(lane, e) of p. A bf16 source is exact: its bits are hi as they are, and lo is 0.
+// rc(lane, e) of p. A bf16 source is exact: its hi is its own bits and its lo 0. Where rounding is
+// integer arithmetic (gfx942, the emulator) those bits are taken as they are; with the hardware
+// conversion (sm_80+) they go through it like any float, which costs little and keeps the sm_90
+// grads kernels free of spills.
+#if defined(ARWKV_BF16_CVT)
+constexpr bool kBf16BitsAsTheyAre = false;
+#else
+constexpr bool kBf16BitsAsTheyAre = true;
+#endif
 template <class S, class RowCol>
 __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
                                              int64_t ld, int rows_valid, RowCol rc) {
@@ -358,7 +366,7 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
     int r0, c0, r1, c1;
     rc(l, e, r0, c0);
     rc(l, e + 1, r1, c1);
-    if constexpr (std::is_same_v<S, Bf16>) {
+    if constexpr (kBf16BitsAsTheyAre && std::is_same_v<S, Bf16>) {
       const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
       hi[e / 2] = x0 | x1 << 16, lo[e / 2] = 0u;
