@@ -97,9 +97,8 @@ __device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
 }
 
 // Loads G[t][jj] = log2(e) (w_0 + ... + w_t) at key j0 + jj, jj < KS, of the chunk (w = 0 on padded
-// steps): log2-scaled, so that each decay product is one exp2f of a difference (one hardware 2^x,
-// where expf would first scale its argument and split it)
-// into shared memory (every thread of the block takes part).
+// steps) into shared memory (every thread of the block takes part). Base 2, so that each decay
+// factor is one exp2f of a difference (one hardware 2^x, where expf would first scale its argument).
 template <class T, int N, int KS, int THREADS>
 __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, int j0,
                                                       float (*G)[KS]) {
