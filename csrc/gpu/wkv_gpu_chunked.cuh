@@ -34,6 +34,15 @@ namespace chunked {
 constexpr int L = kChunkSteps;
 constexpr float kLog2e = 1.4426950408889634f;  // log2(e): the cumulative log decays are kept in base 2
 static_assert(L == 16, "a chunk is one 16 x 16 tile");
+// A decay factor exp2(G_t - G_s) (s <= t) may be taken as the product exp2(G_t) * exp2(-G_s) of
+// two per-step factors when neither over- nor underflows: when the decay over the whole chunk,
+// exp2(G_{L-1}), is at least 2^-kFactorLimit for every key of a slab. Then the L x L matrices and
+// the per-chunk gradients are tensor-core products of per-step scaled operands (O(L N) factors
+// instead of O(L^2 N)); each term is the same product as the pairwise form's, to rounding (the
+// factors and the split operands stay normal floats: 2^-96 * 2^-17 > 2^-126). Real models' decays
+// (>= e^-0.61 per step: >= 2^-14 per chunk) always factor; stronger ones take the exact pairwise
+// form. Entries above the diagonal (s > t) have factors up to 2^96 and are discarded by a select.
+constexpr float kFactorLimit = 96.f;
 constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L matrices
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
 // over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
@@ -115,6 +124,18 @@ __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const
   __syncthreads();
 }
 
+// Whether the keys jj < KS of this slab factor (G_{L-1}[jj] >= -kFactorLimit for all): the same
+// answer in every thread of the block. `flag` is a shared int; every thread takes part.
+template <int KS, int THREADS>
+__device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
+  if (threadIdx.x == 0) *flag = 1;
+  __syncthreads();
+  for (int jj = threadIdx.x; jj < KS; jj += THREADS)
+    if (!(g_last[jj] >= -kFactorLimit)) *flag = 0;
+  __syncthreads();
+  return *flag != 0;
+}
+
 // Rows t < steps of an accumulator tile (row t = step, column = value row) to a [B * T, H, N]
 // tensor of T: dst points at (the chunk's first step, the band's first value row), step_stride
 // is H * N. Padded steps are not written.
@@ -135,15 +156,22 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   __shared__ float xr[L][KS], xk[L][KS];  // raw inputs of the chunk (0 on padded steps)
   __shared__ float xa[V == 7 ? L : 1][KS], xb[V == 7 ? L : 1][KS];
   __shared__ float aab[V == 7 ? L : 1][L];
+  __shared__ float mats[V == 7 ? 4 : 1][L][L];  // the factored slabs' sums: rb, rk, ab, ak (WKV-6: A)
+  __shared__ float bonus[V == 6 ? L : 1];      // WKV-6: the diagonal r_t . (u * k_t) of factored slabs
+  __shared__ int factors;
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) return;  // (the whole block)
   const int h = blockIdx.y;
   const int64_t H = p.H;
   float* out = sc.chunk_operands + (k.slot * H + h) * Op::size;
   // thread (t, s) sums M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows; WKV-6's
-  // r-rows: s < t only) over the slabs
+  // r-rows: s < t only) over the slabs that do not factor; warp m < 4 (WKV-6: 1) sums matrix m
+  // of the slabs that do, as tile products
   const int t = threadIdx.x / L, s = threadIdx.x % L;  // kPrepThreads = L * L
-  float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+  const int warp = threadIdx.x / kWarpSize;
+  constexpr int kMats = V == 7 ? 4 : 1;
+  float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f, diag = 0.f;
+  TileAcc m = fill_tile_acc(0.f);
   for (int j0 = 0; j0 < N; j0 += KS) {
     __syncthreads();  // the previous slab's readers are done
     for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
@@ -158,22 +186,43 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
       }
     }
     cumulative_log_decays<T, N, KS, THREADS>(p, k, h, j0, G);
+    const bool factored = slab_factors<KS, THREADS>(G[L - 1], &factors);
+    if (V == 6 && factored && threadIdx.x < L)  // the bonus, before the operands are scaled
+      for (int jj = 0; jj < KS; ++jj)
+        diag = fmaf(xr[threadIdx.x][jj] * xk[threadIdx.x][jj], load<T>(p.u, int64_t(h) * N + j0 + jj), diag);
+    if (V == 6 && factored) __syncthreads();  // read before they are scaled in place
 
-    // the decayed operands and the decay over the chunk
+    // the decayed operands and the decay over the chunk; a factored slab's inputs become the
+    // per-step scaled operands in place: row sides r_t E[t, -1] (WKV-6: E[t-1, -1]), a_t E[t-1, -1],
+    // column sides k_s, b_s times exp2(-G_s)
     for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
       const int q = idx / KS, jj = idx % KS;
       const int64_t at = int64_t(q) * N + j0 + jj;
       const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = exp2f(G[L - 1][jj] - g);
-      out[Op::rt + at] = xr[q][jj] * exp2f(V == 7 ? g : before);
-      out[Op::kh + at] = xk[q][jj] * to_end;
+      const float rq = xr[q][jj] * exp2f(V == 7 ? g : before), kq = xk[q][jj];
+      out[Op::rt + at] = rq;
+      out[Op::kh + at] = kq * to_end;
+      const float from_start = factored ? exp2f(-g) : 0.f;
+      if (factored) xr[q][jj] = rq, xk[q][jj] = kq * from_start;
       if (V == 7) {
-        out[Op::at + at] = xa[q][jj] * exp2f(before);
-        out[Op::bh + at] = xb[q][jj] * to_end;
+        const float aq = xa[q][jj] * exp2f(before), bq = xb[q][jj];
+        out[Op::at + at] = aq;
+        out[Op::bh + at] = bq * to_end;
+        if (factored) xa[q][jj] = aq, xb[q][jj] = bq * from_start;
       }
     }
     for (int jj = threadIdx.x; jj < KS; jj += THREADS) out[Op::gam + j0 + jj] = exp2f(G[L - 1][jj]);
 
-    if (s <= t) {
+    if (factored) {
+      __syncthreads();
+      if (warp < kMats) {  // rows (r | a) times columns (b | k), over the slab's key tiles
+        const float* rows = V == 7 && warp >= 2 ? &xa[0][0] : &xr[0][0];
+        const float* cols = V == 7 && warp % 2 == 0 ? &xb[0][0] : &xk[0][0];
+#pragma unroll
+        for (int kt = 0; kt < KS / 16; ++kt)
+          m = mma_split(load_split_a(rows + kt * 16, KS), load_split_b_transposed(cols + kt * 16, KS), m);
+      }
+    } else if (s <= t) {
 #pragma unroll 4  // (fully unrolled, gfx942 ran out of registers)
       for (int jj = 0; jj < KS; ++jj) {
         const float e = exp2f(G[t][jj] - G[s][jj]);                     // E[t, s]
@@ -189,6 +238,19 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
         }
       }
     }
+  }
+  // add the factored slabs' sums where the matrices are defined (s <= t for the r-rows, s < t for
+  // the a-rows and WKV-6's A, whose diagonal is the bonus)
+  if (warp < kMats) store_tile_acc(&mats[warp][0][0], L, m);
+  if (V == 6 && threadIdx.x < L) bonus[threadIdx.x] = diag;
+  __syncthreads();
+  if (V == 7) {
+    rb += s <= t ? mats[0][t][s] : 0.f;
+    rk += s <= t ? mats[1][t][s] : 0.f;
+    ab += s < t ? mats[2][t][s] : 0.f;
+    ak += s < t ? mats[3][t][s] : 0.f;
+  } else {
+    rk += s < t ? mats[0][t][s] : s == t ? bonus[t] : 0.f;
   }
   out[Op::ark + threadIdx.x] = rk;
   if (V == 7) {
