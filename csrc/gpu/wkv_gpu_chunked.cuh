@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   const int warp = threadIdx.x / kWarpSize;
   constexpr int kMats = V == 7 ? 4 : 1;
   float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f, diag = 0.f;
-  TileAcc m = fill_tile_acc(0.f);
+  if (warp < kMats) store_tile_acc(&mats[warp][0][0], L, fill_tile_acc(0.f));
   for (int j0 = 0; j0 < N; j0 += KS) {
     __syncthreads();  // the previous slab's readers are done
     for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
@@ -218,9 +218,12 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
       if (warp < kMats) {  // rows (r | a) times columns (b | k), over the slab's key tiles
         const float* rows = V == 7 && warp >= 2 ? &xa[0][0] : &xr[0][0];
         const float* cols = V == 7 && warp % 2 == 0 ? &xb[0][0] : &xk[0][0];
+        // (kept in shared memory between slabs: held in registers, it spilled at N = 64 on sm_90)
+        TileAcc m = load_tile_acc(&mats[warp][0][0], L);
 #pragma unroll
         for (int kt = 0; kt < KS / 16; ++kt)
           m = mma_split(load_split_a(rows + kt * 16, KS), load_split_b_transposed(cols + kt * 16, KS), m);
+        store_tile_acc(&mats[warp][0][0], L, m);
       }
     } else if (s <= t) {
 #pragma unroll 4  // (fully unrolled, gfx942 ran out of registers)
@@ -241,7 +244,6 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   }
   // add the factored slabs' sums where the matrices are defined (s <= t for the r-rows, s < t for
   // the a-rows and WKV-6's A, whose diagonal is the bonus)
-  if (warp < kMats) store_tile_acc(&mats[warp][0][0], L, m);
   if (V == 6 && threadIdx.x < L) bonus[threadIdx.x] = diag;
   __syncthreads();
   if (V == 7) {
@@ -448,8 +450,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
                                                                                    const Scratch sc) {
   constexpr int WARPS = grad_warps<N>(), THREADS = WARPS * kWarpSize, KT = N / 16;
   __shared__ float G[L][N];
-  // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined
+  // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined, and
+  // (index 0) its part below the diagonal
   __shared__ float dA[4][L][L];
+  __shared__ int factors;
   // per warp, for its key tile: first the four products over the value rows, then (each lane
   // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
   // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
@@ -471,6 +475,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const float* S0 = sc.snapshots + (k.slot * H + h) * N * N;     // the state at the chunk start
   const float* dS1 = sc.state_grads + (k.slot * H + h) * N * N;  // dLoss/d(state after the chunk)
   cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, G);
+  const bool factored = slab_factors<N, THREADS>(G[L - 1], &factors);
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
   // s < t for the a-rows); WKV-6: dY V^T (s <= t: its diagonal is the bonus's).
@@ -483,6 +488,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     for (int e = 0; e < kTileAcc; ++e) {
       const int t = TileAcc::row(e), s = TileAcc::col(e);
       dA[warp][t][s] = (warp < 2 ? s <= t : s < t) ? m.x[e] : 0.f;
+      if (V == 6) dA[0][t][s] = s < t ? m.x[e] : 0.f;  // without the bonus's diagonal
     }
   }
   __syncthreads();
@@ -502,69 +508,156 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const int kt = warp;
   if (kt < KT) {
     // sums over the value rows: dY S0 and V dS1 (WKV-7 also dZ S0 and SA dS1)
-    store_tile_acc(&here[0][0], 16, times_state<N>(gy, ld, gy_steps, S0, kt));
+    TileAcc dys = times_state<N>(gy, ld, gy_steps, S0, kt);
+    TileAcc dzs = V == 7 ? times_state<N>(dz, ld, n, S0, kt) : fill_tile_acc(0.f);
+    const float* gk = &G[0][kt * 16];  // G at this key tile: gk[q * N + c]
+    // x at (step q, key tile column c) times exp2(g); 0 on padded steps
+    auto scaled = [&](const T* x, int q, int c, float g) { return q < n ? input(x, q, kt * 16 + c) * exp2f(g) : 0.f; };
+    if (factored) {
+      // The decays factor: every sum over the chunk's steps is a tile product of the L x L
+      // gradients with per-step scaled inputs, one factor per element (see prep). Rows:
+      // dr_t = E[t, -1] (dY S0 + dA_rb B' + dA_rk K')_t, da_t = E[t-1, -1] (dZ S0 + dA_ab B' +
+      // dA_ak K')_t with B'_s = b_s exp2(-G_s), K'_s likewise (WKV-6: dr_t = E[t-1, -1] (dY S0 +
+      // dA' K')_t, dA' without the diagonal).
+      const SplitB kp = split_b_of([&](int q, int c) { return scaled(kk, q, c, -gk[q * N + c]); });
+      if (V == 7) {
+        const SplitB bp = split_b_of([&](int q, int c) { return scaled(b, q, c, -gk[q * N + c]); });
+        dys = mma_split(load_split_a(&dA[1][0][0], L), kp, mma_split(load_split_a(&dA[0][0][0], L), bp, dys));
+        dzs = mma_split(load_split_a(&dA[3][0][0], L), kp, mma_split(load_split_a(&dA[2][0][0], L), bp, dzs));
+      } else {
+        dys = mma_split(load_split_a(&dA[0][0][0], L), kp, dys);
+      }
+    }
+    store_tile_acc(&here[0][0], 16, dys);
     store_tile_acc(&all[0][0], 16, times_state<N>(v, ld, n, dS1, kt));
     if (V == 7) {
-      store_tile_acc(&before_[0][0], 16, times_state<N>(dz, ld, n, S0, kt));
+      store_tile_acc(&before_[0][0], 16, dzs);
       store_tile_acc(&wt[warp][3][0][0], 16, times_state<N>(sa, ld, n, dS1, kt));
     }
+    if (factored) {
+      // rows, element-wise: dr, da, and their parts of dG (dr r_t at t; da a_t at t - 1)
 #pragma unroll 1
-    for (int e = 0; e < kTileAcc; ++e) {  // this lane's elements of the tile
-      const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
-      const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = exp2f(G[L - 1][j] - g);
-      const bool real = t < n;
-      const float r_t = real ? input(r, t, j) : 0.f, k_t = real ? input(kk, t, j) : 0.f;
-      const int64_t out = row0 + int64_t(t) * ld + j;
-      const float dys = here[t][c], vds = all[t][c];
-      if (V == 7) {
-        const float a_t = real ? input(a, t, j) : 0.f, b_t = real ? input(b, t, j) : 0.f;
-        // row operands: r_t (E[t, s], s <= t) and a_t (E[t-1, s], s < t)
-        float dr = dys * exp2f(g), da = before_[t][c] * exp2f(before);
-#pragma unroll 1
-        for (int s = 0; s <= t && s < n; ++s) {
-          const float bs = input(b, s, j), ks = input(kk, s, j);
-          dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), exp2f(g - G[s][j]), dr);
-          if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), exp2f(before - G[s][j]), da);
+      for (int e = 0; e < kTileAcc; ++e) {
+        const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
+        const float before = t ? G[t - 1][j] : 0.f;
+        const bool real = t < n;
+        const int64_t out = row0 + int64_t(t) * ld + j;
+        const float r_t = real ? input(r, t, j) : 0.f;
+        if (V == 7) {
+          const float dr = here[t][c] * exp2f(G[t][j]), da = before_[t][c] * exp2f(before);
+          here[t][c] = dr * r_t;
+          before_[t][c] = da * (real ? input(a, t, j) : 0.f);
+          if (real) store<T>(p.grad_r, out, dr), store<T>(p.grad_a, out, da);
+        } else {
+          const float dr = here[t][c] * exp2f(before), k_t = real ? input(kk, t, j) : 0.f;
+          before_[t][c] = dr * r_t;
+          here[t][c] = 0.f;
+          if (real) store<T>(p.grad_r, out, fmaf(dA[1][t][t] * load<T>(p.u, int64_t(h) * N + j), k_t, dr));
         }
-        // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
-        const float db_end = sads[t][c] * to_end, dk_end = vds * to_end;
-        float db = db_end, dk = dk_end;
-#pragma unroll 1
-        for (int q = t; q < n; ++q) {
-          const float rq = input(r, q, j), e_rq = exp2f(G[q][j] - g);
-          db = fmaf(dA[0][q][t] * rq, e_rq, db);
-          dk = fmaf(dA[1][q][t] * rq, e_rq, dk);
-          if (q > t) {
-            const float aq = input(a, q, j), e_aq = exp2f(G[q - 1][j] - g);
-            db = fmaf(dA[2][q][t] * aq, e_aq, db);
-            dk = fmaf(dA[3][q][t] * aq, e_aq, dk);
+      }
+      // Columns: db_s = E[L-1, s] SA dS1 + exp2(-G_s) (dA_rb^T R~ + dA_ab^T A~)_s, dk_s likewise
+      // with V dS1, dA_rk, dA_ak (R~_q = r_q E[q, -1], A~_q = a_q E[q-1, -1]; WKV-6: dk_s =
+      // E[L-1, s] V dS1 + exp2(-G_s) (dA'^T R')_s, R'_q = r_q E[q-1, -1]). The accumulators start
+      // from the end terms scaled by E[L-1, -1], so one factor exp2(-G_s) finishes both.
+      TileAcc dk = load_tile_acc(&all[0][0], 16);
+      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], 16) : fill_tile_acc(0.f);
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e) {
+        const float gamma = exp2f(G[L - 1][kt * 16 + TileAcc::col(e)]);
+        dk.x[e] *= gamma, db.x[e] *= gamma;
+      }
+      const SplitB rp =
+          split_b_of([&](int q, int c) { return scaled(r, q, c, V == 7 ? gk[q * N + c] : q ? gk[(q - 1) * N + c] : 0.f); });
+      if (V == 7) {
+        const SplitB ap = split_b_of([&](int q, int c) { return scaled(a, q, c, q ? gk[(q - 1) * N + c] : 0.f); });
+        db = mma_split(load_split_a_transposed(&dA[2][0][0], L), ap,
+                       mma_split(load_split_a_transposed(&dA[0][0][0], L), rp, db));
+        dk = mma_split(load_split_a_transposed(&dA[3][0][0], L), ap,
+                       mma_split(load_split_a_transposed(&dA[1][0][0], L), rp, dk));
+      } else {
+        dk = mma_split(load_split_a_transposed(&dA[0][0][0], L), rp, dk);
+      }
+      // element-wise: db, dk, their part of dG_t, and (in place of V dS1) the shares of dG_{L-1}
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e) {
+        const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
+        const float g = G[t][j], from_start = exp2f(-g), to_end = exp2f(G[L - 1][j] - g);
+        const bool real = t < n;
+        const int64_t out = row0 + int64_t(t) * ld + j;
+        const float k_t = real ? input(kk, t, j) : 0.f, dk_t = dk.x[e] * from_start;
+        if (V == 7) {
+          const float b_t = real ? input(b, t, j) : 0.f, db_t = db.x[e] * from_start;
+          here[t][c] -= dk_t * k_t + db_t * b_t;
+          all[t][c] = (all[t][c] * k_t + sads[t][c] * b_t) * to_end;
+          if (real) store<T>(p.grad_k, out, dk_t), store<T>(p.grad_b, out, db_t);
+        } else {
+          here[t][c] -= dk_t * k_t;
+          all[t][c] *= to_end * k_t;
+          if (real) {
+            const float r_t = input(r, t, j);
+            store<T>(p.grad_k, out, fmaf(dA[1][t][t] * load<T>(p.u, int64_t(h) * N + j), r_t, dk_t));
           }
         }
-        here[t][c] = dr * r_t - dk * k_t - db * b_t;
-        before_[t][c] = da * a_t;
-        all[t][c] = dk_end * k_t + db_end * b_t;
-        if (t < n) {
-          store<T>(p.grad_r, out, dr);
-          store<T>(p.grad_a, out, da);
-          store<T>(p.grad_b, out, db);
-          store<T>(p.grad_k, out, dk);
-        }
-      } else {
-        // r_t reads E[t-1, s] (s < t), k_t is column t; the bonus (diagonal) carries no decay
-        const float uj = load<T>(p.u, int64_t(h) * N + j), bonus = dA[1][t][t];
-        float dr = dys * exp2f(before);
+      }
+    } else {  // the pairwise form, exact for any decay
 #pragma unroll 1
-        for (int s = 0; s < t && s < n; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), exp2f(before - G[s][j]), dr);
-        const float dk_end = vds * to_end;
-        float dk = dk_end;
+      for (int e = 0; e < kTileAcc; ++e) {  // this lane's elements of the tile
+        const int t = TileAcc::row(e), c = TileAcc::col(e), j = kt * 16 + c;
+        const float g = G[t][j], before = t ? G[t - 1][j] : 0.f, to_end = exp2f(G[L - 1][j] - g);
+        const bool real = t < n;
+        const float r_t = real ? input(r, t, j) : 0.f, k_t = real ? input(kk, t, j) : 0.f;
+        const int64_t out = row0 + int64_t(t) * ld + j;
+        const float dys = here[t][c], vds = all[t][c];
+        if (V == 7) {
+          const float a_t = real ? input(a, t, j) : 0.f, b_t = real ? input(b, t, j) : 0.f;
+          // row operands: r_t (E[t, s], s <= t) and a_t (E[t-1, s], s < t)
+          float dr = dys * exp2f(g), da = before_[t][c] * exp2f(before);
 #pragma unroll 1
-        for (int q = t + 1; q < n; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), exp2f(G[q - 1][j] - g), dk);
-        here[t][c] = -dk * k_t;
-        before_[t][c] = dr * r_t;
-        all[t][c] = dk_end * k_t;
-        if (t < n) {
-          store<T>(p.grad_r, out, fmaf(bonus * uj, k_t, dr));
-          store<T>(p.grad_k, out, fmaf(bonus * uj, r_t, dk));
+          for (int s = 0; s <= t && s < n; ++s) {
+            const float bs = input(b, s, j), ks = input(kk, s, j);
+            dr = fmaf(fmaf(dA[0][t][s], bs, dA[1][t][s] * ks), exp2f(g - G[s][j]), dr);
+            if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), exp2f(before - G[s][j]), da);
+          }
+          // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
+          const float db_end = sads[t][c] * to_end, dk_end = vds * to_end;
+          float db = db_end, dk = dk_end;
+#pragma unroll 1
+          for (int q = t; q < n; ++q) {
+            const float rq = input(r, q, j), e_rq = exp2f(G[q][j] - g);
+            db = fmaf(dA[0][q][t] * rq, e_rq, db);
+            dk = fmaf(dA[1][q][t] * rq, e_rq, dk);
+            if (q > t) {
+              const float aq = input(a, q, j), e_aq = exp2f(G[q - 1][j] - g);
+              db = fmaf(dA[2][q][t] * aq, e_aq, db);
+              dk = fmaf(dA[3][q][t] * aq, e_aq, dk);
+            }
+          }
+          here[t][c] = dr * r_t - dk * k_t - db * b_t;
+          before_[t][c] = da * a_t;
+          all[t][c] = dk_end * k_t + db_end * b_t;
+          if (t < n) {
+            store<T>(p.grad_r, out, dr);
+            store<T>(p.grad_a, out, da);
+            store<T>(p.grad_b, out, db);
+            store<T>(p.grad_k, out, dk);
+          }
+        } else {
+          // r_t reads E[t-1, s] (s < t), k_t is column t; the bonus (diagonal) carries no decay
+          const float uj = load<T>(p.u, int64_t(h) * N + j), bonus = dA[1][t][t];
+          float dr = dys * exp2f(before);
+#pragma unroll 1
+          for (int s = 0; s < t && s < n; ++s) dr = fmaf(dA[1][t][s] * input(kk, s, j), exp2f(before - G[s][j]), dr);
+          const float dk_end = vds * to_end;
+          float dk = dk_end;
+#pragma unroll 1
+          for (int q = t + 1; q < n; ++q) dk = fmaf(dA[1][q][t] * input(r, q, j), exp2f(G[q - 1][j] - g), dk);
+          here[t][c] = -dk * k_t;
+          before_[t][c] = dr * r_t;
+          all[t][c] = dk_end * k_t;
+          if (t < n) {
+            store<T>(p.grad_r, out, fmaf(bonus * uj, k_t, dr));
+            store<T>(p.grad_k, out, fmaf(bonus * uj, r_t, dk));
+          }
         }
       }
     }
