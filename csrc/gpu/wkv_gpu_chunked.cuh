@@ -50,8 +50,9 @@ constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L ma
 template <int N>
 constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
-// Where one chunk's operands lie in its chunk_operands slot (floats from the slot's start, per
-// head). WKV-6's are a prefix of WKV-7's layout:
+// Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
+// start, per head; each stored split, SplitBits, but gam, a float). WKV-6's are a prefix of WKV-7's
+// layout:
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
 //   kh  [L][N]  k^_s = k_s E[L-1, s]
 //   gam [N]     the decay over the chunk, E[L-1, -1]
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   if (k.seq < 0) return;  // (the whole block)
   const int h = blockIdx.y;
   const int64_t H = p.H;
-  float* out = sc.chunk_operands + (k.slot * H + h) * Op::size;
+  SplitBits* out = reinterpret_cast<SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
   // thread (t, s) sums M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows; WKV-6's
   // r-rows: s < t only) over the slabs that do not factor; warp m < 4 (WKV-6: 1) sums matrix m
   // of the slabs that do, as tile products
@@ -200,18 +201,18 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
       const int64_t at = int64_t(q) * N + j0 + jj;
       const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = exp2f(G[L - 1][jj] - g);
       const float rq = xr[q][jj] * exp2f(V == 7 ? g : before), kq = xk[q][jj];
-      out[Op::rt + at] = rq;
-      out[Op::kh + at] = kq * to_end;
+      out[Op::rt + at] = split_bits(rq);
+      out[Op::kh + at] = split_bits(kq * to_end);
       const float from_start = factored ? exp2f(-g) : 0.f;
       if (factored) xr[q][jj] = rq, xk[q][jj] = kq * from_start;
       if (V == 7) {
         const float aq = xa[q][jj] * exp2f(before), bq = xb[q][jj];
-        out[Op::at + at] = aq;
-        out[Op::bh + at] = bq * to_end;
+        out[Op::at + at] = split_bits(aq);
+        out[Op::bh + at] = split_bits(bq * to_end);
         if (factored) xa[q][jj] = aq, xb[q][jj] = bq * from_start;
       }
     }
-    for (int jj = threadIdx.x; jj < KS; jj += THREADS) out[Op::gam + j0 + jj] = exp2f(G[L - 1][jj]);
+    for (int jj = threadIdx.x; jj < KS; jj += THREADS) reinterpret_cast<float*>(out)[Op::gam + j0 + jj] = exp2f(G[L - 1][jj]);
 
     if (factored) {
       __syncthreads();
@@ -254,10 +255,10 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   } else {
     rk += s < t ? mats[0][t][s] : s == t ? bonus[t] : 0.f;
   }
-  out[Op::ark + threadIdx.x] = rk;
+  out[Op::ark + threadIdx.x] = split_bits(rk);
   if (V == 7) {
-    out[Op::arb + threadIdx.x] = rb;
-    out[Op::aak + threadIdx.x] = ak;
+    out[Op::arb + threadIdx.x] = split_bits(rb);
+    out[Op::aak + threadIdx.x] = split_bits(ak);
     aab[t][s] = ab;
     __syncthreads();
     // (I - A_ab)^-1, column c by forward substitution: X[q] = [q == c] + sum_{u < q} A_ab[q][u] X[u]
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
 #pragma unroll
         for (int u = 0; u < q; ++u) acc = fmaf(aab[q][u], x[u], acc);  // (x[u] = 0 for u < c)
         x[q] = q < c ? 0.f : acc;
-        out[Op::inv + q * L + c] = x[q];
+        out[Op::inv + q * L + c] = split_bits(x[q]);
       }
     }
   }
@@ -295,7 +296,8 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
   const int num_chunks = chunk_of(p, s, 0).num_chunks;
   for (int c = 0; c < num_chunks; ++c) {
     const Chunk k = chunk_of(p, s, c);
-    const float* op = sc.chunk_operands + (k.slot * H + h) * Op::size;
+    const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
+    const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
     __syncthreads();  // the previous chunk is done with vs, zs, sas and S
     if (MODE == kStarts)
@@ -342,7 +344,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&S[0][kt * 16], N);
 #pragma unroll
-      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= op[Op::gam + kt * 16 + TileAcc::col(e)];
+      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= gamma[kt * 16 + TileAcc::col(e)];
       if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::bh + kt * 16, N), st);
       st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::kh + kt * 16, N), st);
       store_tile_acc(&S[0][kt * 16], N, st);
@@ -372,7 +374,8 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
   const int num_chunks = chunk_of(p, s, 0).num_chunks;
   for (int c = num_chunks - 1; c >= 0; --c) {
     const Chunk k = chunk_of(p, s, c);
-    const float* op = sc.chunk_operands + (k.slot * H + h) * Op::size;
+    const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
+    const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
     __syncthreads();
     for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
@@ -411,7 +414,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&dS[0][kt * 16], N);
 #pragma unroll
-      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= op[Op::gam + kt * 16 + TileAcc::col(e)];
+      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= gamma[kt * 16 + TileAcc::col(e)];
       st = mma_split(load_split_a_transposed(&dys[0][0], 16), load_split_b(op + Op::rt + kt * 16, N), st);
       if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], 16), load_split_b(op + Op::at + kt * 16, N), st);
       store_tile_acc(&dS[0][kt * 16], N, st);

@@ -347,6 +347,17 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
   return r < rows_valid ? to_float(p[int64_t(r) * ld + c]) : 0.f;
 }
 
+// A float stored already split (the chunked kernels' per-chunk operands: split once where they
+// are made, not by every warp that multiplies them): hi = x rounded to bf16 in the low half, lo =
+// (x - hi) rounded in the high half. Same 4 bytes as the float; a tile load only moves halves.
+struct SplitBits {
+  uint32_t bits;
+};
+__device__ __forceinline__ SplitBits split_bits(float x) {
+  const uint32_t hi = from_float<Bf16>(x).bits;
+  return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};
+}
+
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
 // rc(lane, e) of p. A bf16 source is exact: its hi is its own bits and its lo 0. Where rounding is
 // integer arithmetic (gfx942, the emulator) those bits are taken as they are; with the hardware
@@ -366,7 +377,11 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
     int r0, c0, r1, c1;
     rc(l, e, r0, c0);
     rc(l, e + 1, r1, c1);
-    if constexpr (kBf16BitsAsTheyAre && std::is_same_v<S, Bf16>) {
+    if constexpr (std::is_same_v<S, SplitBits>) {  // halves moved, nothing rounded
+      const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
+      const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
+      hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
+    } else if constexpr (kBf16BitsAsTheyAre && std::is_same_v<S, Bf16>) {
       const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
       hi[e / 2] = x0 | x1 << 16, lo[e / 2] = 0u;

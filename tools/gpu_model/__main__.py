@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import amdgpu
 from .hardware import H100, MI300X
-from .kernels import chunked_kernels, step_kernels
+from .kernels import FACTORED, chunked_kernels, step_kernels
 from .model import ASSUMPTIONS, estimate
 from .sass import parse
 
@@ -202,7 +202,7 @@ def main() -> int:
             "",
             "Assumptions:",
         ]
-        + [f"- {a}" for a in ASSUMPTIONS]
+        + [f"- {a}" for a in (*ASSUMPTIONS, FACTORED)]
         + [""]
     )
 

@@ -123,6 +123,13 @@ def step_kernels(s: dict, units: int) -> dict[str, list[KernelSpec]]:
 
 # ---- the chunked kernels (csrc/gpu/wkv_gpu_chunked.cuh) -----------------------------------------
 L_CHUNK = 16  # wkv_gpu.h kChunkSteps: steps per chunk
+# The chunked kernels' path: a chunk whose decays factor (every key's decay over the chunk >= 2^-96,
+# kFactorLimit; always so for decays >= e^-0.61 per step, as RWKV-7's) takes tile products; the
+# pairwise form for stronger decays is counted as not running.
+FACTORED = (
+    "the chunked kernels take their factored path (every key's decay over a 16-step chunk >= 2^-96: "
+    "always so for decays >= e^-0.61 per step); the pairwise fallback's loops are not counted"
+)
 PREP_THREADS = 256  # kPrepThreads
 
 
@@ -175,7 +182,10 @@ def chunk_prep(s: dict) -> KernelSpec:
             ),
             # only the threads below KS: one trip for the block's first warps that hold them
             LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: math.ceil(ks / warp(s)) / warps),
-            LoopSpec(r"jj < KS; \+\+jj", lambda s: ks, per_trip=("MUFU", 2 if V == 7 else 1)),
+            # WKV-6's bonus (the first L threads, one warp / wave) and the pairwise form, which
+            # the factored chunks (FACTORED) never run
+            LoopSpec(r"jj < KS; \+\+jj\)\s+diag", lambda s: ks / warps),
+            LoopSpec(r"jj < KS; \+\+jj\) \{\s+const float e", lambda s: 0, per_trip=("MUFU", 2 if V == 7 else 1)),
         ],
         dram_bytes=lambda s: dram,
     )
@@ -247,9 +257,6 @@ def chunk_grads(s: dict) -> KernelSpec:
     warps = max(N // 16, 4)
     threads = warps * warp(s)
     kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
-    # the lanes of one accumulator element cover rows 0-7 or 8-15: the triangular loops run the
-    # warp's longest, 8 or 16 trips, 12 on average
-    tri = 14.5 if s.get("hip") else 0.75 * L_CHUNK  # gfx942: rows e, 4 + e, 8 + e, 12 + e of a lane
     keys = 5 if V == 7 else 3
     dram = (
         chunk_slots(s) * s["H"] * 2 * N * N * 4
@@ -274,11 +281,15 @@ def chunk_grads(s: dict) -> KernelSpec:
             LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16),
             # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
             LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
+            # the factored chunks' element-wise rows (FACTORED); the pairwise form's loops never run
             LoopSpec(
-                r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: (4 if s.get("hip") else 8) * kt_warps
+                r"e < kTileAcc; \+\+e\) \{\s+const int t = TileAcc::row\(e\), c = TileAcc::col\(e\), "
+                r"j = kt \* 16 \+ c;\s+const float before",
+                lambda s: (4 if s.get("hip") else 8) * kt_warps,
             ),
-            LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: tri),
-            LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: tri),
+            LoopSpec(r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: 0),
+            LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: 0),
+            LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: 0),
             LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),
             LoopSpec(r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps),
         ],
