@@ -138,13 +138,17 @@ __device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
 }
 
 // Rows t < steps of an accumulator tile (row t = step, column = value row) to a [B * T, H, N]
-// tensor of T: dst points at (the chunk's first step, the band's first value row), step_stride
-// is H * N. Padded steps are not written.
+// tensor of T (or of split floats, SplitBits): dst points at (the chunk's first step, the band's
+// first value row), step_stride is H * N. Padded steps are not written.
 template <class T>
 __device__ __forceinline__ void store_steps(T* dst, int64_t step_stride, int steps, const TileAcc& acc) {
 #pragma unroll
-  for (int e = 0; e < kTileAcc; ++e)
-    if (TileAcc::row(e) < steps) store<T>(dst, int64_t(TileAcc::row(e)) * step_stride + TileAcc::col(e), acc.x[e]);
+  for (int e = 0; e < kTileAcc; ++e) {
+    if (TileAcc::row(e) >= steps) continue;
+    const int64_t at = int64_t(TileAcc::row(e)) * step_stride + TileAcc::col(e);
+    if constexpr (std::is_same_v<T, SplitBits>) dst[at] = split_bits(acc.x[e]);
+    else store<T>(dst, at, acc.x[e]);
+  }
 }
 
 // ---- 1. prep ----------------------------------------------------------------------------------
@@ -302,7 +306,8 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
     __syncthreads();  // the previous chunk is done with vs, zs, sas and S
     if (MODE == kStarts)
       for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
-        sc.snapshots[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = S[idx / N][idx % N];
+        reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
+            split_bits(S[idx / N][idx % N]);
     for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
       const int t = idx / 16, i = idx % 16;
       vs[t][i] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
@@ -325,7 +330,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
       __syncthreads();
       const TileAcc sa = mma_split(load_split_a(op + Op::inv, L), load_split_b(&zs[0][0], 16), fill_tile_acc(0.f));
       store_tile_acc(&sas[0][0], 16, sa);
-      if (MODE == kStarts) store_steps<float>(sc.sa + row0, H * N, k.steps, sa);
+      if (MODE == kStarts) store_steps(reinterpret_cast<SplitBits*>(sc.sa) + row0, H * N, k.steps, sa);
       __syncthreads();
       if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::arb, L), load_split_b(&sas[0][0], 16), y);
     } else if (MODE == kOutputs) {
@@ -379,7 +384,8 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     const int64_t row0 = (k.first * H + h) * N + i0;
     __syncthreads();
     for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
-      sc.state_grads[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = dS[idx / N][idx % N];
+      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
+          split_bits(dS[idx / N][idx % N]);
     for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
       const int t = idx / 16, i = idx % 16;
       dys[t][i] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
@@ -397,7 +403,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
       const TileAcc dz =
           mma_split(load_split_a_transposed(op + Op::inv, L), load_split_b(&dsas[0][0], 16), fill_tile_acc(0.f));
       store_tile_acc(&dzs[0][0], 16, dz);
-      store_steps<float>(sc.dsa + row0, H * N, k.steps, dz);
+      store_steps(reinterpret_cast<SplitBits*>(sc.dsa) + row0, H * N, k.steps, dz);
       __syncthreads();
     }
     // dV = A_rk^T dY + k^ dS^T (+ A_ak^T dZ)
@@ -438,9 +444,9 @@ __device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld
     acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b_transposed(y + it * 16, ld, steps), acc);
   return acc;
 }
-// P = X M for key tile kt: P[t][j] = sum_i X[t][i] M[i][j] (M: [N][N] row-major state).
+// P = X M for key tile kt: P[t][j] = sum_i X[t][i] M[i][j] (M: [N][N] row-major state, split).
 template <int N, class X>
-__device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps, const float* m, int kt) {
+__device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps, const SplitBits* m, int kt) {
   TileAcc acc = fill_tile_acc(0.f);
 #pragma unroll 1
   for (int it = 0; it < N / 16; ++it)
@@ -473,10 +479,12 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const int n = k.steps, gy_steps = p.grad_y ? n : 0;
   const T* gy = static_cast<const T*>(p.grad_y) + (p.grad_y ? row0 : 0);
   const T* v = static_cast<const T*>(p.v) + row0;
-  const float* sa = V == 7 ? sc.sa + row0 : nullptr;
-  const float* dz = V == 7 ? sc.dsa + row0 : nullptr;
-  const float* S0 = sc.snapshots + (k.slot * H + h) * N * N;     // the state at the chunk start
-  const float* dS1 = sc.state_grads + (k.slot * H + h) * N * N;  // dLoss/d(state after the chunk)
+  // what the state passes wrote, split (SplitBits): S a_t and the solve's gradient per step, the
+  // state at the chunk start and dLoss/d(state after the chunk)
+  const SplitBits* sa = V == 7 ? reinterpret_cast<const SplitBits*>(sc.sa) + row0 : nullptr;
+  const SplitBits* dz = V == 7 ? reinterpret_cast<const SplitBits*>(sc.dsa) + row0 : nullptr;
+  const SplitBits* S0 = reinterpret_cast<const SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N;
+  const SplitBits* dS1 = reinterpret_cast<const SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N;
   cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, G);
   const bool factored = slab_factors<N, THREADS>(G[L - 1], &factors);
 
@@ -672,7 +680,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     const int j = kt * 16 + lane;
     float acc = 0.f;
 #pragma unroll 8
-    for (int i = 0; i < N; ++i) acc = fmaf(S0[i * N + j], dS1[i * N + j], acc);
+    for (int i = 0; i < N; ++i) acc = fmaf(to_float(S0[i * N + j]), to_float(dS1[i * N + j]), acc);
     acc *= exp2f(G[L - 1][j]);
     for (int t = 0; t < L; ++t) acc += all[t][lane];
     float du = 0.f;

@@ -353,6 +353,9 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
 struct SplitBits {
   uint32_t bits;
 };
+__device__ __forceinline__ float to_float(SplitBits x) {
+  return __uint_as_float(x.bits << 16) + __uint_as_float(x.bits & 0xffff0000u);
+}
 __device__ __forceinline__ SplitBits split_bits(float x) {
   const uint32_t hi = from_float<Bf16>(x).bits;
   return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};
@@ -380,7 +383,11 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
     if constexpr (std::is_same_v<S, SplitBits>) {  // halves moved, nothing rounded
       const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
+#if defined(__CUDA_ARCH__)
+      hi[e / 2] = __byte_perm(x0, x1, 0x5410), lo[e / 2] = __byte_perm(x0, x1, 0x7632);  // one PRMT each
+#else
       hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
+#endif
     } else if constexpr (kBf16BitsAsTheyAre && std::is_same_v<S, Bf16>) {
       const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
