@@ -695,6 +695,242 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   }
 }
 
+// ---- 5. fused forward: operands built in shared memory inside the serial loop ----------------
+// One block per (sequence, head), one warp / wave per 16 value rows of the state, which stays in
+// registers as N / 16 accumulator tiles. Per chunk the block builds the chunk's operands (as prep,
+// into shared memory), then each warp advances its rows. Which way round a band's tiles hold the
+// state follows the lane maps: an accumulator is, register for register, a CUDA A operand and a
+// gfx942 B operand (split_acc), so CUDA keeps S (rows = value rows) and computes every product
+// transposed (Z^T = S A~^T + V^T A_ak^T, ...), gfx942 keeps S^T (rows = keys) and computes them as
+// the chunk form writes them (Z = A~ S^T + A_ak V, ...). Nothing per band goes through shared memory.
+// The state update is S' = S diag(gamma) + SA^T b^ + V^T k^; in a factored chunk the column operands
+// are b, k times exp2(-G_s) (those of the L x L products) and gamma is applied after the sums:
+// S' = (S + SA^T B' + V^T K') diag(gamma), the same terms to rounding.
+#if defined(ARWKV_HIP)
+constexpr bool kBandRowsAreKeys = true;
+#else
+constexpr bool kBandRowsAreKeys = false;
+#endif
+// Element e of a band tile: its value row and its key (state) or step (per-step products).
+__device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
+__device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
+
+template <int V, int N>
+struct FusedShared {
+  float G[L][N];                              // cumulative log2 decays of the chunk
+  SplitBits rt[L][N], at[V == 7 ? L : 1][N];  // row operands: r~ (WKV-6: r'), a~
+  SplitBits ck[L][N], cb[V == 7 ? L : 1][N];  // column operands: k, b times exp2(-G_s) or E[L-1, s]
+  float gamma[N];                             // the decay over the chunk
+  float mats[V == 7 ? 4 : 1][L][L];           // rb, rk, ab, ak (WKV-6: A); then split in place, but ab
+  SplitBits inv[V == 7 ? L : 1][L];           // (I - A_ab)^-1
+  int factors;
+};
+
+template <class T, int V, int N>
+__global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
+  constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 1;
+  __shared__ FusedShared<V, N> sh;
+  const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
+  const int64_t H = p.H, ld = H * N;
+  const float* init = static_cast<const float*>(p.initial_state);
+  const int64_t state0 = (int64_t(s) * H + h) * N * N;  // this (sequence, head)'s [N, N] state
+  TileAcc st[KT];  // tile kt: keys 16 kt .. 16 kt + 15 of value rows i0 .. i0 + 15
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+    for (int e = 0; e < kTileAcc; ++e)
+      st[kt].x[e] = init ? init[state0 + int64_t(i0 + band_value(e)) * N + kt * 16 + band_other(e)] : 0.f;
+  const SplitBits* ark = reinterpret_cast<const SplitBits*>(&sh.mats[V == 7 ? 1 : 0][0][0]);
+  const SplitBits* arb = reinterpret_cast<const SplitBits*>(&sh.mats[0][0][0]);
+  const SplitBits* aak = reinterpret_cast<const SplitBits*>(&sh.mats[kMats - 1][0][0]);
+
+  const int num_chunks = chunk_of(p, s, 0).num_chunks;
+  for (int c = 0; c < num_chunks; ++c) {
+    const Chunk k = chunk_of(p, s, c);
+    const int64_t first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
+    __syncthreads();  // the previous chunk's readers of sh are done
+    cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, sh.G);
+    const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
+
+    // the chunk's operands, one element per thread at a time
+    for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
+      const int q = idx / N, j = idx % N;
+      const bool real = q < k.steps;
+      const int64_t at = first + int64_t(q) * ld + j;
+      const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
+      const float col = exp2f(factored ? -g : sh.G[L - 1][j] - g);
+      sh.rt[q][j] = split_bits(real ? load<T>(p.r, at) * exp2f(V == 7 ? g : before) : 0.f);
+      sh.ck[q][j] = split_bits(real ? load<T>(p.k, at) * col : 0.f);
+      if (V == 7) {
+        sh.at[q][j] = split_bits(real ? load<T>(p.a, at) * exp2f(before) : 0.f);
+        sh.cb[q][j] = split_bits(real ? load<T>(p.b, at) * col : 0.f);
+      }
+    }
+    for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);
+    __syncthreads();
+
+    // the L x L matrices: tile products (factored), or pairwise sums of the inputs (exact for any decay)
+    if (factored) {
+      for (int m = warp; m < kMats; m += WARPS) {
+        const SplitBits* rows = V == 7 && m >= 2 ? &sh.at[0][0] : &sh.rt[0][0];
+        const SplitBits* cols = V == 7 && m % 2 == 0 ? &sh.cb[0][0] : &sh.ck[0][0];
+        TileAcc acc = fill_tile_acc(0.f);
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+          acc = mma_split(load_split_a(rows + kt * 16, N), load_split_b_transposed(cols + kt * 16, N), acc);
+        store_tile_acc(&sh.mats[m][0][0], L, acc);
+      }
+    } else {
+      for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
+        const int t = pr / L, q = pr % L;  // (row step, column step)
+        float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+        if (q <= t && t < k.steps) {
+          const int64_t xt = first + int64_t(t) * ld, xq = first + int64_t(q) * ld;
+          for (int j = 0; j < N; ++j) {
+            const float e = exp2f(sh.G[t][j] - sh.G[q][j]);                     // E[t, q]
+            const float ep = q < t ? exp2f(sh.G[t - 1][j] - sh.G[q][j]) : 0.f;  // E[t-1, q]
+            const float kq = load<T>(p.k, xq + j);
+            if (V == 7) {
+              const float rt = load<T>(p.r, xt + j), at = load<T>(p.a, xt + j), bq = load<T>(p.b, xq + j);
+              rb = fmaf(rt * bq, e, rb), rk = fmaf(rt * kq, e, rk);
+              ab = fmaf(at * bq, ep, ab), ak = fmaf(at * kq, ep, ak);
+            } else {
+              rk = fmaf(load<T>(p.r, xt + j) * kq, ep, rk);
+            }
+          }
+        }
+        if (V == 7) sh.mats[0][t][q] = rb, sh.mats[1][t][q] = rk, sh.mats[2][t][q] = ab, sh.mats[3][t][q] = ak;
+        else sh.mats[0][t][q] = rk;
+      }
+    }
+    __syncthreads();
+    // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
+    // whose diagonal is the bonus r_t . (u * k_t)), split in place; A_ab stays float for the solve
+    for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
+      const int t = pr / L, q = pr % L;
+      float* m = &sh.mats[0][0][0] + pr;
+      if (V == 7) {
+        m[0] = __uint_as_float(split_bits(q <= t ? m[0] : 0.f).bits);
+        m[L * L] = __uint_as_float(split_bits(q <= t ? m[L * L] : 0.f).bits);
+        m[2 * L * L] = q < t ? m[2 * L * L] : 0.f;
+        m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
+      } else {
+        float a = q < t ? m[0] : 0.f;
+        if (q == t && t < k.steps) {
+          const int64_t xt = first + int64_t(t) * ld;
+          for (int j = 0; j < N; ++j) a = fmaf(load<T>(p.r, xt + j) * load<T>(p.u, int64_t(h) * N + j), load<T>(p.k, xt + j), a);
+        }
+        m[0] = __uint_as_float(split_bits(a).bits);
+      }
+    }
+    if (V == 7) {
+      __syncthreads();
+      // (I - A_ab)^-1, column c by forward substitution: X[q] = [q == c] + sum_{u < q} A_ab[q][u] X[u]
+      if (threadIdx.x < L) {
+        const int cc = threadIdx.x;
+        float x[L];
+#pragma unroll
+        for (int q = 0; q < L; ++q) {
+          float acc = q == cc ? 1.f : 0.f;
+#pragma unroll
+          for (int u = 0; u < q; ++u) acc = fmaf(sh.mats[2][q][u], x[u], acc);  // (x[u] = 0 for u < cc)
+          x[q] = q < cc ? 0.f : acc;
+          sh.inv[q][cc] = split_bits(x[q]);
+        }
+      }
+    }
+    __syncthreads();
+
+    // this band's rows: outputs, then the state after the chunk
+    const T* vrow = static_cast<const T*>(p.v) + first + i0;  // v at (the chunk's step 0, value row i0)
+    TileAcc y = fill_tile_acc(0.f);
+#if defined(ARWKV_HIP)
+    const SplitB vv = load_split_b(vrow, ld, k.steps);  // V [s][i]
+    if (V == 7) {
+      TileAcc z = fill_tile_acc(0.f);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        const SplitB sk = split_acc(st[kt]);  // S^T for these keys
+        z = mma_split(load_split_a(&sh.at[0][0] + kt * 16, N), sk, z);
+        y = mma_split(load_split_a(&sh.rt[0][0] + kt * 16, N), sk, y);
+      }
+      z = mma_split(load_split_a(aak, L), vv, z);
+      const SplitB sa = split_acc(mma_split(load_split_a(&sh.inv[0][0], L), split_acc(z), fill_tile_acc(0.f)));
+      y = mma_split(load_split_a(arb, L), sa, y);
+      y = mma_split(load_split_a(ark, L), vv, y);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        if (!factored)
+#pragma unroll
+          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+        st[kt] = mma_split(load_split_a_transposed(&sh.cb[0][0] + kt * 16, N), sa, st[kt]);
+        st[kt] = mma_split(load_split_a_transposed(&sh.ck[0][0] + kt * 16, N), vv, st[kt]);
+      }
+    } else {
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) y = mma_split(load_split_a(&sh.rt[0][0] + kt * 16, N), split_acc(st[kt]), y);
+      y = mma_split(load_split_a(ark, L), vv, y);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        if (!factored)
+#pragma unroll
+          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+        st[kt] = mma_split(load_split_a_transposed(&sh.ck[0][0] + kt * 16, N), vv, st[kt]);
+      }
+    }
+#else
+    const SplitA vv = load_split_a_transposed(vrow, ld, k.steps);  // V^T [i][s]
+    if (V == 7) {
+      TileAcc z = fill_tile_acc(0.f);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        const SplitA sk = split_acc(st[kt]);  // S for these keys
+        z = mma_split(sk, load_split_b_transposed(&sh.at[0][0] + kt * 16, N), z);
+        y = mma_split(sk, load_split_b_transposed(&sh.rt[0][0] + kt * 16, N), y);
+      }
+      z = mma_split(vv, load_split_b_transposed(aak, L), z);
+      const SplitA sa = split_acc(mma_split(split_acc(z), load_split_b_transposed(&sh.inv[0][0], L), fill_tile_acc(0.f)));
+      y = mma_split(sa, load_split_b_transposed(arb, L), y);
+      y = mma_split(vv, load_split_b_transposed(ark, L), y);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        if (!factored)
+#pragma unroll
+          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+        st[kt] = mma_split(sa, load_split_b(&sh.cb[0][0] + kt * 16, N), st[kt]);
+        st[kt] = mma_split(vv, load_split_b(&sh.ck[0][0] + kt * 16, N), st[kt]);
+      }
+    } else {
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) y = mma_split(split_acc(st[kt]), load_split_b_transposed(&sh.rt[0][0] + kt * 16, N), y);
+      y = mma_split(vv, load_split_b_transposed(ark, L), y);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) {
+        if (!factored)
+#pragma unroll
+          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+        st[kt] = mma_split(vv, load_split_b(&sh.ck[0][0] + kt * 16, N), st[kt]);
+      }
+    }
+#endif
+    if (factored)
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+        for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+#pragma unroll
+    for (int e = 0; e < kTileAcc; ++e)
+      if (band_other(e) < k.steps) store<T>(p.y, first + int64_t(band_other(e)) * ld + i0 + band_value(e), y.x[e]);
+  }
+  float* final_state = static_cast<float*>(p.final_state);
+  if (final_state)
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+      for (int e = 0; e < kTileAcc; ++e)
+        final_state[state0 + int64_t(i0 + band_value(e)) * N + kt * 16 + band_other(e)] = st[kt].x[e];
+}
+
 }  // namespace chunked
 }  // namespace gpu
 }  // namespace arwkv

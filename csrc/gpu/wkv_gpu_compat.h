@@ -445,6 +445,26 @@ __device__ __forceinline__ SplitB split_b_of(F value) {
   return b;
 }
 
+// An accumulator tile as a split operand, register for register, with no data movement: where the
+// operand's lane map is the accumulator's own. On CUDA (m16n8k16) that is the A operand (element e
+// at row tile_acc_row, k tile_acc_col); on gfx942 (16x16x16) the B operand (k tile_acc_row, column
+// tile_acc_col). A product can thus take the previous one's result where that operand stands.
+#if defined(ARWKV_HIP)
+using AccOperand = SplitB;
+#else
+using AccOperand = SplitA;
+#endif
+__device__ __forceinline__ AccOperand split_acc(const TileAcc& c) {
+  AccOperand o;
+#pragma unroll
+  for (int e = 0; e < kTileAcc; e += 2) {
+    const uint32_t h2 = pack_bf16x2(c.x[e], c.x[e + 1]);
+    o.hi.reg[e / 2] = h2;
+    o.lo.reg[e / 2] = pack_bf16x2(c.x[e] - __uint_as_float(h2 << 16), c.x[e + 1] - __uint_as_float(h2 & 0xffff0000u));
+  }
+  return o;
+}
+
 // D = A B + C with split operands (3 tensor-core steps, every lane of the warp / wave).
 __device__ __forceinline__ TileAcc mma_split(const SplitA& a, const SplitB& b, TileAcc c) {
   c = mma(a.lo, b.hi, c);

@@ -599,14 +599,15 @@ LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Dev
   const auto stream = static_cast<gpuStream>(d.stream);
   const dim3 per_chunk(unsigned(num_chunk_slots(p, kChunkSteps)), unsigned(p.H));
   const dim3 per_band(unsigned(N / 16), unsigned(p.H), unsigned(p.num_seqs));
+  if (!backward) {
+    const auto fused = wkv_chunk_fused_forward_kernel<T, V, N>;
+    const WkvProblem& fp = p;
+    ARWKV_LAUNCH(fused, dim3(unsigned(p.H), unsigned(p.num_seqs)), N / 16 * kWarpSize, stream, fp);
+    return launch_status<T, N>(chunk_kernel_name<V>(1));
+  }
   const auto prep = wkv_chunk_prep_kernel<T, V, N>;
   ARWKV_LAUNCH(prep, per_chunk, kPrepThreads, stream, p, sc);
   LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(0));
-  if (!backward) {
-    const auto state = wkv_chunk_state_kernel<T, V, N, kOutputs>;
-    if (s.ok()) ARWKV_LAUNCH(state, per_band, kWarpSize, stream, p, sc);
-    return s.ok() ? launch_status<T, N>(chunk_kernel_name<V>(1)) : s;
-  }
   if (s.ok()) {
     const auto starts = wkv_chunk_state_kernel<T, V, N, kStarts>;
     ARWKV_LAUNCH(starts, per_band, kWarpSize, stream, p, sc);
@@ -630,7 +631,7 @@ LaunchStatus forward_v(const WkvProblem& p, const Scratch& sc, const Device& d) 
   if (d.algorithm == Algorithm::chunked) {
     WkvBackwardProblem args;  // the kernels' one argument type; no gradients in the forward
     static_cast<WkvProblem&>(args) = p;
-    return with_head_size(p.N, chunk_kernel_name<V>(0), dtype_name<T>(),
+    return with_head_size(p.N, chunk_kernel_name<V>(1), dtype_name<T>(),
                           [&](auto n) { return chunked_n<T, V, decltype(n)::value>(args, sc, d, false); });
   }
   return with_head_size(p.N, rows_kernel_name<V, kForward>(), dtype_name<T>(),
