@@ -26,7 +26,7 @@ KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/l
         "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
         "LDS Size [bytes/block]": "lds"}
 MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
-CHUNKED = {"prep": "chunk:prep", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
+CHUNKED = {"prep": "chunk:prep", "fused_forward": "chunk:forward", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
 
 
 def describe(name: str) -> tuple[str, str]:

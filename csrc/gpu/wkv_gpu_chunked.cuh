@@ -727,7 +727,7 @@ struct FusedShared {
 };
 
 template <class T, int V, int N>
-__global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
+__global__ void __launch_bounds__(N / 16 * kWarpSize, 1) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
   constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 1;
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
@@ -752,6 +752,45 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_ke
     cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, sh.G);
     const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
 
+    if (!factored) {
+      // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
+      // floats where the operands go next
+      float(*xr)[N] = reinterpret_cast<float(*)[N]>(&sh.rt[0][0]);
+      float(*xk)[N] = reinterpret_cast<float(*)[N]>(&sh.ck[0][0]);
+      float(*xa)[N] = reinterpret_cast<float(*)[N]>(&sh.at[0][0]);
+      float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
+      for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
+        const int q = idx / N, j = idx % N;
+        const bool real = q < k.steps;
+        const int64_t at = first + int64_t(q) * ld + j;
+        xr[q][j] = real ? load<T>(p.r, at) : 0.f;
+        xk[q][j] = real ? load<T>(p.k, at) : 0.f;
+        if (V == 7) {
+          xa[q][j] = real ? load<T>(p.a, at) : 0.f;
+          xb[q][j] = real ? load<T>(p.b, at) : 0.f;
+        }
+      }
+      __syncthreads();
+      for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
+        const int t = pr / L, q = pr % L;  // (row step, column step)
+        float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+        if (q <= t)
+          for (int j = 0; j < N; ++j) {
+            const float e = exp2f(sh.G[t][j] - sh.G[q][j]);                     // E[t, q]
+            const float ep = q < t ? exp2f(sh.G[t - 1][j] - sh.G[q][j]) : 0.f;  // E[t-1, q]
+            if (V == 7) {
+              rb = fmaf(xr[t][j] * xb[q][j], e, rb), rk = fmaf(xr[t][j] * xk[q][j], e, rk);
+              ab = fmaf(xa[t][j] * xb[q][j], ep, ab), ak = fmaf(xa[t][j] * xk[q][j], ep, ak);
+            } else {
+              rk = fmaf(xr[t][j] * xk[q][j], ep, rk);
+            }
+          }
+        if (V == 7) sh.mats[0][t][q] = rb, sh.mats[1][t][q] = rk, sh.mats[2][t][q] = ab, sh.mats[3][t][q] = ak;
+        else sh.mats[0][t][q] = rk;
+      }
+      __syncthreads();  // the staged inputs are read
+    }
+
     // the chunk's operands, one element per thread at a time
     for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
       const int q = idx / N, j = idx % N;
@@ -769,8 +808,8 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_ke
     for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);
     __syncthreads();
 
-    // the L x L matrices: tile products (factored), or pairwise sums of the inputs (exact for any decay)
-    if (factored) {
+    // factored: the L x L matrices as tile products of the operands
+    if (factored)
       for (int m = warp; m < kMats; m += WARPS) {
         const SplitBits* rows = V == 7 && m >= 2 ? &sh.at[0][0] : &sh.rt[0][0];
         const SplitBits* cols = V == 7 && m % 2 == 0 ? &sh.cb[0][0] : &sh.ck[0][0];
@@ -780,29 +819,6 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_ke
           acc = mma_split(load_split_a(rows + kt * 16, N), load_split_b_transposed(cols + kt * 16, N), acc);
         store_tile_acc(&sh.mats[m][0][0], L, acc);
       }
-    } else {
-      for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
-        const int t = pr / L, q = pr % L;  // (row step, column step)
-        float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
-        if (q <= t && t < k.steps) {
-          const int64_t xt = first + int64_t(t) * ld, xq = first + int64_t(q) * ld;
-          for (int j = 0; j < N; ++j) {
-            const float e = exp2f(sh.G[t][j] - sh.G[q][j]);                     // E[t, q]
-            const float ep = q < t ? exp2f(sh.G[t - 1][j] - sh.G[q][j]) : 0.f;  // E[t-1, q]
-            const float kq = load<T>(p.k, xq + j);
-            if (V == 7) {
-              const float rt = load<T>(p.r, xt + j), at = load<T>(p.a, xt + j), bq = load<T>(p.b, xq + j);
-              rb = fmaf(rt * bq, e, rb), rk = fmaf(rt * kq, e, rk);
-              ab = fmaf(at * bq, ep, ab), ak = fmaf(at * kq, ep, ak);
-            } else {
-              rk = fmaf(load<T>(p.r, xt + j) * kq, ep, rk);
-            }
-          }
-        }
-        if (V == 7) sh.mats[0][t][q] = rb, sh.mats[1][t][q] = rk, sh.mats[2][t][q] = ab, sh.mats[3][t][q] = ak;
-        else sh.mats[0][t][q] = rk;
-      }
-    }
     __syncthreads();
     // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
     // whose diagonal is the bonus r_t . (u * k_t)), split in place; A_ab stays float for the solve
@@ -814,6 +830,7 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_ke
         m[L * L] = __uint_as_float(split_bits(q <= t ? m[L * L] : 0.f).bits);
         m[2 * L * L] = q < t ? m[2 * L * L] : 0.f;
         m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
+        reinterpret_cast<float*>(&sh.inv[0][0])[pr] = t == q ? 1.f : 0.f;  // the solve starts from I
       } else {
         float a = q < t ? m[0] : 0.f;
         if (q == t && t < k.steps) {
@@ -825,17 +842,19 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize) wkv_chunk_fused_forward_ke
     }
     if (V == 7) {
       __syncthreads();
-      // (I - A_ab)^-1, column c by forward substitution: X[q] = [q == c] + sum_{u < q} A_ab[q][u] X[u]
+      // (I - A_ab)^-1, column c by forward substitution: X[q] = I[q][c] + sum_{u < q} A_ab[q][u] X[u]
+      // (X[u] = 0 for u < c). I is read from shared memory: compared with c in registers, gfx942 kept
+      // the 16 comparisons' lane masks across the chunk loop and ran out of scalar registers.
       if (threadIdx.x < L) {
         const int cc = threadIdx.x;
         float x[L];
 #pragma unroll
         for (int q = 0; q < L; ++q) {
-          float acc = q == cc ? 1.f : 0.f;
+          float acc = reinterpret_cast<const float*>(&sh.inv[0][0])[q * L + cc];
 #pragma unroll
-          for (int u = 0; u < q; ++u) acc = fmaf(sh.mats[2][q][u], x[u], acc);  // (x[u] = 0 for u < cc)
-          x[q] = q < cc ? 0.f : acc;
-          sh.inv[q][cc] = split_bits(x[q]);
+          for (int u = 0; u < q; ++u) acc = fmaf(sh.mats[2][q][u], x[u], acc);
+          x[q] = acc;
+          sh.inv[q][cc] = split_bits(acc);
         }
       }
     }
