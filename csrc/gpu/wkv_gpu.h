@@ -72,7 +72,7 @@ inline ScratchSizes scratch_sizes(const WkvProblem& p, Algorithm a, bool backwar
   }
   const int64_t slots = num_chunk_slots(p, kChunkSteps), states = slots * p.H * p.N * p.N;
   const int64_t operands = slots * p.H * chunk_operand_floats(p.version, p.N);
-  if (!backward) return {0, 0, 0, 0, 0, operands};
+  if (!backward) return {0, 0, 0, 0, 0, 0};  // the fused forward keeps its operands in shared memory
   return {states, p.version == 7 ? steps : 0, p.version == 7 ? steps : 0, p.version == 6 ? slots * p.H * p.N : 0,
           states, operands};
 }

@@ -5,23 +5,29 @@
 //
 // A chunk is L = 16 steps (one tile); the last one of a sequence is padded with identity steps
 // (decay 1, zero operands). Sequence s's chunk c has the scratch slot floor(bos_s / L) + s + c.
-// Kernels, by what they depend on:
-//  1. prep (one block per chunk slot and head; parallel over the whole sequence): the cumulative
-//     log decays G_t = log2(e) (w_0 + ... + w_t) inside the chunk (base 2: one hardware 2^x per
-//     factor), the decayed operands, the decay over the chunk, the L x L matrices, and (WKV-7) the
-//     inverse of the unit lower-triangular I - A_ab. Every decay factor is exp2(G_t - G_s) for
-//     t >= s: a decay over a sub-interval of the chunk (<= 1), never a quotient of cumulative
-//     decays, so any decay stays exact.
-//  2. state (one warp / wave per 16 value rows of a (sequence, head); serial over chunks): value
+// Every decay factor is exp2(G_t - G_s) for t >= s, G_t = log2(e) (w_0 + ... + w_t) inside the chunk
+// (base 2: one hardware 2^x per factor): a decay over a sub-interval of the chunk (<= 1), never a
+// quotient of cumulative decays. Where every key's decay over the chunk is >= 2^-kFactorLimit the
+// factor is taken as exp2(G_t) * exp2(-G_s), both normal floats, so the L x L matrices and the
+// per-chunk gradients are tile products; stronger decays take the pairwise form: any decay is exact.
+// The forward is one kernel:
+//  5. fused forward (one block per (sequence, head), a warp / wave per 16 value rows; serial over
+//     chunks): each chunk's operands and L x L matrices built in shared memory, then each warp
+//     advances its rows of the state, held in registers: outputs and the final state.
+// The backward, by what each kernel depends on:
+//  1. prep (one block per chunk slot and head; parallel over the whole sequence): the decayed
+//     operands, the decay over the chunk, the L x L matrices, and (WKV-7) the inverse of the unit
+//     lower-triangular I - A_ab, stored split (SplitBits) in the chunk's scratch slot.
+//  2. starts (one warp / wave per 16 value rows of a (sequence, head); serial over chunks): value
 //     rows are independent given the chunk operands, so each block carries a 16 x N band of the
-//     state through the chunks with tensor-core products only: outputs, the next state, and
-//     for the backward the state at each chunk start and S a_t per step.
+//     state through the chunks with tensor-core products only, storing the state at each chunk
+//     start and (WKV-7) S a_t per step.
 //  3. state-grad (same blocks, chunks in reverse): dLoss/dstate after each chunk, grad_v, and
 //     (WKV-7) the gradient of the solve's right side per step; grad_initial_state at the end.
 //  4. grads (one block per chunk slot and head; parallel again): the gradients of r, w, k, a, b
 //     (u) of one chunk from its start state, the state gradient after it and the per-step
-//     vectors of 2 and 3. Its sums over value rows are tensor-core products; the rest is
-//     element-wise with the decays, then dw as a reverse cumulative sum inside the chunk.
+//     vectors of 2 and 3, as tile products with the decays, then dw as a reverse cumulative sum
+//     inside the chunk.
 // Every output element is written by one thread, and sums have a fixed order: deterministic.
 #pragma once
 
@@ -281,11 +287,9 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   }
 }
 
-// ---- 2. state: forward (outputs, final state) or snapshots (start states, S a_t) -------------
-enum StateMode { kOutputs = 0, kStarts = 1 };
-
-template <class T, int V, int N, int MODE>
-__global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBackwardProblem p, const Scratch sc) {
+// ---- 2. starts: the state at each chunk start and S a_t per step, for the backward ----------
+template <class T, int V, int N>
+__global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBackwardProblem p, const Scratch sc) {
   using Op = Operands<V, N>;
   constexpr int KT = N / 16;  // key tiles
   __shared__ float S[16][N];  // this band's 16 value rows of the state
@@ -304,43 +308,27 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
     __syncthreads();  // the previous chunk is done with vs, zs, sas and S
-    if (MODE == kStarts)
-      for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
-        reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
-            split_bits(S[idx / N][idx % N]);
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
+      reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
+          split_bits(S[idx / N][idx % N]);
     for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
       const int t = idx / 16, i = idx % 16;
       vs[t][i] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
     }
     __syncthreads();
 
-    // Y^T for these rows: y[t][i] = r~_t . S[i] (+ A_rb SA + A_rk V, WKV-7 | + A V, WKV-6)
-    TileAcc y = fill_tile_acc(0.f);
     if (V == 7) {
       // Z = a~ S^T + A_ak V, then SA = (I - A_ab)^-1 Z
       TileAcc z = fill_tile_acc(0.f);
 #pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        const SplitB st = load_split_b_transposed(&S[0][kt * 16], N);  // B[j][i] = S[i][j]
-        z = mma_split(load_split_a(op + Op::at + kt * 16, N), st, z);
-        if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::rt + kt * 16, N), st, y);
-      }
+      for (int kt = 0; kt < KT; ++kt)  // B[j][i] = S[i][j]
+        z = mma_split(load_split_a(op + Op::at + kt * 16, N), load_split_b_transposed(&S[0][kt * 16], N), z);
       z = mma_split(load_split_a(op + Op::aak, L), load_split_b(&vs[0][0], 16), z);
       store_tile_acc(&zs[0][0], 16, z);
       __syncthreads();
       const TileAcc sa = mma_split(load_split_a(op + Op::inv, L), load_split_b(&zs[0][0], 16), fill_tile_acc(0.f));
       store_tile_acc(&sas[0][0], 16, sa);
-      if (MODE == kStarts) store_steps(reinterpret_cast<SplitBits*>(sc.sa) + row0, H * N, k.steps, sa);
-      __syncthreads();
-      if (MODE == kOutputs) y = mma_split(load_split_a(op + Op::arb, L), load_split_b(&sas[0][0], 16), y);
-    } else if (MODE == kOutputs) {
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt)
-        y = mma_split(load_split_a(op + Op::rt + kt * 16, N), load_split_b_transposed(&S[0][kt * 16], N), y);
-    }
-    if (MODE == kOutputs) {
-      y = mma_split(load_split_a(op + Op::ark, L), load_split_b(&vs[0][0], 16), y);
-      store_steps<T>(static_cast<T*>(p.y) + row0, H * N, k.steps, y);
+      store_steps(reinterpret_cast<SplitBits*>(sc.sa) + row0, H * N, k.steps, sa);
     }
     __syncthreads();  // every lane has read S
 
@@ -355,10 +343,6 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_kernel(const WkvBac
       store_tile_acc(&S[0][kt * 16], N, st);
     }
   }
-  __syncthreads();
-  float* final_state = static_cast<float*>(p.final_state);
-  if (MODE == kOutputs && final_state)
-    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) final_state[state0 + idx] = S[idx / N][idx % N];
 }
 
 // ---- 3. state-grad: dLoss/dstate walking back, grad_v, (WKV-7) the solve's gradient ---------
@@ -718,17 +702,27 @@ __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? Til
 template <int V, int N>
 struct FusedShared {
   float G[L][N];                              // cumulative log2 decays of the chunk
-  SplitBits rt[L][N], at[V == 7 ? L : 1][N];  // row operands: r~ (WKV-6: r'), a~
-  SplitBits ck[L][N], cb[V == 7 ? L : 1][N];  // column operands: k, b times exp2(-G_s) or E[L-1, s]
-  float gamma[N];                             // the decay over the chunk
-  float mats[V == 7 ? 4 : 1][L][L];           // rb, rk, ab, ak (WKV-6: A); then split in place, but ab
+  SplitBits rt[L][N], at[L][N];  // row operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus)
+  SplitBits ck[L][N], cb[L][N];  // column operands: k, b times exp2(-G_s) or E[L-1, s] (WKV-6's cb: k)
+  float gamma[N];                // the decay over the chunk
+  float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   SplitBits inv[V == 7 ? L : 1][L];           // (I - A_ab)^-1
   int factors;
 };
 
+// CUDA: blocks per unit the registers must allow (the second bound): 4 up to N = 64 (<= 128 registers
+// at N = 64, so that all (8, 4096, 64, 64) blocks are resident at once), 1 at N = 128 (its 64
+// state registers per lane; with more blocks it spilled). gfx942 reads that bound differently
+// (waves per SIMD) and needs none.
+#if defined(ARWKV_HIP)
+#define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize)
+#else
+#define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 1 : 4)
+#endif
+
 template <class T, int V, int N>
-__global__ void __launch_bounds__(N / 16 * kWarpSize, 1) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
-  constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 1;
+__global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
+  constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 2;
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
   const int64_t H = p.H, ld = H * N;
@@ -742,7 +736,7 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize, 1) wkv_chunk_fused_forward
       st[kt].x[e] = init ? init[state0 + int64_t(i0 + band_value(e)) * N + kt * 16 + band_other(e)] : 0.f;
   const SplitBits* ark = reinterpret_cast<const SplitBits*>(&sh.mats[V == 7 ? 1 : 0][0][0]);
   const SplitBits* arb = reinterpret_cast<const SplitBits*>(&sh.mats[0][0][0]);
-  const SplitBits* aak = reinterpret_cast<const SplitBits*>(&sh.mats[kMats - 1][0][0]);
+  const SplitBits* aak = reinterpret_cast<const SplitBits*>(&sh.mats[V == 7 ? 3 : 0][0][0]);
 
   const int num_chunks = chunk_of(p, s, 0).num_chunks;
   for (int c = 0; c < num_chunks; ++c) {
@@ -794,25 +788,30 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize, 1) wkv_chunk_fused_forward
     // the chunk's operands, one element per thread at a time
     for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
       const int q = idx / N, j = idx % N;
+      const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
       const bool real = q < k.steps;
       const int64_t at = first + int64_t(q) * ld + j;
-      const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
       const float col = exp2f(factored ? -g : sh.G[L - 1][j] - g);
       sh.rt[q][j] = split_bits(real ? load<T>(p.r, at) * exp2f(V == 7 ? g : before) : 0.f);
       sh.ck[q][j] = split_bits(real ? load<T>(p.k, at) * col : 0.f);
       if (V == 7) {
         sh.at[q][j] = split_bits(real ? load<T>(p.a, at) * exp2f(before) : 0.f);
         sh.cb[q][j] = split_bits(real ? load<T>(p.b, at) * col : 0.f);
+      } else {  // the bonus's r_t * u and k_t
+        sh.at[q][j] = split_bits(real ? load<T>(p.r, at) * load<T>(p.u, int64_t(h) * N + j) : 0.f);
+        sh.cb[q][j] = split_bits(real ? load<T>(p.k, at) : 0.f);
       }
     }
     for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);
     __syncthreads();
 
-    // factored: the L x L matrices as tile products of the operands
-    if (factored)
-      for (int m = warp; m < kMats; m += WARPS) {
-        const SplitBits* rows = V == 7 && m >= 2 ? &sh.at[0][0] : &sh.rt[0][0];
-        const SplitBits* cols = V == 7 && m % 2 == 0 ? &sh.cb[0][0] : &sh.ck[0][0];
+    // factored: the L x L matrices as tile products of the operands (WKV-6's bonus, whose
+    // diagonal is the product of r * u and k, always)
+    for (int m = warp; m < kMats; m += WARPS)
+      if (factored || V == 6 && m == 1) {
+        const bool second = V == 7 ? m >= 2 : m == 1, b_cols = V == 7 ? m % 2 == 0 : m == 1;
+        const SplitBits* rows = second ? &sh.at[0][0] : &sh.rt[0][0];
+        const SplitBits* cols = b_cols ? &sh.cb[0][0] : &sh.ck[0][0];
         TileAcc acc = fill_tile_acc(0.f);
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt)
@@ -832,12 +831,7 @@ __global__ void __launch_bounds__(N / 16 * kWarpSize, 1) wkv_chunk_fused_forward
         m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
         reinterpret_cast<float*>(&sh.inv[0][0])[pr] = t == q ? 1.f : 0.f;  // the solve starts from I
       } else {
-        float a = q < t ? m[0] : 0.f;
-        if (q == t && t < k.steps) {
-          const int64_t xt = first + int64_t(t) * ld;
-          for (int j = 0; j < N; ++j) a = fmaf(load<T>(p.r, xt + j) * load<T>(p.u, int64_t(h) * N + j), load<T>(p.k, xt + j), a);
-        }
-        m[0] = __uint_as_float(split_bits(a).bits);
+        m[0] = __uint_as_float(split_bits(q < t ? m[0] : q == t ? m[L * L] : 0.f).bits);
       }
     }
     if (V == 7) {

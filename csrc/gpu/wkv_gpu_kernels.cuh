@@ -582,8 +582,8 @@ LaunchStatus with_head_size(int64_t n, const char* kernel, const char* dtype, F&
   return with_head_size(n, kernel, dtype, static_cast<F&&>(f), std::make_index_sequence<kNumHeadSizes>());
 }
 
-// The chunked kernels (wkv_gpu_chunked.cuh): prep, then the state pass (forward); prep, the
-// state pass storing start states, the state-gradient pass, the per-chunk gradients (backward).
+// The chunked kernels (wkv_gpu_chunked.cuh): the fused forward (forward); prep, the state pass
+// storing start states, the state-gradient pass, the per-chunk gradients (backward).
 template <int V>
 constexpr const char* chunk_kernel_name(int which) {
   constexpr const char* names7[] = {"wkv7_chunk_prep", "wkv7_chunk_forward", "wkv7_chunk_starts",
@@ -609,7 +609,7 @@ LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Dev
   ARWKV_LAUNCH(prep, per_chunk, kPrepThreads, stream, p, sc);
   LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(0));
   if (s.ok()) {
-    const auto starts = wkv_chunk_state_kernel<T, V, N, kStarts>;
+    const auto starts = wkv_chunk_starts_kernel<T, V, N>;
     ARWKV_LAUNCH(starts, per_band, kWarpSize, stream, p, sc);
     s = launch_status<T, N>(chunk_kernel_name<V>(2));
   }

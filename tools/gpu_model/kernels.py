@@ -212,22 +212,58 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> 
     ]
 
 
-def chunk_state(s: dict, starts: bool) -> KernelSpec:
+def chunk_starts(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
     state = s["B"] * s["H"] * N * N * 4
-    dram = chunk_slots(s) * s["H"] * operand_floats(s) * 4 + elements(s) * s["bytes"] + 2 * state
-    if starts:  # start states and S a_t instead of y
-        dram += chunk_slots(s) * s["H"] * N * N * 4 + (elements(s) * 4 if V == 7 else 0)
-    else:
-        dram += elements(s) * s["bytes"]
-    mode = 1 if starts else 0
+    # reads the operands, v and the initial state; writes the start states and S a_t
+    dram = chunk_slots(s) * s["H"] * (operand_floats(s) + N * N) * 4 + elements(s) * s["bytes"] + state
+    dram += elements(s) * 4 if V == 7 else 0
     return KernelSpec(
-        label="chunk starts" if starts else "chunk forward",
-        name=rf"wkv_chunk_state_kernelINS0_4Bf16ELi{V}ELi{N}ELi{mode}E",
-        short=f"chunk {'starts' if starts else 'forward'} <{N}>",
+        label="chunk starts",
+        name=rf"wkv_chunk_starts_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"chunk starts <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
         loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", r"final_state"),
+        dram_bytes=lambda s: dram,
+    )
+
+
+def chunk_fused_forward(s: dict) -> KernelSpec:
+    """The fused forward: a block of N / 16 warps per (sequence, head), serial over the chunks."""
+    V, N = s["V"], s["N"]
+    warps = N // 16
+    threads = warps * warp(s)
+    inputs = 6 if V == 7 else 4  # r, w, k, v (, a, b); WKV-6's u is N values
+    dram = (inputs + 1) * elements(s) * s["bytes"] + 2 * s["B"] * s["H"] * N * N * 4
+    first_warps = lambda s: math.ceil(N / warp(s)) / warps  # noqa: E731 (loops over j < N: the first warps)
+    return KernelSpec(
+        label="chunk fused forward",
+        name=rf"wkv_chunk_fused_forward_kernelINS0_4Bf16ELi{V}ELi{N}E",
+        short=f"chunk fused_forward <{N}>",
+        blocks=lambda s: s["H"] * s["B"],
+        threads=threads,
+        loops=[
+            LoopSpec(r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
+                     lambda s: math.ceil(s["T"] / L_CHUNK)),
+            # cumulative_log_decays and slab_factors
+            LoopSpec(r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
+                     lambda s: L_CHUNK * N / threads, per_trip=("LDG", 1)),
+            LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
+            # the pairwise form's staging and sums (FACTORED: not run)
+            LoopSpec(r"idx < L \* N; idx \+= THREADS\) \{\s+const int q = idx / N, j = idx % N;\s+const bool",
+                     lambda s: 0),
+            LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0),
+            LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
+            # the operands, the decay over the chunk, the matrices' tile products (matrix m by warp m % warps)
+            LoopSpec(r"idx < L \* N; idx \+= THREADS\) \{\s+const int q = idx / N, j = idx % N;\s+const float g",
+                     lambda s: L_CHUNK * N / threads, unswitched=True),  # one copy per path
+            LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
+            LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
+            # masking and splitting the matrices
+            LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
+                     lambda s: L_CHUNK * L_CHUNK / threads),
+        ],
         dram_bytes=lambda s: dram,
     )
 
@@ -298,9 +334,9 @@ def chunk_grads(s: dict) -> KernelSpec:
 
 
 def chunked_kernels(s: dict) -> dict[str, list[KernelSpec]]:
-    """The chunked path's launches: forward = prep, forward state pass; backward = prep, starts,
+    """The chunked path's launches: forward = the fused forward; backward = prep, starts,
     state-grad, grads."""
     return {
-        "forward": [chunk_prep(s), chunk_state(s, starts=False)],
-        "backward": [chunk_prep(s), chunk_state(s, starts=True), chunk_state_grad(s), chunk_grads(s)],
+        "forward": [chunk_fused_forward(s)],
+        "backward": [chunk_prep(s), chunk_starts(s), chunk_state_grad(s), chunk_grads(s)],
     }

@@ -46,12 +46,15 @@ class LoopSpec:
     the warp's most); ``per_trip`` = (opcode, how many a source iteration has) reads the
     compiler's unroll factor back (that opcode in the machine-code body / per source iteration);
     ``needs_global_loads``: a version of the loop without global loads is the one that does not
-    run (a null-pointer branch)."""
+    run (a null-pointer branch); ``unswitched``: the compiler may emit one copy of the loop per
+    value of a condition that does not change inside it, of which one runs (its trips are shared
+    out among the copies)."""
 
     pattern: str
     trips: Callable[[dict], float]
     per_trip: tuple[str, int] | None = None
     needs_global_loads: bool = False
+    unswitched: bool = False
 
 
 @dataclass
@@ -152,6 +155,8 @@ def loop_trips(
             trips.append(0.0)
             continue
         n = ls.trips(shape)
+        if ls.unswitched:
+            n /= sum(1 for ww, uu in zip(which, unroll, strict=True) if ww == w and uu == u)
         widest = max(uu for ww, uu in zip(which, unroll, strict=True) if ww == w)
         trips.append(math.floor(n / u) if u == widest else (n % widest) / u)
     return trips
