@@ -699,6 +699,23 @@ constexpr bool kBandRowsAreKeys = false;
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
 
+// The fused forward reads its inputs in groups of consecutive keys of one step, one group per
+// thread: 8 keys (a 16-byte load of 16-bit inputs) with CUDA's 2N threads per block, 4 with
+// gfx942's 4N, so every thread has one.
+constexpr int kGroupKeys = kWarpSize == 64 ? 4 : 8;
+
+// Keys j0 .. j0 + kGroupKeys - 1 of a step (x + off) as floats: vector loads where the inputs are
+// 16-byte aligned (`vec`, as fresh tensors are), else element by element; 0 on padded steps.
+template <class T>
+__device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool vec, float (&out)[kGroupKeys]) {
+  if (real && vec) {
+    load_vec(x + off, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kGroupKeys; ++i) out[i] = real ? to_float(x[off + i]) : 0.f;
+  }
+}
+
 template <int V, int N>
 struct FusedShared {
   float G[L][N];                              // cumulative log2 decays of the chunk
@@ -723,9 +740,15 @@ struct FusedShared {
 template <class T, int V, int N>
 __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
   constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 2;
+  constexpr int GK = kGroupKeys, kGroups = L * N / GK;  // (step, GK keys) groups of a chunk's inputs
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
   const int64_t H = p.H, ld = H * N;
+  const int ldi = int(ld);
+  // inputs 16-byte aligned (rows are: H * N * sizeof(T) is a multiple of 16 for N >= 16)
+  const bool vec = ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) |
+                     reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) |
+                     reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) & 15u) == 0;
   const float* init = static_cast<const float*>(p.initial_state);
   const int64_t state0 = (int64_t(s) * H + h) * N * N;  // this (sequence, head)'s [N, N] state
   TileAcc st[KT];  // tile kt: keys 16 kt .. 16 kt + 15 of value rows i0 .. i0 + 15
@@ -742,8 +765,26 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   for (int c = 0; c < num_chunks; ++c) {
     const Chunk k = chunk_of(p, s, c);
     const int64_t first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
+    // the chunk's inputs: step q, key j at [q * ldi + j] (32-bit offsets from a per-chunk base)
+    const T *r = static_cast<const T*>(p.r) + first, *w = static_cast<const T*>(p.w) + first;
+    const T *kk = static_cast<const T*>(p.k) + first;
+    const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
     __syncthreads();  // the previous chunk's readers of sh are done
-    cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, sh.G);
+    // the cumulative log2 decays: a thread loads GK keys of one step, then one thread per key sums
+    for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+      const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
+      float x[GK];
+      load_keys(w, q * ldi + j0, q < k.steps, vec, x);
+#pragma unroll
+      for (int i = 0; i < GK; ++i) sh.G[q][j0 + i] = kLog2e * x[i];
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < N; j += THREADS) {
+      float acc = 0.f;
+#pragma unroll
+      for (int t = 0; t < L; ++t) sh.G[t][j] = acc += sh.G[t][j];
+    }
+    __syncthreads();
     const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
 
     if (!factored) {
@@ -753,15 +794,22 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
       float(*xk)[N] = reinterpret_cast<float(*)[N]>(&sh.ck[0][0]);
       float(*xa)[N] = reinterpret_cast<float(*)[N]>(&sh.at[0][0]);
       float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
-      for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
-        const int q = idx / N, j = idx % N;
-        const bool real = q < k.steps;
-        const int64_t at = first + int64_t(q) * ld + j;
-        xr[q][j] = real ? load<T>(p.r, at) : 0.f;
-        xk[q][j] = real ? load<T>(p.k, at) : 0.f;
+      for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+        const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
+        float x[GK];
+        load_keys(r, off, q < k.steps, vec, x);
+#pragma unroll
+        for (int i = 0; i < GK; ++i) xr[q][j0 + i] = x[i];
+        load_keys(kk, off, q < k.steps, vec, x);
+#pragma unroll
+        for (int i = 0; i < GK; ++i) xk[q][j0 + i] = x[i];
         if (V == 7) {
-          xa[q][j] = real ? load<T>(p.a, at) : 0.f;
-          xb[q][j] = real ? load<T>(p.b, at) : 0.f;
+          load_keys(a, off, q < k.steps, vec, x);
+#pragma unroll
+          for (int i = 0; i < GK; ++i) xa[q][j0 + i] = x[i];
+          load_keys(b, off, q < k.steps, vec, x);
+#pragma unroll
+          for (int i = 0; i < GK; ++i) xb[q][j0 + i] = x[i];
         }
       }
       __syncthreads();
@@ -785,21 +833,35 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
       __syncthreads();  // the staged inputs are read
     }
 
-    // the chunk's operands, one element per thread at a time
-    for (int idx = threadIdx.x; idx < L * N; idx += THREADS) {
-      const int q = idx / N, j = idx % N;
-      const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
+    // the chunk's operands, GK keys of one step per thread at a time
+    for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+      const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
       const bool real = q < k.steps;
-      const int64_t at = first + int64_t(q) * ld + j;
-      const float col = exp2f(factored ? -g : sh.G[L - 1][j] - g);
-      sh.rt[q][j] = split_bits(real ? load<T>(p.r, at) * exp2f(V == 7 ? g : before) : 0.f);
-      sh.ck[q][j] = split_bits(real ? load<T>(p.k, at) * col : 0.f);
+      float x[GK], y[GK];
+      load_keys(r, off, real, vec, x);
+      load_keys(kk, off, real, vec, y);
+#pragma unroll
+      for (int i = 0; i < GK; ++i) {
+        const int j = j0 + i;
+        const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
+        const float col = exp2f(factored ? -g : sh.G[L - 1][j] - g);
+        sh.rt[q][j] = split_bits(x[i] * exp2f(V == 7 ? g : before));
+        sh.ck[q][j] = split_bits(y[i] * col);
+        if (V == 6) {  // the bonus's r_t * u and k_t
+          sh.at[q][j] = split_bits(x[i] * load<T>(p.u, int64_t(h) * N + j));
+          sh.cb[q][j] = split_bits(y[i]);
+        }
+      }
       if (V == 7) {
-        sh.at[q][j] = split_bits(real ? load<T>(p.a, at) * exp2f(before) : 0.f);
-        sh.cb[q][j] = split_bits(real ? load<T>(p.b, at) * col : 0.f);
-      } else {  // the bonus's r_t * u and k_t
-        sh.at[q][j] = split_bits(real ? load<T>(p.r, at) * load<T>(p.u, int64_t(h) * N + j) : 0.f);
-        sh.cb[q][j] = split_bits(real ? load<T>(p.k, at) : 0.f);
+        load_keys(a, off, real, vec, x);
+        load_keys(b, off, real, vec, y);
+#pragma unroll
+        for (int i = 0; i < GK; ++i) {
+          const int j = j0 + i;
+          const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
+          sh.at[q][j] = split_bits(x[i] * exp2f(before));
+          sh.cb[q][j] = split_bits(y[i] * exp2f(factored ? -g : sh.G[L - 1][j] - g));
+        }
       }
     }
     for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);

@@ -148,6 +148,31 @@ __device__ __forceinline__ void store(void* p, int64_t i, float x) {
   static_cast<T*>(p)[i] = from_float<T>(x);
 }
 
+// K (4 or 8) consecutive elements of a T array as floats, from 8- or 16-byte loads: p must be
+// aligned to the bytes of a load (K * 2 for 16-bit T; 16 for float).
+template <class T, int K>
+__device__ __forceinline__ void load_vec(const T* p, float (&x)[K]) {
+  static_assert(K == 4 || K == 8, "4 or 8 elements");
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < K / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+    }
+  } else {
+    uint32_t w[K / 2];
+    if constexpr (K == 8) {
+      const float4 v = *reinterpret_cast<const float4*>(p);
+      w[0] = __float_as_uint(v.x), w[1] = __float_as_uint(v.y), w[2] = __float_as_uint(v.z), w[3] = __float_as_uint(v.w);
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(p);
+      w[0] = __float_as_uint(v.x), w[1] = __float_as_uint(v.y);
+    }
+#pragma unroll
+    for (int i = 0; i < K / 2; ++i) x[2 * i] = to_float(T{uint16_t(w[i] & 0xffffu)}), x[2 * i + 1] = to_float(T{uint16_t(w[i] >> 16)});
+  }
+}
+
 // ---- Tensor-core tiles ----------------------------------------------------------------------
 // D = A B + C for one 16 x 16 x 16 tile per warp (CUDA) or wave (HIP): A is 16 rows x 16 k and
 // B is 16 k x 16 columns, both bf16 or fp16 (T = Bf16 or F16), C and D are fp32. CUDA runs it as

@@ -62,6 +62,7 @@ struct Case {
   int num_sms = 1;
   gpu::Algorithm algorithm = gpu::Algorithm::step;
   bool initial_state = true, grad_y = true, grad_state = true;  // false: null pointers
+  bool misaligned = false;  // inputs one element past a 16-byte boundary (no vector loads)
 };
 
 template <class T>
@@ -76,13 +77,19 @@ template <class T>
 std::vector<Vec> run_gpu(Problem p, const Vec& gy, const Vec& gs, const Case& c, gpu::LaunchStatus& status) {
   const int64_t plane = p.B * p.T * p.H * p.N, states = p.S() * p.H * p.N * p.N;
   std::vector<std::vector<T>> in;
-  for (Vec* x : p.inputs()) in.push_back(store_as<T>(*x));
+  for (Vec* x : p.inputs()) {
+    in.push_back(store_as<T>(*x));
+    if (c.misaligned) in.back().insert(in.back().begin(), T{});  // the data then starts at [1]
+  }
   const std::vector<float> s0 = cast<float>(p.s0), gs32 = cast<float>(gs);
   const std::vector<T> gy_t = store_as<T>(gy);
   const float nan = std::nanf("");
   const gpu::Device device{c.num_sms, nullptr, c.algorithm};
 
   WkvProblem x = problem_for(p, in, static_cast<const T*>(nullptr));
+  if (c.misaligned)
+    for (const void** q : {&x.r, &x.w, &x.k, &x.v, &x.a, &x.b, &x.u})
+      if (*q) *q = static_cast<const T*>(*q) + 1;
   x.dtype = std::is_same_v<T, float> ? DType::f32 : std::is_same_v<T, gpu::Bf16> ? DType::bf16 : DType::f16;
   x.initial_state = c.initial_state ? s0.data() : nullptr;
   std::vector<T> y(plane, nan_as<T>());
@@ -271,6 +278,7 @@ int main(int argc, char** argv) {
     no_state.initial_state = no_state.grad_state = false;
     decoding.grad_state = false;
     no_grad_y.grad_y = false;
+    no_grad_y.misaligned = true;
     for (int version : {7, 6}) {
       for (int64_t N : arwkv::kHeadSizes) {
         unsigned seed = unsigned(version * 1000 + N);
@@ -289,7 +297,7 @@ int main(int argc, char** argv) {
         Problem short_one = make_problem(version, 1, 9, 1, N, {}, seed++);
         if (runs(3)) check<float>(short_one, no_state, "no state in or out");
         Problem two = make_problem(version, 2, 11, 1, N, {}, seed++);
-        if (runs(4)) check<float>(two, no_grad_y, "no grad_y");
+        if (runs(4)) check<float>(two, no_grad_y, "no grad_y, misaligned inputs");
         Problem strong = strong_decays(make_problem(version, 1, 37, 1, N, {0, 16, 37}, seed++));
         if (runs(5)) check<float>(strong, many_blocks, "log decays to -20, cu_seqlens");
         Problem bf16 = make_problem(version, 1, 13, 2, N, {}, seed++);

@@ -229,6 +229,10 @@ def chunk_starts(s: dict) -> KernelSpec:
     )
 
 
+# the fused forward's loops over (step, kGroupKeys keys) groups of a chunk's inputs: one per thread
+GROUPS = r"grp < kGroups; grp \+= THREADS\) \{\s+const int q = grp / \(N / GK\), j0 = grp % \(N / GK\) \* GK;"
+
+
 def chunk_fused_forward(s: dict) -> KernelSpec:
     """The fused forward: a block of N / 16 warps per (sequence, head), serial over the chunks."""
     V, N = s["V"], s["N"]
@@ -246,18 +250,17 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
         loops=[
             LoopSpec(r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
                      lambda s: math.ceil(s["T"] / L_CHUNK)),
-            # cumulative_log_decays and slab_factors
-            LoopSpec(r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
-                     lambda s: L_CHUNK * N / threads, per_trip=("LDG", 1)),
+            # the decays (a thread per group), their sums over the steps, slab_factors
+            LoopSpec(rf"{GROUPS}\s+float x", lambda s: 1),
+            LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
             LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
             # the pairwise form's staging and sums (FACTORED: not run)
-            LoopSpec(r"idx < L \* N; idx \+= THREADS\) \{\s+const int q = idx / N, j = idx % N;\s+const bool",
-                     lambda s: 0),
+            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+float x", lambda s: 0),
             LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0),
             LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
-            # the operands, the decay over the chunk, the matrices' tile products (matrix m by warp m % warps)
-            LoopSpec(r"idx < L \* N; idx \+= THREADS\) \{\s+const int q = idx / N, j = idx % N;\s+const float g",
-                     lambda s: L_CHUNK * N / threads, unswitched=True),  # one copy per path
+            # the operands (one copy per path), the decay over the chunk, the matrices' tile products
+            # (matrix m by warp m % warps)
+            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True),
             LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
             LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
             # masking and splitting the matrices

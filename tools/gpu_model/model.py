@@ -158,7 +158,8 @@ def loop_trips(
         if ls.unswitched:
             n /= sum(1 for ww, uu in zip(which, unroll, strict=True) if ww == w and uu == u)
         widest = max(uu for ww, uu in zip(which, unroll, strict=True) if ww == w)
-        trips.append(math.floor(n / u) if u == widest else (n % widest) / u)
+        # (n may be an average over the block's warps, below 1: a loop not unrolled keeps it whole)
+        trips.append((math.floor(n / u) if u > 1 else n) if u == widest else (n % widest) / u)
     return trips
 
 
