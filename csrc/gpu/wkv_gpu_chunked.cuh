@@ -716,14 +716,22 @@ __device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool v
   }
 }
 
+// The column operands' factor at (step q, key j): exp2(-G_q) where the chunk factors, else the
+// decay to the chunk end exp2(G_{L-1} - G_q).
+template <int N>
+__device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j, bool factored) {
+  return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
+}
+
 template <int V, int N>
 struct FusedShared {
-  float G[L][N];                              // cumulative log2 decays of the chunk
-  SplitBits rt[L][N], at[L][N];  // row operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus)
-  SplitBits ck[L][N], cb[L][N];  // column operands: k, b times exp2(-G_s) or E[L-1, s] (WKV-6's cb: k)
-  float gamma[N];                // the decay over the chunk
+  float G[L][N];  // cumulative log2 decays of the chunk
+  // row operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times
+  // exp2(-G_s) or E[L-1, s] (WKV-6's cb: k). 16-byte aligned: written 16 bytes at a time.
+  alignas(16) SplitBits rt[L][N], at[L][N], ck[L][N], cb[L][N];
+  float gamma[N];                    // the decay over the chunk
   float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
-  SplitBits inv[V == 7 ? L : 1][L];           // (I - A_ab)^-1
+  SplitBits inv[V == 7 ? L : 1][L];  // (I - A_ab)^-1
   int factors;
 };
 
@@ -837,31 +845,30 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
       const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
       const bool real = q < k.steps;
-      float x[GK], y[GK];
+      float x[GK], y[GK], o[GK];
       load_keys(r, off, real, vec, x);
       load_keys(kk, off, real, vec, y);
 #pragma unroll
-      for (int i = 0; i < GK; ++i) {
-        const int j = j0 + i;
-        const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
-        const float col = exp2f(factored ? -g : sh.G[L - 1][j] - g);
-        sh.rt[q][j] = split_bits(x[i] * exp2f(V == 7 ? g : before));
-        sh.ck[q][j] = split_bits(y[i] * col);
-        if (V == 6) {  // the bonus's r_t * u and k_t
-          sh.at[q][j] = split_bits(x[i] * load<T>(p.u, int64_t(h) * N + j));
-          sh.cb[q][j] = split_bits(y[i]);
-        }
-      }
-      if (V == 7) {
+      for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
+        o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
+      store_split(&sh.rt[q][j0], o);
+#pragma unroll
+      for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+      store_split(&sh.ck[q][j0], o);
+      if (V == 6) {  // the bonus's r_t * u and k_t
+#pragma unroll
+        for (int i = 0; i < GK; ++i) o[i] = x[i] * load<T>(p.u, int64_t(h) * N + j0 + i);
+        store_split(&sh.at[q][j0], o);
+        store_split(&sh.cb[q][j0], y);
+      } else {
         load_keys(a, off, real, vec, x);
         load_keys(b, off, real, vec, y);
 #pragma unroll
-        for (int i = 0; i < GK; ++i) {
-          const int j = j0 + i;
-          const float g = sh.G[q][j], before = q ? sh.G[q - 1][j] : 0.f;
-          sh.at[q][j] = split_bits(x[i] * exp2f(before));
-          sh.cb[q][j] = split_bits(y[i] * exp2f(factored ? -g : sh.G[L - 1][j] - g));
-        }
+        for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
+        store_split(&sh.at[q][j0], o);
+#pragma unroll
+        for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+        store_split(&sh.cb[q][j0], o);
       }
     }
     for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);

@@ -386,6 +386,29 @@ __device__ __forceinline__ SplitBits split_bits(float x) {
   return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};
 }
 
+// K (a multiple of 4) consecutive floats stored split at dst (16-byte aligned), two at a time: each
+// pair rounded by one paired conversion per half, then its halves regrouped per element (the same
+// bits as split_bits), stored 16 bytes at a time.
+template <int K>
+__device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K]) {
+  static_assert(K % 4 == 0, "whole 16-byte stores");
+  uint32_t w[K];
+#pragma unroll
+  for (int i = 0; i < K; i += 2) {
+    const uint32_t h2 = pack_bf16x2(x[i], x[i + 1]);
+    const uint32_t l2 = pack_bf16x2(x[i] - __uint_as_float(h2 << 16), x[i + 1] - __uint_as_float(h2 & 0xffff0000u));
+#if defined(__CUDA_ARCH__)
+    w[i] = __byte_perm(h2, l2, 0x5410), w[i + 1] = __byte_perm(h2, l2, 0x7632);
+#else
+    w[i] = (h2 & 0xffffu) | l2 << 16, w[i + 1] = h2 >> 16 | (l2 & 0xffff0000u);
+#endif
+  }
+#pragma unroll
+  for (int i = 0; i < K; i += 4)
+    *reinterpret_cast<float4*>(dst + i) = make_float4(__uint_as_float(w[i]), __uint_as_float(w[i + 1]),
+                                                      __uint_as_float(w[i + 2]), __uint_as_float(w[i + 3]));
+}
+
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
 // rc(lane, e) of p. A bf16 source is exact: its hi is its own bits and its lo 0. Where rounding is
 // integer arithmetic (gfx942, the emulator) those bits are taken as they are; with the hardware
