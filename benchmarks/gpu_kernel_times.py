@@ -45,10 +45,9 @@ def short_name(kernel: str) -> str:
     m = re.search(r"wkv_columns_kernel<[^,]+, \d+, (\d+)>", kernel)
     if m:
         return f"columns <{m.group(1)}>"
-    m = re.search(r"wkv_chunk_(\w+?)_kernel<[^,]+, \d+, (\d+)(?:, (\d))?>", kernel)
+    m = re.search(r"wkv_chunk_(\w+?)_kernel<[^,]+, \d+, (\d+)>", kernel)
     if m:
-        name = {"state": "forward" if m.group(3) == "0" else "starts"}.get(m.group(1), m.group(1))
-        return f"chunk {name} <{m.group(2)}>"
+        return f"chunk {m.group(1)} <{m.group(2)}>"
     return kernel[:60]
 
 

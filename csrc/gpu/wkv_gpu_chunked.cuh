@@ -143,6 +143,24 @@ __device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
   return *flag != 0;
 }
 
+// Column c of (I - A)^-1 for a strictly lower-triangular L x L matrix A (float, row-major, in
+// shared memory), by forward substitution: X[q] = I[q][c] + sum_{u < q} A[q][u] X[u] (so X[q] = 0
+// for q < c); emit(q, X[q]) for each row. I is read from `eye` (float, shared memory): compared
+// with c in registers, gfx942 kept the 16 comparisons' lane masks live across the fused forward's
+// chunk loop and ran out of scalar registers.
+template <class Emit>
+__device__ __forceinline__ void unit_lower_inverse_column(const float* a, const float* eye, int c, Emit emit) {
+  float x[L];
+#pragma unroll
+  for (int q = 0; q < L; ++q) {
+    float acc = eye[q * L + c];
+#pragma unroll
+    for (int u = 0; u < q; ++u) acc = fmaf(a[q * L + u], x[u], acc);
+    x[q] = acc;
+    emit(q, acc);
+  }
+}
+
 // Rows t < steps of an accumulator tile (row t = step, column = value row) to a [B * T, H, N]
 // tensor of T (or of split floats, SplitBits): dst points at (the chunk's first step, the band's
 // first value row), step_stride is H * N. Padded steps are not written.
@@ -166,7 +184,7 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
   __shared__ float G[L][KS];
   __shared__ float xr[L][KS], xk[L][KS];  // raw inputs of the chunk (0 on padded steps)
   __shared__ float xa[V == 7 ? L : 1][KS], xb[V == 7 ? L : 1][KS];
-  __shared__ float aab[V == 7 ? L : 1][L];
+  __shared__ float aab[V == 7 ? L : 1][L], eye[V == 7 ? L : 1][L];
   __shared__ float mats[V == 7 ? 4 : 1][L][L];  // the factored slabs' sums: rb, rk, ab, ak (WKV-6: A)
   __shared__ float bonus[V == 6 ? L : 1];      // WKV-6: the diagonal r_t . (u * k_t) of factored slabs
   __shared__ int factors;
@@ -270,20 +288,11 @@ __global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvB
     out[Op::arb + threadIdx.x] = split_bits(rb);
     out[Op::aak + threadIdx.x] = split_bits(ak);
     aab[t][s] = ab;
+    eye[t][s] = t == s ? 1.f : 0.f;
     __syncthreads();
-    // (I - A_ab)^-1, column c by forward substitution: X[q] = [q == c] + sum_{u < q} A_ab[q][u] X[u]
-    if (threadIdx.x < L) {
-      const int c = threadIdx.x;
-      float x[L];
-#pragma unroll
-      for (int q = 0; q < L; ++q) {
-        float acc = q == c ? 1.f : 0.f;
-#pragma unroll
-        for (int u = 0; u < q; ++u) acc = fmaf(aab[q][u], x[u], acc);  // (x[u] = 0 for u < c)
-        x[q] = q < c ? 0.f : acc;
-        out[Op::inv + q * L + c] = split_bits(x[q]);
-      }
-    }
+    if (threadIdx.x < L)  // (I - A_ab)^-1
+      unit_lower_inverse_column(&aab[0][0], &eye[0][0], threadIdx.x,
+                                [&](int q, float x) { out[Op::inv + q * L + threadIdx.x] = split_bits(x); });
   }
 }
 
@@ -695,6 +704,46 @@ constexpr bool kBandRowsAreKeys = true;
 #else
 constexpr bool kBandRowsAreKeys = false;
 #endif
+// The products of a band, one spelling per orientation. A band operand is what an accumulator
+// becomes without moving data (split_acc): S^T or SA for gfx942, S or SA^T for CUDA.
+using BandOperand = AccOperand;
+#if defined(ARWKV_HIP)
+// V [s][i] for the band's value rows (x: step 0, the band's first row)
+template <class T>
+__device__ __forceinline__ SplitB band_values(const T* x, int64_t ld, int steps) { return load_split_b(x, ld, steps); }
+// acc + M X for an L x L matrix M (split, row-major) and a band operand X
+__device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitB& x, TileAcc acc) {
+  return mma_split(load_split_a(m, L), x, acc);
+}
+// acc + R S^T for a key tile of [L][N] row operands R and the band's state tile
+template <int N>
+__device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const SplitB& s, TileAcc acc) {
+  return mma_split(load_split_a(rows, N), s, acc);
+}
+// the band's state tile (as S^T) + C^T X for a key tile of [L][N] column operands C
+template <int N>
+__device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitB& x, TileAcc st) {
+  return mma_split(load_split_a_transposed(cols, N), x, st);
+}
+#else
+// the same, transposed: V^T [i][s]; (M X)^T = X^T M^T; (R S^T)^T = S R^T; S + X^T C
+template <class T>
+__device__ __forceinline__ SplitA band_values(const T* x, int64_t ld, int steps) {
+  return load_split_a_transposed(x, ld, steps);
+}
+__device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitA& x, TileAcc acc) {
+  return mma_split(x, load_split_b_transposed(m, L), acc);
+}
+template <int N>
+__device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const SplitA& s, TileAcc acc) {
+  return mma_split(s, load_split_b_transposed(rows, N), acc);
+}
+template <int N>
+__device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitA& x, TileAcc st) {
+  return mma_split(x, load_split_b(cols, N), st);
+}
+#endif
+
 // Element e of a band tile: its value row and its key (state) or step (per-step products).
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
@@ -804,21 +853,14 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
       float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
       for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
         const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-        float x[GK];
-        load_keys(r, off, q < k.steps, vec, x);
+        auto stage = [&](const T* x, float(*dst)[N]) {
+          float v[GK];
+          load_keys(x, off, q < k.steps, vec, v);
 #pragma unroll
-        for (int i = 0; i < GK; ++i) xr[q][j0 + i] = x[i];
-        load_keys(kk, off, q < k.steps, vec, x);
-#pragma unroll
-        for (int i = 0; i < GK; ++i) xk[q][j0 + i] = x[i];
-        if (V == 7) {
-          load_keys(a, off, q < k.steps, vec, x);
-#pragma unroll
-          for (int i = 0; i < GK; ++i) xa[q][j0 + i] = x[i];
-          load_keys(b, off, q < k.steps, vec, x);
-#pragma unroll
-          for (int i = 0; i < GK; ++i) xb[q][j0 + i] = x[i];
-        }
+          for (int i = 0; i < GK; ++i) dst[q][j0 + i] = v[i];
+        };
+        stage(r, xr), stage(kk, xk);
+        if (V == 7) stage(a, xa), stage(b, xb);
       }
       __syncthreads();
       for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
@@ -905,96 +947,38 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     }
     if (V == 7) {
       __syncthreads();
-      // (I - A_ab)^-1, column c by forward substitution: X[q] = I[q][c] + sum_{u < q} A_ab[q][u] X[u]
-      // (X[u] = 0 for u < c). I is read from shared memory: compared with c in registers, gfx942 kept
-      // the 16 comparisons' lane masks across the chunk loop and ran out of scalar registers.
-      if (threadIdx.x < L) {
-        const int cc = threadIdx.x;
-        float x[L];
-#pragma unroll
-        for (int q = 0; q < L; ++q) {
-          float acc = reinterpret_cast<const float*>(&sh.inv[0][0])[q * L + cc];
-#pragma unroll
-          for (int u = 0; u < q; ++u) acc = fmaf(sh.mats[2][q][u], x[u], acc);
-          x[q] = acc;
-          sh.inv[q][cc] = split_bits(acc);
-        }
-      }
+      // (I - A_ab)^-1, written over the identity it starts from (each thread its own column)
+      if (threadIdx.x < L)
+        unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), threadIdx.x,
+                                  [&](int q, float x) { sh.inv[q][threadIdx.x] = split_bits(x); });
     }
     __syncthreads();
 
     // this band's rows: outputs, then the state after the chunk
     const T* vrow = static_cast<const T*>(p.v) + first + i0;  // v at (the chunk's step 0, value row i0)
     TileAcc y = fill_tile_acc(0.f);
-#if defined(ARWKV_HIP)
-    const SplitB vv = load_split_b(vrow, ld, k.steps);  // V [s][i]
-    if (V == 7) {
-      TileAcc z = fill_tile_acc(0.f);
+    const BandOperand vv = band_values(vrow, ld, k.steps);
+    TileAcc z = fill_tile_acc(0.f);
 #pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        const SplitB sk = split_acc(st[kt]);  // S^T for these keys
-        z = mma_split(load_split_a(&sh.at[0][0] + kt * 16, N), sk, z);
-        y = mma_split(load_split_a(&sh.rt[0][0] + kt * 16, N), sk, y);
-      }
-      z = mma_split(load_split_a(aak, L), vv, z);
-      const SplitB sa = split_acc(mma_split(load_split_a(&sh.inv[0][0], L), split_acc(z), fill_tile_acc(0.f)));
-      y = mma_split(load_split_a(arb, L), sa, y);
-      y = mma_split(load_split_a(ark, L), vv, y);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        if (!factored)
-#pragma unroll
-          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
-        st[kt] = mma_split(load_split_a_transposed(&sh.cb[0][0] + kt * 16, N), sa, st[kt]);
-        st[kt] = mma_split(load_split_a_transposed(&sh.ck[0][0] + kt * 16, N), vv, st[kt]);
-      }
-    } else {
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) y = mma_split(load_split_a(&sh.rt[0][0] + kt * 16, N), split_acc(st[kt]), y);
-      y = mma_split(load_split_a(ark, L), vv, y);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        if (!factored)
-#pragma unroll
-          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
-        st[kt] = mma_split(load_split_a_transposed(&sh.ck[0][0] + kt * 16, N), vv, st[kt]);
-      }
+    for (int kt = 0; kt < KT; ++kt) {
+      const BandOperand sk = split_acc(st[kt]);
+      if (V == 7) z = rows_times_state<N>(&sh.at[0][0] + kt * 16, sk, z);  // Z = A~ S^T + A_ak V
+      y = rows_times_state<N>(&sh.rt[0][0] + kt * 16, sk, y);             // Y = R~ S^T + A_rb SA + A_rk V
     }
-#else
-    const SplitA vv = load_split_a_transposed(vrow, ld, k.steps);  // V^T [i][s]
+    BandOperand sa{};
     if (V == 7) {
-      TileAcc z = fill_tile_acc(0.f);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        const SplitA sk = split_acc(st[kt]);  // S for these keys
-        z = mma_split(sk, load_split_b_transposed(&sh.at[0][0] + kt * 16, N), z);
-        y = mma_split(sk, load_split_b_transposed(&sh.rt[0][0] + kt * 16, N), y);
-      }
-      z = mma_split(vv, load_split_b_transposed(aak, L), z);
-      const SplitA sa = split_acc(mma_split(split_acc(z), load_split_b_transposed(&sh.inv[0][0], L), fill_tile_acc(0.f)));
-      y = mma_split(sa, load_split_b_transposed(arb, L), y);
-      y = mma_split(vv, load_split_b_transposed(ark, L), y);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        if (!factored)
-#pragma unroll
-          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
-        st[kt] = mma_split(sa, load_split_b(&sh.cb[0][0] + kt * 16, N), st[kt]);
-        st[kt] = mma_split(vv, load_split_b(&sh.ck[0][0] + kt * 16, N), st[kt]);
-      }
-    } else {
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) y = mma_split(split_acc(st[kt]), load_split_b_transposed(&sh.rt[0][0] + kt * 16, N), y);
-      y = mma_split(vv, load_split_b_transposed(ark, L), y);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt) {
-        if (!factored)
-#pragma unroll
-          for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
-        st[kt] = mma_split(vv, load_split_b(&sh.ck[0][0] + kt * 16, N), st[kt]);
-      }
+      sa = split_acc(matrix_times(&sh.inv[0][0], split_acc(matrix_times(aak, vv, z)), fill_tile_acc(0.f)));
+      y = matrix_times(arb, sa, y);
     }
-#endif
+    y = matrix_times(ark, vv, y);
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {  // S' = S diag(gamma) + SA^T B^ + V^T K^ (see above for factored chunks)
+      if (!factored)
+#pragma unroll
+        for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+      if (V == 7) st[kt] = update_state<N>(&sh.cb[0][0] + kt * 16, sa, st[kt]);
+      st[kt] = update_state<N>(&sh.ck[0][0] + kt * 16, vv, st[kt]);
+    }
     if (factored)
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)

@@ -255,7 +255,7 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
             LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
             LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
             # the pairwise form's staging and sums (FACTORED: not run)
-            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+float x", lambda s: 0),
+            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+auto stage", lambda s: 0),
             LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0),
             LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
             # the operands (one copy per path), the decay over the chunk, the matrices' tile products
