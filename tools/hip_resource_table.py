@@ -26,7 +26,8 @@ KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/l
         "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
         "LDS Size [bytes/block]": "lds"}
 MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
-CHUNKED = {"prep": "chunk:prep", "fused_forward": "chunk:forward", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
+CHUNKED = {"prep": "chunk:prep", "fused_forward": "chunk:forward", "starts": "chunk:starts",
+           "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
 
 
 def describe(name: str) -> tuple[str, str]:
@@ -34,7 +35,7 @@ def describe(name: str) -> tuple[str, str]:
     name = name.split("(")[0].removeprefix("void ").replace("arwkv::gpu::", "").replace(" ", "")
     if name.startswith("chunked::wkv_chunk_"):
         kind = name.removeprefix("chunked::wkv_chunk_").split("_kernel")[0]
-        role = CHUNKED.get(kind) or ("chunk:forward" if name.endswith(",0>") else "chunk:starts")
+        role = CHUNKED[kind]
     elif name.startswith("wkv_columns_kernel"):
         role = "bwd:columns"
     elif not name.startswith("wkv_rows_kernel"):

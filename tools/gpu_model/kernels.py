@@ -185,7 +185,9 @@ def chunk_prep(s: dict) -> KernelSpec:
             # WKV-6's bonus (the first L threads, one warp / wave) and the pairwise form, which
             # the factored chunks (FACTORED) never run
             LoopSpec(r"jj < KS; \+\+jj\)\s+diag", lambda s: ks / warps),
-            LoopSpec(r"jj < KS; \+\+jj\) \{\s+const float e", lambda s: 0, per_trip=("MUFU", 2 if V == 7 else 1)),
+            LoopSpec(
+                r"jj < KS; \+\+jj\) \{\s+const float e", lambda s: 0, per_trip=("MUFU", 2 if V == 7 else 1)
+            ),
         ],
         dram_bytes=lambda s: dram,
     )
@@ -248,24 +250,32 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
         blocks=lambda s: s["H"] * s["B"],
         threads=threads,
         loops=[
-            LoopSpec(r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
-                     lambda s: math.ceil(s["T"] / L_CHUNK)),
+            LoopSpec(
+                r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
+                lambda s: math.ceil(s["T"] / L_CHUNK),
+            ),
             # the decays (a thread per group), their sums over the steps, slab_factors
             LoopSpec(rf"{GROUPS}\s+float x", lambda s: 1),
             LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
             LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
             # the pairwise form's staging and sums (FACTORED: not run)
             LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+auto stage", lambda s: 0),
-            LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0),
+            LoopSpec(
+                r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0
+            ),
             LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
             # the operands (one copy per path), the decay over the chunk, the matrices' tile products
             # (matrix m by warp m % warps)
-            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True),
+            LoopSpec(
+                rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True
+            ),
             LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
             LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
             # masking and splitting the matrices
-            LoopSpec(r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
-                     lambda s: L_CHUNK * L_CHUNK / threads),
+            LoopSpec(
+                r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
+                lambda s: L_CHUNK * L_CHUNK / threads,
+            ),
         ],
         dram_bytes=lambda s: dram,
     )
