@@ -53,10 +53,11 @@ inline int64_t num_chunk_slots(const WkvProblem& p, int steps) { return (p.B * p
 inline int64_t num_chunk_slots(const WkvProblem& p) { return num_chunk_slots(p, kChunk); }
 
 // Floats of one chunk's operands per head (chunked kernels; layout in wkv_gpu_chunked.cuh):
-// WKV-7: 4 [L, N] operands, the decay over the chunk [N], 4 [L, L] matrices; WKV-6: 2, 1, 1.
-inline int64_t chunk_operand_floats(int version, int64_t N) {
+// WKV-7: 4 [L, N] operands, the decay over the chunk [N], a flag (4 floats, to keep 16-byte
+// alignment), 5 [L, L] matrices (one unused); WKV-6: 2, 1, 1, 1.
+constexpr int64_t chunk_operand_floats(int version, int64_t N) {
   const int64_t L = kChunkSteps;
-  return version == 7 ? 4 * L * N + N + 4 * L * L : 2 * L * N + N + L * L;
+  return version == 7 ? 4 * L * N + N + 4 + 5 * L * L : 2 * L * N + N + 4 + L * L;
 }
 
 // Sizes in floats of the scratch buffers of a problem (backward: true for the backward).

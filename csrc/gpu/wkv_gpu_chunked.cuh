@@ -49,7 +49,6 @@ static_assert(L == 16, "a chunk is one 16 x 16 tile");
 // (>= e^-0.61 per step: >= 2^-14 per chunk) always factor; stronger ones take the exact pairwise
 // form. Entries above the diagonal (s > t) have factors up to 2^96 and are discarded by a select.
 constexpr float kFactorLimit = 96.f;
-constexpr int kPrepThreads = 256;  // one thread per (t, s) pair of the L x L matrices
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
 // over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
 // scalar registers)
@@ -57,19 +56,23 @@ template <int N>
 constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
-// start, per head; each stored split, SplitBits, but gam, a float). WKV-6's are a prefix of WKV-7's
-// layout:
+// start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
+// aligned). The order is that of FusedShared from rt on, so prep copies one range. WKV-6's are a
+// prefix of WKV-7's layout:
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
-//   kh  [L][N]  k^_s = k_s E[L-1, s]
-//   gam [N]     the decay over the chunk, E[L-1, -1]
-//   ark [L][L]  WKV-7: A_rk;  WKV-6: A with the bonus r_t . (u * k_t) on its diagonal
-//   at, bh [L][N]  a~_t = a_t E[t-1, -1],  b^_s = b_s E[L-1, s]           (WKV-7)
-//   inv, aak, arb [L][L]  (I - A_ab)^-1, A_ak, A_rb                        (WKV-7)
+//   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
+//   gam [N]     the decay over the chunk, E[L-1, -1];  flag: 1 if the chunk factors (then 3 unused)
+//   arb, ark, (A_ab: unused), aak [L][L]  WKV-7: A_rb, A_rk, A_ak;  WKV-6: ark, A with the bonus
+//                                          r_t . (u * k_t) on its diagonal
+//   at, cb [L][N]  a~_t = a_t E[t-1, -1], b_s as ck has k_s                    (WKV-7)
+//   inv [L][L]  (I - A_ab)^-1                                                  (WKV-7)
 template <int V, int N>
 struct Operands {
-  static constexpr int rt = 0, kh = L * N, gam = 2 * L * N, ark = 2 * L * N + N;
-  static constexpr int at = ark + L * L, bh = at + L * N, inv = bh + L * N, aak = inv + L * L, arb = aak + L * L;
-  static constexpr int size = V == 7 ? arb + L * L : ark + L * L;
+  static constexpr int rt = 0, ck = L * N, gam = 2 * L * N, flag = gam + N, mats = flag + 4;
+  static constexpr int arb = mats, ark = V == 7 ? mats + L * L : mats, aak = mats + 3 * L * L;
+  static constexpr int at = mats + 4 * L * L, cb = at + L * N, inv = cb + L * N;
+  static constexpr int size = V == 7 ? inv + L * L : mats + L * L;
+  static_assert(size == chunk_operand_floats(V, N), "the host's scratch size (wkv_gpu.h) matches");
 };
 
 struct Chunk {
@@ -161,6 +164,12 @@ __device__ __forceinline__ void unit_lower_inverse_column(const float* a, const 
   }
 }
 
+// An accumulator tile (columns = keys) times diag(gamma) for its 16 keys.
+__device__ __forceinline__ void scale_columns(TileAcc& st, const float* gamma) {
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e) st.x[e] *= gamma[TileAcc::col(e)];
+}
+
 // Rows t < steps of an accumulator tile (row t = step, column = value row) to a [B * T, H, N]
 // tensor of T (or of split floats, SplitBits): dst points at (the chunk's first step, the band's
 // first value row), step_stride is H * N. Padded steps are not written.
@@ -172,127 +181,6 @@ __device__ __forceinline__ void store_steps(T* dst, int64_t step_stride, int ste
     const int64_t at = int64_t(TileAcc::row(e)) * step_stride + TileAcc::col(e);
     if constexpr (std::is_same_v<T, SplitBits>) dst[at] = split_bits(acc.x[e]);
     else store<T>(dst, at, acc.x[e]);
-  }
-}
-
-// ---- 1. prep ----------------------------------------------------------------------------------
-template <class T, int V, int N>
-__global__ void __launch_bounds__(kPrepThreads) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
-  using Op = Operands<V, N>;
-  constexpr int THREADS = kPrepThreads;
-  constexpr int KS = N < 32 ? N : 32;  // keys staged at a time (bounds the shared memory)
-  __shared__ float G[L][KS];
-  __shared__ float xr[L][KS], xk[L][KS];  // raw inputs of the chunk (0 on padded steps)
-  __shared__ float xa[V == 7 ? L : 1][KS], xb[V == 7 ? L : 1][KS];
-  __shared__ float aab[V == 7 ? L : 1][L], eye[V == 7 ? L : 1][L];
-  __shared__ float mats[V == 7 ? 4 : 1][L][L];  // the factored slabs' sums: rb, rk, ab, ak (WKV-6: A)
-  __shared__ float bonus[V == 6 ? L : 1];      // WKV-6: the diagonal r_t . (u * k_t) of factored slabs
-  __shared__ int factors;
-  const Chunk k = chunk_at_slot(p, blockIdx.x);
-  if (k.seq < 0) return;  // (the whole block)
-  const int h = blockIdx.y;
-  const int64_t H = p.H;
-  SplitBits* out = reinterpret_cast<SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
-  // thread (t, s) sums M[t][s] = sum_j x_t y_s E[t, s] (r-rows) or E[t-1, s] (a-rows; WKV-6's
-  // r-rows: s < t only) over the slabs that do not factor; warp m < 4 (WKV-6: 1) sums matrix m
-  // of the slabs that do, as tile products
-  const int t = threadIdx.x / L, s = threadIdx.x % L;  // kPrepThreads = L * L
-  const int warp = threadIdx.x / kWarpSize;
-  constexpr int kMats = V == 7 ? 4 : 1;
-  float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f, diag = 0.f;
-  if (warp < kMats) store_tile_acc(&mats[warp][0][0], L, fill_tile_acc(0.f));
-  for (int j0 = 0; j0 < N; j0 += KS) {
-    __syncthreads();  // the previous slab's readers are done
-    for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
-      const int q = idx / KS, jj = idx % KS;
-      const bool real = q < k.steps;
-      const int64_t off = ((k.first + q) * H + h) * N + j0 + jj;
-      xr[q][jj] = real ? load<T>(p.r, off) : 0.f;
-      xk[q][jj] = real ? load<T>(p.k, off) : 0.f;
-      if (V == 7) {
-        xa[q][jj] = real ? load<T>(p.a, off) : 0.f;
-        xb[q][jj] = real ? load<T>(p.b, off) : 0.f;
-      }
-    }
-    cumulative_log_decays<T, N, KS, THREADS>(p, k, h, j0, G);
-    const bool factored = slab_factors<KS, THREADS>(G[L - 1], &factors);
-    if (V == 6 && factored && threadIdx.x < L)  // the bonus, before the operands are scaled
-      for (int jj = 0; jj < KS; ++jj)
-        diag = fmaf(xr[threadIdx.x][jj] * xk[threadIdx.x][jj], load<T>(p.u, int64_t(h) * N + j0 + jj), diag);
-    if (V == 6 && factored) __syncthreads();  // read before they are scaled in place
-
-    // the decayed operands and the decay over the chunk; a factored slab's inputs become the
-    // per-step scaled operands in place: row sides r_t E[t, -1] (WKV-6: E[t-1, -1]), a_t E[t-1, -1],
-    // column sides k_s, b_s times exp2(-G_s)
-    for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
-      const int q = idx / KS, jj = idx % KS;
-      const int64_t at = int64_t(q) * N + j0 + jj;
-      const float g = G[q][jj], before = q ? G[q - 1][jj] : 0.f, to_end = exp2f(G[L - 1][jj] - g);
-      const float rq = xr[q][jj] * exp2f(V == 7 ? g : before), kq = xk[q][jj];
-      out[Op::rt + at] = split_bits(rq);
-      out[Op::kh + at] = split_bits(kq * to_end);
-      const float from_start = factored ? exp2f(-g) : 0.f;
-      if (factored) xr[q][jj] = rq, xk[q][jj] = kq * from_start;
-      if (V == 7) {
-        const float aq = xa[q][jj] * exp2f(before), bq = xb[q][jj];
-        out[Op::at + at] = split_bits(aq);
-        out[Op::bh + at] = split_bits(bq * to_end);
-        if (factored) xa[q][jj] = aq, xb[q][jj] = bq * from_start;
-      }
-    }
-    for (int jj = threadIdx.x; jj < KS; jj += THREADS) reinterpret_cast<float*>(out)[Op::gam + j0 + jj] = exp2f(G[L - 1][jj]);
-
-    if (factored) {
-      __syncthreads();
-      if (warp < kMats) {  // rows (r | a) times columns (b | k), over the slab's key tiles
-        const float* rows = V == 7 && warp >= 2 ? &xa[0][0] : &xr[0][0];
-        const float* cols = V == 7 && warp % 2 == 0 ? &xb[0][0] : &xk[0][0];
-        // (kept in shared memory between slabs: held in registers, it spilled at N = 64 on sm_90)
-        TileAcc m = load_tile_acc(&mats[warp][0][0], L);
-#pragma unroll
-        for (int kt = 0; kt < KS / 16; ++kt)
-          m = mma_split(load_split_a(rows + kt * 16, KS), load_split_b_transposed(cols + kt * 16, KS), m);
-        store_tile_acc(&mats[warp][0][0], L, m);
-      }
-    } else if (s <= t) {
-#pragma unroll 4  // (fully unrolled, gfx942 ran out of registers)
-      for (int jj = 0; jj < KS; ++jj) {
-        const float e = exp2f(G[t][jj] - G[s][jj]);                     // E[t, s]
-        const float ep = s < t ? exp2f(G[t - 1][jj] - G[s][jj]) : 0.f;  // E[t-1, s]
-        if (V == 7) {
-          rb = fmaf(xr[t][jj] * xb[s][jj], e, rb);
-          rk = fmaf(xr[t][jj] * xk[s][jj], e, rk);
-          ab = fmaf(xa[t][jj] * xb[s][jj], ep, ab);
-          ak = fmaf(xa[t][jj] * xk[s][jj], ep, ak);
-        } else {  // the bonus on the diagonal, the decayed pairs below it
-          const float f = s < t ? ep : load<T>(p.u, int64_t(h) * N + j0 + jj);
-          rk = fmaf(xr[t][jj] * xk[s][jj], f, rk);
-        }
-      }
-    }
-  }
-  // add the factored slabs' sums where the matrices are defined (s <= t for the r-rows, s < t for
-  // the a-rows and WKV-6's A, whose diagonal is the bonus)
-  if (V == 6 && threadIdx.x < L) bonus[threadIdx.x] = diag;
-  __syncthreads();
-  if (V == 7) {
-    rb += s <= t ? mats[0][t][s] : 0.f;
-    rk += s <= t ? mats[1][t][s] : 0.f;
-    ab += s < t ? mats[2][t][s] : 0.f;
-    ak += s < t ? mats[3][t][s] : 0.f;
-  } else {
-    rk += s < t ? mats[0][t][s] : s == t ? bonus[t] : 0.f;
-  }
-  out[Op::ark + threadIdx.x] = split_bits(rk);
-  if (V == 7) {
-    out[Op::arb + threadIdx.x] = split_bits(rb);
-    out[Op::aak + threadIdx.x] = split_bits(ak);
-    aab[t][s] = ab;
-    eye[t][s] = t == s ? 1.f : 0.f;
-    __syncthreads();
-    if (threadIdx.x < L)  // (I - A_ab)^-1
-      unit_lower_inverse_column(&aab[0][0], &eye[0][0], threadIdx.x,
-                                [&](int q, float x) { out[Op::inv + q * L + threadIdx.x] = split_bits(x); });
   }
 }
 
@@ -341,14 +229,16 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
     }
     __syncthreads();  // every lane has read S
 
-    // S = S diag(gamma) + SA^T b^ + V^T k^, one 16 x 16 key tile at a time
+    // S = S diag(gamma) + SA^T b^ + V^T k^, one 16 x 16 key tile at a time; a factored chunk's
+    // column operands are b, k times exp2(-G_s): S = (S + SA^T B' + V^T K') diag(gamma)
+    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&S[0][kt * 16], N);
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= gamma[kt * 16 + TileAcc::col(e)];
-      if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::bh + kt * 16, N), st);
-      st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::kh + kt * 16, N), st);
+      if (!factored) scale_columns(st, gamma + kt * 16);
+      if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::cb + kt * 16, N), st);
+      st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::ck + kt * 16, N), st);
+      if (factored) scale_columns(st, gamma + kt * 16);
       store_tile_acc(&S[0][kt * 16], N, st);
     }
   }
@@ -376,9 +266,14 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
     __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
-      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
-          split_bits(dS[idx / N][idx % N]);
+    // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
+    // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk
+    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) {
+      const float d = dS[idx / N][idx % N];
+      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
+      if (factored) dS[idx / N][idx % N] = d * gamma[idx % N];
+    }
     for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
       const int t = idx / 16, i = idx % 16;
       dys[t][i] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
@@ -390,7 +285,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
       TileAcc dsa = mma_split(load_split_a_transposed(op + Op::arb, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)
-        dsa = mma_split(load_split_a(op + Op::bh + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dsa);
+        dsa = mma_split(load_split_a(op + Op::cb + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dsa);
       store_tile_acc(&dsas[0][0], 16, dsa);
       __syncthreads();
       const TileAcc dz =
@@ -403,7 +298,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     TileAcc dv = mma_split(load_split_a_transposed(op + Op::ark, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt)
-      dv = mma_split(load_split_a(op + Op::kh + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dv);
+      dv = mma_split(load_split_a(op + Op::ck + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dv);
     if (V == 7) dv = mma_split(load_split_a_transposed(op + Op::aak, L), load_split_b(&dzs[0][0], 16), dv);
     store_steps<T>(static_cast<T*>(p.grad_v) + row0, H * N, k.steps, dv);
     __syncthreads();  // every lane has read dS
@@ -412,8 +307,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&dS[0][kt * 16], N);
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e) st.x[e] *= gamma[kt * 16 + TileAcc::col(e)];
+      if (!factored) scale_columns(st, gamma + kt * 16);
       st = mma_split(load_split_a_transposed(&dys[0][0], 16), load_split_b(op + Op::rt + kt * 16, N), st);
       if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], 16), load_split_b(op + Op::at + kt * 16, N), st);
       store_tile_acc(&dS[0][kt * 16], N, st);
@@ -748,6 +642,15 @@ __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const Spl
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
 
+// Whether the inputs r, w, k (, a, b) are 16-byte aligned (then so is every row of them: H * N *
+// sizeof(T) is a multiple of 16 for N >= 16), as fresh tensors are.
+template <int V>
+__device__ __forceinline__ bool inputs_aligned(const WkvProblem& p) {
+  return ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) | reinterpret_cast<uintptr_t>(p.k) |
+           reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) | reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) &
+          15u) == 0;
+}
+
 // The fused forward reads its inputs in groups of consecutive keys of one step, one group per
 // thread: 8 keys (a 16-byte load of 16-bit inputs) with CUDA's 2N threads per block, 4 with
 // gfx942's 4N, so every thread has one.
@@ -772,40 +675,189 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
   return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
 }
 
+// From rt on in the order of Operands (prep copies that range to the scratch slot). Row operands:
+// r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
+// E[L-1, s] (WKV-6's cb: k); 16-byte aligned, written 16 bytes at a time.
 template <int V, int N>
 struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
-  // row operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times
-  // exp2(-G_s) or E[L-1, s] (WKV-6's cb: k). 16-byte aligned: written 16 bytes at a time.
-  alignas(16) SplitBits rt[L][N], at[L][N], ck[L][N], cb[L][N];
+  alignas(16) SplitBits rt[L][N], ck[L][N];
   float gamma[N];                    // the decay over the chunk
+  float flag[4];                     // prep: 1 if the chunk factors
   float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
+  alignas(16) SplitBits at[L][N], cb[L][N];
   SplitBits inv[V == 7 ? L : 1][L];  // (I - A_ab)^-1
   int factors;
 };
 
 // CUDA: blocks per unit the registers must allow (the second bound): 4 up to N = 64 (<= 128 registers
 // at N = 64, so that all (8, 4096, 64, 64) blocks are resident at once), 1 at N = 128 (its 64
-// state registers per lane; with more blocks it spilled). gfx942 reads that bound differently
-// (waves per SIMD) and needs none.
-#if defined(ARWKV_HIP)
+// state registers per lane; with more blocks it spilled). gfx942 reads that bound differently and
+// takes a waves-per-SIMD attribute instead.
+#if defined(ARWKV_HIP) && !defined(ARWKV_GPU_EMULATION)
+#define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize) __attribute__((amdgpu_waves_per_eu(2)))
+#elif defined(ARWKV_HIP)
 #define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize)
 #else
 #define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 1 : 4)
 #endif
 
+// Builds chunk k's operands for head h in shared memory, every thread of the block taking part
+// (the caller has synchronised since sh was last read): the cumulative log2 decays, the operands
+// (split), the decay over the chunk, the L x L matrices (masked, split; A_ab kept float) and
+// (WKV-7) the solve's inverse. Returns whether the chunk factors (then the column operands are
+// k, b times exp2(-G_s); else times E[L-1, s]). `vec`: the inputs are 16-byte aligned.
+template <class T, int V, int N, int THREADS>
+__device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k, int h, bool vec,
+                                            FusedShared<V, N>& sh) {
+  constexpr int WARPS = THREADS / kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 2;
+  constexpr int GK = kGroupKeys, kGroups = L * N / GK;  // (step, GK keys) groups of a chunk's inputs
+  const int64_t H = p.H, first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
+  const int ldi = int(H * N), warp = threadIdx.x / kWarpSize;
+  // the chunk's inputs: step q, key j at [q * ldi + j] (32-bit offsets from a per-chunk base)
+  const T *r = static_cast<const T*>(p.r) + first, *w = static_cast<const T*>(p.w) + first;
+  const T *kk = static_cast<const T*>(p.k) + first;
+  const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
+  // the cumulative log2 decays: a thread loads GK keys of one step, then one thread per key sums
+  for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+    const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
+    float x[GK];
+    load_keys(w, q * ldi + j0, q < k.steps, vec, x);
+#pragma unroll
+    for (int i = 0; i < GK; ++i) sh.G[q][j0 + i] = kLog2e * x[i];
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < N; j += THREADS) {
+    float acc = 0.f;
+#pragma unroll
+    for (int t = 0; t < L; ++t) sh.G[t][j] = acc += sh.G[t][j];
+  }
+  __syncthreads();
+  const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
+
+  if (!factored) {
+    // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
+    // floats where the operands go next
+    float(*xr)[N] = reinterpret_cast<float(*)[N]>(&sh.rt[0][0]);
+    float(*xk)[N] = reinterpret_cast<float(*)[N]>(&sh.ck[0][0]);
+    float(*xa)[N] = reinterpret_cast<float(*)[N]>(&sh.at[0][0]);
+    float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
+    for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+      const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
+      auto stage = [&](const T* x, float(*dst)[N]) {
+        float v[GK];
+        load_keys(x, off, q < k.steps, vec, v);
+#pragma unroll
+        for (int i = 0; i < GK; ++i) dst[q][j0 + i] = v[i];
+      };
+      stage(r, xr), stage(kk, xk);
+      if (V == 7) stage(a, xa), stage(b, xb);
+    }
+    __syncthreads();
+    // (not unrolled: the rare path; unrolled, gfx942's prep at N = 32 ran out of registers)
+#pragma unroll 1
+    for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
+      const int t = pr / L, q = pr % L;  // (row step, column step)
+      float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
+      if (q <= t)
+#pragma unroll 1
+        for (int j = 0; j < N; ++j) {
+          const float e = exp2f(sh.G[t][j] - sh.G[q][j]);                     // E[t, q]
+          const float ep = q < t ? exp2f(sh.G[t - 1][j] - sh.G[q][j]) : 0.f;  // E[t-1, q]
+          if (V == 7) {
+            rb = fmaf(xr[t][j] * xb[q][j], e, rb), rk = fmaf(xr[t][j] * xk[q][j], e, rk);
+            ab = fmaf(xa[t][j] * xb[q][j], ep, ab), ak = fmaf(xa[t][j] * xk[q][j], ep, ak);
+          } else {
+            rk = fmaf(xr[t][j] * xk[q][j], ep, rk);
+          }
+        }
+      if (V == 7) sh.mats[0][t][q] = rb, sh.mats[1][t][q] = rk, sh.mats[2][t][q] = ab, sh.mats[3][t][q] = ak;
+      else sh.mats[0][t][q] = rk;
+    }
+    __syncthreads();  // the staged inputs are read
+  }
+
+  // the chunk's operands, GK keys of one step per thread at a time
+  for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+    const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
+    const bool real = q < k.steps;
+    float x[GK], y[GK], o[GK];
+    load_keys(r, off, real, vec, x);
+    load_keys(kk, off, real, vec, y);
+#pragma unroll
+    for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
+      o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
+    store_split(&sh.rt[q][j0], o);
+#pragma unroll
+    for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+    store_split(&sh.ck[q][j0], o);
+    if (V == 6) {  // the bonus's r_t * u and k_t
+#pragma unroll
+      for (int i = 0; i < GK; ++i) o[i] = x[i] * load<T>(p.u, int64_t(h) * N + j0 + i);
+      store_split(&sh.at[q][j0], o);
+      store_split(&sh.cb[q][j0], y);
+    } else {
+      load_keys(a, off, real, vec, x);
+      load_keys(b, off, real, vec, y);
+#pragma unroll
+      for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
+      store_split(&sh.at[q][j0], o);
+#pragma unroll
+      for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+      store_split(&sh.cb[q][j0], o);
+    }
+  }
+  for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);
+  __syncthreads();
+
+  // factored: the L x L matrices as tile products of the operands (WKV-6's bonus, whose
+  // diagonal is the product of r * u and k, always)
+  for (int m = warp; m < kMats; m += WARPS)
+    if (factored || V == 6 && m == 1) {
+      const bool second = V == 7 ? m >= 2 : m == 1, b_cols = V == 7 ? m % 2 == 0 : m == 1;
+      const SplitBits* rows = second ? &sh.at[0][0] : &sh.rt[0][0];
+      const SplitBits* cols = b_cols ? &sh.cb[0][0] : &sh.ck[0][0];
+      TileAcc acc = fill_tile_acc(0.f);
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt)
+        acc = mma_split(load_split_a(rows + kt * 16, N), load_split_b_transposed(cols + kt * 16, N), acc);
+      store_tile_acc(&sh.mats[m][0][0], L, acc);
+    }
+  __syncthreads();
+  // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
+  // whose diagonal is the bonus r_t . (u * k_t)), split in place; A_ab stays float for the solve
+  for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
+    const int t = pr / L, q = pr % L;
+    float* m = &sh.mats[0][0][0] + pr;
+    if (V == 7) {
+      m[0] = __uint_as_float(split_bits(q <= t ? m[0] : 0.f).bits);
+      m[L * L] = __uint_as_float(split_bits(q <= t ? m[L * L] : 0.f).bits);
+      m[2 * L * L] = q < t ? m[2 * L * L] : 0.f;
+      m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
+      reinterpret_cast<float*>(&sh.inv[0][0])[pr] = t == q ? 1.f : 0.f;  // the solve starts from I
+    } else {
+      m[0] = __uint_as_float(split_bits(q < t ? m[0] : q == t ? m[L * L] : 0.f).bits);
+    }
+  }
+  if (V == 7) {
+    __syncthreads();
+    // (I - A_ab)^-1, written over the identity it starts from (each thread its own column)
+    if (threadIdx.x < L)
+      unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), threadIdx.x,
+                                [&](int q, float x) { sh.inv[q][threadIdx.x] = split_bits(x); });
+  }
+  __syncthreads();
+
+  return factored;
+}
+
 template <class T, int V, int N>
 __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
-  constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 2;
-  constexpr int GK = kGroupKeys, kGroups = L * N / GK;  // (step, GK keys) groups of a chunk's inputs
+  constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16;
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
   const int64_t H = p.H, ld = H * N;
-  const int ldi = int(ld);
-  // inputs 16-byte aligned (rows are: H * N * sizeof(T) is a multiple of 16 for N >= 16)
-  const bool vec = ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) |
-                     reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) |
-                     reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) & 15u) == 0;
+  const bool vec = inputs_aligned<V>(p);
   const float* init = static_cast<const float*>(p.initial_state);
   const int64_t state0 = (int64_t(s) * H + h) * N * N;  // this (sequence, head)'s [N, N] state
   TileAcc st[KT];  // tile kt: keys 16 kt .. 16 kt + 15 of value rows i0 .. i0 + 15
@@ -822,137 +874,8 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   for (int c = 0; c < num_chunks; ++c) {
     const Chunk k = chunk_of(p, s, c);
     const int64_t first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
-    // the chunk's inputs: step q, key j at [q * ldi + j] (32-bit offsets from a per-chunk base)
-    const T *r = static_cast<const T*>(p.r) + first, *w = static_cast<const T*>(p.w) + first;
-    const T *kk = static_cast<const T*>(p.k) + first;
-    const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
     __syncthreads();  // the previous chunk's readers of sh are done
-    // the cumulative log2 decays: a thread loads GK keys of one step, then one thread per key sums
-    for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
-      const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
-      float x[GK];
-      load_keys(w, q * ldi + j0, q < k.steps, vec, x);
-#pragma unroll
-      for (int i = 0; i < GK; ++i) sh.G[q][j0 + i] = kLog2e * x[i];
-    }
-    __syncthreads();
-    for (int j = threadIdx.x; j < N; j += THREADS) {
-      float acc = 0.f;
-#pragma unroll
-      for (int t = 0; t < L; ++t) sh.G[t][j] = acc += sh.G[t][j];
-    }
-    __syncthreads();
-    const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
-
-    if (!factored) {
-      // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
-      // floats where the operands go next
-      float(*xr)[N] = reinterpret_cast<float(*)[N]>(&sh.rt[0][0]);
-      float(*xk)[N] = reinterpret_cast<float(*)[N]>(&sh.ck[0][0]);
-      float(*xa)[N] = reinterpret_cast<float(*)[N]>(&sh.at[0][0]);
-      float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
-      for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
-        const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-        auto stage = [&](const T* x, float(*dst)[N]) {
-          float v[GK];
-          load_keys(x, off, q < k.steps, vec, v);
-#pragma unroll
-          for (int i = 0; i < GK; ++i) dst[q][j0 + i] = v[i];
-        };
-        stage(r, xr), stage(kk, xk);
-        if (V == 7) stage(a, xa), stage(b, xb);
-      }
-      __syncthreads();
-      for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
-        const int t = pr / L, q = pr % L;  // (row step, column step)
-        float rb = 0.f, rk = 0.f, ab = 0.f, ak = 0.f;
-        if (q <= t)
-          for (int j = 0; j < N; ++j) {
-            const float e = exp2f(sh.G[t][j] - sh.G[q][j]);                     // E[t, q]
-            const float ep = q < t ? exp2f(sh.G[t - 1][j] - sh.G[q][j]) : 0.f;  // E[t-1, q]
-            if (V == 7) {
-              rb = fmaf(xr[t][j] * xb[q][j], e, rb), rk = fmaf(xr[t][j] * xk[q][j], e, rk);
-              ab = fmaf(xa[t][j] * xb[q][j], ep, ab), ak = fmaf(xa[t][j] * xk[q][j], ep, ak);
-            } else {
-              rk = fmaf(xr[t][j] * xk[q][j], ep, rk);
-            }
-          }
-        if (V == 7) sh.mats[0][t][q] = rb, sh.mats[1][t][q] = rk, sh.mats[2][t][q] = ab, sh.mats[3][t][q] = ak;
-        else sh.mats[0][t][q] = rk;
-      }
-      __syncthreads();  // the staged inputs are read
-    }
-
-    // the chunk's operands, GK keys of one step per thread at a time
-    for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
-      const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-      const bool real = q < k.steps;
-      float x[GK], y[GK], o[GK];
-      load_keys(r, off, real, vec, x);
-      load_keys(kk, off, real, vec, y);
-#pragma unroll
-      for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
-        o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
-      store_split(&sh.rt[q][j0], o);
-#pragma unroll
-      for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
-      store_split(&sh.ck[q][j0], o);
-      if (V == 6) {  // the bonus's r_t * u and k_t
-#pragma unroll
-        for (int i = 0; i < GK; ++i) o[i] = x[i] * load<T>(p.u, int64_t(h) * N + j0 + i);
-        store_split(&sh.at[q][j0], o);
-        store_split(&sh.cb[q][j0], y);
-      } else {
-        load_keys(a, off, real, vec, x);
-        load_keys(b, off, real, vec, y);
-#pragma unroll
-        for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
-        store_split(&sh.at[q][j0], o);
-#pragma unroll
-        for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
-        store_split(&sh.cb[q][j0], o);
-      }
-    }
-    for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);
-    __syncthreads();
-
-    // factored: the L x L matrices as tile products of the operands (WKV-6's bonus, whose
-    // diagonal is the product of r * u and k, always)
-    for (int m = warp; m < kMats; m += WARPS)
-      if (factored || V == 6 && m == 1) {
-        const bool second = V == 7 ? m >= 2 : m == 1, b_cols = V == 7 ? m % 2 == 0 : m == 1;
-        const SplitBits* rows = second ? &sh.at[0][0] : &sh.rt[0][0];
-        const SplitBits* cols = b_cols ? &sh.cb[0][0] : &sh.ck[0][0];
-        TileAcc acc = fill_tile_acc(0.f);
-#pragma unroll
-        for (int kt = 0; kt < KT; ++kt)
-          acc = mma_split(load_split_a(rows + kt * 16, N), load_split_b_transposed(cols + kt * 16, N), acc);
-        store_tile_acc(&sh.mats[m][0][0], L, acc);
-      }
-    __syncthreads();
-    // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
-    // whose diagonal is the bonus r_t . (u * k_t)), split in place; A_ab stays float for the solve
-    for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
-      const int t = pr / L, q = pr % L;
-      float* m = &sh.mats[0][0][0] + pr;
-      if (V == 7) {
-        m[0] = __uint_as_float(split_bits(q <= t ? m[0] : 0.f).bits);
-        m[L * L] = __uint_as_float(split_bits(q <= t ? m[L * L] : 0.f).bits);
-        m[2 * L * L] = q < t ? m[2 * L * L] : 0.f;
-        m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
-        reinterpret_cast<float*>(&sh.inv[0][0])[pr] = t == q ? 1.f : 0.f;  // the solve starts from I
-      } else {
-        m[0] = __uint_as_float(split_bits(q < t ? m[0] : q == t ? m[L * L] : 0.f).bits);
-      }
-    }
-    if (V == 7) {
-      __syncthreads();
-      // (I - A_ab)^-1, written over the identity it starts from (each thread its own column)
-      if (threadIdx.x < L)
-        unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), threadIdx.x,
-                                  [&](int q, float x) { sh.inv[q][threadIdx.x] = split_bits(x); });
-    }
-    __syncthreads();
+    const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, vec, sh);
 
     // this band's rows: outputs, then the state after the chunk
     const T* vrow = static_cast<const T*>(p.v) + first + i0;  // v at (the chunk's step 0, value row i0)
@@ -995,6 +918,26 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e)
         final_state[state0 + int64_t(i0 + band_value(e)) * N + kt * 16 + band_other(e)] = st[kt].x[e];
+}
+
+// ---- 1. prep: the backward's chunk operands, every chunk at once -----------------------------
+// One block per chunk slot and head, as large as the fused forward's: the chunk built as the fused
+// forward builds it (build_chunk), then copied to its scratch slot, 16 bytes per thread at a time.
+template <class T, int V, int N>
+__global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
+  using Op = Operands<V, N>;
+  constexpr int THREADS = N / 16 * kWarpSize;
+  __shared__ FusedShared<V, N> sh;
+  const Chunk k = chunk_at_slot(p, blockIdx.x);
+  if (k.seq < 0) return;  // (the whole block)
+  const int h = blockIdx.y;
+  const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, inputs_aligned<V>(p), sh);
+  if (threadIdx.x == 0) sh.flag[0] = factored ? 1.f : 0.f;
+  __syncthreads();
+  static_assert(Op::size % 4 == 0, "whole 16-byte words");
+  const float4* from = reinterpret_cast<const float4*>(&sh.rt[0][0]);
+  float4* to = reinterpret_cast<float4*>(sc.chunk_operands + (k.slot * p.H + h) * Op::size);
+  for (int i = threadIdx.x; i < Op::size / 4; i += THREADS) to[i] = from[i];
 }
 
 }  // namespace chunked

@@ -606,7 +606,7 @@ LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Dev
     return launch_status<T, N>(chunk_kernel_name<V>(1));
   }
   const auto prep = wkv_chunk_prep_kernel<T, V, N>;
-  ARWKV_LAUNCH(prep, per_chunk, kPrepThreads, stream, p, sc);
+  ARWKV_LAUNCH(prep, per_chunk, N / 16 * kWarpSize, stream, p, sc);
   LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(0));
   if (s.ok()) {
     const auto starts = wkv_chunk_starts_kernel<T, V, N>;

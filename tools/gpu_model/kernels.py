@@ -130,7 +130,6 @@ FACTORED = (
     "the chunked kernels take their factored path (every key's decay over a 16-step chunk >= 2^-96: "
     "always so for decays >= e^-0.61 per step); the pairwise fallback's loops are not counted"
 )
-PREP_THREADS = 256  # kPrepThreads
 
 
 def chunk_slots(s: dict) -> int:
@@ -139,9 +138,9 @@ def chunk_slots(s: dict) -> int:
 
 
 def operand_floats(s: dict) -> int:
-    """Operands<V, N>::size: the prep kernel's fp32 operands per (chunk, head)."""
+    """Operands<V, N>::size: the prep kernel's 4-byte operand words per (chunk, head)."""
     L, N = L_CHUNK, s["N"]
-    return 4 * L * N + N + 4 * L * L if s["V"] == 7 else 2 * L * N + N + L * L
+    return 4 * L * N + N + 4 + 5 * L * L if s["V"] == 7 else 2 * L * N + N + 4 + L * L
 
 
 def _seek(s: dict) -> float:
@@ -149,45 +148,53 @@ def _seek(s: dict) -> float:
     return math.ceil(math.log2(max(s["B"], 1))) if s["B"] > 1 else 0
 
 
-def chunk_prep(s: dict) -> KernelSpec:
+def _build_loops(s: dict) -> list[LoopSpec]:
+    """The loops of build_chunk (the fused forward's and prep's chunk building), per chunk."""
     V, N = s["V"], s["N"]
-    ks = min(N, 32)
-    warps = PREP_THREADS // warp(s)
-    inputs = 4 if V == 7 else 2  # r, k (, a, b) staged per key slab; w by the cumulative sums
+    warps = N // 16
+    threads = warps * warp(s)
+    first_warps = lambda s: math.ceil(N / warp(s)) / warps  # noqa: E731 (loops over j < N: the first warps)
+    return [
+        # the decays (a thread per group), their sums over the steps, slab_factors
+        LoopSpec(rf"{GROUPS}\s+float x", lambda s: 1),
+        LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
+        LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
+        # the pairwise form's staging and sums (FACTORED: not run)
+        LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+auto stage", lambda s: 0),
+        LoopSpec(
+            r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0
+        ),
+        LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
+        # the operands (one copy per path), the decay over the chunk, the matrices' tile products
+        # (matrix m by warp m % warps)
+        LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True),
+        LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
+        LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
+        # masking and splitting the matrices
+        LoopSpec(
+            r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
+            lambda s: L_CHUNK * L_CHUNK / threads,
+        ),
+    ]
+
+
+def chunk_prep(s: dict) -> KernelSpec:
+    """prep: one block per chunk slot and head, of the fused forward's size, building the chunk
+    (build_chunk) and copying it to its scratch slot."""
+    V, N = s["V"], s["N"]
+    threads = N // 16 * warp(s)
+    inputs = 4 if V == 7 else 2  # r, k (, a, b), and w
     dram = (inputs + 1) * elements(s) * s["bytes"] + chunk_slots(s) * s["H"] * operand_floats(s) * 4
     return KernelSpec(
         label="chunk prep",
         name=rf"wkv_chunk_prep_kernelINS0_4Bf16ELi{V}ELi{N}E",
         short=f"chunk prep <{N}>",
         blocks=lambda s: chunk_slots(s) * s["H"],
-        threads=PREP_THREADS,
+        threads=threads,
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
-            LoopSpec(r"j0 < N; j0 \+= KS", lambda s: N / ks),
-            LoopSpec(
-                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int q = idx / KS, jj = idx % KS;\s+const bool",
-                lambda s: L_CHUNK * ks / PREP_THREADS,
-                per_trip=("LDG", inputs),
-            ),
-            LoopSpec(
-                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
-                lambda s: L_CHUNK * ks / PREP_THREADS,
-                per_trip=("LDG", 1),
-            ),
-            LoopSpec(
-                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int q = idx / KS, jj = idx % KS;"
-                r"\s+const int64_t at",
-                lambda s: L_CHUNK * ks / PREP_THREADS,
-                per_trip=("STG", inputs),
-            ),
-            # only the threads below KS: one trip for the block's first warps that hold them
-            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: math.ceil(ks / warp(s)) / warps),
-            # WKV-6's bonus (the first L threads, one warp / wave) and the pairwise form, which
-            # the factored chunks (FACTORED) never run
-            LoopSpec(r"jj < KS; \+\+jj\)\s+diag", lambda s: ks / warps),
-            LoopSpec(
-                r"jj < KS; \+\+jj\) \{\s+const float e", lambda s: 0, per_trip=("MUFU", 2 if V == 7 else 1)
-            ),
+            *_build_loops(s),
+            LoopSpec(r"i < Op::size / 4; i \+= THREADS", lambda s: operand_floats(s) / 4 / threads),
         ],
         dram_bytes=lambda s: dram,
     )
@@ -242,7 +249,6 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
     threads = warps * warp(s)
     inputs = 6 if V == 7 else 4  # r, w, k, v (, a, b); WKV-6's u is N values
     dram = (inputs + 1) * elements(s) * s["bytes"] + 2 * s["B"] * s["H"] * N * N * 4
-    first_warps = lambda s: math.ceil(N / warp(s)) / warps  # noqa: E731 (loops over j < N: the first warps)
     return KernelSpec(
         label="chunk fused forward",
         name=rf"wkv_chunk_fused_forward_kernelINS0_4Bf16ELi{V}ELi{N}E",
@@ -254,28 +260,7 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
                 r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
                 lambda s: math.ceil(s["T"] / L_CHUNK),
             ),
-            # the decays (a thread per group), their sums over the steps, slab_factors
-            LoopSpec(rf"{GROUPS}\s+float x", lambda s: 1),
-            LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
-            LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
-            # the pairwise form's staging and sums (FACTORED: not run)
-            LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+auto stage", lambda s: 0),
-            LoopSpec(
-                r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;  // \(row", lambda s: 0
-            ),
-            LoopSpec(r"j < N; \+\+j\) \{\s+const float e = exp2f", lambda s: 0),
-            # the operands (one copy per path), the decay over the chunk, the matrices' tile products
-            # (matrix m by warp m % warps)
-            LoopSpec(
-                rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True
-            ),
-            LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
-            LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
-            # masking and splitting the matrices
-            LoopSpec(
-                r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
-                lambda s: L_CHUNK * L_CHUNK / threads,
-            ),
+            *_build_loops(s),
         ],
         dram_bytes=lambda s: dram,
     )
