@@ -194,7 +194,11 @@ def chunk_prep(s: dict) -> KernelSpec:
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
             *_build_loops(s),
-            LoopSpec(r"i < Op::size / 4; i \+= THREADS", lambda s: operand_floats(s) / 4 / threads),
+            LoopSpec(
+                r"i < Op::size / 4; i \+= THREADS",
+                lambda s: operand_floats(s) / 4 / threads,
+                per_trip=("LDS", 1),
+            ),
         ],
         dram_bytes=lambda s: dram,
     )
