@@ -349,7 +349,6 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined, and
   // (index 0) its part below the diagonal
   __shared__ float dA[4][L][L];
-  __shared__ int factors;
   // per warp, for its key tile: first the four products over the value rows, then (each lane
   // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
   // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
@@ -372,8 +371,13 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const SplitBits* dz = V == 7 ? reinterpret_cast<const SplitBits*>(sc.dsa) + row0 : nullptr;
   const SplitBits* S0 = reinterpret_cast<const SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N;
   const SplitBits* dS1 = reinterpret_cast<const SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N;
+  // the chunk's operands as prep wrote them: where the chunk factors (its flag), the per-step
+  // scaled inputs the products below take (r~, a~, and k, b times exp2(-G_s))
+  using Op = Operands<V, N>;
+  const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
+  const SplitBits* op = reinterpret_cast<const SplitBits*>(slot);
   cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, G);
-  const bool factored = slab_factors<N, THREADS>(G[L - 1], &factors);
+  const bool factored = slot[Op::flag] != 0.f;
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
   // s < t for the a-rows); WKV-6: dY V^T (s <= t: its diagonal is the bonus's).
@@ -408,18 +412,15 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     // sums over the value rows: dY S0 and V dS1 (WKV-7 also dZ S0 and SA dS1)
     TileAcc dys = times_state<N>(gy, ld, gy_steps, S0, kt);
     TileAcc dzs = V == 7 ? times_state<N>(dz, ld, n, S0, kt) : fill_tile_acc(0.f);
-    const float* gk = &G[0][kt * 16];  // G at this key tile: gk[q * N + c]
-    // x at (step q, key tile column c) times exp2(g); 0 on padded steps
-    auto scaled = [&](const T* x, int q, int c, float g) { return q < n ? input(x, q, kt * 16 + c) * exp2f(g) : 0.f; };
     if (factored) {
       // The decays factor: every sum over the chunk's steps is a tile product of the L x L
       // gradients with per-step scaled inputs, one factor per element (see prep). Rows:
       // dr_t = E[t, -1] (dY S0 + dA_rb B' + dA_rk K')_t, da_t = E[t-1, -1] (dZ S0 + dA_ab B' +
       // dA_ak K')_t with B'_s = b_s exp2(-G_s), K'_s likewise (WKV-6: dr_t = E[t-1, -1] (dY S0 +
       // dA' K')_t, dA' without the diagonal).
-      const SplitB kp = split_b_of([&](int q, int c) { return scaled(kk, q, c, -gk[q * N + c]); });
+      const SplitB kp = load_split_b(op + Op::ck + kt * 16, N);
       if (V == 7) {
-        const SplitB bp = split_b_of([&](int q, int c) { return scaled(b, q, c, -gk[q * N + c]); });
+        const SplitB bp = load_split_b(op + Op::cb + kt * 16, N);
         dys = mma_split(load_split_a(&dA[1][0][0], L), kp, mma_split(load_split_a(&dA[0][0][0], L), bp, dys));
         dzs = mma_split(load_split_a(&dA[3][0][0], L), kp, mma_split(load_split_a(&dA[2][0][0], L), bp, dzs));
       } else {
@@ -464,10 +465,9 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
         const float gamma = exp2f(G[L - 1][kt * 16 + TileAcc::col(e)]);
         dk.x[e] *= gamma, db.x[e] *= gamma;
       }
-      const SplitB rp =
-          split_b_of([&](int q, int c) { return scaled(r, q, c, V == 7 ? gk[q * N + c] : q ? gk[(q - 1) * N + c] : 0.f); });
+      const SplitB rp = load_split_b(op + Op::rt + kt * 16, N);
       if (V == 7) {
-        const SplitB ap = split_b_of([&](int q, int c) { return scaled(a, q, c, q ? gk[(q - 1) * N + c] : 0.f); });
+        const SplitB ap = load_split_b(op + Op::at + kt * 16, N);
         db = mma_split(load_split_a_transposed(&dA[2][0][0], L), ap,
                        mma_split(load_split_a_transposed(&dA[0][0][0], L), rp, db));
         dk = mma_split(load_split_a_transposed(&dA[3][0][0], L), ap,

@@ -477,22 +477,6 @@ __device__ __forceinline__ SplitB load_split_b_transposed(const S* p, int64_t ld
   return b;
 }
 
-// The split B operand B[k][j] = value(k, j), a float the caller computes per element (an input
-// scaled on the fly), for the lane's elements.
-template <class F>
-__device__ __forceinline__ SplitB split_b_of(F value) {
-  SplitB b;
-  const int l = lane_id();
-#pragma unroll
-  for (int e = 0; e < kTileAB; e += 2) {
-    const float x0 = value(tile_b_k(l, e), tile_b_col(l, e)), x1 = value(tile_b_k(l, e + 1), tile_b_col(l, e + 1));
-    const uint32_t h2 = pack_bf16x2(x0, x1);
-    b.hi.reg[e / 2] = h2;
-    b.lo.reg[e / 2] = pack_bf16x2(x0 - __uint_as_float(h2 << 16), x1 - __uint_as_float(h2 & 0xffff0000u));
-  }
-  return b;
-}
-
 // An accumulator tile as a split operand, register for register, with no data movement: where the
 // operand's lane map is the accumulator's own. On CUDA (m16n8k16) that is the A operand (element e
 // at row tile_acc_row, k tile_acc_col); on gfx942 (16x16x16) the B operand (k tile_acc_row, column
