@@ -149,6 +149,34 @@ def test_an_unrolled_loop_and_its_remainder_share_the_trips_and_copies_do_not():
     assert loop_trips(k.loops, k, spec, {}, SOURCES) == [2, 3]
 
 
+def test_an_unswitched_loop_shares_its_trips_and_a_fraction_of_a_trip_is_kept():
+    """Copies of a loop the compiler unswitched (one per value of a fixed condition) share the
+    trips, one of them running; a loop some warps run (under one trip per warp on average) keeps
+    its fraction rather than rounding it down to none."""
+    listing = f"""
+.text._Z1kv:
+.L_x_1:
+	//## File "{SRC}", line 12
+        /*0000*/                   STS [R0], R1 ;
+        /*0010*/              @!P0 BRA `(.L_x_1) ;
+        /*0020*/                   NOP ;
+.L_x_2:
+        /*0030*/                   STS [R0], R1 ;
+        /*0040*/              @!P0 BRA `(.L_x_2) ;
+        /*0050*/                   EXIT ;
+"""
+    from gpu_model.model import loop_trips
+
+    k = parse(listing)["_Z1kv"]
+    spec = KernelSpec("k", "kv", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+                      loops=[LoopSpec(r"t < m;", lambda s: 8)])
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [8, 8]  # copies that both run
+    spec.loops[0].unswitched = True
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [4, 4]  # one of the two runs: 8 in all
+    spec.loops[0].trips = lambda s: 0.25
+    assert loop_trips(k.loops, k, spec, {}, SOURCES) == [0.125, 0.125]
+
+
 AMD_LISTING = """
 	.file	0 "/src" "k.cu"
 	.file	1 "/src" "k.cuh"
