@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     TileAcc dzs = V == 7 ? times_state<N>(dz, ld, n, S0, kt) : fill_tile_acc(0.f);
     if (factored) {
       // The decays factor: every sum over the chunk's steps is a tile product of the L x L
-      // gradients with per-step scaled inputs, one factor per element (see prep). Rows:
+      // gradients with per-step scaled inputs (prep's operands, from the chunk's slot). Rows:
       // dr_t = E[t, -1] (dY S0 + dA_rb B' + dA_rk K')_t, da_t = E[t-1, -1] (dZ S0 + dA_ab B' +
       // dA_ak K')_t with B'_s = b_s exp2(-G_s), K'_s likewise (WKV-6: dr_t = E[t-1, -1] (dY S0 +
       // dA' K')_t, dA' without the diagonal).
