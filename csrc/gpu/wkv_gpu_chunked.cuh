@@ -42,7 +42,7 @@ constexpr float kLog2e = 1.4426950408889634f;  // log2(e): the cumulative log de
 static_assert(L == 16, "a chunk is one 16 x 16 tile");
 // A decay factor exp2(G_t - G_s) (s <= t) may be taken as the product exp2(G_t) * exp2(-G_s) of
 // two per-step factors when neither over- nor underflows: when the decay over the whole chunk,
-// exp2(G_{L-1}), is at least 2^-kFactorLimit for every key of a slab. Then the L x L matrices and
+// exp2(G_{L-1}), is at least 2^-kFactorLimit for every key. Then the L x L matrices and
 // the per-chunk gradients are tensor-core products of per-step scaled operands (O(L N) factors
 // instead of O(L^2 N)); each term is the same product as the pairwise form's, to rounding (the
 // factors and the split operands stay normal floats: 2^-96 * 2^-17 > 2^-126). Real models' decays
@@ -134,8 +134,8 @@ __device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const
   __syncthreads();
 }
 
-// Whether the keys jj < KS of this slab factor (G_{L-1}[jj] >= -kFactorLimit for all): the same
-// answer in every thread of the block. `flag` is a shared int; every thread takes part.
+// Whether the keys jj < KS (all of the chunk's) factor, G_{L-1}[jj] >= -kFactorLimit for each: the
+// same answer in every thread of the block. `flag` is a shared int; every thread takes part.
 template <int KS, int THREADS>
 __device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
   if (threadIdx.x == 0) *flag = 1;
