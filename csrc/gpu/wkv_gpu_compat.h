@@ -378,9 +378,6 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
 struct SplitBits {
   uint32_t bits;
 };
-__device__ __forceinline__ float to_float(SplitBits x) {
-  return __uint_as_float(x.bits << 16) + __uint_as_float(x.bits & 0xffff0000u);
-}
 __device__ __forceinline__ SplitBits split_bits(float x) {
   const uint32_t hi = from_float<Bf16>(x).bits;
   return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};
@@ -410,15 +407,9 @@ __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K])
 }
 
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
-// rc(lane, e) of p. A bf16 source is exact: its hi is its own bits and its lo 0. Where rounding is
-// integer arithmetic (gfx942, the emulator) those bits are taken as they are; with the hardware
-// conversion (sm_80+) they go through it like any float, which costs little and keeps the sm_90
-// grads kernels free of spills.
-#if defined(ARWKV_BF16_CVT)
-constexpr bool kBf16BitsAsTheyAre = false;
-#else
-constexpr bool kBf16BitsAsTheyAre = true;
-#endif
+// rc(lane, e) of p. A bf16 source is exact: its bits are its hi, its lo is 0. (Through the
+// conversion instead, the sm_90 grads kernel once avoided a spill; its products now take split
+// operands and it has none either way, so every target takes the bits.)
 template <class S, class RowCol>
 __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
                                              int64_t ld, int rows_valid, RowCol rc) {
@@ -436,7 +427,7 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
 #else
       hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
 #endif
-    } else if constexpr (kBf16BitsAsTheyAre && std::is_same_v<S, Bf16>) {
+    } else if constexpr (std::is_same_v<S, Bf16>) {
       const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
       hi[e / 2] = x0 | x1 << 16, lo[e / 2] = 0u;
