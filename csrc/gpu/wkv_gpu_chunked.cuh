@@ -354,7 +354,6 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
   // no register arrays, which unrolled made gfx942 spill scalar registers.)
   __shared__ float wt[WARPS][4][L][16];
-  __shared__ float s0_ds1[WARPS][16];  // per warp, for its keys j: sum_i S0[i][j] dS1[i][j]
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
     if (V == 6)
@@ -410,15 +409,6 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // this warp's key tile, if it has one
   const int kt = warp;
   if (kt < KT) {
-    {  // sum_i S0[i][j] dS1[i][j], the decay over the chunk's share of dw: the diagonal of S0^T dS1
-      TileAcc d = fill_tile_acc(0.f);
-#pragma unroll 1
-      for (int it = 0; it < N / 16; ++it)
-        d = mma_split(load_split_a_transposed(S0 + it * 16 * N + kt * 16, N), load_split_b(dS1 + it * 16 * N + kt * 16, N), d);
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e)
-        if (TileAcc::row(e) == TileAcc::col(e)) s0_ds1[warp][TileAcc::row(e)] = d.x[e];
-    }
     // sums over the value rows: dY S0 and V dS1 (WKV-7 also dZ S0 and SA dS1)
     TileAcc dys = times_state<N>(gy, ld, gy_steps, S0, kt);
     TileAcc dzs = V == 7 ? times_state<N>(dz, ld, n, S0, kt) : fill_tile_acc(0.f);
@@ -575,7 +565,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // and the decay over the chunk's: gamma * sum_i S0 dS1), one key per lane
   if (kt < KT && lane < 16) {
     const int j = kt * 16 + lane;
-    float acc = s0_ds1[warp][lane] * exp2f(G[L - 1][j]);
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < N; ++i) acc = fmaf(to_float(S0[i * N + j]), to_float(dS1[i * N + j]), acc);
+    acc *= exp2f(G[L - 1][j]);
     for (int t = 0; t < L; ++t) acc += all[t][lane];
     float du = 0.f;
     for (int t = L - 1; t >= 0; --t) {

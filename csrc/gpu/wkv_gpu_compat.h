@@ -378,6 +378,9 @@ __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int row
 struct SplitBits {
   uint32_t bits;
 };
+__device__ __forceinline__ float to_float(SplitBits x) {
+  return __uint_as_float(x.bits << 16) + __uint_as_float(x.bits & 0xffff0000u);
+}
 __device__ __forceinline__ SplitBits split_bits(float x) {
   const uint32_t hi = from_float<Bf16>(x).bits;
   return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};

@@ -328,6 +328,7 @@ def chunk_grads(s: dict) -> KernelSpec:
             LoopSpec(r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: 0),
             LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: 0),
             LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: 0),
+            LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),
             LoopSpec(r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps),
         ],
         dram_bytes=lambda s: dram,
