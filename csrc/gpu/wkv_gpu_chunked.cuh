@@ -147,21 +147,30 @@ __device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
 }
 
 // Column c of (I - A)^-1 for a strictly lower-triangular L x L matrix A (float, row-major, in
-// shared memory), by forward substitution: X[q] = I[q][c] + sum_{u < q} A[q][u] X[u] (so X[q] = 0
-// for q < c); emit(q, X[q]) for each row. I is read from `eye` (float, shared memory): compared
-// with c in registers, gfx942 kept the 16 comparisons' lane masks live across the fused forward's
-// chunk loop and ran out of scalar registers.
+// shared memory, 16-byte aligned), by forward substitution: X[q] = I[q][c] + sum_{u < q} A[q][u] X[u]
+// (so X[q] = 0 for q < c); emit(q, X[q]) for each row. Four columns u at a time: once X of the
+// four before them is known, every later row takes its four terms from one 16-byte load. The
+// additions are those of the row-by-row solve in the same order, but the dependent chain is a
+// few multiply-adds per four rows, not the L (L - 1) / 2 of the whole solve. I is read from
+// `eye` (float, shared memory): compared with c in registers, gfx942 kept the 16 comparisons'
+// lane masks live across the fused forward's chunk loop and ran out of scalar registers.
 template <class Emit>
 __device__ __forceinline__ void unit_lower_inverse_column(const float* a, const float* eye, int c, Emit emit) {
   float x[L];
 #pragma unroll
-  for (int q = 0; q < L; ++q) {
-    float acc = eye[q * L + c];
+  for (int q = 0; q < L; ++q) x[q] = eye[q * L + c];
 #pragma unroll
-    for (int u = 0; u < q; ++u) acc = fmaf(a[q * L + u], x[u], acc);
-    x[q] = acc;
-    emit(q, acc);
-  }
+  for (int u0 = 0; u0 < L; u0 += 4)
+#pragma unroll
+    for (int q = u0 + 1; q < L; ++q) {  // (rows u0 + 1 .. u0 + 3 in order: each needs the ones before)
+      float a4[4];
+      load_vec(a + q * L + u0, a4);
+#pragma unroll
+      for (int u = u0; u < u0 + 4; ++u)
+        if (u < q) x[q] = fmaf(a4[u - u0], x[u], x[q]);
+    }
+#pragma unroll
+  for (int q = 0; q < L; ++q) emit(q, x[q]);
 }
 
 // An accumulator tile (columns = keys) times diag(gamma) for its 16 keys.
@@ -701,6 +710,13 @@ struct FusedShared {
 #else
 #define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 1 : 4)
 #endif
+// prep runs a block per chunk, all independent, so it is held to as many blocks per unit as it
+// needs no more than 72 registers for (as the solve's early 16-byte loads would take more)
+#if defined(ARWKV_HIP)
+#define ARWKV_PREP_BOUNDS(N) ARWKV_FUSED_BOUNDS(N)
+#else
+#define ARWKV_PREP_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 3 : 7)
+#endif
 
 // Builds chunk k's operands for head h in shared memory, every thread of the block taking part
 // (the caller has synchronised since sh was last read): the cumulative log2 decays, the operands
@@ -924,7 +940,7 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 // One block per chunk slot and head, as large as the fused forward's: the chunk built as the fused
 // forward builds it (build_chunk), then copied to its scratch slot, 16 bytes per thread at a time.
 template <class T, int V, int N>
-__global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
+__global__ void ARWKV_PREP_BOUNDS(N) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
   using Op = Operands<V, N>;
   constexpr int THREADS = N / 16 * kWarpSize;
   __shared__ FusedShared<V, N> sh;
