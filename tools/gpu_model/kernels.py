@@ -137,10 +137,34 @@ def chunk_slots(s: dict) -> int:
     return s["B"] * s["T"] // L_CHUNK + s["B"] + 1
 
 
-def operand_floats(s: dict) -> int:
-    """Operands<V, N>::size: the prep kernel's 4-byte operand words per (chunk, head)."""
+def operand_parts(s: dict) -> dict[str, int]:
+    """Operands<V, N>'s fields, in order, and their 4-byte words per (chunk, head): the prep
+    kernel's scratch slot (wkv_gpu_chunked.cuh)."""
     L, N = L_CHUNK, s["N"]
-    return 4 * L * N + N + 4 + 5 * L * L if s["V"] == 7 else 2 * L * N + N + 4 + L * L
+    parts = {"rt": L * N, "ck": L * N, "gam": N, "flag": 4}
+    if s["V"] == 7:
+        return parts | {
+            "arb": L * L,
+            "ark": L * L,
+            "ab": L * L,
+            "aak": L * L,
+            "at": L * N,
+            "cb": L * N,
+            "inv": L * L,
+        }
+    return parts | {"a": L * L}
+
+
+def operand_floats(s: dict) -> int:
+    """Operands<V, N>::size."""
+    return sum(operand_parts(s).values())
+
+
+def operand_reads(s: dict, *fields: str) -> int:
+    """4-byte words per (chunk, head) a kernel reads of the slot: the named fields that this
+    version has (DRAM moves whole 32-byte sectors, and the fields a kernel skips are far larger)."""
+    parts = operand_parts(s)
+    return sum(parts[f] for f in fields if f in parts)
 
 
 def _seek(s: dict) -> float:
@@ -228,8 +252,9 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> 
 def chunk_starts(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
     state = s["B"] * s["H"] * N * N * 4
-    # reads the operands, v and the initial state; writes the start states and S a_t
-    dram = chunk_slots(s) * s["H"] * (operand_floats(s) + N * N) * 4 + elements(s) * s["bytes"] + state
+    # reads the operands of the state update, v and the initial state; writes the start states and S a_t
+    reads = operand_reads(s, "ck", "gam", "flag", "aak", "at", "cb", "inv")
+    dram = chunk_slots(s) * s["H"] * (reads + N * N) * 4 + elements(s) * s["bytes"] + state
     dram += elements(s) * 4 if V == 7 else 0
     return KernelSpec(
         label="chunk starts",
@@ -273,8 +298,11 @@ def chunk_fused_forward(s: dict) -> KernelSpec:
 def chunk_state_grad(s: dict) -> KernelSpec:
     V, N = s["V"], s["N"]
     state = s["B"] * s["H"] * N * N * 4
+    reads = operand_reads(
+        s, "rt", "ck", "gam", "flag", "arb", "ark", "a", "aak", "at", "cb", "inv"
+    )  # (not ab)
     dram = (
-        chunk_slots(s) * s["H"] * (operand_floats(s) + N * N) * 4
+        chunk_slots(s) * s["H"] * (reads + N * N) * 4
         + 2 * elements(s) * s["bytes"]
         + (elements(s) * 4 if V == 7 else 0)
         + 2 * state
@@ -297,7 +325,7 @@ def chunk_grads(s: dict) -> KernelSpec:
     kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
     keys = 5 if V == 7 else 3
     dram = (
-        chunk_slots(s) * s["H"] * 2 * N * N * 4
+        chunk_slots(s) * s["H"] * (2 * N * N + operand_reads(s, "rt", "ck", "at", "cb", "flag")) * 4
         + (keys + 2) * elements(s) * s["bytes"]
         + (2 * elements(s) * 4 if V == 7 else 0)
         + keys * elements(s) * s["bytes"]
