@@ -115,33 +115,64 @@ __device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
   return k;
 }
 
-// Loads G[t][jj] = log2(e) (w_0 + ... + w_t) at key j0 + jj, jj < KS, of the chunk (w = 0 on padded
-// steps) into shared memory (every thread of the block takes part). Base 2, so that each decay
-// factor is one exp2f of a difference (one hardware 2^x, where expf would first scale its argument).
-template <class T, int N, int KS, int THREADS>
-__device__ __forceinline__ void cumulative_log_decays(const WkvProblem& p, const Chunk& k, int h, int j0,
-                                                      float (*G)[KS]) {
-  const int64_t H = p.H;
-  for (int idx = threadIdx.x; idx < L * KS; idx += THREADS) {
-    const int t = idx / KS, jj = idx % KS;
-    G[t][jj] = t < k.steps ? kLog2e * load<T>(p.w, ((k.first + t) * H + h) * N + j0 + jj) : 0.f;
+// Whether the inputs r, w, k (, a, b) are 16-byte aligned (then so is every row of them: H * N *
+// sizeof(T) is a multiple of 16 for N >= 16), as fresh tensors are.
+template <int V>
+__device__ __forceinline__ bool inputs_aligned(const WkvProblem& p) {
+  return ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) | reinterpret_cast<uintptr_t>(p.k) |
+           reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) | reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) &
+          15u) == 0;
+}
+
+// The chunk kernels read their inputs in groups of consecutive keys of one step, one group per
+// thread: 8 keys (a 16-byte load of 16-bit inputs) with CUDA, 4 with gfx942, so that the fused
+// forward's 2N (CUDA) or 4N (gfx942) threads have one each.
+constexpr int kGroupKeys = kWarpSize == 64 ? 4 : 8;
+
+// Keys j0 .. j0 + kGroupKeys - 1 of a step (x + off) as floats: vector loads where the inputs are
+// 16-byte aligned (`vec`, as fresh tensors are), else element by element; 0 on padded steps.
+template <class T>
+__device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool vec, float (&out)[kGroupKeys]) {
+  if (real && vec) {
+    load_vec(x + off, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kGroupKeys; ++i) out[i] = real ? to_float(x[off + i]) : 0.f;
+  }
+}
+
+// G[t][j] = log2(e) (w_0 + ... + w_t) of the chunk's steps at key j (w = 0 on padded steps) into
+// shared memory, every thread of the block taking part: a thread loads a group of keys of one step
+// (w: the chunk's step 0, key 0; step q at q * ldi), then one thread per key sums. Base 2, so that
+// each decay factor is one exp2f of a difference (one hardware 2^x, where expf would first scale
+// its argument).
+template <class T, int N, int THREADS>
+__device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, bool vec, float (*G)[N]) {
+  constexpr int GK = kGroupKeys, kGroups = L * N / GK;
+  for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
+    const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
+    float x[GK];
+    load_keys(w, q * ldi + j0, q < steps, vec, x);
+#pragma unroll
+    for (int i = 0; i < GK; ++i) G[q][j0 + i] = kLog2e * x[i];
   }
   __syncthreads();
-  for (int jj = threadIdx.x; jj < KS; jj += THREADS) {
+  for (int j = threadIdx.x; j < N; j += THREADS) {
     float acc = 0.f;
-    for (int t = 0; t < L; ++t) G[t][jj] = acc += G[t][jj];
+#pragma unroll
+    for (int t = 0; t < L; ++t) G[t][j] = acc += G[t][j];
   }
   __syncthreads();
 }
 
-// Whether the keys jj < KS (all of the chunk's) factor, G_{L-1}[jj] >= -kFactorLimit for each: the
-// same answer in every thread of the block. `flag` is a shared int; every thread takes part.
-template <int KS, int THREADS>
-__device__ __forceinline__ bool slab_factors(const float* g_last, int* flag) {
+// Whether the chunk factors: every key's G_{L-1}[j] >= -kFactorLimit (g_last: N floats). The same
+// answer in every thread of the block; `flag` is a shared int; every thread takes part.
+template <int N, int THREADS>
+__device__ __forceinline__ bool chunk_factors(const float* g_last, int* flag) {
   if (threadIdx.x == 0) *flag = 1;
   __syncthreads();
-  for (int jj = threadIdx.x; jj < KS; jj += THREADS)
-    if (!(g_last[jj] >= -kFactorLimit)) *flag = 0;
+  for (int j = threadIdx.x; j < N; j += THREADS)
+    if (!(g_last[j] >= -kFactorLimit)) *flag = 0;
   __syncthreads();
   return *flag != 0;
 }
@@ -385,7 +416,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   using Op = Operands<V, N>;
   const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
   const SplitBits* op = reinterpret_cast<const SplitBits*>(slot);
-  cumulative_log_decays<T, N, N, THREADS>(p, k, h, 0, G);
+  cumulative_log_decays<T, N, THREADS>(static_cast<const T*>(p.w) + row0, int(ld), n, inputs_aligned<V>(p), G);
   const bool factored = slot[Op::flag] != 0.f;
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
@@ -651,32 +682,6 @@ __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const Spl
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
 
-// Whether the inputs r, w, k (, a, b) are 16-byte aligned (then so is every row of them: H * N *
-// sizeof(T) is a multiple of 16 for N >= 16), as fresh tensors are.
-template <int V>
-__device__ __forceinline__ bool inputs_aligned(const WkvProblem& p) {
-  return ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) | reinterpret_cast<uintptr_t>(p.k) |
-           reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) | reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) &
-          15u) == 0;
-}
-
-// The fused forward reads its inputs in groups of consecutive keys of one step, one group per
-// thread: 8 keys (a 16-byte load of 16-bit inputs) with CUDA's 2N threads per block, 4 with
-// gfx942's 4N, so every thread has one.
-constexpr int kGroupKeys = kWarpSize == 64 ? 4 : 8;
-
-// Keys j0 .. j0 + kGroupKeys - 1 of a step (x + off) as floats: vector loads where the inputs are
-// 16-byte aligned (`vec`, as fresh tensors are), else element by element; 0 on padded steps.
-template <class T>
-__device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool vec, float (&out)[kGroupKeys]) {
-  if (real && vec) {
-    load_vec(x + off, out);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kGroupKeys; ++i) out[i] = real ? to_float(x[off + i]) : 0.f;
-  }
-}
-
 // The column operands' factor at (step q, key j): exp2(-G_q) where the chunk factors, else the
 // decay to the chunk end exp2(G_{L-1} - G_q).
 template <int N>
@@ -734,22 +739,8 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   const T *r = static_cast<const T*>(p.r) + first, *w = static_cast<const T*>(p.w) + first;
   const T *kk = static_cast<const T*>(p.k) + first;
   const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
-  // the cumulative log2 decays: a thread loads GK keys of one step, then one thread per key sums
-  for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
-    const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
-    float x[GK];
-    load_keys(w, q * ldi + j0, q < k.steps, vec, x);
-#pragma unroll
-    for (int i = 0; i < GK; ++i) sh.G[q][j0 + i] = kLog2e * x[i];
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < N; j += THREADS) {
-    float acc = 0.f;
-#pragma unroll
-    for (int t = 0; t < L; ++t) sh.G[t][j] = acc += sh.G[t][j];
-  }
-  __syncthreads();
-  const bool factored = slab_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
+  cumulative_log_decays<T, N, THREADS>(w, ldi, k.steps, vec, sh.G);
+  const bool factored = chunk_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
 
   if (!factored) {
     // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as

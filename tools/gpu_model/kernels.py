@@ -172,6 +172,17 @@ def _seek(s: dict) -> float:
     return math.ceil(math.log2(max(s["B"], 1))) if s["B"] > 1 else 0
 
 
+def _decay_loops(s: dict, threads: int) -> list[LoopSpec]:
+    """cumulative_log_decays' loops, per chunk: a thread per group of keys of a step, then the first
+    threads (in warps of their own) one key each."""
+    N, gk = s["N"], 4 if s.get("hip") else 8
+    warps = threads // warp(s)
+    return [
+        LoopSpec(rf"{GROUPS}\s+float x", lambda s: L_CHUNK * N / gk / threads),
+        LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", lambda s: math.ceil(N / warp(s)) / warps),
+    ]
+
+
 def _build_loops(s: dict) -> list[LoopSpec]:
     """The loops of build_chunk (the fused forward's and prep's chunk building), per chunk."""
     V, N = s["V"], s["N"]
@@ -179,10 +190,9 @@ def _build_loops(s: dict) -> list[LoopSpec]:
     threads = warps * warp(s)
     first_warps = lambda s: math.ceil(N / warp(s)) / warps  # noqa: E731 (loops over j < N: the first warps)
     return [
-        # the decays (a thread per group), their sums over the steps, slab_factors
-        LoopSpec(rf"{GROUPS}\s+float x", lambda s: 1),
-        LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", first_warps),
-        LoopSpec(r"jj < KS; jj \+= THREADS", first_warps),
+        # the decays, chunk_factors
+        *_decay_loops(s, threads),
+        LoopSpec(r"j < N; j \+= THREADS\)\s+if \(!\(g_last", first_warps),
         # the pairwise form's staging and sums (FACTORED: not run)
         LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+auto stage", lambda s: 0),
         LoopSpec(
@@ -267,7 +277,7 @@ def chunk_starts(s: dict) -> KernelSpec:
     )
 
 
-# the fused forward's loops over (step, kGroupKeys keys) groups of a chunk's inputs: one per thread
+# the chunk kernels' loops over (step, kGroupKeys keys) groups of a chunk's inputs
 GROUPS = r"grp < kGroups; grp \+= THREADS\) \{\s+const int q = grp / \(N / GK\), j0 = grp % \(N / GK\) \* GK;"
 
 
@@ -338,12 +348,7 @@ def chunk_grads(s: dict) -> KernelSpec:
         threads=threads,
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
-            LoopSpec(
-                r"idx < L \* KS; idx \+= THREADS\) \{\s+const int t = idx / KS",
-                lambda s: L_CHUNK * N / threads,
-                per_trip=("LDG", 1),
-            ),
-            LoopSpec(r"jj < KS; jj \+= THREADS", lambda s: math.ceil(N / warp(s)) / warps),
+            *_decay_loops(s, threads),
             LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16),
             # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
             LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
