@@ -232,6 +232,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
   __shared__ float S[16][N];  // this band's 16 value rows of the state
   __shared__ float vs[L][16];  // v_t of the chunk for these rows (0 on padded steps)
   __shared__ float zs[V == 7 ? L : 1][16], sas[V == 7 ? L : 1][16];  // WKV-7: the solve's right side, S a_t
+  __shared__ float gam[N];  // the chunk's decay
   const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
   const int64_t H = p.H;
   const float* init = static_cast<const float*>(p.initial_state);
@@ -244,14 +245,27 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
     const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
-    __syncthreads();  // the previous chunk is done with vs, zs, sas and S
+    // this chunk's v rows and decay into registers first, so that their loads are under way
+    // while the start state is stored
+    constexpr int kV = L * 16 / kWarpSize, kG = (N + kWarpSize - 1) / kWarpSize;
+    float vr[kV], gr[kG];
+#pragma unroll
+    for (int m = 0; m < kV; ++m) {
+      const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
+      vr[m] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < kG; ++m) gr[m] = threadIdx.x + m * kWarpSize < N ? gamma[threadIdx.x + m * kWarpSize] : 0.f;
+    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
+    __syncthreads();  // the previous chunk is done with vs, zs, sas, gam and S
     for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
       reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
           split_bits(S[idx / N][idx % N]);
-    for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
-      const int t = idx / 16, i = idx % 16;
-      vs[t][i] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
-    }
+#pragma unroll
+    for (int m = 0; m < kV; ++m) (&vs[0][0])[threadIdx.x + m * kWarpSize] = vr[m];
+#pragma unroll
+    for (int m = 0; m < kG; ++m)
+      if (threadIdx.x + m * kWarpSize < N) gam[threadIdx.x + m * kWarpSize] = gr[m];
     __syncthreads();
 
     if (V == 7) {
@@ -271,14 +285,13 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
 
     // S = S diag(gamma) + SA^T b^ + V^T k^, one 16 x 16 key tile at a time; a factored chunk's
     // column operands are b, k times exp2(-G_s): S = (S + SA^T B' + V^T K') diag(gamma)
-    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&S[0][kt * 16], N);
-      if (!factored) scale_columns(st, gamma + kt * 16);
+      if (!factored) scale_columns(st, gam + kt * 16);
       if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::cb + kt * 16, N), st);
       st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::ck + kt * 16, N), st);
-      if (factored) scale_columns(st, gamma + kt * 16);
+      if (factored) scale_columns(st, gam + kt * 16);
       store_tile_acc(&S[0][kt * 16], N, st);
     }
   }
@@ -293,6 +306,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
   __shared__ float dS[16][N];  // dLoss/dS for this band's rows, for the state after the chunk
   __shared__ float dys[L][16];
   __shared__ float dsas[V == 7 ? L : 1][16], dzs[V == 7 ? L : 1][16];
+  __shared__ float gam[N];  // the chunk's decay, staged with dY (read twice per key, in two phases)
   const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
   const int64_t H = p.H;
   const float* gs = static_cast<const float*>(p.grad_state);
@@ -306,17 +320,19 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
     __syncthreads();
-    // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
-    // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk
     const bool factored = gamma[Op::flag - Op::gam] != 0.f;
-    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) {
-      const float d = dS[idx / N][idx % N];
-      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
-      if (factored) dS[idx / N][idx % N] = d * gamma[idx % N];
-    }
+    for (int j = threadIdx.x; j < N; j += kWarpSize) gam[j] = gamma[j];
     for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
       const int t = idx / 16, i = idx % 16;
       dys[t][i] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
+    }
+    __syncthreads();
+    // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
+    // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk
+    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) {
+      const float d = dS[idx / N][idx % N];
+      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
+      if (factored) dS[idx / N][idx % N] = d * gam[idx % N];
     }
     __syncthreads();
 
@@ -347,7 +363,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
       TileAcc st = load_tile_acc(&dS[0][kt * 16], N);
-      if (!factored) scale_columns(st, gamma + kt * 16);
+      if (!factored) scale_columns(st, gam + kt * 16);
       st = mma_split(load_split_a_transposed(&dys[0][0], 16), load_split_b(op + Op::rt + kt * 16, N), st);
       if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], 16), load_split_b(op + Op::at + kt * 16, N), st);
       store_tile_acc(&dS[0][kt * 16], N, st);

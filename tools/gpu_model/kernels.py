@@ -252,7 +252,9 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> 
         ),
         LoopSpec(chunks, lambda s: chunk_count),
         LoopSpec(
-            rf"idx < 16 \* N; idx \+= kWarpSize\)\s+{per_chunk}", lambda s: 16 * N / w, per_trip=("STG", 1)
+            rf"reinterpret_cast<SplitBits\*>\({per_chunk}\)\[",  # (the loop's line, or its store's)
+            lambda s: 16 * N / w,
+            per_trip=("STG", 1),
         ),
         LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / w, per_trip=("STS", 1)),
         LoopSpec(rf"idx < 16 \* N; idx \+= kWarpSize\) {last}", lambda s: 16 * N / w, per_trip=("STG", 1)),
@@ -323,7 +325,10 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
+        loops=[
+            *_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
+            LoopSpec(r"j < N; j \+= kWarpSize\) gam\[j\]", lambda s: N / warp(s)),
+        ],
         dram_bytes=lambda s: dram,
     )
 
