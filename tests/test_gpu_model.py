@@ -91,6 +91,22 @@ def test_trips_read_the_unroll_factor_back():
         dynamic(k, missing, {}, SOURCES)
 
 
+def test_a_spec_that_matches_no_loop_is_an_error_unless_it_may_vanish():
+    """A loop spec of more than one trip that no loop of the machine code matches means a loop was
+    counted with another spec's trips (or the source moved): the model refuses to estimate."""
+    k = parse(LISTING)["_Z6kernelPf"]
+    loops = [LoopSpec(r"c < num_chunks", lambda s: 3), LoopSpec(r"t < m;", lambda s: 8, per_trip=("STS", 1))]
+
+    def spec(extra: LoopSpec) -> KernelSpec:
+        return KernelSpec("k", "kernel", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+                          loops=[*loops, extra])
+
+    with pytest.raises(ValueError, match="no loop of the machine code matches 'j < N'"):
+        dynamic(k, spec(LoopSpec(r"j < N", lambda s: 4)), {}, SOURCES)
+    dynamic(k, spec(LoopSpec(r"j < N", lambda s: 4, may_vanish=True)), {}, SOURCES)  # unrolled away
+    dynamic(k, spec(LoopSpec(r"j < N", lambda s: 1)), {}, SOURCES)  # one trip: may be straight-line code
+
+
 def test_occupancy_follows_registers_shared_memory_and_threads():
     assert resident_blocks(H100, 128, 64, 0) == 8  # 64 K registers / (128 x 64)
     assert resident_blocks(H100, 128, 159, 0) == 3  # 160 allocated per thread

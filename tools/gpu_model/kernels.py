@@ -238,12 +238,15 @@ def chunk_prep(s: dict) -> KernelSpec:
     )
 
 
-def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> list[LoopSpec]:
+def _band_loops(
+    s: dict, first: str, chunks: str, per_chunk: str, staged_rows: bool, last: str | None
+) -> list[LoopSpec]:
     """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
-    loop, a [16, N] store per chunk, the chunk's [L, 16] values staged, the band's state written out."""
+    loop, a [16, N] store per chunk, the chunk's [L, 16] values staged (state-grad's dY; starts
+    loads its v into registers, unrolled), the band's result written out (`last`, if any)."""
     N, w = s["N"], warp(s)
     chunk_count = math.ceil(s["T"] / L_CHUNK)
-    return [
+    loops = [
         LoopSpec(
             rf"idx < 16 \* N; idx \+= kWarpSize\) {first}",
             lambda s: 16 * N / w,
@@ -256,9 +259,16 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str) -> 
             lambda s: 16 * N / w,
             per_trip=("STG", 1),
         ),
-        LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / w, per_trip=("STS", 1)),
-        LoopSpec(rf"idx < 16 \* N; idx \+= kWarpSize\) {last}", lambda s: 16 * N / w, per_trip=("STG", 1)),
     ]
+    if staged_rows:
+        loops.append(
+            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / w, per_trip=("STS", 1))
+        )
+    if last:
+        loops.append(
+            LoopSpec(rf"idx < 16 \* N; idx \+= kWarpSize\) {last}", lambda s: 16 * N / w, per_trip=("STG", 1))
+        )
+    return loops
 
 
 def chunk_starts(s: dict) -> KernelSpec:
@@ -274,7 +284,7 @@ def chunk_starts(s: dict) -> KernelSpec:
         short=f"chunk starts <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", r"final_state"),
+        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", False, None),
         dram_bytes=lambda s: dram,
     )
 
@@ -326,8 +336,9 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
         loops=[
-            *_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
-            LoopSpec(r"j < N; j \+= kWarpSize\) gam\[j\]", lambda s: N / warp(s)),
+            *_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", True, r"grad_s0"),
+            # (N / warp trips, unrolled away where that is a constant)
+            LoopSpec(r"j < N; j \+= kWarpSize\) gam\[j\]", lambda s: N / warp(s), may_vanish=True),
         ],
         dram_bytes=lambda s: dram,
     )
@@ -367,7 +378,9 @@ def chunk_grads(s: dict) -> KernelSpec:
             LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: 0),
             LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: 0),
             LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),
-            LoopSpec(r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps),
+            LoopSpec(
+                r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps, may_vanish=True
+            ),  # (unrolled on CUDA)
         ],
         dram_bytes=lambda s: dram,
     )

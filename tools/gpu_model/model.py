@@ -48,13 +48,18 @@ class LoopSpec:
     ``needs_global_loads``: a version of the loop without global loads is the one that does not
     run (a null-pointer branch); ``unswitched``: the compiler may emit one copy of the loop per
     value of a condition that does not change inside it, of which one runs (its trips are shared
-    out among the copies)."""
+    out among the copies); ``may_vanish``: the compiler may unroll it away, so no loop of the
+    machine code need match it. Every other spec of more than one trip must match a loop: one
+    that matches none means its loop was taken for another's (and counted with that one's trips),
+    or the source changed under it. (A loop of at most one trip per thread may be compiled as
+    straight-line code.)"""
 
     pattern: str
     trips: Callable[[dict], float]
     per_trip: tuple[str, int] | None = None
     needs_global_loads: bool = False
     unswitched: bool = False
+    may_vanish: bool = False
 
 
 @dataclass
@@ -163,10 +168,27 @@ def loop_trips(
     return trips
 
 
+def check_loops_matched(kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict) -> None:
+    """Raises ValueError when a loop spec of more than one trip that may not vanish matches no
+    loop of the kernel."""
+    used: set[int] = set()
+
+    def walk(loops: list[Loop]) -> None:
+        for loop in loops:
+            used.add(_spec_of(loop, kernel, spec, sources))
+            walk(loop.children)
+
+    walk(kernel.loops)
+    for n, ls in enumerate(spec.loops):
+        if n not in used and not ls.may_vanish and ls.trips(shape) > 1:
+            raise ValueError(f"{spec.label}: no loop of the machine code matches {ls.pattern[:70]!r}")
+
+
 def dynamic(
     kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict, latency: dict[str, int] | None = None
 ) -> tuple[Counter, float]:
     """(instructions per warp by unit for one block's work, the serial chain in clocks)."""
+    check_loops_matched(kernel, spec, shape, sources)
 
     def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
         inside = set()
