@@ -150,8 +150,9 @@ def sources_of(kernels) -> dict[str, list[str]]:
 
 KERNEL_HEADER = [
     "| GPU | op | B, T, H, N | algorithm | pass | kernel | blocks | resident / unit | instructions / warp | "
-    "shared wavefronts / warp | serial chain (clocks / warp) | bound | estimate ms |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "shared wavefronts / warp | serial chain (clocks / warp) | bound | DRAM GB | DRAM alone ms | "
+    "estimate ms |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -178,7 +179,7 @@ def estimate_passes(
                 f"| {gpu.name} | wkv{version} | {B}, {T}, {H}, {N} | {algorithm} | {pass_name} | {e.label} | "
                 f"{e.blocks} | {e.resident} | {e.per_warp['issue']:,.0f} | "
                 f"{e.per_warp['shared_wavefronts']:,.0f} | {e.chain_clocks:,.0f} | {e.bound} | "
-                f"{e.ms:.2f} |"
+                f"{spec.dram_bytes(shape) / 1e9:.2f} | {e.parts_ms['dram']:.2f} | {e.ms:.2f} |"
             )
         totals[pass_name] = total
     return totals
