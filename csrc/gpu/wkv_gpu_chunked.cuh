@@ -180,9 +180,11 @@ __device__ __forceinline__ bool chunk_factors(const float* g_last, int* flag) {
 // Column c of (I - A)^-1 for a strictly lower-triangular L x L matrix A (float, row-major, in
 // shared memory, 16-byte aligned), by forward substitution: X[q] = I[q][c] + sum_{u < q} A[q][u] X[u]
 // (so X[q] = 0 for q < c); emit(q, X[q]) for each row. Four columns u at a time: once X of the
-// four before them is known, every later row takes its four terms from one 16-byte load. The
-// additions are those of the row-by-row solve in the same order, but the dependent chain is a
-// few multiply-adds per four rows, not the L (L - 1) / 2 of the whole solve. I is read from
+// four before them is known, every later row takes its four terms from one 16-byte load. Each
+// row's additions are those of the row-by-row solve, in the same order (the same bits); what
+// changes is the order the instructions come in: every later row's four multiply-adds of a group
+// are independent of the other rows', so an in-order issue overlaps them, where row by row each
+// row's q dependent multiply-adds came back to back. I is read from
 // `eye` (float, shared memory): compared with c in registers, gfx942 kept the 16 comparisons'
 // lane masks live across the fused forward's chunk loop and ran out of scalar registers.
 template <class Emit>
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
       reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
           split_bits(S[idx / N][idx % N]);
 #pragma unroll
-    for (int m = 0; m < kV; ++m) (&vs[0][0])[threadIdx.x + m * kWarpSize] = vr[m];
+    for (int m = 0; m < kV; ++m) vs[(threadIdx.x + m * kWarpSize) / 16][(threadIdx.x + m * kWarpSize) % 16] = vr[m];
 #pragma unroll
     for (int m = 0; m < kG; ++m)
       if (threadIdx.x + m * kWarpSize < N) gam[threadIdx.x + m * kWarpSize] = gr[m];
@@ -298,15 +300,21 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
 }
 
 // ---- 3. state-grad: dLoss/dstate walking back, grad_v, (WKV-7) the solve's gradient ---------
+// CUDA: up to N = 64 at most 128 registers, so that 16 one-warp blocks fit a unit (all of (8,
+// 4096, 64, 64)'s at once: one more register and the last of them would wait for a second wave).
+#if defined(ARWKV_HIP)
+#define ARWKV_STATE_GRAD_BOUNDS(N) __launch_bounds__(kWarpSize)
+#else
+#define ARWKV_STATE_GRAD_BOUNDS(N) __launch_bounds__(kWarpSize, N <= 64 ? 16 : 1)
+#endif
 template <class T, int V, int N>
-__global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const WkvBackwardProblem p,
-                                                                          const Scratch sc) {
+__global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const WkvBackwardProblem p, const Scratch sc) {
   using Op = Operands<V, N>;
   constexpr int KT = N / 16;
   __shared__ float dS[16][N];  // dLoss/dS for this band's rows, for the state after the chunk
   __shared__ float dys[L][16];
   __shared__ float dsas[V == 7 ? L : 1][16], dzs[V == 7 ? L : 1][16];
-  __shared__ float gam[N];  // the chunk's decay, staged with dY (read twice per key, in two phases)
+  __shared__ float gam[N];  // the chunk's decay
   const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
   const int64_t H = p.H;
   const float* gs = static_cast<const float*>(p.grad_state);
@@ -319,21 +327,35 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_state_grad_kernel(const W
     const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
-    __syncthreads();
-    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
-    for (int j = threadIdx.x; j < N; j += kWarpSize) gam[j] = gamma[j];
-    for (int idx = threadIdx.x; idx < L * 16; idx += kWarpSize) {
-      const int t = idx / 16, i = idx % 16;
-      dys[t][i] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
+    // this chunk's dY rows and the decay at this lane's keys ((lane + j * warp) % N) into registers
+    // first, so that their loads are under way while the state gradient is stored
+    constexpr int kV = L * 16 / kWarpSize, kG = N > kWarpSize ? N / kWarpSize : 1;
+    float dyr[kV], gk[kG];
+#pragma unroll
+    for (int m = 0; m < kV; ++m) {
+      const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
+      dyr[m] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kG; ++j) gk[j] = gamma[(threadIdx.x + j * kWarpSize) % N];
+    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
+    __syncthreads();  // the previous chunk is done with dS, dys, dsas, dzs and gam
     // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
     // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk
-    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) {
-      const float d = dS[idx / N][idx % N];
-      reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
-      if (factored) dS[idx / N][idx % N] = d * gam[idx % N];
-    }
+    // (element idx = lane + (m kG + j) warp is at key idx % N, whose decay is gk[j])
+    for (int m = 0; m < 16 * N / kWarpSize / kG; ++m)
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        const int idx = threadIdx.x + (m * kG + j) * kWarpSize;
+        const float d = dS[idx / N][idx % N];
+        reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
+        if (factored) dS[idx / N][idx % N] = d * gk[j];
+      }
+#pragma unroll
+    for (int m = 0; m < kV; ++m) dys[(threadIdx.x + m * kWarpSize) / 16][(threadIdx.x + m * kWarpSize) % 16] = dyr[m];
+#pragma unroll
+    for (int j = 0; j < kG; ++j)
+      if (threadIdx.x + j * kWarpSize < N) gam[threadIdx.x + j * kWarpSize] = gk[j];
     __syncthreads();
 
     if (V == 7) {
@@ -714,7 +736,7 @@ struct FusedShared {
   alignas(16) SplitBits rt[L][N], ck[L][N];
   float gamma[N];                    // the decay over the chunk
   float flag[4];                     // prep: 1 if the chunk factors
-  float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
+  alignas(16) float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits at[L][N], cb[L][N];
   SplitBits inv[V == 7 ? L : 1][L];  // (I - A_ab)^-1
   int factors;
@@ -731,8 +753,9 @@ struct FusedShared {
 #else
 #define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 1 : 4)
 #endif
-// prep runs a block per chunk, all independent, so it is held to as many blocks per unit as it
-// needs no more than 72 registers for (as the solve's early 16-byte loads would take more)
+// prep runs a block per chunk, all independent, so it is held to 7 blocks per unit up to N = 64 (at
+// most 72 registers at N = 64, where the solve's early 16-byte loads would take more; sm_80's shared
+// memory fits 6 of its blocks) and 3 at N = 128 (80 registers)
 #if defined(ARWKV_HIP)
 #define ARWKV_PREP_BOUNDS(N) ARWKV_FUSED_BOUNDS(N)
 #else

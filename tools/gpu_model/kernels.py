@@ -164,6 +164,9 @@ def operand_reads(s: dict, *fields: str) -> int:
     """4-byte words per (chunk, head) a kernel reads of the slot: the named fields that this
     version has (DRAM moves whole 32-byte sectors, and the fields a kernel skips are far larger)."""
     parts = operand_parts(s)
+    known = set(operand_parts({**s, "V": 7})) | set(operand_parts({**s, "V": 6}))
+    if unknown := set(fields) - known:
+        raise ValueError(f"no such operand field: {sorted(unknown)}")
     return sum(parts[f] for f in fields if f in parts)
 
 
@@ -238,12 +241,10 @@ def chunk_prep(s: dict) -> KernelSpec:
     )
 
 
-def _band_loops(
-    s: dict, first: str, chunks: str, per_chunk: str, staged_rows: bool, last: str | None
-) -> list[LoopSpec]:
+def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | None) -> list[LoopSpec]:
     """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
-    loop, a [16, N] store per chunk, the chunk's [L, 16] values staged (state-grad's dY; starts
-    loads its v into registers, unrolled), the band's result written out (`last`, if any)."""
+    loop, a [16, N] store per chunk (the chunk's rows of v or dY come into registers, unrolled),
+    the band's result written out (`last`, if any)."""
     N, w = s["N"], warp(s)
     chunk_count = math.ceil(s["T"] / L_CHUNK)
     loops = [
@@ -258,12 +259,9 @@ def _band_loops(
             rf"reinterpret_cast<SplitBits\*>\({per_chunk}\)\[",  # (the loop's line, or its store's)
             lambda s: 16 * N / w,
             per_trip=("STG", 1),
+            may_vanish=True,  # (clang unrolls state-grad's fully at N = 64 on gfx942)
         ),
     ]
-    if staged_rows:
-        loops.append(
-            LoopSpec(r"idx < L \* 16; idx \+= kWarpSize", lambda s: L_CHUNK * 16 / w, per_trip=("STS", 1))
-        )
     if last:
         loops.append(
             LoopSpec(rf"idx < 16 \* N; idx \+= kWarpSize\) {last}", lambda s: 16 * N / w, per_trip=("STG", 1))
@@ -284,7 +282,7 @@ def chunk_starts(s: dict) -> KernelSpec:
         short=f"chunk starts <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", False, None),
+        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", None),
         dram_bytes=lambda s: dram,
     )
 
@@ -335,11 +333,7 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=[
-            *_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", True, r"grad_s0"),
-            # (N / warp trips, unrolled away where that is a constant)
-            LoopSpec(r"j < N; j \+= kWarpSize\) gam\[j\]", lambda s: N / warp(s), may_vanish=True),
-        ],
+        loops=_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
         dram_bytes=lambda s: dram,
     )
 
