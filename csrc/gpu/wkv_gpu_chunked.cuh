@@ -226,6 +226,43 @@ __device__ __forceinline__ void store_steps(T* dst, int64_t step_stride, int ste
   }
 }
 
+// The state passes load a chunk's per-step inputs into registers before the barrier that frees
+// their shared copies, so that the loads are under way while the pass stores its state for the
+// chunk, and write them to shared memory after it.
+// The band's [L][16] rows of a [B * T, H, N] tensor x (x + row0: step 0, the band's first value
+// row; 0 on padded steps and where x is null): element lane + m * warp of the rows in register m.
+constexpr int kBandRowRegs = L * 16 / kWarpSize;
+template <class T>
+__device__ __forceinline__ void load_band_rows(const void* x, int64_t row0, int64_t ld, int steps,
+                                               float (&out)[kBandRowRegs]) {
+#pragma unroll
+  for (int m = 0; m < kBandRowRegs; ++m) {
+    const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
+    out[m] = t < steps && x ? load<T>(x, row0 + int64_t(t) * ld + i) : 0.f;
+  }
+}
+__device__ __forceinline__ void store_band_rows(const float (&in)[kBandRowRegs], float (*rows)[16]) {
+#pragma unroll
+  for (int m = 0; m < kBandRowRegs; ++m) {
+    const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
+    rows[t][i] = in[m];
+  }
+}
+// The chunk's decay (gamma: N floats) at this lane's keys (lane + j * warp) % N, in register j.
+template <int N>
+constexpr int kLaneKeys = N > kWarpSize ? N / kWarpSize : 1;
+template <int N>
+__device__ __forceinline__ void load_lane_decays(const float* gamma, float (&out)[kLaneKeys<N>]) {
+#pragma unroll
+  for (int j = 0; j < kLaneKeys<N>; ++j) out[j] = gamma[(threadIdx.x + j * kWarpSize) % N];
+}
+template <int N>
+__device__ __forceinline__ void store_lane_decays(const float (&in)[kLaneKeys<N>], float* gam) {
+#pragma unroll
+  for (int j = 0; j < kLaneKeys<N>; ++j)
+    if (threadIdx.x + j * kWarpSize < N) gam[threadIdx.x + j * kWarpSize] = in[j];
+}
+
 // ---- 2. starts: the state at each chunk start and S a_t per step, for the backward ----------
 template <class T, int V, int N>
 __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBackwardProblem p, const Scratch sc) {
@@ -247,27 +284,16 @@ __global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBa
     const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
-    // this chunk's v rows and decay into registers first, so that their loads are under way
-    // while the start state is stored
-    constexpr int kV = L * 16 / kWarpSize, kG = (N + kWarpSize - 1) / kWarpSize;
-    float vr[kV], gr[kG];
-#pragma unroll
-    for (int m = 0; m < kV; ++m) {
-      const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
-      vr[m] = t < k.steps ? load<T>(p.v, row0 + int64_t(t) * H * N + i) : 0.f;
-    }
-#pragma unroll
-    for (int m = 0; m < kG; ++m) gr[m] = threadIdx.x + m * kWarpSize < N ? gamma[threadIdx.x + m * kWarpSize] : 0.f;
+    float vr[kBandRowRegs], gr[kLaneKeys<N>];
+    load_band_rows<T>(p.v, row0, H * N, k.steps, vr);
+    load_lane_decays<N>(gamma, gr);
     const bool factored = gamma[Op::flag - Op::gam] != 0.f;
     __syncthreads();  // the previous chunk is done with vs, zs, sas, gam and S
     for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
       reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
           split_bits(S[idx / N][idx % N]);
-#pragma unroll
-    for (int m = 0; m < kV; ++m) vs[(threadIdx.x + m * kWarpSize) / 16][(threadIdx.x + m * kWarpSize) % 16] = vr[m];
-#pragma unroll
-    for (int m = 0; m < kG; ++m)
-      if (threadIdx.x + m * kWarpSize < N) gam[threadIdx.x + m * kWarpSize] = gr[m];
+    store_band_rows(vr, vs);
+    store_lane_decays<N>(gr, gam);
     __syncthreads();
 
     if (V == 7) {
@@ -327,17 +353,10 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
     const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
-    // this chunk's dY rows and the decay at this lane's keys ((lane + j * warp) % N) into registers
-    // first, so that their loads are under way while the state gradient is stored
-    constexpr int kV = L * 16 / kWarpSize, kG = N > kWarpSize ? N / kWarpSize : 1;
-    float dyr[kV], gk[kG];
-#pragma unroll
-    for (int m = 0; m < kV; ++m) {
-      const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
-      dyr[m] = t < k.steps && p.grad_y ? load<T>(p.grad_y, row0 + int64_t(t) * H * N + i) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < kG; ++j) gk[j] = gamma[(threadIdx.x + j * kWarpSize) % N];
+    constexpr int kG = kLaneKeys<N>;
+    float dyr[kBandRowRegs], gk[kG];
+    load_band_rows<T>(p.grad_y, row0, H * N, k.steps, dyr);
+    load_lane_decays<N>(gamma, gk);
     const bool factored = gamma[Op::flag - Op::gam] != 0.f;
     __syncthreads();  // the previous chunk is done with dS, dys, dsas, dzs and gam
     // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
@@ -351,11 +370,8 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
         reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
         if (factored) dS[idx / N][idx % N] = d * gk[j];
       }
-#pragma unroll
-    for (int m = 0; m < kV; ++m) dys[(threadIdx.x + m * kWarpSize) / 16][(threadIdx.x + m * kWarpSize) % 16] = dyr[m];
-#pragma unroll
-    for (int j = 0; j < kG; ++j)
-      if (threadIdx.x + j * kWarpSize < N) gam[threadIdx.x + j * kWarpSize] = gk[j];
+    store_band_rows(dyr, dys);
+    store_lane_decays<N>(gk, gam);
     __syncthreads();
 
     if (V == 7) {
