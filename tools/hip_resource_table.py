@@ -4,8 +4,8 @@ which kernels miss the occupancy goals on gfx942:
 
 - step forward kernels: >= 4 waves per SIMD, LDS <= 32 KB per workgroup;
 - step backward kernels (snapshots, state gradient, columns): >= 2 waves per SIMD;
-- chunked kernels (prep, forward, starts, state gradient, grads; their tensor-core tiles live
-  in registers): >= 2 waves per SIMD;
+- chunked kernels (the fused forward and its backward saves pass, state gradient, grads; their
+  tensor-core tiles live in registers): >= 2 waves per SIMD;
 - the tensor-core tiles' self-test kernel: no occupancy goal (it still must not spill).
 
     python tools/hip_resource_table.py remarks.log [--out table.txt]
@@ -26,8 +26,7 @@ KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/l
         "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
         "LDS Size [bytes/block]": "lds"}
 MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
-CHUNKED = {"prep": "chunk:prep", "fused_forward": "chunk:forward", "starts": "chunk:starts",
-           "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
+CHUNKED = {"fused_forward": "chunk:forward", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
 
 
 def describe(name: str) -> tuple[str, str]:
@@ -36,6 +35,8 @@ def describe(name: str) -> tuple[str, str]:
     if name.startswith("chunked::wkv_chunk_"):
         kind = name.removeprefix("chunked::wkv_chunk_").split("_kernel")[0]
         role = CHUNKED[kind]
+        if role == "chunk:forward" and name.endswith(",true>"):  # the backward's saves pass
+            role = "chunk:saves"
     elif name.startswith("wkv_columns_kernel"):
         role = "bwd:columns"
     elif not name.startswith("wkv_rows_kernel"):

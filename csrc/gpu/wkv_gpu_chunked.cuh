@@ -11,23 +11,23 @@
 // factor is taken as exp2(G_t) * exp2(-G_s), both normal floats, so the L x L matrices and the
 // per-chunk gradients are tile products; stronger decays take the pairwise form: any decay is exact.
 // The forward is one kernel:
-//  5. fused forward (one block per (sequence, head), a warp / wave per 16 value rows; serial over
-//     chunks): each chunk's operands and L x L matrices built in shared memory, then each warp
-//     advances its rows of the state, held in registers: outputs and the final state.
+//  - fused forward (one block per (sequence, head), a warp / wave per 16 value rows; serial over
+//    chunks): each chunk's operands and L x L matrices built in shared memory, then each warp
+//    advances its rows of the state, held in registers: outputs and the final state.
 // The backward, by what each kernel depends on:
-//  1. prep (one block per chunk slot and head; parallel over the whole sequence): the decayed
-//     operands, the decay over the chunk, the L x L matrices, and (WKV-7) the inverse of the unit
-//     lower-triangular I - A_ab, stored split (SplitBits) in the chunk's scratch slot.
-//  2. starts (one warp / wave per 16 value rows of a (sequence, head); serial over chunks): value
-//     rows are independent given the chunk operands, so each block carries a 16 x N band of the
-//     state through the chunks with tensor-core products only, storing the state at each chunk
-//     start and (WKV-7) S a_t per step.
-//  3. state-grad (same blocks, chunks in reverse): dLoss/dstate after each chunk, grad_v, and
-//     (WKV-7) the gradient of the solve's right side per step; grad_initial_state at the end.
-//  4. grads (one block per chunk slot and head; parallel again): the gradients of r, w, k, a, b
-//     (u) of one chunk from its start state, the state gradient after it and the per-step
-//     vectors of 2 and 3, as tile products with the decays, then dw as a reverse cumulative sum
-//     inside the chunk.
+//  1. saves: the fused forward again (SAVES), which instead of outputs stores each chunk's decayed
+//     operands, decay over the chunk, L x L matrices and (WKV-7) the inverse of the unit
+//     lower-triangular I - A_ab (split, SplitBits) in the chunk's scratch slot, the state at each
+//     chunk start and (WKV-7) S a_t per step.
+//  2. state-grad (one warp / wave per 16 value rows of a (sequence, head); chunks in reverse):
+//     value rows are independent given the chunk operands, so each block carries a 16 x N band of
+//     dLoss/dstate back through the chunks with tensor-core products only: the state gradient
+//     after each chunk, grad_v, and (WKV-7) the gradient of the solve's right side per step;
+//     grad_initial_state at the end.
+//  3. grads (one block per chunk slot and head; parallel over the whole sequence): the gradients of
+//     r, w, k, a, b (u) of one chunk from its start state, the state gradient after it and the
+//     per-step vectors of 1 and 2, as tile products with the decays, then dw as a reverse
+//     cumulative sum inside the chunk.
 // Every output element is written by one thread, and sums have a fixed order: deterministic.
 #pragma once
 
@@ -57,7 +57,7 @@ constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
 // start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
-// aligned). The order is that of FusedShared from rt on, so prep copies one range. WKV-6's are a
+// aligned). The order is that of FusedShared from rt on, so the saves pass copies one range. WKV-6's are a
 // prefix of WKV-7's layout:
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
 //   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
@@ -226,9 +226,9 @@ __device__ __forceinline__ void store_steps(T* dst, int64_t step_stride, int ste
   }
 }
 
-// The state passes load a chunk's per-step inputs into registers before the barrier that frees
-// their shared copies, so that the loads are under way while the pass stores its state for the
-// chunk, and write them to shared memory after it.
+// The state-gradient pass loads a chunk's per-step inputs into registers before the barrier that
+// frees their shared copies, so that the loads are under way while it stores its state gradient
+// for the chunk, and writes them to shared memory after it.
 // The band's [L][16] rows of a [B * T, H, N] tensor x (x + row0: step 0, the band's first value
 // row; 0 on padded steps and where x is null): element lane + m * warp of the rows in register m.
 constexpr int kBandRowRegs = L * 16 / kWarpSize;
@@ -263,69 +263,7 @@ __device__ __forceinline__ void store_lane_decays(const float (&in)[kLaneKeys<N>
     if (threadIdx.x + j * kWarpSize < N) gam[threadIdx.x + j * kWarpSize] = in[j];
 }
 
-// ---- 2. starts: the state at each chunk start and S a_t per step, for the backward ----------
-template <class T, int V, int N>
-__global__ void __launch_bounds__(kWarpSize) wkv_chunk_starts_kernel(const WkvBackwardProblem p, const Scratch sc) {
-  using Op = Operands<V, N>;
-  constexpr int KT = N / 16;  // key tiles
-  __shared__ float S[16][N];  // this band's 16 value rows of the state
-  __shared__ float vs[L][16];  // v_t of the chunk for these rows (0 on padded steps)
-  __shared__ float zs[V == 7 ? L : 1][16], sas[V == 7 ? L : 1][16];  // WKV-7: the solve's right side, S a_t
-  __shared__ float gam[N];  // the chunk's decay
-  const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
-  const int64_t H = p.H;
-  const float* init = static_cast<const float*>(p.initial_state);
-  const int64_t state0 = ((int64_t(s) * H + h) * N + i0) * N;  // this band's rows of a [S, H, N, N] state
-  for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) S[idx / N][idx % N] = init ? init[state0 + idx] : 0.f;
-
-  const int num_chunks = chunk_of(p, s, 0).num_chunks;
-  for (int c = 0; c < num_chunks; ++c) {
-    const Chunk k = chunk_of(p, s, c);
-    const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
-    const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
-    const int64_t row0 = (k.first * H + h) * N + i0;  // (step 0, value row i0) of a [B * T, H, N] tensor
-    float vr[kBandRowRegs], gr[kLaneKeys<N>];
-    load_band_rows<T>(p.v, row0, H * N, k.steps, vr);
-    load_lane_decays<N>(gamma, gr);
-    const bool factored = gamma[Op::flag - Op::gam] != 0.f;
-    __syncthreads();  // the previous chunk is done with vs, zs, sas, gam and S
-    for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize)
-      reinterpret_cast<SplitBits*>(sc.snapshots)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] =
-          split_bits(S[idx / N][idx % N]);
-    store_band_rows(vr, vs);
-    store_lane_decays<N>(gr, gam);
-    __syncthreads();
-
-    if (V == 7) {
-      // Z = a~ S^T + A_ak V, then SA = (I - A_ab)^-1 Z
-      TileAcc z = fill_tile_acc(0.f);
-#pragma unroll
-      for (int kt = 0; kt < KT; ++kt)  // B[j][i] = S[i][j]
-        z = mma_split(load_split_a(op + Op::at + kt * 16, N), load_split_b_transposed(&S[0][kt * 16], N), z);
-      z = mma_split(load_split_a(op + Op::aak, L), load_split_b(&vs[0][0], 16), z);
-      store_tile_acc(&zs[0][0], 16, z);
-      __syncthreads();
-      const TileAcc sa = mma_split(load_split_a(op + Op::inv, L), load_split_b(&zs[0][0], 16), fill_tile_acc(0.f));
-      store_tile_acc(&sas[0][0], 16, sa);
-      store_steps(reinterpret_cast<SplitBits*>(sc.sa) + row0, H * N, k.steps, sa);
-    }
-    __syncthreads();  // every lane has read S
-
-    // S = S diag(gamma) + SA^T b^ + V^T k^, one 16 x 16 key tile at a time; a factored chunk's
-    // column operands are b, k times exp2(-G_s): S = (S + SA^T B' + V^T K') diag(gamma)
-#pragma unroll
-    for (int kt = 0; kt < KT; ++kt) {
-      TileAcc st = load_tile_acc(&S[0][kt * 16], N);
-      if (!factored) scale_columns(st, gam + kt * 16);
-      if (V == 7) st = mma_split(load_split_a_transposed(&sas[0][0], 16), load_split_b(op + Op::cb + kt * 16, N), st);
-      st = mma_split(load_split_a_transposed(&vs[0][0], 16), load_split_b(op + Op::ck + kt * 16, N), st);
-      if (factored) scale_columns(st, gam + kt * 16);
-      store_tile_acc(&S[0][kt * 16], N, st);
-    }
-  }
-}
-
-// ---- 3. state-grad: dLoss/dstate walking back, grad_v, (WKV-7) the solve's gradient ---------
+// ---- 2. state-grad: dLoss/dstate walking back, grad_v, (WKV-7) the solve's gradient ---------
 // CUDA: up to N = 64 at most 128 registers, so that 16 one-warp blocks fit a unit (all of (8,
 // 4096, 64, 64)'s at once: one more register and the last of them would wait for a second wave).
 #if defined(ARWKV_HIP)
@@ -413,7 +351,7 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
     for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) grad_s0[state0 + idx] = dS[idx / N][idx % N];
 }
 
-// ---- 4. grads: r, w, k, a, b (u) of one chunk ------------------------------------------------
+// ---- 3. grads: r, w, k, a, b (u) of one chunk ------------------------------------------------
 
 // P = X Y^T over the value rows: P[t][s] = sum_i X[t][i] Y[s][i] (X, Y: [L][N] per-step vectors
 // with leading dimension ld, rows past `steps` zero).
@@ -465,7 +403,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const SplitBits* dz = V == 7 ? reinterpret_cast<const SplitBits*>(sc.dsa) + row0 : nullptr;
   const SplitBits* S0 = reinterpret_cast<const SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N;
   const SplitBits* dS1 = reinterpret_cast<const SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N;
-  // the chunk's operands as prep wrote them: where the chunk factors (its flag), the per-step
+  // the chunk's operands as the saves pass wrote them: where the chunk factors (its flag), the per-step
   // scaled inputs the products below take (r~, a~, and k, b times exp2(-G_s))
   using Op = Operands<V, N>;
   const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
@@ -508,7 +446,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     TileAcc dzs = V == 7 ? times_state<N>(dz, ld, n, S0, kt) : fill_tile_acc(0.f);
     if (factored) {
       // The decays factor: every sum over the chunk's steps is a tile product of the L x L
-      // gradients with per-step scaled inputs (prep's operands, from the chunk's slot). Rows:
+      // gradients with per-step scaled inputs (from the chunk's slot). Rows:
       // dr_t = E[t, -1] (dY S0 + dA_rb B' + dA_rk K')_t, da_t = E[t-1, -1] (dZ S0 + dA_ab B' +
       // dA_ak K')_t with B'_s = b_s exp2(-G_s), K'_s likewise (WKV-6: dr_t = E[t-1, -1] (dY S0 +
       // dA' K')_t, dA' without the diagonal).
@@ -676,11 +614,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   }
 }
 
-// ---- 5. fused forward: operands built in shared memory inside the serial loop ----------------
+// ---- the fused forward (and 1. saves): operands built in shared memory inside the serial loop --
 // One block per (sequence, head), one warp / wave per 16 value rows of the state, which stays in
-// registers as N / 16 accumulator tiles. Per chunk the block builds the chunk's operands (as prep,
-// into shared memory), then each warp advances its rows. Which way round a band's tiles hold the
-// state follows the lane maps: an accumulator is, register for register, a CUDA A operand and a
+// registers as N / 16 accumulator tiles. Per chunk the block builds the chunk's operands in shared
+// memory, then each warp advances its rows. Which way round a band's tiles hold the state follows the lane maps: an accumulator is, register for register, a CUDA A operand and a
 // gfx942 B operand (split_acc), so CUDA keeps S (rows = value rows) and computes every product
 // transposed (Z^T = S A~^T + V^T A_ak^T, ...), gfx942 keeps S^T (rows = keys) and computes them as
 // the chunk form writes them (Z = A~ S^T + A_ak V, ...). Nothing per band goes through shared memory.
@@ -736,6 +673,22 @@ __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const Spl
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
 
+// Key tile kt of a band's state, split (sk = split_acc of its tile), to a [value row][key] array
+// (dst: the band's first value row, leading dimension N). Elements e, e + 1 of a lane are adjacent
+// keys of one value row in both lane maps, so each pair is one 8-byte store, and each lane's
+// addresses are one base plus constants.
+template <int N>
+__device__ __forceinline__ void store_band_state(SplitBits* dst, int kt, const BandOperand& sk) {
+  float2* lane_dst = reinterpret_cast<float2*>(dst + band_value(0) * N + kt * 16 + band_other(0));
+#pragma unroll
+  for (int e = 0; e < kTileAcc; e += 2) {
+    uint32_t w0, w1;
+    split_pair_words(sk.hi.reg[e / 2], sk.lo.reg[e / 2], w0, w1);
+    lane_dst[((band_value(e) - band_value(0)) * N + band_other(e) - band_other(0)) / 2] =
+        float2{__uint_as_float(w0), __uint_as_float(w1)};
+  }
+}
+
 // The column operands' factor at (step q, key j): exp2(-G_q) where the chunk factors, else the
 // decay to the chunk end exp2(G_{L-1} - G_q).
 template <int N>
@@ -743,7 +696,7 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
   return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
 }
 
-// From rt on in the order of Operands (prep copies that range to the scratch slot). Row operands:
+// From rt on in the order of Operands (the saves pass copies that range to the scratch slot). Row operands:
 // r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
 // E[L-1, s] (WKV-6's cb: k); 16-byte aligned, written 16 bytes at a time.
 template <int V, int N>
@@ -751,7 +704,7 @@ struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
   alignas(16) SplitBits rt[L][N], ck[L][N];
   float gamma[N];                    // the decay over the chunk
-  float flag[4];                     // prep: 1 if the chunk factors
+  float flag[4];                     // 1 if the chunk factors (for the backward's copy)
   alignas(16) float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits at[L][N], cb[L][N];
   SplitBits inv[V == 7 ? L : 1][L];  // (I - A_ab)^-1
@@ -769,15 +722,6 @@ struct FusedShared {
 #else
 #define ARWKV_FUSED_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 1 : 4)
 #endif
-// prep runs a block per chunk, all independent, so it is held to 7 blocks per unit up to N = 64 (at
-// most 72 registers at N = 64, where the solve's early 16-byte loads would take more; sm_80's shared
-// memory fits 6 of its blocks) and 3 at N = 128 (80 registers)
-#if defined(ARWKV_HIP)
-#define ARWKV_PREP_BOUNDS(N) ARWKV_FUSED_BOUNDS(N)
-#else
-#define ARWKV_PREP_BOUNDS(N) __launch_bounds__(N / 16 * kWarpSize, N == 128 ? 3 : 7)
-#endif
-
 // Builds chunk k's operands for head h in shared memory, every thread of the block taking part
 // (the caller has synchronised since sh was last read): the cumulative log2 decays, the operands
 // (split), the decay over the chunk, the L x L matrices (masked, split; A_ab kept float) and
@@ -796,6 +740,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
   cumulative_log_decays<T, N, THREADS>(w, ldi, k.steps, vec, sh.G);
   const bool factored = chunk_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
+  if (threadIdx.x == 0) sh.flag[0] = factored ? 1.f : 0.f;  // (for the backward's copy of the chunk)
 
   if (!factored) {
     // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
@@ -816,7 +761,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       if (V == 7) stage(a, xa), stage(b, xb);
     }
     __syncthreads();
-    // (not unrolled: the rare path; unrolled, gfx942's prep at N = 32 ran out of registers)
+    // (not unrolled: the rare path; unrolled, gfx942 once ran out of registers at N = 32)
 #pragma unroll 1
     for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
       const int t = pr / L, q = pr % L;  // (row step, column step)
@@ -913,8 +858,12 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   return factored;
 }
 
-template <class T, int V, int N>
-__global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvProblem p) {
+// SAVES: the backward's first pass. Instead of the outputs and the final state it stores what the
+// state-gradient and gradient passes take: each chunk's operands (its scratch slot, Operands), the
+// state at each chunk start (split, [value row][key]) and (WKV-7) S a_t per step (split).
+template <class T, int V, int N, bool SAVES>
+__global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvProblem p, const Scratch sc) {
+  using Op = Operands<V, N>;
   constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16;
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
@@ -936,6 +885,14 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   for (int c = 0; c < num_chunks; ++c) {
     const Chunk k = chunk_of(p, s, c);
     const int64_t first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
+    // SAVES: this band's rows of the state at the chunk start. WKV-7 stores each key tile as split
+    // for Z's product; WKV-6's saves take no product of the state, so they store it first thing
+    // (split there, late in the chunk, the CUDA compiler kept the split tiles live across the chunk
+    // building and spilled).
+    SplitBits* snapshot = SAVES ? reinterpret_cast<SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N + i0 * N : nullptr;
+    if (SAVES && V == 6)
+#pragma unroll
+      for (int kt = 0; kt < KT; ++kt) store_band_state<N>(snapshot, kt, split_acc(st[kt]));
     __syncthreads();  // the previous chunk's readers of sh are done
     const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, vec, sh);
 
@@ -947,15 +904,25 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
       const BandOperand sk = split_acc(st[kt]);
+      if (SAVES && V == 7) store_band_state<N>(snapshot, kt, sk);
       if (V == 7) z = rows_times_state<N>(&sh.at[0][0] + kt * 16, sk, z);  // Z = A~ S^T + A_ak V
-      y = rows_times_state<N>(&sh.rt[0][0] + kt * 16, sk, y);             // Y = R~ S^T + A_rb SA + A_rk V
+      if (!SAVES) y = rows_times_state<N>(&sh.rt[0][0] + kt * 16, sk, y);  // Y = R~ S^T + A_rb SA + A_rk V
     }
     BandOperand sa{};
     if (V == 7) {
-      sa = split_acc(matrix_times(&sh.inv[0][0], split_acc(matrix_times(aak, vv, z)), fill_tile_acc(0.f)));
-      y = matrix_times(arb, sa, y);
+      const TileAcc sa_rows = matrix_times(&sh.inv[0][0], split_acc(matrix_times(aak, vv, z)), fill_tile_acc(0.f));
+      sa = split_acc(sa_rows);
+      if (SAVES) {
+#pragma unroll
+        for (int e = 0; e < kTileAcc; ++e)
+          if (band_other(e) < k.steps)
+            reinterpret_cast<SplitBits*>(sc.sa)[first + int64_t(band_other(e)) * ld + i0 + band_value(e)] =
+                split_bits(sa_rows.x[e]);
+      } else {
+        y = matrix_times(arb, sa, y);
+      }
     }
-    y = matrix_times(ark, vv, y);
+    if (!SAVES) y = matrix_times(ark, vv, y);
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {  // S' = S diag(gamma) + SA^T B^ + V^T K^ (see above for factored chunks)
       if (!factored)
@@ -969,37 +936,24 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
       for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
         for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+    if (!SAVES)
 #pragma unroll
-    for (int e = 0; e < kTileAcc; ++e)
-      if (band_other(e) < k.steps) store<T>(p.y, first + int64_t(band_other(e)) * ld + i0 + band_value(e), y.x[e]);
+      for (int e = 0; e < kTileAcc; ++e)
+        if (band_other(e) < k.steps) store<T>(p.y, first + int64_t(band_other(e)) * ld + i0 + band_value(e), y.x[e]);
+    if (SAVES) {  // the chunk's operands to its scratch slot, 16 bytes per thread at a time
+      static_assert(Op::size % 4 == 0, "whole 16-byte words");
+      const float4* from = reinterpret_cast<const float4*>(&sh.rt[0][0]);
+      float4* to = reinterpret_cast<float4*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
+      for (int i = threadIdx.x; i < Op::size / 4; i += THREADS) to[i] = from[i];
+    }
   }
   float* final_state = static_cast<float*>(p.final_state);
-  if (final_state)
+  if (!SAVES && final_state)
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e)
         final_state[state0 + int64_t(i0 + band_value(e)) * N + kt * 16 + band_other(e)] = st[kt].x[e];
-}
-
-// ---- 1. prep: the backward's chunk operands, every chunk at once -----------------------------
-// One block per chunk slot and head, as large as the fused forward's: the chunk built as the fused
-// forward builds it (build_chunk), then copied to its scratch slot, 16 bytes per thread at a time.
-template <class T, int V, int N>
-__global__ void ARWKV_PREP_BOUNDS(N) wkv_chunk_prep_kernel(const WkvBackwardProblem p, const Scratch sc) {
-  using Op = Operands<V, N>;
-  constexpr int THREADS = N / 16 * kWarpSize;
-  __shared__ FusedShared<V, N> sh;
-  const Chunk k = chunk_at_slot(p, blockIdx.x);
-  if (k.seq < 0) return;  // (the whole block)
-  const int h = blockIdx.y;
-  const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, inputs_aligned<V>(p), sh);
-  if (threadIdx.x == 0) sh.flag[0] = factored ? 1.f : 0.f;
-  __syncthreads();
-  static_assert(Op::size % 4 == 0, "whole 16-byte words");
-  const float4* from = reinterpret_cast<const float4*>(&sh.rt[0][0]);
-  float4* to = reinterpret_cast<float4*>(sc.chunk_operands + (k.slot * p.H + h) * Op::size);
-  for (int i = threadIdx.x; i < Op::size / 4; i += THREADS) to[i] = from[i];
 }
 
 }  // namespace chunked

@@ -386,9 +386,19 @@ __device__ __forceinline__ SplitBits split_bits(float x) {
   return SplitBits{hi | uint32_t(from_float<Bf16>(x - __uint_as_float(hi << 16)).bits) << 16};
 }
 
+// Two values split as a pair (h2: their hi halves, the first value's low; l2: their lo halves),
+// regrouped per value into SplitBits words (the same bits as split_bits).
+__device__ __forceinline__ void split_pair_words(uint32_t h2, uint32_t l2, uint32_t& w0, uint32_t& w1) {
+#if defined(__CUDA_ARCH__)
+  w0 = __byte_perm(h2, l2, 0x5410), w1 = __byte_perm(h2, l2, 0x7632);
+#else
+  w0 = (h2 & 0xffffu) | l2 << 16, w1 = h2 >> 16 | (l2 & 0xffff0000u);
+#endif
+}
+
 // K (a multiple of 4) consecutive floats stored split at dst (16-byte aligned), two at a time: each
-// pair rounded by one paired conversion per half, then its halves regrouped per element (the same
-// bits as split_bits), stored 16 bytes at a time.
+// pair rounded by one paired conversion per half, then its halves regrouped per element, stored
+// 16 bytes at a time.
 template <int K>
 __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K]) {
   static_assert(K % 4 == 0, "whole 16-byte stores");
@@ -397,11 +407,7 @@ __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K])
   for (int i = 0; i < K; i += 2) {
     const uint32_t h2 = pack_bf16x2(x[i], x[i + 1]);
     const uint32_t l2 = pack_bf16x2(x[i] - __uint_as_float(h2 << 16), x[i + 1] - __uint_as_float(h2 & 0xffff0000u));
-#if defined(__CUDA_ARCH__)
-    w[i] = __byte_perm(h2, l2, 0x5410), w[i + 1] = __byte_perm(h2, l2, 0x7632);
-#else
-    w[i] = (h2 & 0xffffu) | l2 << 16, w[i + 1] = h2 >> 16 | (l2 & 0xffff0000u);
-#endif
+    split_pair_words(h2, l2, w[i], w[i + 1]);
   }
 #pragma unroll
   for (int i = 0; i < K; i += 4)

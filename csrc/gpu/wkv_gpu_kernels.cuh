@@ -582,14 +582,14 @@ LaunchStatus with_head_size(int64_t n, const char* kernel, const char* dtype, F&
   return with_head_size(n, kernel, dtype, static_cast<F&&>(f), std::make_index_sequence<kNumHeadSizes>());
 }
 
-// The chunked kernels (wkv_gpu_chunked.cuh): the fused forward (forward); prep, the state pass
-// storing start states, the state-gradient pass, the per-chunk gradients (backward).
+// The chunked kernels (wkv_gpu_chunked.cuh): the fused forward (forward); the fused forward's
+// saves pass, the state-gradient pass, the per-chunk gradients (backward).
 template <int V>
 constexpr const char* chunk_kernel_name(int which) {
-  constexpr const char* names7[] = {"wkv7_chunk_prep", "wkv7_chunk_forward", "wkv7_chunk_starts",
-                                    "wkv7_chunk_state_grad", "wkv7_chunk_grads"};
-  constexpr const char* names6[] = {"wkv6_chunk_prep", "wkv6_chunk_forward", "wkv6_chunk_starts",
-                                    "wkv6_chunk_state_grad", "wkv6_chunk_grads"};
+  constexpr const char* names7[] = {"wkv7_chunk_forward", "wkv7_chunk_saves", "wkv7_chunk_state_grad",
+                                    "wkv7_chunk_grads"};
+  constexpr const char* names6[] = {"wkv6_chunk_forward", "wkv6_chunk_saves", "wkv6_chunk_state_grad",
+                                    "wkv6_chunk_grads"};
   return V == 7 ? names7[which] : names6[which];
 }
 
@@ -597,31 +597,26 @@ template <class T, int V, int N>
 LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Device& d, bool backward) {
   using namespace chunked;
   const auto stream = static_cast<gpuStream>(d.stream);
-  const dim3 per_chunk(unsigned(num_chunk_slots(p, kChunkSteps)), unsigned(p.H));
-  const dim3 per_band(unsigned(N / 16), unsigned(p.H), unsigned(p.num_seqs));
+  const dim3 per_sequence(unsigned(p.H), unsigned(p.num_seqs));
+  const WkvProblem& fp = p;
   if (!backward) {
-    const auto fused = wkv_chunk_fused_forward_kernel<T, V, N>;
-    const WkvProblem& fp = p;
-    ARWKV_LAUNCH(fused, dim3(unsigned(p.H), unsigned(p.num_seqs)), N / 16 * kWarpSize, stream, fp);
-    return launch_status<T, N>(chunk_kernel_name<V>(1));
+    const auto fused = wkv_chunk_fused_forward_kernel<T, V, N, false>;
+    ARWKV_LAUNCH(fused, per_sequence, N / 16 * kWarpSize, stream, fp, sc);
+    return launch_status<T, N>(chunk_kernel_name<V>(0));
   }
-  const auto prep = wkv_chunk_prep_kernel<T, V, N>;
-  ARWKV_LAUNCH(prep, per_chunk, N / 16 * kWarpSize, stream, p, sc);
-  LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(0));
+  const auto saves = wkv_chunk_fused_forward_kernel<T, V, N, true>;
+  ARWKV_LAUNCH(saves, per_sequence, N / 16 * kWarpSize, stream, fp, sc);
+  LaunchStatus s = launch_status<T, N>(chunk_kernel_name<V>(1));
   if (s.ok()) {
-    const auto starts = wkv_chunk_starts_kernel<T, V, N>;
-    ARWKV_LAUNCH(starts, per_band, kWarpSize, stream, p, sc);
+    const auto state_grad = wkv_chunk_state_grad_kernel<T, V, N>;
+    ARWKV_LAUNCH(state_grad, dim3(unsigned(N / 16), unsigned(p.H), unsigned(p.num_seqs)), kWarpSize, stream, p, sc);
     s = launch_status<T, N>(chunk_kernel_name<V>(2));
   }
   if (s.ok()) {
-    const auto state_grad = wkv_chunk_state_grad_kernel<T, V, N>;
-    ARWKV_LAUNCH(state_grad, per_band, kWarpSize, stream, p, sc);
-    s = launch_status<T, N>(chunk_kernel_name<V>(3));
-  }
-  if (s.ok()) {
     const auto grads = wkv_chunk_grads_kernel<T, V, N>;
+    const dim3 per_chunk(unsigned(num_chunk_slots(p, kChunkSteps)), unsigned(p.H));
     ARWKV_LAUNCH(grads, per_chunk, grad_warps<N>() * kWarpSize, stream, p, sc);
-    s = launch_status<T, N>(chunk_kernel_name<V>(4));
+    s = launch_status<T, N>(chunk_kernel_name<V>(3));
   }
   return s;
 }
@@ -631,7 +626,7 @@ LaunchStatus forward_v(const WkvProblem& p, const Scratch& sc, const Device& d) 
   if (d.algorithm == Algorithm::chunked) {
     WkvBackwardProblem args;  // the kernels' one argument type; no gradients in the forward
     static_cast<WkvProblem&>(args) = p;
-    return with_head_size(p.N, chunk_kernel_name<V>(1), dtype_name<T>(),
+    return with_head_size(p.N, chunk_kernel_name<V>(0), dtype_name<T>(),
                           [&](auto n) { return chunked_n<T, V, decltype(n)::value>(args, sc, d, false); });
   }
   return with_head_size(p.N, rows_kernel_name<V, kForward>(), dtype_name<T>(),
@@ -641,7 +636,7 @@ LaunchStatus forward_v(const WkvProblem& p, const Scratch& sc, const Device& d) 
 template <class T, int V>
 LaunchStatus backward_v(const WkvBackwardProblem& p, const Scratch& sc, const Device& d) {
   if (d.algorithm == Algorithm::chunked)
-    return with_head_size(p.N, chunk_kernel_name<V>(0), dtype_name<T>(),
+    return with_head_size(p.N, chunk_kernel_name<V>(1), dtype_name<T>(),
                           [&](auto n) { return chunked_n<T, V, decltype(n)::value>(p, sc, d, true); });
   return with_head_size(p.N, rows_kernel_name<V, kSnapshots>(), dtype_name<T>(),
                         [&](auto n) { return backward_n<T, V, decltype(n)::value>(p, sc, d); });

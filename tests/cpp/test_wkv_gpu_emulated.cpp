@@ -230,16 +230,15 @@ void check_launch_failure_names_kernel() {
   const Vec gy(p.B * p.T * p.H * p.N, 1.0), gs(p.s0.size(), 1.0);
   gpu::LaunchStatus status;
   // step launches: 1 forward, 2 backward snapshots, 3 backward state gradient, 4 backward columns;
-  // chunked: 1 forward (fused), 2 prep, 3 start states, 4 state gradient, 5 per-chunk gradients
+  // chunked: 1 forward (fused), 2 the fused forward's saves, 3 state gradient, 4 per-chunk gradients
   const std::tuple<gpu::Algorithm, int, std::string> cases[] = {
       {gpu::Algorithm::step, 1, "GPU kernel wkv7_forward_rows<bf16, N=64> launch failed: injected"},
       {gpu::Algorithm::step, 2, "GPU kernel wkv7_backward_snapshots<bf16, N=64> launch failed: injected"},
       {gpu::Algorithm::step, 4, "GPU kernel wkv7_backward_columns<bf16, N=64> launch failed: injected"},
       {gpu::Algorithm::chunked, 1, "GPU kernel wkv7_chunk_forward<bf16, N=64> launch failed: injected"},
-      {gpu::Algorithm::chunked, 2, "GPU kernel wkv7_chunk_prep<bf16, N=64> launch failed: injected"},
-      {gpu::Algorithm::chunked, 3, "GPU kernel wkv7_chunk_starts<bf16, N=64> launch failed: injected"},
-      {gpu::Algorithm::chunked, 4, "GPU kernel wkv7_chunk_state_grad<bf16, N=64> launch failed: injected"},
-      {gpu::Algorithm::chunked, 5, "GPU kernel wkv7_chunk_grads<bf16, N=64> launch failed: injected"}};
+      {gpu::Algorithm::chunked, 2, "GPU kernel wkv7_chunk_saves<bf16, N=64> launch failed: injected"},
+      {gpu::Algorithm::chunked, 3, "GPU kernel wkv7_chunk_state_grad<bf16, N=64> launch failed: injected"},
+      {gpu::Algorithm::chunked, 4, "GPU kernel wkv7_chunk_grads<bf16, N=64> launch failed: injected"}};
   for (const auto& [algorithm, n, want] : cases) {
     gpu_emu::fail_launch(n, "injected");
     Case c;

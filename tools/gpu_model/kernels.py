@@ -138,8 +138,8 @@ def chunk_slots(s: dict) -> int:
 
 
 def operand_parts(s: dict) -> dict[str, int]:
-    """Operands<V, N>'s fields, in order, and their 4-byte words per (chunk, head): the prep
-    kernel's scratch slot (wkv_gpu_chunked.cuh)."""
+    """Operands<V, N>'s fields, in order, and their 4-byte words per (chunk, head): the
+    chunk's scratch slot (wkv_gpu_chunked.cuh)."""
     L, N = L_CHUNK, s["N"]
     parts = {"rt": L * N, "ck": L * N, "gam": N, "flag": 4}
     if s["V"] == 7:
@@ -215,32 +215,6 @@ def _build_loops(s: dict) -> list[LoopSpec]:
     ]
 
 
-def chunk_prep(s: dict) -> KernelSpec:
-    """prep: one block per chunk slot and head, of the fused forward's size, building the chunk
-    (build_chunk) and copying it to its scratch slot."""
-    V, N = s["V"], s["N"]
-    threads = N // 16 * warp(s)
-    inputs = 4 if V == 7 else 2  # r, k (, a, b), and w
-    dram = (inputs + 1) * elements(s) * s["bytes"] + chunk_slots(s) * s["H"] * operand_floats(s) * 4
-    return KernelSpec(
-        label="chunk prep",
-        name=rf"wkv_chunk_prep_kernelINS0_4Bf16ELi{V}ELi{N}E",
-        short=f"chunk prep <{N}>",
-        blocks=lambda s: chunk_slots(s) * s["H"],
-        threads=threads,
-        loops=[
-            LoopSpec(r"while \(lo < hi\)", _seek),
-            *_build_loops(s),
-            LoopSpec(
-                r"i < Op::size / 4; i \+= THREADS",
-                lambda s: operand_floats(s) / 4 / threads,
-                per_trip=("LDS", 1),
-            ),
-        ],
-        dram_bytes=lambda s: dram,
-    )
-
-
 def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | None) -> list[LoopSpec]:
     """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
     loop, a [16, N] store per chunk (the chunk's rows of v or dY come into registers, unrolled),
@@ -269,48 +243,49 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | No
     return loops
 
 
-def chunk_starts(s: dict) -> KernelSpec:
-    V, N = s["V"], s["N"]
-    state = s["B"] * s["H"] * N * N * 4
-    # reads the operands of the state update, v and the initial state; writes the start states and S a_t
-    reads = operand_reads(s, "ck", "gam", "flag", "aak", "at", "cb", "inv")
-    dram = chunk_slots(s) * s["H"] * (reads + N * N) * 4 + elements(s) * s["bytes"] + state
-    dram += elements(s) * 4 if V == 7 else 0
-    return KernelSpec(
-        label="chunk starts",
-        name=rf"wkv_chunk_starts_kernelINS0_4Bf16ELi{V}ELi{N}E",
-        short=f"chunk starts <{N}>",
-        blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
-        threads=warp(s),
-        loops=_band_loops(s, r"S\[", r"c < num_chunks", r"sc.snapshots", None),
-        dram_bytes=lambda s: dram,
-    )
-
-
 # the chunk kernels' loops over (step, kGroupKeys keys) groups of a chunk's inputs
 GROUPS = r"grp < kGroups; grp \+= THREADS\) \{\s+const int q = grp / \(N / GK\), j0 = grp % \(N / GK\) \* GK;"
 
 
-def chunk_fused_forward(s: dict) -> KernelSpec:
-    """The fused forward: a block of N / 16 warps per (sequence, head), serial over the chunks."""
+def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
+    """The fused forward: a block of N / 16 warps per (sequence, head), serial over the chunks.
+    ``saves``: the backward's first pass, the same kernel storing each chunk's operands (its scratch
+    slot), the state at each chunk start and (WKV-7) S a_t per step, instead of the outputs and the
+    final state."""
     V, N = s["V"], s["N"]
     warps = N // 16
     threads = warps * warp(s)
     inputs = 6 if V == 7 else 4  # r, w, k, v (, a, b); WKV-6's u is N values
-    dram = (inputs + 1) * elements(s) * s["bytes"] + 2 * s["B"] * s["H"] * N * N * 4
+    state = s["B"] * s["H"] * N * N * 4
+    if saves:
+        slots = chunk_slots(s) * s["H"]
+        dram = inputs * elements(s) * s["bytes"] + state + slots * (operand_floats(s) + N * N) * 4
+        dram += elements(s) * 4 if V == 7 else 0
+    else:
+        dram = (inputs + 1) * elements(s) * s["bytes"] + 2 * state
+    loops = [
+        LoopSpec(
+            r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
+            lambda s: math.ceil(s["T"] / L_CHUNK),
+        ),
+        *_build_loops(s),
+    ]
+    if saves:
+        loops.append(
+            LoopSpec(
+                r"i < Op::size / 4; i \+= THREADS",
+                lambda s: operand_floats(s) / 4 / threads,
+                per_trip=("LDS", 1),
+            )
+        )
+    label = "chunk saves" if saves else "chunk fused forward"
     return KernelSpec(
-        label="chunk fused forward",
-        name=rf"wkv_chunk_fused_forward_kernelINS0_4Bf16ELi{V}ELi{N}E",
-        short=f"chunk fused_forward <{N}>",
+        label=label,
+        name=rf"wkv_chunk_fused_forward_kernelINS0_4Bf16ELi{V}ELi{N}ELb{int(saves)}E",
+        short=f"chunk {'saves' if saves else 'fused_forward'} <{N}>",
         blocks=lambda s: s["H"] * s["B"],
         threads=threads,
-        loops=[
-            LoopSpec(
-                r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
-                lambda s: math.ceil(s["T"] / L_CHUNK),
-            ),
-            *_build_loops(s),
-        ],
+        loops=loops,
         dram_bytes=lambda s: dram,
     )
 
@@ -381,9 +356,9 @@ def chunk_grads(s: dict) -> KernelSpec:
 
 
 def chunked_kernels(s: dict) -> dict[str, list[KernelSpec]]:
-    """The chunked path's launches: forward = the fused forward; backward = prep, starts,
-    state-grad, grads."""
+    """The chunked path's launches: forward = the fused forward; backward = the fused forward's
+    saves pass, state-grad, grads."""
     return {
         "forward": [chunk_fused_forward(s)],
-        "backward": [chunk_prep(s), chunk_starts(s), chunk_state_grad(s), chunk_grads(s)],
+        "backward": [chunk_fused_forward(s, saves=True), chunk_state_grad(s), chunk_grads(s)],
     }
