@@ -1,7 +1,7 @@
 """Device time of each kernel launched by one forward and one backward of the WKV ops, from the
 torch profiler, for each algorithm of the GPU kernels (ARWKV_GPU_ALGORITHM): which of the step
 backward's three passes (rows "snapshots", rows "state-grad", columns), and which of the chunked
-kernels (prep, forward / starts, state-grad, grads), costs what (benchmarks/gpu_notes.md).
+kernels (forward / saves, state-grad, grads), costs what (benchmarks/gpu_notes.md).
 
     python benchmarks/gpu_kernel_times.py                       # (B,T,H,N) = (8,4096,64,64) and
                                                                 # (1,32768,32,128), bf16
@@ -45,9 +45,9 @@ def short_name(kernel: str) -> str:
     m = re.search(r"wkv_columns_kernel<[^,]+, \d+, (\d+)>", kernel)
     if m:
         return f"columns <{m.group(1)}>"
-    m = re.search(r"wkv_chunk_(\w+?)_kernel<[^,]+, \d+, (\d+)>", kernel)
-    if m:
-        return f"chunk {m.group(1)} <{m.group(2)}>"
+    m = re.search(r"wkv_chunk_(\w+?)_kernel<[^,]+, \d+, (\d+)(, true|, false)?>", kernel)
+    if m:  # the fused forward with SAVES = true is the backward's saves pass
+        return f"chunk {'saves' if m.group(3) == ', true' else m.group(1)} <{m.group(2)}>"
     return kernel[:60]
 
 

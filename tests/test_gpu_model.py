@@ -251,3 +251,23 @@ def test_gfx942_listing_reads_into_the_same_kernels_loops_and_units():
     from gpu_model.hardware import MI300X
 
     assert serial_chain(body, MI300X.latency) >= 500
+
+
+def test_every_chunked_kernel_the_profiler_names_finds_its_estimate():
+    """gpu_check.sh prints the model's estimate beside each kernel time the profiler measures, by
+    short name: each chunked launch's profiler name (the fused forward twice: as the forward and
+    as the backward's saves pass) must come out as its KernelSpec's short name."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_kernel_times import short_name
+    from gpu_model.kernels import chunked_kernels
+
+    shape = {"B": 2, "T": 64, "H": 2, "N": 64, "V": 7, "bytes": 2, "hip": False}
+    args = "(arwkv::WkvBackwardProblem, arwkv::gpu::Scratch)"
+    profiled = [
+        f"void arwkv::gpu::chunked::wkv_chunk_fused_forward_kernel<arwkv::gpu::Bf16, 7, 64, false>{args}",
+        f"void arwkv::gpu::chunked::wkv_chunk_fused_forward_kernel<arwkv::gpu::Bf16, 7, 64, true>{args}",
+        f"void arwkv::gpu::chunked::wkv_chunk_state_grad_kernel<arwkv::gpu::Bf16, 7, 64>{args}",
+        f"void arwkv::gpu::chunked::wkv_chunk_grads_kernel<arwkv::gpu::Bf16, 7, 64>{args}",
+    ]
+    specs = [spec for launches in chunked_kernels(shape).values() for spec in launches]
+    assert [short_name(n) for n in profiled] == [spec.short for spec in specs]

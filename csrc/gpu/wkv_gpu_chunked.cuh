@@ -673,6 +673,17 @@ __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const Spl
 __device__ __forceinline__ int band_value(int e) { return kBandRowsAreKeys ? TileAcc::col(e) : TileAcc::row(e); }
 __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? TileAcc::row(e) : TileAcc::col(e); }
 
+// A band's state tile times diag(gamma) over its 16 keys (gamma: 8-byte aligned). Elements e, e + 1
+// of a lane are adjacent keys (see below): one 8-byte load per pair, and the pairs a lane holds
+// twice (CUDA: rows 8 apart) load once.
+__device__ __forceinline__ void scale_band_keys(TileAcc& st, const float* gamma) {
+#pragma unroll
+  for (int e = 0; e < kTileAcc; e += 2) {
+    const float2 g = *reinterpret_cast<const float2*>(gamma + band_other(e));
+    st.x[e] *= g.x, st.x[e + 1] *= g.y;
+  }
+}
+
 // Key tile kt of a band's state, split (sk = split_acc of its tile), to a [value row][key] array
 // (dst: the band's first value row, leading dimension N). Elements e, e + 1 of a lane are adjacent
 // keys of one value row in both lane maps, so each pair is one 8-byte store, and each lane's
@@ -703,7 +714,7 @@ template <int V, int N>
 struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
   alignas(16) SplitBits rt[L][N], ck[L][N];
-  float gamma[N];                    // the decay over the chunk
+  alignas(16) float gamma[N];        // the decay over the chunk (read in pairs: scale_band_keys)
   float flag[4];                     // 1 if the chunk factors (for the backward's copy)
   alignas(16) float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits at[L][N], cb[L][N];
@@ -925,17 +936,13 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     if (!SAVES) y = matrix_times(ark, vv, y);
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {  // S' = S diag(gamma) + SA^T B^ + V^T K^ (see above for factored chunks)
-      if (!factored)
-#pragma unroll
-        for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+      if (!factored) scale_band_keys(st[kt], sh.gamma + kt * 16);
       if (V == 7) st[kt] = update_state<N>(&sh.cb[0][0] + kt * 16, sa, st[kt]);
       st[kt] = update_state<N>(&sh.ck[0][0] + kt * 16, vv, st[kt]);
     }
     if (factored)
 #pragma unroll
-      for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-        for (int e = 0; e < kTileAcc; ++e) st[kt].x[e] *= sh.gamma[kt * 16 + band_other(e)];
+      for (int kt = 0; kt < KT; ++kt) scale_band_keys(st[kt], sh.gamma + kt * 16);
     if (!SAVES)
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e)
