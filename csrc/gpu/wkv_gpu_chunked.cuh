@@ -142,12 +142,16 @@ __device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool v
 }
 
 // G[t][j] = log2(e) (w_0 + ... + w_t) of the chunk's steps at key j (w = 0 on padded steps) into
-// shared memory, every thread of the block taking part: a thread loads a group of keys of one step
-// (w: the chunk's step 0, key 0; step q at q * ldi), then one thread per key sums. Base 2, so that
-// each decay factor is one exp2f of a difference (one hardware 2^x, where expf would first scale
-// its argument).
+// shared memory (w: the chunk's step 0, key 0; step t at t * ldi). Base 2, so that each decay
+// factor is one exp2f of a difference (one hardware 2^x, where expf would first scale its
+// argument). CUDA: one thread per key loads its steps (a warp's loads of one step are consecutive
+// keys) and sums them in registers, so shared memory sees only the results. gfx942 (whose chunk
+// kernels are bound by their serial chain rather than by issue or shared memory, and came out
+// slower that way): every thread loads a group of keys of one step (16 bytes, `vec`), stages them
+// in shared memory, then one thread per key sums them there.
 template <class T, int N, int THREADS>
 __device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, bool vec, float (*G)[N]) {
+#if defined(ARWKV_HIP)
   constexpr int GK = kGroupKeys, kGroups = L * N / GK;
   for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
     const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
@@ -162,6 +166,22 @@ __device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int s
 #pragma unroll
     for (int t = 0; t < L; ++t) G[t][j] = acc += G[t][j];
   }
+#else
+  (void)vec;
+  // steps loaded at once (all L at once, sm_90a's WKV-6 grads spilled)
+  constexpr int kPart = L / 2;
+  for (int j = threadIdx.x; j < N; j += THREADS) {
+    float acc = 0.f;
+#pragma unroll 1
+    for (int t0 = 0; t0 < L; t0 += kPart) {
+      float x[kPart];
+#pragma unroll
+      for (int i = 0; i < kPart; ++i) x[i] = t0 + i < steps ? to_float(w[(t0 + i) * ldi + j]) : 0.f;
+#pragma unroll
+      for (int i = 0; i < kPart; ++i) G[t0 + i][j] = acc += kLog2e * x[i];
+    }
+  }
+#endif
   __syncthreads();
 }
 
@@ -806,8 +826,11 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
     for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
       o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
     store_split(&sh.rt[q][j0], o);
+    float cf[GK];  // the column operands' factor (k's and b's)
 #pragma unroll
-    for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+    for (int i = 0; i < GK; ++i) cf[i] = column_factor(sh.G, q, j0 + i, factored);
+#pragma unroll
+    for (int i = 0; i < GK; ++i) o[i] = y[i] * cf[i];
     store_split(&sh.ck[q][j0], o);
     if (V == 6) {  // the bonus's r_t * u and k_t
 #pragma unroll
@@ -821,7 +844,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
       store_split(&sh.at[q][j0], o);
 #pragma unroll
-      for (int i = 0; i < GK; ++i) o[i] = y[i] * column_factor(sh.G, q, j0 + i, factored);
+      for (int i = 0; i < GK; ++i) o[i] = y[i] * cf[i];
       store_split(&sh.cb[q][j0], o);
     }
   }
@@ -900,7 +923,8 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     // for Z's product; WKV-6's saves take no product of the state, so they store it first thing
     // (split there, late in the chunk, the CUDA compiler kept the split tiles live across the chunk
     // building and spilled).
-    SplitBits* snapshot = SAVES ? reinterpret_cast<SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N + i0 * N : nullptr;
+    SplitBits* snapshot =
+        SAVES ? reinterpret_cast<SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N + i0 * N : nullptr;
     if (SAVES && V == 6)
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt) store_band_state<N>(snapshot, kt, split_acc(st[kt]));

@@ -176,14 +176,17 @@ def _seek(s: dict) -> float:
 
 
 def _decay_loops(s: dict, threads: int) -> list[LoopSpec]:
-    """cumulative_log_decays' loops, per chunk: a thread per group of keys of a step, then the first
-    threads (in warps of their own) one key each."""
-    N, gk = s["N"], 4 if s.get("hip") else 8
+    """cumulative_log_decays' loops, per chunk. CUDA: the first threads (in warps of their own) one
+    key each, its steps in two parts; gfx942: a thread per group of keys of a step, then the first
+    threads one key each."""
+    N = s["N"]
     warps = threads // warp(s)
-    return [
-        LoopSpec(rf"{GROUPS}\s+float x", lambda s: L_CHUNK * N / gk / threads),
-        LoopSpec(r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", lambda s: math.ceil(N / warp(s)) / warps),
-    ]
+    per_key = LoopSpec(
+        r"j < N; j \+= THREADS\) \{\s+float acc = 0.f;", lambda s: math.ceil(N / warp(s)) / warps
+    )
+    if s.get("hip"):
+        return [LoopSpec(rf"{GROUPS}\s+float x", lambda s: L_CHUNK * N / 4 / threads), per_key]
+    return [per_key, LoopSpec(r"t0 < L; t0 \+= kPart", lambda s: 2)]
 
 
 def _build_loops(s: dict) -> list[LoopSpec]:
