@@ -57,8 +57,8 @@ constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
 // start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
-// aligned). The order is that of FusedShared from rt on, so the saves pass copies one range. WKV-6's are a
-// prefix of WKV-7's layout:
+// aligned). The order is that of FusedShared from rt on, so the saves pass copies one range.
+// WKV-6's are a prefix of WKV-7's layout:
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
 //   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
 //   gam [N]     the decay over the chunk, E[L-1, -1];  flag: 1 if the chunk factors (then 3 unused)
@@ -423,8 +423,8 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   const SplitBits* dz = V == 7 ? reinterpret_cast<const SplitBits*>(sc.dsa) + row0 : nullptr;
   const SplitBits* S0 = reinterpret_cast<const SplitBits*>(sc.snapshots) + (k.slot * H + h) * N * N;
   const SplitBits* dS1 = reinterpret_cast<const SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N;
-  // the chunk's operands as the saves pass wrote them: where the chunk factors (its flag), the per-step
-  // scaled inputs the products below take (r~, a~, and k, b times exp2(-G_s))
+  // the chunk's operands as the saves pass wrote them: where the chunk factors (its flag), the
+  // per-step scaled inputs the products below take (r~, a~, and k, b times exp2(-G_s))
   using Op = Operands<V, N>;
   const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
   const SplitBits* op = reinterpret_cast<const SplitBits*>(slot);
@@ -637,10 +637,11 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
 // ---- the fused forward (and 1. saves): operands built in shared memory inside the serial loop --
 // One block per (sequence, head), one warp / wave per 16 value rows of the state, which stays in
 // registers as N / 16 accumulator tiles. Per chunk the block builds the chunk's operands in shared
-// memory, then each warp advances its rows. Which way round a band's tiles hold the state follows the lane maps: an accumulator is, register for register, a CUDA A operand and a
-// gfx942 B operand (split_acc), so CUDA keeps S (rows = value rows) and computes every product
-// transposed (Z^T = S A~^T + V^T A_ak^T, ...), gfx942 keeps S^T (rows = keys) and computes them as
-// the chunk form writes them (Z = A~ S^T + A_ak V, ...). Nothing per band goes through shared memory.
+// memory, then each warp advances its rows. Which way round a band's tiles hold the state follows
+// the lane maps: an accumulator is, register for register, a CUDA A operand and a gfx942 B operand
+// (split_acc), so CUDA keeps S (rows = value rows) and computes every product transposed (Z^T =
+// S A~^T + V^T A_ak^T, ...), gfx942 keeps S^T (rows = keys) and computes them as the chunk form
+// writes them (Z = A~ S^T + A_ak V, ...). Nothing per band goes through shared memory.
 // The state update is S' = S diag(gamma) + SA^T b^ + V^T k^; in a factored chunk the column operands
 // are b, k times exp2(-G_s) (those of the L x L products) and gamma is applied after the sums:
 // S' = (S + SA^T B' + V^T K') diag(gamma), the same terms to rounding.
@@ -704,6 +705,20 @@ __device__ __forceinline__ void scale_band_keys(TileAcc& st, const float* gamma)
   }
 }
 
+// A band's per-step tile (steps at band_other, value rows at band_value) to a [B * T, H, N] tensor
+// of T or of split floats (dst: the chunk's first step, the band's first value row; ld: H * N).
+// Padded steps are not written.
+template <class T>
+__device__ __forceinline__ void store_band_steps(T* dst, int64_t ld, int steps, const TileAcc& acc) {
+#pragma unroll
+  for (int e = 0; e < kTileAcc; ++e) {
+    if (band_other(e) >= steps) continue;
+    const int64_t at = int64_t(band_other(e)) * ld + band_value(e);
+    if constexpr (std::is_same_v<T, SplitBits>) dst[at] = split_bits(acc.x[e]);
+    else store<T>(dst, at, acc.x[e]);
+  }
+}
+
 // Key tile kt of a band's state, split (sk = split_acc of its tile), to a [value row][key] array
 // (dst: the band's first value row, leading dimension N). Elements e, e + 1 of a lane are adjacent
 // keys of one value row in both lane maps, so each pair is one 8-byte store, and each lane's
@@ -727,8 +742,8 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
   return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
 }
 
-// From rt on in the order of Operands (the saves pass copies that range to the scratch slot). Row operands:
-// r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
+// From rt on in the order of Operands (the saves pass copies that range to the scratch slot). Row
+// operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
 // E[L-1, s] (WKV-6's cb: k); 16-byte aligned, written 16 bytes at a time.
 template <int V, int N>
 struct FusedShared {
@@ -947,15 +962,8 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     if (V == 7) {
       const TileAcc sa_rows = matrix_times(&sh.inv[0][0], split_acc(matrix_times(aak, vv, z)), fill_tile_acc(0.f));
       sa = split_acc(sa_rows);
-      if (SAVES) {
-#pragma unroll
-        for (int e = 0; e < kTileAcc; ++e)
-          if (band_other(e) < k.steps)
-            reinterpret_cast<SplitBits*>(sc.sa)[first + int64_t(band_other(e)) * ld + i0 + band_value(e)] =
-                split_bits(sa_rows.x[e]);
-      } else {
-        y = matrix_times(arb, sa, y);
-      }
+      if (SAVES) store_band_steps(reinterpret_cast<SplitBits*>(sc.sa) + first + i0, ld, k.steps, sa_rows);
+      else y = matrix_times(arb, sa, y);
     }
     if (!SAVES) y = matrix_times(ark, vv, y);
 #pragma unroll
@@ -967,10 +975,7 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     if (factored)
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt) scale_band_keys(st[kt], sh.gamma + kt * 16);
-    if (!SAVES)
-#pragma unroll
-      for (int e = 0; e < kTileAcc; ++e)
-        if (band_other(e) < k.steps) store<T>(p.y, first + int64_t(band_other(e)) * ld + i0 + band_value(e), y.x[e]);
+    if (!SAVES) store_band_steps(static_cast<T*>(p.y) + first + i0, ld, k.steps, y);
     if (SAVES) {  // the chunk's operands to its scratch slot, 16 bytes per thread at a time
       static_assert(Op::size % 4 == 0, "whole 16-byte words");
       const float4* from = reinterpret_cast<const float4*>(&sh.rt[0][0]);
