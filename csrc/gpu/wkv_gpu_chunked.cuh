@@ -115,12 +115,13 @@ __device__ __forceinline__ Chunk chunk_at_slot(const WkvProblem& p, int64_t x) {
   return k;
 }
 
-// Whether the inputs r, w, k (, a, b) are 16-byte aligned (then so is every row of them: H * N *
-// sizeof(T) is a multiple of 16 for N >= 16), as fresh tensors are.
-template <int V>
-__device__ __forceinline__ bool inputs_aligned(const WkvProblem& p) {
+// Whether the inputs r, w, k (, a, b) are 16-byte aligned, as the chunk kernels need (then so is
+// every row of them: H * N * sizeof(T) is a multiple of 16 for N >= 16). The op's adapter makes
+// aligned copies of inputs that are not; the launcher refuses others.
+inline bool inputs_aligned(const WkvProblem& p) {
+  const bool v7 = p.version == 7;
   return ((reinterpret_cast<uintptr_t>(p.r) | reinterpret_cast<uintptr_t>(p.w) | reinterpret_cast<uintptr_t>(p.k) |
-           reinterpret_cast<uintptr_t>(V == 7 ? p.a : p.r) | reinterpret_cast<uintptr_t>(V == 7 ? p.b : p.r)) &
+           reinterpret_cast<uintptr_t>(v7 ? p.a : p.r) | reinterpret_cast<uintptr_t>(v7 ? p.b : p.r)) &
           15u) == 0;
 }
 
@@ -129,15 +130,15 @@ __device__ __forceinline__ bool inputs_aligned(const WkvProblem& p) {
 // forward's 2N (CUDA) or 4N (gfx942) threads have one each.
 constexpr int kGroupKeys = kWarpSize == 64 ? 4 : 8;
 
-// Keys j0 .. j0 + kGroupKeys - 1 of a step (x + off) as floats: vector loads where the inputs are
-// 16-byte aligned (`vec`, as fresh tensors are), else element by element; 0 on padded steps.
+// Keys j0 .. j0 + kGroupKeys - 1 of a step (x + off) as floats, one vector load (the inputs are
+// 16-byte aligned: inputs_aligned); 0 on padded steps.
 template <class T>
-__device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool vec, float (&out)[kGroupKeys]) {
-  if (real && vec) {
+__device__ __forceinline__ void load_keys(const T* x, int off, bool real, float (&out)[kGroupKeys]) {
+  if (real) {
     load_vec(x + off, out);
   } else {
 #pragma unroll
-    for (int i = 0; i < kGroupKeys; ++i) out[i] = real ? to_float(x[off + i]) : 0.f;
+    for (int i = 0; i < kGroupKeys; ++i) out[i] = 0.f;
   }
 }
 
@@ -147,16 +148,16 @@ __device__ __forceinline__ void load_keys(const T* x, int off, bool real, bool v
 // argument). CUDA: one thread per key loads its steps (a warp's loads of one step are consecutive
 // keys) and sums them in registers, so shared memory sees only the results. gfx942 (whose chunk
 // kernels are bound by their serial chain rather than by issue or shared memory, and came out
-// slower that way): every thread loads a group of keys of one step (16 bytes, `vec`), stages them
+// slower that way): every thread loads a group of keys of one step (16 bytes), stages them
 // in shared memory, then one thread per key sums them there.
 template <class T, int N, int THREADS>
-__device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, bool vec, float (*G)[N]) {
+__device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, float (*G)[N]) {
 #if defined(ARWKV_HIP)
   constexpr int GK = kGroupKeys, kGroups = L * N / GK;
   for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
     const int q = grp / (N / GK), j0 = grp % (N / GK) * GK;
     float x[GK];
-    load_keys(w, q * ldi + j0, q < steps, vec, x);
+    load_keys(w, q * ldi + j0, q < steps, x);
 #pragma unroll
     for (int i = 0; i < GK; ++i) G[q][j0 + i] = kLog2e * x[i];
   }
@@ -167,7 +168,6 @@ __device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int s
     for (int t = 0; t < L; ++t) G[t][j] = acc += G[t][j];
   }
 #else
-  (void)vec;
   // steps loaded at once (all L at once, sm_90a's WKV-6 grads spilled)
   constexpr int kPart = L / 2;
   for (int j = threadIdx.x; j < N; j += THREADS) {
@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   using Op = Operands<V, N>;
   const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
   const SplitBits* op = reinterpret_cast<const SplitBits*>(slot);
-  cumulative_log_decays<T, N, THREADS>(static_cast<const T*>(p.w) + row0, int(ld), n, inputs_aligned<V>(p), G);
+  cumulative_log_decays<T, N, THREADS>(static_cast<const T*>(p.w) + row0, int(ld), n, G);
   const bool factored = slot[Op::flag] != 0.f;
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
@@ -772,10 +772,9 @@ struct FusedShared {
 // (the caller has synchronised since sh was last read): the cumulative log2 decays, the operands
 // (split), the decay over the chunk, the L x L matrices (masked, split; A_ab kept float) and
 // (WKV-7) the solve's inverse. Returns whether the chunk factors (then the column operands are
-// k, b times exp2(-G_s); else times E[L-1, s]). `vec`: the inputs are 16-byte aligned.
+// k, b times exp2(-G_s); else times E[L-1, s]).
 template <class T, int V, int N, int THREADS>
-__device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k, int h, bool vec,
-                                            FusedShared<V, N>& sh) {
+__device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k, int h, FusedShared<V, N>& sh) {
   constexpr int WARPS = THREADS / kWarpSize, KT = N / 16, kMats = V == 7 ? 4 : 2;
   constexpr int GK = kGroupKeys, kGroups = L * N / GK;  // (step, GK keys) groups of a chunk's inputs
   const int64_t H = p.H, first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
@@ -784,7 +783,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   const T *r = static_cast<const T*>(p.r) + first, *w = static_cast<const T*>(p.w) + first;
   const T *kk = static_cast<const T*>(p.k) + first;
   const T *a = static_cast<const T*>(V == 7 ? p.a : p.r) + first, *b = static_cast<const T*>(V == 7 ? p.b : p.r) + first;
-  cumulative_log_decays<T, N, THREADS>(w, ldi, k.steps, vec, sh.G);
+  cumulative_log_decays<T, N, THREADS>(w, ldi, k.steps, sh.G);
   const bool factored = chunk_factors<N, THREADS>(sh.G[L - 1], &sh.factors);
   if (threadIdx.x == 0) sh.flag[0] = factored ? 1.f : 0.f;  // (for the backward's copy of the chunk)
 
@@ -799,7 +798,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
       auto stage = [&](const T* x, float(*dst)[N]) {
         float v[GK];
-        load_keys(x, off, q < k.steps, vec, v);
+        load_keys(x, off, q < k.steps, v);
 #pragma unroll
         for (int i = 0; i < GK; ++i) dst[q][j0 + i] = v[i];
       };
@@ -835,8 +834,8 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
     const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
     const bool real = q < k.steps;
     float x[GK], y[GK], o[GK];
-    load_keys(r, off, real, vec, x);
-    load_keys(kk, off, real, vec, y);
+    load_keys(r, off, real, x);
+    load_keys(kk, off, real, y);
 #pragma unroll
     for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
       o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
@@ -853,8 +852,8 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       store_split(&sh.at[q][j0], o);
       store_split(&sh.cb[q][j0], y);
     } else {
-      load_keys(a, off, real, vec, x);
-      load_keys(b, off, real, vec, y);
+      load_keys(a, off, real, x);
+      load_keys(b, off, real, y);
 #pragma unroll
       for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
       store_split(&sh.at[q][j0], o);
@@ -917,7 +916,6 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   __shared__ FusedShared<V, N> sh;
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
   const int64_t H = p.H, ld = H * N;
-  const bool vec = inputs_aligned<V>(p);
   const float* init = static_cast<const float*>(p.initial_state);
   const int64_t state0 = (int64_t(s) * H + h) * N * N;  // this (sequence, head)'s [N, N] state
   TileAcc st[KT];  // tile kt: keys 16 kt .. 16 kt + 15 of value rows i0 .. i0 + 15
@@ -944,7 +942,7 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt) store_band_state<N>(snapshot, kt, split_acc(st[kt]));
     __syncthreads();  // the previous chunk's readers of sh are done
-    const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, vec, sh);
+    const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, sh);
 
     // this band's rows: outputs, then the state after the chunk
     const T* vrow = static_cast<const T*>(p.v) + first + i0;  // v at (the chunk's step 0, value row i0)

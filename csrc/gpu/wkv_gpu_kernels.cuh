@@ -599,6 +599,9 @@ LaunchStatus chunked_n(const WkvBackwardProblem& p, const Scratch& sc, const Dev
   const auto stream = static_cast<gpuStream>(d.stream);
   const dim3 per_sequence(unsigned(p.H), unsigned(p.num_seqs));
   const WkvProblem& fp = p;
+  if (!inputs_aligned(fp))
+    return {"inputs r, w, k (a, b) are not 16-byte aligned (the op makes aligned copies)",
+            chunk_kernel_name<V>(backward ? 1 : 0), dtype_name<T>(), N};
   if (!backward) {
     const auto fused = wkv_chunk_fused_forward_kernel<T, V, N, false>;
     ARWKV_LAUNCH(fused, per_sequence, N / 16 * kWarpSize, stream, fp, sc);

@@ -62,7 +62,7 @@ struct Case {
   int num_sms = 1;
   gpu::Algorithm algorithm = gpu::Algorithm::step;
   bool initial_state = true, grad_y = true, grad_state = true;  // false: null pointers
-  bool misaligned = false;  // inputs one element past a 16-byte boundary (no vector loads)
+  bool misaligned = false;  // inputs one element past a 16-byte boundary (step only: chunked refuses them)
 };
 
 template <class T>
@@ -249,6 +249,16 @@ void check_launch_failure_names_kernel() {
                             "\", expected \"" + want + "\"");
   }
   gpu_emu::fail_launch(0, "");
+  // the chunked kernels take 16-byte-aligned inputs only (the op copies others): refused, not run
+  Case misaligned;
+  misaligned.algorithm = gpu::Algorithm::chunked, misaligned.misaligned = true;
+  const std::vector<Vec> out = run_gpu<gpu::Bf16>(p, gy, gs, misaligned, status);
+  const std::string want =
+      "GPU kernel wkv7_chunk_forward<bf16, N=64> launch failed: inputs r, w, k (a, b) are not 16-byte aligned "
+      "(the op makes aligned copies)";
+  const std::string got = status.ok() ? "(no failure)" : gpu::describe(status);
+  expect(got == want, std::string(kPlatform) + ": misaligned chunked inputs read \"" + got + "\"");
+  expect(std::isnan(out[0][0]), std::string(kPlatform) + ": a refused launch wrote outputs");
 }
 
 }  // namespace
@@ -277,7 +287,7 @@ int main(int argc, char** argv) {
     no_state.initial_state = no_state.grad_state = false;
     decoding.grad_state = false;
     no_grad_y.grad_y = false;
-    no_grad_y.misaligned = true;
+    no_grad_y.misaligned = algorithm == gpu::Algorithm::step;  // (the chunked kernels refuse them)
     for (int version : {7, 6}) {
       for (int64_t N : arwkv::kHeadSizes) {
         unsigned seed = unsigned(version * 1000 + N);
@@ -296,7 +306,7 @@ int main(int argc, char** argv) {
         Problem short_one = make_problem(version, 1, 9, 1, N, {}, seed++);
         if (runs(3)) check<float>(short_one, no_state, "no state in or out");
         Problem two = make_problem(version, 2, 11, 1, N, {}, seed++);
-        if (runs(4)) check<float>(two, no_grad_y, "no grad_y, misaligned inputs");
+        if (runs(4)) check<float>(two, no_grad_y, "no grad_y (step: misaligned inputs)");
         Problem strong = strong_decays(make_problem(version, 1, 37, 1, N, {0, 16, 37}, seed++));
         if (runs(5)) check<float>(strong, many_blocks, "log decays to -20, cu_seqlens");
         Problem bf16 = make_problem(version, 1, 13, 2, N, {}, seed++);
