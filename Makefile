@@ -160,7 +160,7 @@ $(VENV)/.gpu-model-tools: $(VENV)/.deps
 	$(PY) -m pip install -q nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump
 	touch $@
 
-gpu-model: $(VENV)/.gpu-model-tools
+gpu-model: $(VENV)/.gpu-model-tools cpp-build
 	cd tools && ../$(PY) -m gpu_model --nvcc $(CUDA_HOME)/bin/nvcc --out ../$(RESULTS)/gpu-model.md
 
 # Everything the targets above made: the venvs, the build folders, the in-place kernels.

@@ -49,6 +49,17 @@ static_assert(L == 16, "a chunk is one 16 x 16 tile");
 // (>= e^-0.61 per step: >= 2^-14 per chunk) always factor; stronger ones take the exact pairwise
 // form. Entries above the diagonal (s > t) have factors up to 2^96 and are discarded by a select.
 constexpr float kFactorLimit = 96.f;
+// Shared-memory arrays that the tile layer gathers from have their rows padded by kPad words. With
+// a leading dimension a multiple of 32 words every row starts in the same bank, and a gather (CUDA:
+// 8 rows x 4 column pairs per register; gfx942: 16 rows x 4 columns) hits 4 banks up to 8 ways
+// deep; padded, the rows' starts spread over the banks (the emulator counts the conflicts:
+// test_wkv_gpu_emulated --banks, which the GPU model reads). 8 words suit CUDA's 8-byte pair
+// loads, 4 gfx942's 16-byte ones.
+constexpr int kPad = kWarpSize == 64 ? 4 : 8;
+template <int N>
+constexpr int kRowLd = N + kPad;      // of [L][N] operands
+constexpr int kMatLd = L + kPad;      // of L x L matrices
+
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
 // over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
 // scalar registers)
@@ -57,7 +68,7 @@ constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
 // start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
-// aligned). The order is that of FusedShared from rt on, so the saves pass copies one range.
+// aligned). The arrays are FusedShared's from rt on, in its order (there with rows padded).
 // WKV-6's are a prefix of WKV-7's layout:
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
 //   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
@@ -208,16 +219,16 @@ __device__ __forceinline__ bool chunk_factors(const float* g_last, int* flag) {
 // `eye` (float, shared memory): compared with c in registers, gfx942 kept the 16 comparisons'
 // lane masks live across the fused forward's chunk loop and ran out of scalar registers.
 template <class Emit>
-__device__ __forceinline__ void unit_lower_inverse_column(const float* a, const float* eye, int c, Emit emit) {
+__device__ __forceinline__ void unit_lower_inverse_column(const float* a, const float* eye, int ld, int c, Emit emit) {
   float x[L];
 #pragma unroll
-  for (int q = 0; q < L; ++q) x[q] = eye[q * L + c];
+  for (int q = 0; q < L; ++q) x[q] = eye[q * ld + c];
 #pragma unroll
   for (int u0 = 0; u0 < L; u0 += 4)
 #pragma unroll
     for (int q = u0 + 1; q < L; ++q) {  // (rows u0 + 1 .. u0 + 3 in order: each needs the ones before)
       float a4[4];
-      load_vec(a + q * L + u0, a4);
+      load_vec(a + q * ld + u0, a4);
 #pragma unroll
       for (int u = u0; u < u0 + 4; ++u)
         if (u < q) x[q] = fmaf(a4[u - u0], x[u], x[q]);
@@ -659,17 +670,17 @@ template <class T>
 __device__ __forceinline__ SplitB band_values(const T* x, int64_t ld, int steps) { return load_split_b(x, ld, steps); }
 // acc + M X for an L x L matrix M (split, row-major) and a band operand X
 __device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitB& x, TileAcc acc) {
-  return mma_split(load_split_a(m, L), x, acc);
+  return mma_split(load_split_a(m, kMatLd), x, acc);
 }
 // acc + R S^T for a key tile of [L][N] row operands R and the band's state tile
 template <int N>
 __device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const SplitB& s, TileAcc acc) {
-  return mma_split(load_split_a(rows, N), s, acc);
+  return mma_split(load_split_a(rows, kRowLd<N>), s, acc);
 }
 // the band's state tile (as S^T) + C^T X for a key tile of [L][N] column operands C
 template <int N>
 __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitB& x, TileAcc st) {
-  return mma_split(load_split_a_transposed(cols, N), x, st);
+  return mma_split(load_split_a_transposed(cols, kRowLd<N>), x, st);
 }
 #else
 // the same, transposed: V^T [i][s]; (M X)^T = X^T M^T; (R S^T)^T = S R^T; S + X^T C
@@ -678,15 +689,15 @@ __device__ __forceinline__ SplitA band_values(const T* x, int64_t ld, int steps)
   return load_split_a_transposed(x, ld, steps);
 }
 __device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitA& x, TileAcc acc) {
-  return mma_split(x, load_split_b_transposed(m, L), acc);
+  return mma_split(x, load_split_b_transposed(m, kMatLd), acc);
 }
 template <int N>
 __device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const SplitA& s, TileAcc acc) {
-  return mma_split(s, load_split_b_transposed(rows, N), acc);
+  return mma_split(s, load_split_b_transposed(rows, kRowLd<N>), acc);
 }
 template <int N>
 __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitA& x, TileAcc st) {
-  return mma_split(x, load_split_b(cols, N), st);
+  return mma_split(x, load_split_b(cols, kRowLd<N>), st);
 }
 #endif
 
@@ -700,7 +711,7 @@ __device__ __forceinline__ int band_other(int e) { return kBandRowsAreKeys ? Til
 __device__ __forceinline__ void scale_band_keys(TileAcc& st, const float* gamma) {
 #pragma unroll
   for (int e = 0; e < kTileAcc; e += 2) {
-    const float2 g = *reinterpret_cast<const float2*>(gamma + band_other(e));
+    const float2 g = *ARWKV_NOTED(reinterpret_cast<const float2*>(gamma + band_other(e)));
     st.x[e] *= g.x, st.x[e + 1] *= g.y;
   }
 }
@@ -742,20 +753,39 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
   return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
 }
 
-// From rt on in the order of Operands (the saves pass copies that range to the scratch slot). Row
+// From rt on in the order of Operands, rows padded (kPad; the saves pass copies them to the scratch
+// slot without: operand_in_shared). Row
 // operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
 // E[L-1, s] (WKV-6's cb: k); 16-byte aligned, written 16 bytes at a time.
 template <int V, int N>
 struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
-  alignas(16) SplitBits rt[L][N], ck[L][N];
+  alignas(16) SplitBits rt[L][kRowLd<N>], ck[L][kRowLd<N>];
   alignas(16) float gamma[N];        // the decay over the chunk (read in pairs: scale_band_keys)
   float flag[4];                     // 1 if the chunk factors (for the backward's copy)
-  alignas(16) float mats[V == 7 ? 4 : 2][L][L];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
-  alignas(16) SplitBits at[L][N], cb[L][N];
-  SplitBits inv[V == 7 ? L : 1][L];  // (I - A_ab)^-1
+  alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
+  alignas(16) SplitBits at[L][kRowLd<N>], cb[L][kRowLd<N>];
+  alignas(16) SplitBits inv[V == 7 ? L : 1][kMatLd];  // (I - A_ab)^-1
   int factors;
 };
+
+// Where float x of the Operands layout (x a multiple of 4: within one row) lies in FusedShared,
+// whose rows are padded.
+template <int V, int N>
+__device__ __forceinline__ const float* operand_in_shared(const FusedShared<V, N>& sh, int x) {
+  using Op = Operands<V, N>;
+  auto rows = [x](const auto* base, int start, int cols, int ld) {
+    return reinterpret_cast<const float*>(base) + (x - start) / cols * ld + (x - start) % cols;
+  };
+  if (x < Op::ck) return rows(&sh.rt[0][0], Op::rt, N, kRowLd<N>);
+  if (x < Op::gam) return rows(&sh.ck[0][0], Op::ck, N, kRowLd<N>);
+  if (x < Op::flag) return &sh.gamma[x - Op::gam];
+  if (x < Op::mats) return &sh.flag[x - Op::flag];
+  if (x < Op::at) return rows(&sh.mats[0][0][0], Op::mats, L, kMatLd);  // (the matrices' rows in turn)
+  if (x < Op::cb) return rows(&sh.at[0][0], Op::at, N, kRowLd<N>);
+  if (x < Op::inv) return rows(&sh.cb[0][0], Op::cb, N, kRowLd<N>);
+  return rows(&sh.inv[0][0], Op::inv, L, kMatLd);
+}
 
 // CUDA: blocks per unit the registers must allow (the second bound): 4 up to N = 64 (<= 128 registers
 // at N = 64, so that all (8, 4096, 64, 64) blocks are resident at once), 1 at N = 128 (its 64
@@ -790,13 +820,14 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   if (!factored) {
     // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
     // floats where the operands go next
-    float(*xr)[N] = reinterpret_cast<float(*)[N]>(&sh.rt[0][0]);
-    float(*xk)[N] = reinterpret_cast<float(*)[N]>(&sh.ck[0][0]);
-    float(*xa)[N] = reinterpret_cast<float(*)[N]>(&sh.at[0][0]);
-    float(*xb)[N] = reinterpret_cast<float(*)[N]>(&sh.cb[0][0]);
+    constexpr int LD = kRowLd<N>;
+    float(*xr)[LD] = reinterpret_cast<float(*)[LD]>(&sh.rt[0][0]);
+    float(*xk)[LD] = reinterpret_cast<float(*)[LD]>(&sh.ck[0][0]);
+    float(*xa)[LD] = reinterpret_cast<float(*)[LD]>(&sh.at[0][0]);
+    float(*xb)[LD] = reinterpret_cast<float(*)[LD]>(&sh.cb[0][0]);
     for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
       const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-      auto stage = [&](const T* x, float(*dst)[N]) {
+      auto stage = [&](const T* x, float(*dst)[LD]) {
         float v[GK];
         load_keys(x, off, q < k.steps, v);
 #pragma unroll
@@ -875,30 +906,31 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       TileAcc acc = fill_tile_acc(0.f);
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)
-        acc = mma_split(load_split_a(rows + kt * 16, N), load_split_b_transposed(cols + kt * 16, N), acc);
-      store_tile_acc(&sh.mats[m][0][0], L, acc);
+        acc = mma_split(load_split_a(rows + kt * 16, kRowLd<N>), load_split_b_transposed(cols + kt * 16, kRowLd<N>), acc);
+      store_tile_acc(&sh.mats[m][0][0], kMatLd, acc);
     }
   __syncthreads();
   // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
   // whose diagonal is the bonus r_t . (u * k_t)), split in place; A_ab stays float for the solve
   for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
     const int t = pr / L, q = pr % L;
-    float* m = &sh.mats[0][0][0] + pr;
+    float* m = &sh.mats[0][t][q];
+    constexpr int M = L * kMatLd;  // (from one matrix to the next)
     if (V == 7) {
       m[0] = __uint_as_float(split_bits(q <= t ? m[0] : 0.f).bits);
-      m[L * L] = __uint_as_float(split_bits(q <= t ? m[L * L] : 0.f).bits);
-      m[2 * L * L] = q < t ? m[2 * L * L] : 0.f;
-      m[3 * L * L] = __uint_as_float(split_bits(q < t ? m[3 * L * L] : 0.f).bits);
-      reinterpret_cast<float*>(&sh.inv[0][0])[pr] = t == q ? 1.f : 0.f;  // the solve starts from I
+      m[M] = __uint_as_float(split_bits(q <= t ? m[M] : 0.f).bits);
+      m[2 * M] = q < t ? m[2 * M] : 0.f;
+      m[3 * M] = __uint_as_float(split_bits(q < t ? m[3 * M] : 0.f).bits);
+      sh.inv[t][q].bits = __float_as_uint(t == q ? 1.f : 0.f);  // the solve starts from I
     } else {
-      m[0] = __uint_as_float(split_bits(q < t ? m[0] : q == t ? m[L * L] : 0.f).bits);
+      m[0] = __uint_as_float(split_bits(q < t ? m[0] : q == t ? m[M] : 0.f).bits);
     }
   }
   if (V == 7) {
     __syncthreads();
     // (I - A_ab)^-1, written over the identity it starts from (each thread its own column)
     if (threadIdx.x < L)
-      unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), threadIdx.x,
+      unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), kMatLd, threadIdx.x,
                                 [&](int q, float x) { sh.inv[q][threadIdx.x] = split_bits(x); });
   }
   __syncthreads();
@@ -976,9 +1008,9 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     if (!SAVES) store_band_steps(static_cast<T*>(p.y) + first + i0, ld, k.steps, y);
     if (SAVES) {  // the chunk's operands to its scratch slot, 16 bytes per thread at a time
       static_assert(Op::size % 4 == 0, "whole 16-byte words");
-      const float4* from = reinterpret_cast<const float4*>(&sh.rt[0][0]);
       float4* to = reinterpret_cast<float4*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
-      for (int i = threadIdx.x; i < Op::size / 4; i += THREADS) to[i] = from[i];
+      for (int i = threadIdx.x; i < Op::size / 4; i += THREADS)
+        to[i] = *reinterpret_cast<const float4*>(operand_in_shared(sh, 4 * i));
     }
   }
   float* final_state = static_cast<float*>(p.final_state);

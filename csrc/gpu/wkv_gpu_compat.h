@@ -30,7 +30,9 @@ using gpuStream = void*;
 inline gpuError_t gpu_last_error() { return gpu_emu::take_error(); }
 inline bool gpu_ok(gpuError_t e) { return e == nullptr; }
 inline const char* gpu_error_string(gpuError_t e) { return e; }
-#define ARWKV_LAUNCH(kernel, grid, block, stream, ...) gpu_emu::launch(kernel, grid, block, __VA_ARGS__)
+#define ARWKV_LAUNCH(kernel, grid, block, stream, ...) gpu_emu::launch(#kernel, kernel, grid, block, __VA_ARGS__)
+// (the emulator notes the tile layer's memory accesses, to count shared-memory bank conflicts)
+#define ARWKV_NOTED(ptr) gpu_emu::note_access((ptr), __FILE__, __LINE__)
 #elif defined(ARWKV_HIP)
 using gpuError_t = hipError_t;
 using gpuStream = hipStream_t;
@@ -46,6 +48,7 @@ inline const char* gpu_error_string(gpuError_t e) { return cudaGetErrorString(e)
 #endif
 #if !defined(ARWKV_GPU_EMULATION)
 #define ARWKV_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define ARWKV_NOTED(ptr) (ptr)
 #endif
 
 // The value of lane (this lane ^ offset) of the same warp / wave; every lane must take part.
@@ -156,16 +159,16 @@ __device__ __forceinline__ void load_vec(const T* p, float (&x)[K]) {
   if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
     for (int i = 0; i < K / 4; ++i) {
-      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      const float4 v = *ARWKV_NOTED(reinterpret_cast<const float4*>(p) + i);
       x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
     }
   } else {
     uint32_t w[K / 2];
     if constexpr (K == 8) {
-      const float4 v = *reinterpret_cast<const float4*>(p);
+      const float4 v = *ARWKV_NOTED(reinterpret_cast<const float4*>(p));
       w[0] = __float_as_uint(v.x), w[1] = __float_as_uint(v.y), w[2] = __float_as_uint(v.z), w[3] = __float_as_uint(v.w);
     } else {
-      const float2 v = *reinterpret_cast<const float2*>(p);
+      const float2 v = *ARWKV_NOTED(reinterpret_cast<const float2*>(p));
       w[0] = __float_as_uint(v.x), w[1] = __float_as_uint(v.y);
     }
 #pragma unroll
@@ -287,12 +290,12 @@ __device__ __forceinline__ TileAcc fill_tile_acc(float v) {
 __device__ __forceinline__ TileAcc load_tile_acc(const float* p, int ld) {
   TileAcc c;
 #pragma unroll
-  for (int e = 0; e < kTileAcc; ++e) c.x[e] = p[TileAcc::row(e) * ld + TileAcc::col(e)];
+  for (int e = 0; e < kTileAcc; ++e) c.x[e] = *ARWKV_NOTED(&p[TileAcc::row(e) * ld + TileAcc::col(e)]);
   return c;
 }
 __device__ __forceinline__ void store_tile_acc(float* p, int ld, const TileAcc& d) {
 #pragma unroll
-  for (int e = 0; e < kTileAcc; ++e) p[TileAcc::row(e) * ld + TileAcc::col(e)] = d.x[e];
+  for (int e = 0; e < kTileAcc; ++e) *ARWKV_NOTED(&p[TileAcc::row(e) * ld + TileAcc::col(e)]) = d.x[e];
 }
 
 // D = A B + C, products and sums in fp32 (every lane of the warp / wave takes part). Only the
@@ -369,7 +372,7 @@ struct SplitB {
 // read as 0 (the padded steps past a sequence's end, never read from memory).
 template <class S>
 __device__ __forceinline__ float element_or_zero(const S* p, int64_t ld, int rows_valid, int r, int c) {
-  return r < rows_valid ? to_float(p[int64_t(r) * ld + c]) : 0.f;
+  return r < rows_valid ? to_float(*ARWKV_NOTED(&p[int64_t(r) * ld + c])) : 0.f;
 }
 
 // A float stored already split (the chunked kernels' per-chunk operands: split once where they
@@ -411,34 +414,57 @@ __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K])
   }
 #pragma unroll
   for (int i = 0; i < K; i += 4)
-    *reinterpret_cast<float4*>(dst + i) = make_float4(__uint_as_float(w[i]), __uint_as_float(w[i + 1]),
+    *ARWKV_NOTED(reinterpret_cast<float4*>(dst + i)) = make_float4(__uint_as_float(w[i]), __uint_as_float(w[i + 1]),
                                                       __uint_as_float(w[i + 2]), __uint_as_float(w[i + 3]));
 }
 
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
 // rc(lane, e) of p. A bf16 source is exact: its bits are its hi, its lo is 0. (Through the
 // conversion instead, the sm_90 grads kernel once avoided a spill; its products now take split
-// operands and it has none either way, so every target takes the bits.)
-template <class S, class RowCol>
+// operands and it has none either way, so every target takes the bits.) ALONG_ROWS: a lane's
+// elements are consecutive columns of one row (2 on CUDA, 4 on gfx942: the k of an A operand, or
+// of a B operand stored transposed), so split ones load together, 8 or 16 bytes at a time (p
+// and ld even; fewer instructions, and with a padded ld no bank conflicts).
+template <bool ALONG_ROWS, class S, class RowCol>
 __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
                                              int64_t ld, int rows_valid, RowCol rc) {
   const int l = lane_id();
+#if defined(ARWKV_HIP)
+  [[maybe_unused]] float4 row4;  // ALONG_ROWS, split: the lane's four elements, one 16-byte load
+  if constexpr (ALONG_ROWS && std::is_same_v<S, SplitBits>) {
+    int r, c;
+    rc(l, 0, r, c);
+    row4 = r < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const float4*>(p + int64_t(r) * ld + c))
+                          : float4{0.f, 0.f, 0.f, 0.f};
+  }
+#endif
 #pragma unroll
   for (int e = 0; e < kTileAB; e += 2) {
     int r0, c0, r1, c1;
     rc(l, e, r0, c0);
     rc(l, e + 1, r1, c1);
     if constexpr (std::is_same_v<S, SplitBits>) {  // halves moved, nothing rounded
-      const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
-      const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
+      uint32_t x0, x1;
+      if constexpr (ALONG_ROWS) {
+#if defined(ARWKV_HIP)
+        x0 = __float_as_uint(e ? row4.z : row4.x), x1 = __float_as_uint(e ? row4.w : row4.y);
+#else
+        const float2 v = r0 < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const float2*>(&p[int64_t(r0) * ld + c0]))
+                                         : float2{0.f, 0.f};
+        x0 = __float_as_uint(v.x), x1 = __float_as_uint(v.y);
+#endif
+      } else {
+        x0 = r0 < rows_valid ? ARWKV_NOTED(&p[int64_t(r0) * ld + c0])->bits : 0u;
+        x1 = r1 < rows_valid ? ARWKV_NOTED(&p[int64_t(r1) * ld + c1])->bits : 0u;
+      }
 #if defined(__CUDA_ARCH__)
       hi[e / 2] = __byte_perm(x0, x1, 0x5410), lo[e / 2] = __byte_perm(x0, x1, 0x7632);  // one PRMT each
 #else
       hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
 #endif
     } else if constexpr (std::is_same_v<S, Bf16>) {
-      const uint32_t x0 = r0 < rows_valid ? p[int64_t(r0) * ld + c0].bits : 0u;
-      const uint32_t x1 = r1 < rows_valid ? p[int64_t(r1) * ld + c1].bits : 0u;
+      const uint32_t x0 = r0 < rows_valid ? ARWKV_NOTED(&p[int64_t(r0) * ld + c0])->bits : 0u;
+      const uint32_t x1 = r1 < rows_valid ? ARWKV_NOTED(&p[int64_t(r1) * ld + c1])->bits : 0u;
       hi[e / 2] = x0 | x1 << 16, lo[e / 2] = 0u;
     } else {
       const float x0 = element_or_zero(p, ld, rows_valid, r0, c0);
@@ -455,25 +481,25 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
 template <class S>
 __device__ __forceinline__ SplitA load_split_a(const S* p, int64_t ld, int rows_valid = 16) {
   SplitA a;
-  gather_split(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_row(l, e), c = tile_a_k(l, e); });
+  gather_split<true>(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_row(l, e), c = tile_a_k(l, e); });
   return a;
 }
 template <class S>
 __device__ __forceinline__ SplitA load_split_a_transposed(const S* p, int64_t ld, int rows_valid = 16) {
   SplitA a;
-  gather_split(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_k(l, e), c = tile_a_row(l, e); });
+  gather_split<false>(a.hi.reg, a.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_a_k(l, e), c = tile_a_row(l, e); });
   return a;
 }
 template <class S>
 __device__ __forceinline__ SplitB load_split_b(const S* p, int64_t ld, int rows_valid = 16) {
   SplitB b;
-  gather_split(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_k(l, e), c = tile_b_col(l, e); });
+  gather_split<false>(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_k(l, e), c = tile_b_col(l, e); });
   return b;
 }
 template <class S>
 __device__ __forceinline__ SplitB load_split_b_transposed(const S* p, int64_t ld, int rows_valid = 16) {
   SplitB b;
-  gather_split(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_col(l, e), c = tile_b_k(l, e); });
+  gather_split<true>(b.hi.reg, b.lo.reg, p, ld, rows_valid, [](int l, int e, int& r, int& c) { r = tile_b_col(l, e), c = tile_b_k(l, e); });
   return b;
 }
 

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <tuple>
@@ -155,6 +156,25 @@ struct MatrixRegs {
 
 enum class Wait { none, warp, block, done };
 
+// ---- Shared-memory bank conflicts ---------------------------------------------------------------
+// The tile layer passes the address of each of its loads and stores through ARWKV_NOTED
+// (wkv_gpu_compat.h); with runtime().count_banks set, those in shared memory (a `__shared__` is a
+// static: its address lies in the program image, where no heap or stack does) are noted per lane.
+// When the lanes of a warp meet (a shuffle, a matrix product, a barrier, the end of the block),
+// the accesses its lanes made at one source line are matched in order, lane with lane, and each
+// warp-wide access is counted as the hardware serves it: in phases of 128 bytes' worth of lanes
+// (32 lanes of 4-byte accesses, 16 of 8, 8 of 16), each phase taking as many wavefronts as the
+// most distinct 4-byte words any one of the 32 banks holds. `ideal` counts a wavefront per phase.
+struct Access {
+  const char* file;
+  int line;
+  uintptr_t addr;
+  int bytes;
+};
+struct BankCount {
+  int64_t accesses = 0, wavefronts = 0, ideal = 0;
+};
+
 struct Fiber {
   Context context;
   Wait wait = Wait::none;
@@ -177,6 +197,11 @@ struct Runtime {
   int64_t switches = 0;
   int fail_countdown = 0;  // > 0: the launch that brings it to 0 fails with fail_message
   std::string fail_message;
+  // shared-memory bank conflicts, counted while count_banks is set (see note_access)
+  bool count_banks = false;
+  std::string kernel;  // the launch being run, as the launcher names it
+  std::vector<std::vector<Access>> notes;  // per thread, since its warp last met
+  std::map<std::tuple<std::string, std::string, int>, BankCount> banks;  // (kernel, file, line)
 };
 inline Runtime& runtime() {
   static Runtime r;
@@ -207,6 +232,49 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace gpu_emu {
 
 inline Fiber& current() { return runtime().fibers[threadIdx.x]; }
+
+extern "C" char __executable_start[], _end[];  // the program image (the linker's symbols)
+
+template <class P>
+inline P* note_access(P* p, const char* file, int line) {
+  Runtime& rt = runtime();
+  const auto at = reinterpret_cast<const char*>(p);
+  if (rt.count_banks && at >= __executable_start && at < _end) {
+    const char* base = std::strrchr(file, '/');
+    rt.notes[threadIdx.x].push_back({base ? base + 1 : file, line, uintptr_t(at), int(sizeof(P))});
+  }
+  return p;
+}
+
+// Counts the accesses the lanes of warp [w0, w1) noted since it last met, and forgets them.
+inline void count_warp_accesses(unsigned w0, unsigned w1) {
+  Runtime& rt = runtime();
+  if (!rt.count_banks) return;
+  // (file, line, n): the n-th access a lane made at that line -> (lane, address, bytes)
+  std::map<std::tuple<const char*, int, int>, std::vector<std::tuple<unsigned, uintptr_t, int>>> warp_wide;
+  for (unsigned t = w0; t < w1; ++t) {
+    std::map<std::pair<const char*, int>, int> seen;
+    for (const Access& a : rt.notes[t])
+      warp_wide[{a.file, a.line, seen[{a.file, a.line}]++}].emplace_back(t - w0, a.addr, a.bytes);
+    rt.notes[t].clear();
+  }
+  for (const auto& [key, lanes] : warp_wide) {
+    const unsigned per_phase = 128u / unsigned(std::max(4, std::get<2>(lanes.front())));
+    std::map<unsigned, std::map<unsigned, std::vector<uintptr_t>>> phases;  // phase -> bank -> words
+    for (const auto& [lane, addr, bytes] : lanes)
+      for (uintptr_t word = addr / 4; word <= (addr + uintptr_t(bytes) - 1) / 4; ++word) {
+        std::vector<uintptr_t>& words = phases[lane / per_phase][unsigned(word % 32)];
+        if (std::find(words.begin(), words.end(), word) == words.end()) words.push_back(word);
+      }
+    BankCount& c = rt.banks[{rt.kernel, std::get<0>(key), std::get<1>(key)}];
+    ++c.accesses;
+    for (const auto& [phase, banks] : phases) {
+      size_t most = 1;
+      for (const auto& [bank, words] : banks) most = std::max(most, words.size());
+      c.wavefronts += int64_t(most), ++c.ideal;
+    }
+  }
+}
 
 inline void wait(Wait why) {
   Runtime& rt = runtime();
@@ -340,6 +408,7 @@ inline bool run_block(unsigned threads) {
   rt.fibers.assign(threads, Fiber{});
   rt.exchange.assign(threads, 0.f);
   rt.matrix.assign(threads, MatrixRegs{});
+  rt.notes.assign(threads, {});
   rt.order.resize(threads);
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = rt.fibers[t];
@@ -376,9 +445,13 @@ inline bool run_block(unsigned threads) {
         done += x == Wait::done, at_block += x == Wait::block;
         all_at_warp = all_at_warp && x == Wait::warp;
       }
-      if (all_at_warp)
+      if (all_at_warp) {
+        count_warp_accesses(w0, w1);
         for (unsigned t = w0; t < w1; ++t) rt.fibers[t].wait = Wait::none;
+      }
     }
+    if (done == threads || at_block == threads)
+      for (unsigned w0 = 0; w0 < threads; w0 += kWarp) count_warp_accesses(w0, std::min(threads, w0 + kWarp));
     if (done == threads) return true;
     if (at_block == threads)
       for (auto& f : rt.fibers) f.wait = Wait::none;
@@ -394,10 +467,12 @@ inline bool run_block(unsigned threads) {
   }
 }
 
-// kernel<<<grid, block>>>(args...): every block in turn, its threads as fibers.
+// kernel<<<grid, block>>>(args...): every block in turn, its threads as fibers (`name`: what the
+// launcher calls it, for the bank-conflict counts).
 template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   Runtime& rt = runtime();
+  rt.kernel = name;
   if (!rt.error.empty()) return;
   if (rt.fail_countdown > 0 && --rt.fail_countdown == 0) {
     rt.error = rt.fail_message;

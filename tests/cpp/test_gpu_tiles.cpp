@@ -12,7 +12,9 @@
 //    values worked out by hand;
 //  - a lane that skips mma() is a deadlock, reported as a launch failure;
 //  - the emulator's own summation order (the one its comment states);
-//  - split operands (near-fp32 products on bf16 tiles), their bound, and the rows they never read.
+//  - split operands (near-fp32 products on bf16 tiles), their bound, and the rows they never read;
+//  - the emulator's count of shared-memory bank conflicts (which the GPU model reads), on access
+//    patterns whose wavefronts are known, and on the tile loads at a padded and an unpadded ld.
 // What this cannot see: an order of k common to A and B (say both swapped the halves of their
 // registers) cancels in every product, so it is harmless here; code that reuses accumulator
 // registers as operands depends on it and needs a test of its own. And the real instructions:
@@ -42,7 +44,7 @@ std::string str(double x) {
 // Launches kernel on one block of `warps` warps; "" or the launch error.
 template <class... Params, class... Args>
 std::string run(void (*kernel)(Params...), int warps, Args... args) {
-  gpu_emu::launch(kernel, dim3(1), dim3(unsigned(warps * gpu::kWarpSize)), args...);
+  gpu_emu::launch("tiles", kernel, dim3(1), dim3(unsigned(warps * gpu::kWarpSize)), args...);
   const char* e = gpu_emu::take_error();
   return e ? e : "";
 }
@@ -239,8 +241,65 @@ void check_split_products() {
 
 }  // namespace
 
+// One warp: every lane reads 4-byte word stride * lane, or 8 / 16 bytes at (bytes / 4) * lane, of a
+// shared array, then (as the gathers do) meets the others at a matrix product; and it gathers a
+// split A tile along rows (load_split_a) from a [16][ld] array.
+constexpr int kBankWords = 64 * 32 * 4;
+template <int STRIDE, int BYTES>
+__global__ void strided_access_kernel(float* out) {
+  __shared__ __align__(16) float words[kBankWords];
+  const int l = int(threadIdx.x);
+  float x = 0.f;
+  if (BYTES == 4) x = *ARWKV_NOTED(&words[STRIDE * l]);
+  if (BYTES == 8) x = ARWKV_NOTED(reinterpret_cast<const float2*>(words) + l)->x;
+  if (BYTES == 16) x = ARWKV_NOTED(reinterpret_cast<const float4*>(words) + l)->x;
+  gpu::TileAcc c = gpu::mma(gpu::TileA<gpu::Bf16>{}, gpu::TileB<gpu::Bf16>{}, gpu::fill_tile_acc(x));
+  out[l] = c.x[0];
+}
+template <int LD>
+__global__ void split_gather_kernel(float* out) {
+  __shared__ __align__(16) gpu::SplitBits tile[16][LD];
+  const gpu::SplitA a = gpu::load_split_a(&tile[0][0], LD);
+  const gpu::TileAcc c = gpu::mma(a.hi, gpu::TileB<gpu::Bf16>{}, gpu::fill_tile_acc(0.f));
+  out[threadIdx.x] = c.x[0];
+}
+
+// Wavefronts over conflict-free wavefronts of the accesses counted while running `kernel`.
+template <class Kernel>
+double counted_conflicts(Kernel kernel) {
+  std::vector<float> out(gpu::kWarpSize);
+  gpu_emu::runtime().banks.clear();
+  gpu_emu::runtime().count_banks = true;
+  const std::string e = run(kernel, 1, out.data());
+  gpu_emu::runtime().count_banks = false;
+  expect(e.empty(), "bank count launch: " + e);
+  int64_t wavefronts = 0, ideal = 0;
+  for (const auto& [key, c] : gpu_emu::runtime().banks) wavefronts += c.wavefronts, ideal += c.ideal;
+  return ideal ? double(wavefronts) / double(ideal) : 0.0;
+}
+
+void check_bank_conflicts() {
+  const std::string where = std::string(kPlatform) + ", bank conflicts: ";
+  auto check = [&](const std::string& what, double got, double want) {
+    expect(got == want, where + what + " counted " + str(got) + ", expected " + str(want));
+  };
+  // 4-byte words 1 apart: one wavefront per 32 lanes; 32 apart: every lane in bank 0 (32 ways); 2
+  // apart: 16 banks, 2 ways; 8- and 16-byte consecutive accesses: conflict-free phases
+  check("stride 1", counted_conflicts(strided_access_kernel<1, 4>), 1.0);
+  check("stride 32", counted_conflicts(strided_access_kernel<32, 4>), 32.0);
+  check("stride 2", counted_conflicts(strided_access_kernel<2, 4>), 2.0);
+  check("8-byte", counted_conflicts(strided_access_kernel<1, 8>), 1.0);
+  check("16-byte", counted_conflicts(strided_access_kernel<1, 16>), 1.0);
+  // The tile loads along rows from a [16][64] array: every row starts in bank 0 (CUDA: 8-byte loads,
+  // 4 rows x 4 pairs a phase: 4 ways; gfx942: 16-byte loads, 8 rows a phase: 8 ways); padded by
+  // the chunk kernels' kPad, none.
+  check("split A, ld 64", counted_conflicts(split_gather_kernel<64>), gpu::kWarpSize == 64 ? 8.0 : 4.0);
+  check("split A, ld 64 + pad", counted_conflicts(split_gather_kernel<64 + (gpu::kWarpSize == 64 ? 4 : 8)>), 1.0);
+}
+
 int main() {
   check_selftest();
+  check_bank_conflicts();
   check_accumulator_access();
   const double p8 = 0x1p-8, p11 = 0x1p-11;
   check_rounding<gpu::Bf16>(

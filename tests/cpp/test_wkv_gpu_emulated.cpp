@@ -261,6 +261,35 @@ void check_launch_failure_names_kernel() {
   expect(std::isnan(out[0][0]), std::string(kPlatform) + ": a refused launch wrote outputs");
 }
 
+// --banks: the shared-memory bank conflicts of the chunked kernels' tile-layer accesses (see
+// gpu_emulator.h), one JSON object a line per (version, N, kernel, source line), for the GPU
+// performance model (tools/gpu_model). One bf16 call and its backward per version and head size,
+// three chunks of which one padded: the access pattern depends on N and the lane maps, not on B,
+// T or H.
+int report_bank_conflicts() {
+  for (int version : {7, 6})
+    for (int64_t N : arwkv::kHeadSizes) {
+      const Problem p = make_problem(version, 1, 40, 1, N, {}, 5);
+      const Vec gy(p.B * p.T * p.H * p.N, 0.5), gs(p.s0.size(), 0.25);
+      gpu_emu::runtime().banks.clear();
+      gpu_emu::runtime().count_banks = true;
+      gpu::LaunchStatus status;
+      run_gpu<gpu::Bf16>(p, gy, gs, Case{1, gpu::Algorithm::chunked}, status);
+      gpu_emu::runtime().count_banks = false;
+      if (!status.ok()) {
+        std::fprintf(stderr, "%s\n", gpu::describe(status).c_str());
+        return 1;
+      }
+      for (const auto& [key, c] : gpu_emu::runtime().banks)
+        std::printf("{\"platform\": \"%s\", \"version\": %d, \"N\": %lld, \"kernel\": \"%s\", \"file\": \"%s\", "
+                    "\"line\": %d, \"accesses\": %lld, \"wavefronts\": %lld, \"ideal\": %lld}\n",
+                    kPlatform, version, static_cast<long long>(N), std::get<0>(key).c_str(), std::get<1>(key).c_str(),
+                    std::get<2>(key), static_cast<long long>(c.accesses), static_cast<long long>(c.wavefronts),
+                    static_cast<long long>(c.ideal));
+    }
+  return 0;
+}
+
 }  // namespace
 
 // Which checks a run makes (the first argument): all of them (none given); --part=fast, every
@@ -273,10 +302,11 @@ enum class Part { all, fast, slow };
 
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
-  if (argc > 2 || !(arg.empty() || arg == "--part=fast" || arg == "--part=slow")) {
-    std::fprintf(stderr, "usage: %s [--part=fast|--part=slow]\n", argv[0]);
+  if (argc > 2 || !(arg.empty() || arg == "--part=fast" || arg == "--part=slow" || arg == "--banks")) {
+    std::fprintf(stderr, "usage: %s [--part=fast|--part=slow|--banks]\n", argv[0]);
     return 2;
   }
+  if (arg == "--banks") return report_bank_conflicts();
   const Part part = arg.empty() ? Part::all : arg == "--part=fast" ? Part::fast : Part::slow;
   const int64_t largest = *std::max_element(std::begin(arwkv::kHeadSizes), std::end(arwkv::kHeadSizes));
   if (part != Part::slow) check_launch_failure_names_kernel();

@@ -156,11 +156,32 @@ KERNEL_HEADER = [
 ]
 
 
+def bank_conflicts(emulator: Path, out: Path) -> dict:
+    """{(version, N, kernel): {(file name, line): conflict factor}} from the CPU emulator's
+    ``--banks`` report (tests/cpp/test_wkv_gpu_emulated.cpp) of the chunked kernels: at each of the
+    tile layer's shared-memory access lines, the wavefronts its warp accesses took over the
+    wavefronts they would take conflict-free. Cached beside the listings, under the kernels' digest."""
+    if not emulator.is_file():
+        raise SystemExit(f"gpu-model: {emulator} not found (make cpp-build builds it)")
+    digest = hashlib.sha256(emulator.read_bytes()).hexdigest()[:16]  # (it holds the kernels' source too)
+    cached = out / f"banks-{emulator.name}-{digest}.jsonl"
+    if not cached.exists():
+        report = subprocess.run([str(emulator), "--banks"], check=True, capture_output=True, text=True).stdout
+        out.mkdir(parents=True, exist_ok=True)
+        cached.write_text(report)
+    factors: dict = {}
+    for row in map(json.loads, cached.read_text().splitlines()):
+        key = (row["version"], row["N"], row["kernel"])
+        factors.setdefault(key, {})[(row["file"], row["line"])] = row["wavefronts"] / row["ideal"]
+    return factors
+
+
 def estimate_passes(
-    kernels, resources, sources, gpu, version: int, algorithm: str, shape4, lines, per_kernel
+    kernels, resources, sources, gpu, version: int, algorithm: str, shape4, lines, per_kernel, conflicts=None
 ):
     """{pass: ms} of one op call at shape4 = (B, T, H, N), bf16; a row per kernel into lines,
-    each kernel's estimate into per_kernel (keyed as benchmarks/gpu_kernel_times.py names it)."""
+    each kernel's estimate into per_kernel (keyed as benchmarks/gpu_kernel_times.py names it).
+    conflicts: bank_conflicts() of the platform (the chunked kernels' shared-memory conflicts)."""
     B, T, H, N = shape4
     shape = {"B": B, "T": T, "H": H, "N": N, "V": version, "bytes": 2, "hip": gpu.warp == 64}
     launches = step_kernels(shape, gpu.units) if algorithm == "step" else chunked_kernels(shape)
@@ -168,6 +189,12 @@ def estimate_passes(
     for pass_name, specs in launches.items():
         total = 0.0
         for spec in specs:
+            if spec.emulated_as:
+                if (version, N, spec.emulated_as) not in (conflicts or {}):
+                    raise SystemExit(
+                        f"gpu-model: no bank-conflict counts for {spec.label} (wkv{version}, N={N})"
+                    )
+                spec.conflicts = conflicts[(version, N, spec.emulated_as)]
             matches = [k for k in kernels if re.search(spec.name, k)]
             if len(matches) != 1:
                 raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
@@ -190,6 +217,9 @@ def main() -> int:
     ap.add_argument("--nvcc", default=os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc"))
     ap.add_argument("--build", type=Path, default=ROOT / "build" / "gpu-model")
     ap.add_argument("--out", type=Path, help="also write the report here (markdown)")
+    emulators = ROOT / "build" / "cmake"
+    ap.add_argument("--emulator-cuda", type=Path, default=emulators / "test_wkv_gpu_emulated_cuda")
+    ap.add_argument("--emulator-hip", type=Path, default=emulators / "test_wkv_gpu_emulated_hip")
     args = ap.parse_args()
 
     gpu = H100
@@ -221,11 +251,21 @@ def main() -> int:
     kernels = parse(text)
     sources = sources_of(kernels)
     rows, per_kernel, now = [], {}, {}
+    cuda_conflicts = bank_conflicts(args.emulator_cuda, args.build)
     for version in (7, 6):
         for shape4 in MEASURED:
             for algorithm in ("step", "chunked"):
                 now[(gpu.name, version, shape4, algorithm)] = estimate_passes(
-                    kernels, resources, sources, gpu, version, algorithm, shape4, rows, per_kernel
+                    kernels,
+                    resources,
+                    sources,
+                    gpu,
+                    version,
+                    algorithm,
+                    shape4,
+                    rows,
+                    per_kernel,
+                    cuda_conflicts,
                 )
 
     # 3. the same kernels compiled for gfx942, on an MI300X (no measurement to check against)
@@ -239,6 +279,7 @@ def main() -> int:
     else:
         amd_kernels, amd_resources = amdgpu.parse(amd)
         amd_sources = sources_of(amd_kernels)
+        hip_conflicts = bank_conflicts(args.emulator_hip, args.build)
         for version in (7, 6):
             for shape4 in MEASURED:
                 for algorithm in ("step", "chunked"):
@@ -252,6 +293,7 @@ def main() -> int:
                         shape4,
                         amd_rows,
                         {},
+                        hip_conflicts,
                     )
     lines += [f"MI300X: {MI300X.describe()}.", ""]
 

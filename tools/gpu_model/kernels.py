@@ -284,6 +284,7 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
     label = "chunk saves" if saves else "chunk fused forward"
     return KernelSpec(
         label=label,
+        emulated_as="saves" if saves else "fused",
         name=rf"wkv_chunk_fused_forward_kernelINS0_4Bf16ELi{V}ELi{N}ELb{int(saves)}E",
         short=f"chunk {'saves' if saves else 'fused_forward'} <{N}>",
         blocks=lambda s: s["H"] * s["B"],
@@ -307,6 +308,7 @@ def chunk_state_grad(s: dict) -> KernelSpec:
     )
     return KernelSpec(
         label="chunk state-grad",
+        emulated_as="state_grad",
         name=rf"wkv_chunk_state_grad_kernelINS0_4Bf16ELi{V}ELi{N}E",
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
@@ -330,6 +332,7 @@ def chunk_grads(s: dict) -> KernelSpec:
     )
     return KernelSpec(
         label="chunk grads",
+        emulated_as="grads",
         name=rf"wkv_chunk_grads_kernelINS0_4Bf16ELi{V}ELi{N}E",
         short=f"chunk grads <{N}>",
         blocks=lambda s: chunk_slots(s) * s["H"],

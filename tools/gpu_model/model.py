@@ -28,7 +28,9 @@ ASSUMPTIONS = [
     "followed: peeled remainders and rarely taken paths are over-counted)",
     "a loop the compiler unrolled runs floor(trips / unroll) times; its remainder is the peeled "
     "code counted with the enclosing body",
-    "shared-memory accesses are conflict-free: a warp access of B bytes per lane takes B / 4 wavefronts",
+    "shared-memory accesses take lanes x B / 128 wavefronts (B bytes per lane), times, in the chunked "
+    "kernels, the bank conflicts the CPU emulator counts at the tile layer's loads and stores (its "
+    "--banks report); other shared accesses, and the step kernels', are taken as conflict-free",
     "DRAM traffic is each tensor's bytes once (re-reads by other blocks hit L2)",
     "blocks are spread evenly: the busiest unit runs ceil(blocks / units) blocks, as many at once "
     "as registers, shared memory, threads and the block limit allow",
@@ -74,6 +76,9 @@ class KernelSpec:
     threads: int
     loops: list[LoopSpec]
     dram_bytes: Callable[[dict], float]
+    emulated_as: str = ""  # the launcher's name for it, as the emulator's bank-conflict report gives it
+    # (file name, line) -> shared wavefronts per conflict-free wavefront, from that report
+    conflicts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -201,7 +206,7 @@ def dynamic(
                 counts[k] += trips * v
             chain += trips * ch
         own = [i for i in insns if i.addr not in inside]
-        counts.update(unit_counts(own, kernel.lanes))
+        counts.update(unit_counts(own, kernel.lanes, spec.conflicts))
         counts["issue"] += len(own)
         return counts, chain + serial_chain(own, latency)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Units an instruction issues to (the H100 model gives each a rate per SM per clock).
 UNITS = (
@@ -391,14 +392,16 @@ def _sort_children(loop: Loop) -> None:
         _sort_children(child)
 
 
-def unit_counts(insns: list[Insn], lanes: int = 32) -> Counter:
+def unit_counts(insns: list[Insn], lanes: int = 32, conflicts: dict | None = None) -> Counter:
     """Instructions by unit, plus shared-memory wavefronts (``shared_wavefronts``: 128-byte
-    cycles of a conflict-free warp access = lanes x width / 128) and global bytes per warp
-    (``global_bytes``)."""
+    cycles of a warp access = lanes x width / 128 when conflict-free, times the factor that
+    ``conflicts`` gives its source line, (file name, line): the bank conflicts the emulator
+    counted there) and global bytes per warp (``global_bytes``)."""
     c = Counter(i.unit for i in insns)
     for i in insns:
         if i.unit == "shared" and i.base != "LDSM":
-            c["shared_wavefronts"] += max(1, lanes * i.width() // 128)
+            factor = conflicts.get((Path(i.line[0]).name, i.line[1]), 1.0) if conflicts and i.line else 1.0
+            c["shared_wavefronts"] += max(1, lanes * i.width() // 128) * factor
         elif i.base == "LDSM":
             c["shared_wavefronts"] += 4
         if i.unit == "global":
