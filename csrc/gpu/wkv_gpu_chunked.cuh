@@ -49,16 +49,21 @@ static_assert(L == 16, "a chunk is one 16 x 16 tile");
 // (>= e^-0.61 per step: >= 2^-14 per chunk) always factor; stronger ones take the exact pairwise
 // form. Entries above the diagonal (s > t) have factors up to 2^96 and are discarded by a select.
 constexpr float kFactorLimit = 96.f;
-// Shared-memory arrays that the tile layer gathers from have their rows padded by kPad words. With
-// a leading dimension a multiple of 32 words every row starts in the same bank, and a gather (CUDA:
-// 8 rows x 4 column pairs per register; gfx942: 16 rows x 4 columns) hits 4 banks up to 8 ways
-// deep; padded, the rows' starts spread over the banks (the emulator counts the conflicts:
-// test_wkv_gpu_emulated --banks, which the GPU model reads). 8 words suit CUDA's 8-byte pair
-// loads, 4 gfx942's 16-byte ones.
+// Shared-memory arrays that the tile layer reads have their rows padded. With a leading dimension
+// a multiple of 32 words every row starts in the same bank, and a gather (CUDA: 8 rows x 4 column
+// pairs per register; gfx942: 16 rows x 4 columns) hits 4 banks up to 8 ways deep. Padded, the
+// rows' starts spread over the banks (the emulator counts the conflicts: test_wkv_gpu_emulated
+// --banks, which the GPU model reads). On gfx942 4 words make every tile access conflict-free; on
+// CUDA 8 suit the 8-byte loads along rows and accumulator pairs, 4 the 4-byte loads down columns
+// (2 rows a lane), each 2 ways deep for the other kind.
 constexpr int kPad = kWarpSize == 64 ? 4 : 8;
 template <int N>
-constexpr int kRowLd = N + kPad;      // of [L][N] operands
-constexpr int kMatLd = L + kPad;      // of L x L matrices
+constexpr int kRowLd = N + 4;       // the chunk's [L][N] operands (read along and down alike)
+template <int N>
+constexpr int kAccLd = N + kPad;    // [.][N] arrays read as accumulators and along rows
+constexpr int kMatLd = L + kPad;    // L x L matrices
+constexpr int kBandLd = 16 + kPad;  // [L][16] per-step rows of a 16-row band, read as accumulators
+constexpr int kDownLd = 16 + 4;     // [L][16] rows that products read only down their columns
 
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
 // over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
@@ -68,21 +73,22 @@ constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 
 // Where one chunk's operands lie in its chunk_operands slot (4-byte elements from the slot's
 // start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
-// aligned). The arrays are FusedShared's from rt on, in its order (there with rows padded).
-// WKV-6's are a prefix of WKV-7's layout:
+// aligned). The arrays are FusedShared's, in its order (there with rows padded: copy_operands):
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
 //   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
-//   gam [N]     the decay over the chunk, E[L-1, -1];  flag: 1 if the chunk factors (then 3 unused)
+//   at, cb [L][N]  a~_t = a_t E[t-1, -1], b_s as ck has k_s                    (WKV-7)
 //   arb, ark, (A_ab: unused), aak [L][L]  WKV-7: A_rb, A_rk, A_ak;  WKV-6: ark, A with the bonus
 //                                          r_t . (u * k_t) on its diagonal
-//   at, cb [L][N]  a~_t = a_t E[t-1, -1], b_s as ck has k_s                    (WKV-7)
 //   inv [L][L]  (I - A_ab)^-1                                                  (WKV-7)
+//   gam [N]     the decay over the chunk, E[L-1, -1];  flag: 1 if the chunk factors (then 3 unused)
 template <int V, int N>
 struct Operands {
-  static constexpr int rt = 0, ck = L * N, gam = 2 * L * N, flag = gam + N, mats = flag + 4;
+  static constexpr int rt = 0, ck = L * N, at = 2 * L * N, cb = 3 * L * N;
+  static constexpr int mats = (V == 7 ? 4 : 2) * L * N;  // (after the [L][N] arrays)
   static constexpr int arb = mats, ark = V == 7 ? mats + L * L : mats, aak = mats + 3 * L * L;
-  static constexpr int at = mats + 4 * L * L, cb = at + L * N, inv = cb + L * N;
-  static constexpr int size = V == 7 ? inv + L * L : mats + L * L;
+  static constexpr int inv = mats + 4 * L * L;
+  static constexpr int gam = V == 7 ? inv + L * L : mats + L * L, flag = gam + N;
+  static constexpr int size = flag + 4;
   static_assert(size == chunk_operand_floats(V, N), "the host's scratch size (wkv_gpu.h) matches");
 };
 
@@ -161,8 +167,8 @@ __device__ __forceinline__ void load_keys(const T* x, int off, bool real, float 
 // kernels are bound by their serial chain rather than by issue or shared memory, and came out
 // slower that way): every thread loads a group of keys of one step (16 bytes), stages them
 // in shared memory, then one thread per key sums them there.
-template <class T, int N, int THREADS>
-__device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, float (*G)[N]) {
+template <class T, int N, int THREADS, int LD = N>
+__device__ __forceinline__ void cumulative_log_decays(const T* w, int ldi, int steps, float (*G)[LD]) {
 #if defined(ARWKV_HIP)
   constexpr int GK = kGroupKeys, kGroups = L * N / GK;
   for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
@@ -272,7 +278,7 @@ __device__ __forceinline__ void load_band_rows(const void* x, int64_t row0, int6
     out[m] = t < steps && x ? load<T>(x, row0 + int64_t(t) * ld + i) : 0.f;
   }
 }
-__device__ __forceinline__ void store_band_rows(const float (&in)[kBandRowRegs], float (*rows)[16]) {
+__device__ __forceinline__ void store_band_rows(const float (&in)[kBandRowRegs], float (*rows)[kDownLd]) {
 #pragma unroll
   for (int m = 0; m < kBandRowRegs; ++m) {
     const int t = (threadIdx.x + m * kWarpSize) / 16, i = (threadIdx.x + m * kWarpSize) % 16;
@@ -306,9 +312,9 @@ template <class T, int V, int N>
 __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const WkvBackwardProblem p, const Scratch sc) {
   using Op = Operands<V, N>;
   constexpr int KT = N / 16;
-  __shared__ float dS[16][N];  // dLoss/dS for this band's rows, for the state after the chunk
-  __shared__ float dys[L][16];
-  __shared__ float dsas[V == 7 ? L : 1][16], dzs[V == 7 ? L : 1][16];
+  __shared__ float dS[16][kAccLd<N>];  // dLoss/dS for this band's rows, for the state after the chunk
+  __shared__ float dys[L][kDownLd];
+  __shared__ float dsas[V == 7 ? L : 1][kDownLd], dzs[V == 7 ? L : 1][kDownLd];
   __shared__ float gam[N];  // the chunk's decay
   const int i0 = blockIdx.x * 16, h = blockIdx.y, s = blockIdx.z;
   const int64_t H = p.H;
@@ -345,35 +351,35 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
 
     if (V == 7) {
       // dSA = A_rb^T dY + b^ dS^T;  dZ = (I - A_ab)^-T dSA
-      TileAcc dsa = mma_split(load_split_a_transposed(op + Op::arb, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
+      TileAcc dsa = mma_split(load_split_a_transposed(op + Op::arb, L), load_split_b(&dys[0][0], kDownLd), fill_tile_acc(0.f));
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)
-        dsa = mma_split(load_split_a(op + Op::cb + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dsa);
-      store_tile_acc(&dsas[0][0], 16, dsa);
+        dsa = mma_split(load_split_a(op + Op::cb + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], kAccLd<N>), dsa);
+      store_tile_acc(&dsas[0][0], kDownLd, dsa);
       __syncthreads();
       const TileAcc dz =
-          mma_split(load_split_a_transposed(op + Op::inv, L), load_split_b(&dsas[0][0], 16), fill_tile_acc(0.f));
-      store_tile_acc(&dzs[0][0], 16, dz);
+          mma_split(load_split_a_transposed(op + Op::inv, L), load_split_b(&dsas[0][0], kDownLd), fill_tile_acc(0.f));
+      store_tile_acc(&dzs[0][0], kDownLd, dz);
       store_steps(reinterpret_cast<SplitBits*>(sc.dsa) + row0, H * N, k.steps, dz);
       __syncthreads();
     }
     // dV = A_rk^T dY + k^ dS^T (+ A_ak^T dZ)
-    TileAcc dv = mma_split(load_split_a_transposed(op + Op::ark, L), load_split_b(&dys[0][0], 16), fill_tile_acc(0.f));
+    TileAcc dv = mma_split(load_split_a_transposed(op + Op::ark, L), load_split_b(&dys[0][0], kDownLd), fill_tile_acc(0.f));
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt)
-      dv = mma_split(load_split_a(op + Op::ck + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], N), dv);
-    if (V == 7) dv = mma_split(load_split_a_transposed(op + Op::aak, L), load_split_b(&dzs[0][0], 16), dv);
+      dv = mma_split(load_split_a(op + Op::ck + kt * 16, N), load_split_b_transposed(&dS[0][kt * 16], kAccLd<N>), dv);
+    if (V == 7) dv = mma_split(load_split_a_transposed(op + Op::aak, L), load_split_b(&dzs[0][0], kDownLd), dv);
     store_steps<T>(static_cast<T*>(p.grad_v) + row0, H * N, k.steps, dv);
     __syncthreads();  // every lane has read dS
 
     // dS (for the state before the chunk) = dS diag(gamma) + dY^T r~ (+ dZ^T a~)
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
-      TileAcc st = load_tile_acc(&dS[0][kt * 16], N);
+      TileAcc st = load_tile_acc(&dS[0][kt * 16], kAccLd<N>);
       if (!factored) scale_columns(st, gam + kt * 16);
-      st = mma_split(load_split_a_transposed(&dys[0][0], 16), load_split_b(op + Op::rt + kt * 16, N), st);
-      if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], 16), load_split_b(op + Op::at + kt * 16, N), st);
-      store_tile_acc(&dS[0][kt * 16], N, st);
+      st = mma_split(load_split_a_transposed(&dys[0][0], kDownLd), load_split_b(op + Op::rt + kt * 16, N), st);
+      if (V == 7) st = mma_split(load_split_a_transposed(&dzs[0][0], kDownLd), load_split_b(op + Op::at + kt * 16, N), st);
+      store_tile_acc(&dS[0][kt * 16], kAccLd<N>, st);
     }
   }
   __syncthreads();
@@ -408,15 +414,15 @@ template <class T, int V, int N>
 __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_kernel(const WkvBackwardProblem p,
                                                                                    const Scratch sc) {
   constexpr int WARPS = grad_warps<N>(), THREADS = WARPS * kWarpSize, KT = N / 16;
-  __shared__ float G[L][N];
+  __shared__ float G[L][kAccLd<N>];  // (padded: read in the lane pattern of an accumulator tile)
   // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined, and
   // (index 0) its part below the diagonal
-  __shared__ float dA[4][L][L];
+  __shared__ float dA[4][L][kMatLd];
   // per warp, for its key tile: first the four products over the value rows, then (each lane
   // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
   // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
   // no register arrays, which unrolled made gfx942 spill scalar registers.)
-  __shared__ float wt[WARPS][4][L][16];
+  __shared__ float wt[WARPS][4][L][kBandLd];
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
     if (V == 6)
@@ -439,7 +445,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   using Op = Operands<V, N>;
   const float* slot = sc.chunk_operands + (k.slot * H + h) * Op::size;
   const SplitBits* op = reinterpret_cast<const SplitBits*>(slot);
-  cumulative_log_decays<T, N, THREADS>(static_cast<const T*>(p.w) + row0, int(ld), n, G);
+  cumulative_log_decays<T, N, THREADS, kAccLd<N>>(static_cast<const T*>(p.w) + row0, int(ld), n, G);
   const bool factored = slot[Op::flag] != 0.f;
 
   // The L x L gradients, one per warp: dY SA^T, dY V^T, dZ SA^T, dZ V^T (s <= t for the r-rows,
@@ -465,10 +471,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // input x at (step t, key j) of the chunk, for t < n (padded steps have zero inputs, so the
   // loops below stop at n rather than test each step)
   auto input = [&](const T* x, int t, int j) { return to_float(x[int64_t(t) * ld + j]); };
-  float(*here)[16] = wt[warp][0];     // dY S0 first
-  float(*all)[16] = wt[warp][1];      // V dS1 first
-  float(*before_)[16] = wt[warp][2];  // dZ S0 first (WKV-7)
-  const float(*sads)[16] = wt[warp][3];  // SA dS1 (WKV-7)
+  float(*here)[kBandLd] = wt[warp][0];     // dY S0 first
+  float(*all)[kBandLd] = wt[warp][1];      // V dS1 first
+  float(*before_)[kBandLd] = wt[warp][2];  // dZ S0 first (WKV-7)
+  const float(*sads)[kBandLd] = wt[warp][3];  // SA dS1 (WKV-7)
   // this warp's key tile, if it has one
   const int kt = warp;
   if (kt < KT) {
@@ -484,17 +490,17 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       const SplitB kp = load_split_b(op + Op::ck + kt * 16, N);
       if (V == 7) {
         const SplitB bp = load_split_b(op + Op::cb + kt * 16, N);
-        dys = mma_split(load_split_a(&dA[1][0][0], L), kp, mma_split(load_split_a(&dA[0][0][0], L), bp, dys));
-        dzs = mma_split(load_split_a(&dA[3][0][0], L), kp, mma_split(load_split_a(&dA[2][0][0], L), bp, dzs));
+        dys = mma_split(load_split_a(&dA[1][0][0], kMatLd), kp, mma_split(load_split_a(&dA[0][0][0], kMatLd), bp, dys));
+        dzs = mma_split(load_split_a(&dA[3][0][0], kMatLd), kp, mma_split(load_split_a(&dA[2][0][0], kMatLd), bp, dzs));
       } else {
-        dys = mma_split(load_split_a(&dA[0][0][0], L), kp, dys);
+        dys = mma_split(load_split_a(&dA[0][0][0], kMatLd), kp, dys);
       }
     }
-    store_tile_acc(&here[0][0], 16, dys);
-    store_tile_acc(&all[0][0], 16, times_state<N>(v, ld, n, dS1, kt));
+    store_tile_acc(&here[0][0], kBandLd, dys);
+    store_tile_acc(&all[0][0], kBandLd, times_state<N>(v, ld, n, dS1, kt));
     if (V == 7) {
-      store_tile_acc(&before_[0][0], 16, dzs);
-      store_tile_acc(&wt[warp][3][0][0], 16, times_state<N>(sa, ld, n, dS1, kt));
+      store_tile_acc(&before_[0][0], kBandLd, dzs);
+      store_tile_acc(&wt[warp][3][0][0], kBandLd, times_state<N>(sa, ld, n, dS1, kt));
     }
     if (factored) {
       // rows, element-wise: dr, da, and their parts of dG (dr r_t at t; da a_t at t - 1)
@@ -521,8 +527,8 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       // with V dS1, dA_rk, dA_ak (R~_q = r_q E[q, -1], A~_q = a_q E[q-1, -1]; WKV-6: dk_s =
       // E[L-1, s] V dS1 + exp2(-G_s) (dA'^T R')_s, R'_q = r_q E[q-1, -1]). The accumulators start
       // from the end terms scaled by E[L-1, -1], so one factor exp2(-G_s) finishes both.
-      TileAcc dk = load_tile_acc(&all[0][0], 16);
-      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], 16) : fill_tile_acc(0.f);
+      TileAcc dk = load_tile_acc(&all[0][0], kBandLd);
+      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], kBandLd) : fill_tile_acc(0.f);
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e) {
         const float gamma = exp2f(G[L - 1][kt * 16 + TileAcc::col(e)]);
@@ -531,12 +537,12 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       const SplitB rp = load_split_b(op + Op::rt + kt * 16, N);
       if (V == 7) {
         const SplitB ap = load_split_b(op + Op::at + kt * 16, N);
-        db = mma_split(load_split_a_transposed(&dA[2][0][0], L), ap,
-                       mma_split(load_split_a_transposed(&dA[0][0][0], L), rp, db));
-        dk = mma_split(load_split_a_transposed(&dA[3][0][0], L), ap,
-                       mma_split(load_split_a_transposed(&dA[1][0][0], L), rp, dk));
+        db = mma_split(load_split_a_transposed(&dA[2][0][0], kMatLd), ap,
+                       mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd), rp, db));
+        dk = mma_split(load_split_a_transposed(&dA[3][0][0], kMatLd), ap,
+                       mma_split(load_split_a_transposed(&dA[1][0][0], kMatLd), rp, dk));
       } else {
-        dk = mma_split(load_split_a_transposed(&dA[0][0][0], L), rp, dk);
+        dk = mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd), rp, dk);
       }
       // element-wise: db, dk, their part of dG_t, and (in place of V dS1) the shares of dG_{L-1}
 #pragma unroll
@@ -753,38 +759,41 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
   return exp2f(factored ? -G[q][j] : G[L - 1][j] - G[q][j]);
 }
 
-// From rt on in the order of Operands, rows padded (kPad; the saves pass copies them to the scratch
-// slot without: operand_in_shared). Row
+// Operands' arrays, rows padded (kPad; the saves pass copies them to the scratch slot without:
+// copy_operands). Row
 // operands: r~ (WKV-6: r'), a~ (WKV-6: r * u, for the bonus); column operands: k, b times exp2(-G_s) or
 // E[L-1, s] (WKV-6's cb: k); 16-byte aligned, written 16 bytes at a time.
 template <int V, int N>
 struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
+  // (copy_operands takes rt, ck, at, cb as one run of rows, and mats, inv as another)
   alignas(16) SplitBits rt[L][kRowLd<N>], ck[L][kRowLd<N>];
-  alignas(16) float gamma[N];        // the decay over the chunk (read in pairs: scale_band_keys)
-  float flag[4];                     // 1 if the chunk factors (for the backward's copy)
-  alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits at[L][kRowLd<N>], cb[L][kRowLd<N>];
+  alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits inv[V == 7 ? L : 1][kMatLd];  // (I - A_ab)^-1
+  alignas(16) float gamma[N];  // the decay over the chunk (read in pairs: scale_band_keys)
+  float flag[4];               // 1 if the chunk factors (for the backward's copy)
   int factors;
 };
 
-// Where float x of the Operands layout (x a multiple of 4: within one row) lies in FusedShared,
-// whose rows are padded.
-template <int V, int N>
-__device__ __forceinline__ const float* operand_in_shared(const FusedShared<V, N>& sh, int x) {
+// The chunk's operands from FusedShared (rows padded) to its scratch slot (Operands: rows not
+// padded; the same order), 16 bytes per thread at a time: the rows of N floats (rt, ck (, at, cb)),
+// those of L floats (the matrices (, inv)), then gamma and the flag.
+template <int V, int N, int THREADS>
+__device__ __forceinline__ void copy_operands(const FusedShared<V, N>& sh, float* slot) {
   using Op = Operands<V, N>;
-  auto rows = [x](const auto* base, int start, int cols, int ld) {
-    return reinterpret_cast<const float*>(base) + (x - start) / cols * ld + (x - start) % cols;
-  };
-  if (x < Op::ck) return rows(&sh.rt[0][0], Op::rt, N, kRowLd<N>);
-  if (x < Op::gam) return rows(&sh.ck[0][0], Op::ck, N, kRowLd<N>);
-  if (x < Op::flag) return &sh.gamma[x - Op::gam];
-  if (x < Op::mats) return &sh.flag[x - Op::flag];
-  if (x < Op::at) return rows(&sh.mats[0][0][0], Op::mats, L, kMatLd);  // (the matrices' rows in turn)
-  if (x < Op::cb) return rows(&sh.at[0][0], Op::at, N, kRowLd<N>);
-  if (x < Op::inv) return rows(&sh.cb[0][0], Op::cb, N, kRowLd<N>);
-  return rows(&sh.inv[0][0], Op::inv, L, kMatLd);
+  constexpr int kWide = V == 7 ? 4 * L : 2 * L, kNarrow = V == 7 ? 5 * L : L;  // rows of N, of L floats
+  const float* wide = reinterpret_cast<const float*>(&sh.rt[0][0]);
+#pragma unroll 1  // (unrolled, the saves pass held several rows in registers and spilled at N = 64)
+  for (int i = threadIdx.x; i < kWide * N / 4; i += THREADS)
+    reinterpret_cast<float4*>(slot + Op::rt)[i] =
+        *reinterpret_cast<const float4*>(wide + i / (N / 4) * kRowLd<N> + i % (N / 4) * 4);
+  const float* narrow = &sh.mats[0][0][0];
+  for (int i = threadIdx.x; i < kNarrow * L / 4; i += THREADS)
+    reinterpret_cast<float4*>(slot + Op::mats)[i] =
+        *reinterpret_cast<const float4*>(narrow + i / (L / 4) * kMatLd + i % (L / 4) * 4);
+  for (int i = threadIdx.x; i < (N + 4) / 4; i += THREADS)  // gamma, flag
+    reinterpret_cast<float4*>(slot + Op::gam)[i] = reinterpret_cast<const float4*>(sh.gamma)[i];
 }
 
 // CUDA: blocks per unit the registers must allow (the second bound): 4 up to N = 64 (<= 128 registers
@@ -1006,12 +1015,7 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt) scale_band_keys(st[kt], sh.gamma + kt * 16);
     if (!SAVES) store_band_steps(static_cast<T*>(p.y) + first + i0, ld, k.steps, y);
-    if (SAVES) {  // the chunk's operands to its scratch slot, 16 bytes per thread at a time
-      static_assert(Op::size % 4 == 0, "whole 16-byte words");
-      float4* to = reinterpret_cast<float4*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
-      for (int i = threadIdx.x; i < Op::size / 4; i += THREADS)
-        to[i] = *reinterpret_cast<const float4*>(operand_in_shared(sh, 4 * i));
-    }
+    if (SAVES) copy_operands<V, N, THREADS>(sh, sc.chunk_operands + (k.slot * H + h) * Op::size);
   }
   float* final_state = static_cast<float*>(p.final_state);
   if (!SAVES && final_state)

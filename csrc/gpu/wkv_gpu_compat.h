@@ -287,15 +287,30 @@ __device__ __forceinline__ TileAcc fill_tile_acc(float v) {
   for (int e = 0; e < kTileAcc; ++e) c.x[e] = v;
   return c;
 }
+// (CUDA: elements e, e + 1 are adjacent columns, moved as one 8-byte pair: p and ld even)
 __device__ __forceinline__ TileAcc load_tile_acc(const float* p, int ld) {
   TileAcc c;
+#if defined(ARWKV_HIP)
 #pragma unroll
   for (int e = 0; e < kTileAcc; ++e) c.x[e] = *ARWKV_NOTED(&p[TileAcc::row(e) * ld + TileAcc::col(e)]);
+#else
+#pragma unroll
+  for (int e = 0; e < kTileAcc; e += 2) {
+    const float2 v = *ARWKV_NOTED(reinterpret_cast<const float2*>(&p[TileAcc::row(e) * ld + TileAcc::col(e)]));
+    c.x[e] = v.x, c.x[e + 1] = v.y;
+  }
+#endif
   return c;
 }
 __device__ __forceinline__ void store_tile_acc(float* p, int ld, const TileAcc& d) {
+#if defined(ARWKV_HIP)
 #pragma unroll
   for (int e = 0; e < kTileAcc; ++e) *ARWKV_NOTED(&p[TileAcc::row(e) * ld + TileAcc::col(e)]) = d.x[e];
+#else
+#pragma unroll
+  for (int e = 0; e < kTileAcc; e += 2)
+    *ARWKV_NOTED(reinterpret_cast<float2*>(&p[TileAcc::row(e) * ld + TileAcc::col(e)])) = float2{d.x[e], d.x[e + 1]};
+#endif
 }
 
 // D = A B + C, products and sums in fp32 (every lane of the warp / wave takes part). Only the
@@ -423,15 +438,16 @@ __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K])
 // conversion instead, the sm_90 grads kernel once avoided a spill; its products now take split
 // operands and it has none either way, so every target takes the bits.) ALONG_ROWS: a lane's
 // elements are consecutive columns of one row (2 on CUDA, 4 on gfx942: the k of an A operand, or
-// of a B operand stored transposed), so split ones load together, 8 or 16 bytes at a time (p
-// and ld even; fewer instructions, and with a padded ld no bank conflicts).
+// of a B operand stored transposed), so 4-byte ones (split or float) load together, 8 or 16 bytes
+// at a time (p and ld even; fewer instructions, and with a padded ld no bank conflicts).
 template <bool ALONG_ROWS, class S, class RowCol>
 __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32_t (&lo)[kTileAB / 2], const S* p,
                                              int64_t ld, int rows_valid, RowCol rc) {
+  constexpr bool kWords = std::is_same_v<S, SplitBits> || std::is_same_v<S, float>;
   const int l = lane_id();
 #if defined(ARWKV_HIP)
-  [[maybe_unused]] float4 row4;  // ALONG_ROWS, split: the lane's four elements, one 16-byte load
-  if constexpr (ALONG_ROWS && std::is_same_v<S, SplitBits>) {
+  [[maybe_unused]] float4 row4;  // ALONG_ROWS, 4-byte elements: the lane's four, one 16-byte load
+  if constexpr (ALONG_ROWS && kWords) {
     int r, c;
     rc(l, 0, r, c);
     row4 = r < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const float4*>(p + int64_t(r) * ld + c))
@@ -443,8 +459,8 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
     int r0, c0, r1, c1;
     rc(l, e, r0, c0);
     rc(l, e + 1, r1, c1);
-    if constexpr (std::is_same_v<S, SplitBits>) {  // halves moved, nothing rounded
-      uint32_t x0, x1;
+    if constexpr (kWords) {
+      uint32_t x0, x1;  // the two elements' 4-byte words
       if constexpr (ALONG_ROWS) {
 #if defined(ARWKV_HIP)
         x0 = __float_as_uint(e ? row4.z : row4.x), x1 = __float_as_uint(e ? row4.w : row4.y);
@@ -454,14 +470,21 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
         x0 = __float_as_uint(v.x), x1 = __float_as_uint(v.y);
 #endif
       } else {
-        x0 = r0 < rows_valid ? ARWKV_NOTED(&p[int64_t(r0) * ld + c0])->bits : 0u;
-        x1 = r1 < rows_valid ? ARWKV_NOTED(&p[int64_t(r1) * ld + c1])->bits : 0u;
+        x0 = r0 < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const uint32_t*>(&p[int64_t(r0) * ld + c0])) : 0u;
+        x1 = r1 < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const uint32_t*>(&p[int64_t(r1) * ld + c1])) : 0u;
       }
+      if constexpr (std::is_same_v<S, SplitBits>) {  // halves moved, nothing rounded
 #if defined(__CUDA_ARCH__)
-      hi[e / 2] = __byte_perm(x0, x1, 0x5410), lo[e / 2] = __byte_perm(x0, x1, 0x7632);  // one PRMT each
+        hi[e / 2] = __byte_perm(x0, x1, 0x5410), lo[e / 2] = __byte_perm(x0, x1, 0x7632);  // one PRMT each
 #else
-      hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
+        hi[e / 2] = (x0 & 0xffffu) | x1 << 16, lo[e / 2] = x0 >> 16 | (x1 & 0xffff0000u);
 #endif
+      } else {
+        const float f0 = __uint_as_float(x0), f1 = __uint_as_float(x1);
+        const uint32_t h2 = pack_bf16x2(f0, f1);
+        hi[e / 2] = h2;
+        lo[e / 2] = pack_bf16x2(f0 - __uint_as_float(h2 << 16), f1 - __uint_as_float(h2 & 0xffff0000u));
+      }
     } else if constexpr (std::is_same_v<S, Bf16>) {
       const uint32_t x0 = r0 < rows_valid ? ARWKV_NOTED(&p[int64_t(r0) * ld + c0])->bits : 0u;
       const uint32_t x1 = r1 < rows_valid ? ARWKV_NOTED(&p[int64_t(r1) * ld + c1])->bits : 0u;

@@ -141,18 +141,21 @@ def operand_parts(s: dict) -> dict[str, int]:
     """Operands<V, N>'s fields, in order, and their 4-byte words per (chunk, head): the
     chunk's scratch slot (wkv_gpu_chunked.cuh)."""
     L, N = L_CHUNK, s["N"]
-    parts = {"rt": L * N, "ck": L * N, "gam": N, "flag": 4}
     if s["V"] == 7:
-        return parts | {
+        return {
+            "rt": L * N,
+            "ck": L * N,
+            "at": L * N,
+            "cb": L * N,
             "arb": L * L,
             "ark": L * L,
             "ab": L * L,
             "aak": L * L,
-            "at": L * N,
-            "cb": L * N,
             "inv": L * L,
+            "gam": N,
+            "flag": 4,
         }
-    return parts | {"a": L * L}
+    return {"rt": L * N, "ck": L * N, "a": L * L, "gam": N, "flag": 4}
 
 
 def operand_floats(s: dict) -> int:
@@ -273,14 +276,17 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         ),
         *_build_loops(s),
     ]
-    if saves:
-        loops.append(
+    if saves:  # copy_operands: the rows of N floats, of L floats, then gamma and the flag
+        wide, narrow = (4 * L_CHUNK, 5 * L_CHUNK) if V == 7 else (2 * L_CHUNK, L_CHUNK)
+        loops += [
             LoopSpec(
-                r"i < Op::size / 4; i \+= THREADS",
-                lambda s: operand_floats(s) / 4 / threads,
-                per_trip=("LDS", 1),
-            )
-        )
+                r"i < kWide \* N / 4; i \+= THREADS", lambda s: wide * N / 4 / threads, per_trip=("LDS", 1)
+            ),
+            LoopSpec(r"i < kNarrow \* L / 4; i \+= THREADS", lambda s: narrow * L_CHUNK / 4 / threads),
+            LoopSpec(
+                r"i < \(N \+ 4\) / 4; i \+= THREADS", lambda s: math.ceil((N + 4) / 4 / warp(s)) / warps
+            ),
+        ]
     label = "chunk saves" if saves else "chunk fused forward"
     return KernelSpec(
         label=label,
