@@ -145,6 +145,7 @@ def test_every_flag_the_docs_name_exists():
         "pip": {"--no-build-isolation", "--no-deps", "--force-reinstall", "--editable", "--extra-index-url"},
         "vllm": {"--max-model-len", "--tensor-parallel-size"},
         "cmake, ctest, pytest": {"--build", "--test-dir", "--durations"},
+        "tests/cpp/test_wkv_gpu_emulated.cpp": {"--banks"},
         "benchmarks/": {"--outtypes", "--json", "--ops", "--repeat", "--shapes", "--algorithms",
                         "--llama-build"},
     }
