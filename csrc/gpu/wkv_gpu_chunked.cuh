@@ -58,9 +58,11 @@ constexpr float kFactorLimit = 96.f;
 // (2 rows a lane), each 2 ways deep for the other kind.
 constexpr int kPad = kWarpSize == 64 ? 4 : 8;
 template <int N>
-constexpr int kRowLd = N + 4;       // the chunk's [L][N] operands (read along and down alike)
+constexpr int kAccLd = N + kPad;  // [.][N] arrays read as accumulators and along rows
 template <int N>
-constexpr int kAccLd = N + kPad;    // [.][N] arrays read as accumulators and along rows
+constexpr int kRowLd = N + kPad;  // the chunk's row operands r~, a~ (read along their rows)
+template <int N>
+constexpr int kColLd = N + 4;     // its column operands k, b (read down, by every warp, and along)
 constexpr int kMatLd = L + kPad;    // L x L matrices
 constexpr int kBandLd = 16 + kPad;  // [L][16] per-step rows of a 16-row band, read as accumulators
 constexpr int kDownLd = 16 + 4;     // [L][16] rows that products read only down their columns
@@ -75,15 +77,17 @@ constexpr int grad_warps() { return N / 16 > 4 ? N / 16 : 4; }
 // start, per head; each stored split, SplitBits, but gam and flag, floats; every array 16-byte
 // aligned). The arrays are FusedShared's, in its order (there with rows padded: copy_operands):
 //   rt  [L][N]  WKV-7: r~_t = r_t E[t, -1];  WKV-6: r'_t = r_t E[t-1, -1]
+//   at  [L][N]  a~_t = a_t E[t-1, -1]                                          (WKV-7)
 //   ck  [L][N]  k_s exp2(-G_s) if the chunk factors (flag 1), else k^_s = k_s E[L-1, s]
-//   at, cb [L][N]  a~_t = a_t E[t-1, -1], b_s as ck has k_s                    (WKV-7)
+//   cb  [L][N]  b_s as ck has k_s                                              (WKV-7)
 //   arb, ark, (A_ab: unused), aak [L][L]  WKV-7: A_rb, A_rk, A_ak;  WKV-6: ark, A with the bonus
 //                                          r_t . (u * k_t) on its diagonal
 //   inv [L][L]  (I - A_ab)^-1                                                  (WKV-7)
 //   gam [N]     the decay over the chunk, E[L-1, -1];  flag: 1 if the chunk factors (then 3 unused)
 template <int V, int N>
 struct Operands {
-  static constexpr int rt = 0, ck = L * N, at = 2 * L * N, cb = 3 * L * N;
+  static constexpr int rt = 0, at = L * N;  // (at: WKV-7)
+  static constexpr int ck = (V == 7 ? 2 : 1) * L * N, cb = ck + L * N;  // (cb: WKV-7)
   static constexpr int mats = (V == 7 ? 4 : 2) * L * N;  // (after the [L][N] arrays)
   static constexpr int arb = mats, ark = V == 7 ? mats + L * L : mats, aak = mats + 3 * L * L;
   static constexpr int inv = mats + 4 * L * L;
@@ -686,7 +690,7 @@ __device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const
 // the band's state tile (as S^T) + C^T X for a key tile of [L][N] column operands C
 template <int N>
 __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitB& x, TileAcc st) {
-  return mma_split(load_split_a_transposed(cols, kRowLd<N>), x, st);
+  return mma_split(load_split_a_transposed(cols, kColLd<N>), x, st);
 }
 #else
 // the same, transposed: V^T [i][s]; (M X)^T = X^T M^T; (R S^T)^T = S R^T; S + X^T C
@@ -703,7 +707,7 @@ __device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const
 }
 template <int N>
 __device__ __forceinline__ TileAcc update_state(const SplitBits* cols, const SplitA& x, TileAcc st) {
-  return mma_split(x, load_split_b(cols, kRowLd<N>), st);
+  return mma_split(x, load_split_b(cols, kColLd<N>), st);
 }
 #endif
 
@@ -766,9 +770,9 @@ __device__ __forceinline__ float column_factor(const float (*G)[N], int q, int j
 template <int V, int N>
 struct FusedShared {
   float G[L][N];  // cumulative log2 decays of the chunk
-  // (copy_operands takes rt, ck, at, cb as one run of rows, and mats, inv as another)
-  alignas(16) SplitBits rt[L][kRowLd<N>], ck[L][kRowLd<N>];
-  alignas(16) SplitBits at[L][kRowLd<N>], cb[L][kRowLd<N>];
+  // (copy_operands takes rt, at as one run of rows, ck, cb as another, mats, inv as a third)
+  alignas(16) SplitBits rt[L][kRowLd<N>], at[L][kRowLd<N>];
+  alignas(16) SplitBits ck[L][kColLd<N>], cb[L][kColLd<N>];
   alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
   alignas(16) SplitBits inv[V == 7 ? L : 1][kMatLd];  // (I - A_ab)^-1
   alignas(16) float gamma[N];  // the decay over the chunk (read in pairs: scale_band_keys)
@@ -777,18 +781,24 @@ struct FusedShared {
 };
 
 // The chunk's operands from FusedShared (rows padded) to its scratch slot (Operands: rows not
-// padded; the same order), 16 bytes per thread at a time: the rows of N floats (rt, ck (, at, cb)),
-// those of L floats (the matrices (, inv)), then gamma and the flag.
+// padded; the same order), 16 bytes per thread at a time: the rows of the row operands (rt (, at)),
+// of the column operands (ck (, cb)), of the matrices (, inv), then gamma and the flag.
 template <int V, int N, int THREADS>
 __device__ __forceinline__ void copy_operands(const FusedShared<V, N>& sh, float* slot) {
   using Op = Operands<V, N>;
-  constexpr int kWide = V == 7 ? 4 * L : 2 * L, kNarrow = V == 7 ? 5 * L : L;  // rows of N, of L floats
-  const float* wide = reinterpret_cast<const float*>(&sh.rt[0][0]);
+  constexpr int kWide = V == 7 ? 2 * L : L, kNarrow = V == 7 ? 5 * L : L;  // rows of N (each kind), of L
+  const float* rows = reinterpret_cast<const float*>(&sh.rt[0][0]);
 #pragma unroll 1  // (unrolled, the saves pass held several rows in registers and spilled at N = 64)
   for (int i = threadIdx.x; i < kWide * N / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::rt)[i] =
-        *reinterpret_cast<const float4*>(wide + i / (N / 4) * kRowLd<N> + i % (N / 4) * 4);
+        *reinterpret_cast<const float4*>(rows + i / (N / 4) * kRowLd<N> + i % (N / 4) * 4);
+  const float* cols = reinterpret_cast<const float*>(&sh.ck[0][0]);
+#pragma unroll 1
+  for (int i = threadIdx.x; i < kWide * N / 4; i += THREADS)
+    reinterpret_cast<float4*>(slot + Op::ck)[i] =
+        *reinterpret_cast<const float4*>(cols + i / (N / 4) * kColLd<N> + i % (N / 4) * 4);
   const float* narrow = &sh.mats[0][0][0];
+#pragma unroll 1
   for (int i = threadIdx.x; i < kNarrow * L / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::mats)[i] =
         *reinterpret_cast<const float4*>(narrow + i / (L / 4) * kMatLd + i % (L / 4) * 4);
@@ -829,14 +839,13 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   if (!factored) {
     // the L x L matrices as pairwise sums (exact for any decay), from the raw inputs staged as
     // floats where the operands go next
-    constexpr int LD = kRowLd<N>;
-    float(*xr)[LD] = reinterpret_cast<float(*)[LD]>(&sh.rt[0][0]);
-    float(*xk)[LD] = reinterpret_cast<float(*)[LD]>(&sh.ck[0][0]);
-    float(*xa)[LD] = reinterpret_cast<float(*)[LD]>(&sh.at[0][0]);
-    float(*xb)[LD] = reinterpret_cast<float(*)[LD]>(&sh.cb[0][0]);
+    float(*xr)[kRowLd<N>] = reinterpret_cast<float(*)[kRowLd<N>]>(&sh.rt[0][0]);
+    float(*xa)[kRowLd<N>] = reinterpret_cast<float(*)[kRowLd<N>]>(&sh.at[0][0]);
+    float(*xk)[kColLd<N>] = reinterpret_cast<float(*)[kColLd<N>]>(&sh.ck[0][0]);
+    float(*xb)[kColLd<N>] = reinterpret_cast<float(*)[kColLd<N>]>(&sh.cb[0][0]);
     for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
       const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-      auto stage = [&](const T* x, float(*dst)[LD]) {
+      auto stage = [&](const T* x, auto dst) {
         float v[GK];
         load_keys(x, off, q < k.steps, v);
 #pragma unroll
@@ -915,7 +924,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
       TileAcc acc = fill_tile_acc(0.f);
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)
-        acc = mma_split(load_split_a(rows + kt * 16, kRowLd<N>), load_split_b_transposed(cols + kt * 16, kRowLd<N>), acc);
+        acc = mma_split(load_split_a(rows + kt * 16, kRowLd<N>), load_split_b_transposed(cols + kt * 16, kColLd<N>), acc);
       store_tile_acc(&sh.mats[m][0][0], kMatLd, acc);
     }
   __syncthreads();

@@ -465,9 +465,11 @@ __device__ __forceinline__ void gather_split(uint32_t (&hi)[kTileAB / 2], uint32
 #if defined(ARWKV_HIP)
         x0 = __float_as_uint(e ? row4.z : row4.x), x1 = __float_as_uint(e ? row4.w : row4.y);
 #else
-        const float2 v = r0 < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const float2*>(&p[int64_t(r0) * ld + c0]))
-                                         : float2{0.f, 0.f};
-        x0 = __float_as_uint(v.x), x1 = __float_as_uint(v.y);
+        // (one statement: the machine code puts the load on the line of its use, where the model
+        // looks up the conflicts the emulator noted)
+        const float2* pair = reinterpret_cast<const float2*>(&p[int64_t(r0) * ld + c0]);
+        const bool in = r0 < rows_valid;
+        x0 = in ? __float_as_uint(ARWKV_NOTED(pair)->x) : 0u, x1 = in ? __float_as_uint(pair->y) : 0u;
 #endif
       } else {
         x0 = r0 < rows_valid ? *ARWKV_NOTED(reinterpret_cast<const uint32_t*>(&p[int64_t(r0) * ld + c0])) : 0u;

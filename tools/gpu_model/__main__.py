@@ -198,6 +198,17 @@ def estimate_passes(
             matches = [k for k in kernels if re.search(spec.name, k)]
             if len(matches) != 1:
                 raise SystemExit(f"gpu-model: {len(matches)} kernels match {spec.name}")
+            # a conflict the emulator counted at a line where the machine code has no shared access
+            # would be lost (the compiler may put a load on the line of its use instead)
+            shared_lines = {
+                (Path(i.line[0]).name, i.line[1])
+                for i in kernels[matches[0]].insns
+                if i.line and i.unit == "shared"
+            }
+            if lost := sorted(k for k, f in spec.conflicts.items() if f > 1 and k not in shared_lines):
+                raise SystemExit(
+                    f"gpu-model: {spec.label}: bank conflicts counted at {lost}, no access there"
+                )
             e = estimate(kernels[matches[0]], resources[matches[0]], spec, shape, gpu, sources)
             total += e.ms
             key = f"wkv{version} {B},{T},{H},{N} bfloat16 {algorithm}"

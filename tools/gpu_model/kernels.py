@@ -276,8 +276,8 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         ),
         *_build_loops(s),
     ]
-    if saves:  # copy_operands: the rows of N floats, of L floats, then gamma and the flag
-        wide, narrow = (4 * L_CHUNK, 5 * L_CHUNK) if V == 7 else (2 * L_CHUNK, L_CHUNK)
+    if saves:  # copy_operands: the rows of N floats (twice: row, column operands), of L, gamma and the flag
+        wide, narrow = (2 * L_CHUNK, 5 * L_CHUNK) if V == 7 else (L_CHUNK, L_CHUNK)
         loops += [
             LoopSpec(
                 r"i < kWide \* N / 4; i \+= THREADS", lambda s: wide * N / 4 / threads, per_trip=("LDS", 1)
