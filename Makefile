@@ -153,9 +153,10 @@ check-hip:
 
 # Estimated GPU kernel times from the kernels' machine code (tools/gpu_model: nvcc -> sm_90a SASS,
 # and clang-19 -> gfx942 assembly when make check-hip has installed its toolchain -> instructions
-# per loop trip by unit -> H100 and MI300X models), the H100 figures beside the one H100
-# measurement; writes benchmarks/results/gpu-model.md and .json. Needs nvcc (CUDA_HOME), no GPU;
-# exits 1 while any estimate of a measured time is off by more than 35%.
+# per loop trip by unit, shared-memory bank conflicts from the emulator tests' --banks report ->
+# H100 and MI300X models), the H100 figures beside the one H100 measurement; writes
+# benchmarks/results/gpu-model.md and .json. Needs nvcc (CUDA_HOME), no GPU; exits 1 while any
+# estimate of a measured time is off by more than 35%.
 $(VENV)/.gpu-model-tools: $(VENV)/.deps
 	$(PY) -m pip install -q nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump
 	touch $@
