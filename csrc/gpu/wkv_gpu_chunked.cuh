@@ -56,16 +56,23 @@ constexpr float kFactorLimit = 96.f;
 // --banks, which the GPU model reads). On gfx942 4 words make every tile access conflict-free; on
 // CUDA 8 suit the 8-byte loads along rows and accumulator pairs, 4 the 4-byte loads down columns
 // (2 rows a lane), each 2 ways deep for the other kind.
+// CUDA gives a block at most 48 KB of static shared memory: at N = 128 the fused forward's row
+// operands and matrices take 4 words and the grads kernel's per-warp rows none, to fit.
 constexpr int kPad = kWarpSize == 64 ? 4 : 8;
+template <int N>
+constexpr bool kTight = kWarpSize == 32 && N >= 128;
 template <int N>
 constexpr int kAccLd = N + kPad;  // [.][N] arrays read as accumulators and along rows
 template <int N>
-constexpr int kRowLd = N + kPad;  // the chunk's row operands r~, a~ (read along their rows)
+constexpr int kRowLd = N + (kTight<N> ? 4 : kPad);  // the chunk's row operands r~, a~ (read along rows)
 template <int N>
-constexpr int kColLd = N + 4;     // its column operands k, b (read down, by every warp, and along)
-constexpr int kMatLd = L + kPad;    // L x L matrices
-constexpr int kBandLd = 16 + kPad;  // [L][16] per-step rows of a 16-row band, read as accumulators
-constexpr int kDownLd = 16 + 4;     // [L][16] rows that products read only down their columns
+constexpr int kColLd = N + 4;  // its column operands k, b (read down, by every warp, and along)
+template <int N>
+constexpr int kMatLd = L + (kTight<N> ? 4 : kPad);  // L x L matrices
+template <int N>
+constexpr int kBandLd = 16 + (kTight<N> ? 0 : kPad);  // [L][16] per-step rows of a band, read as accumulators
+constexpr int kDownLd = 16 + 4;  // [L][16] rows that products read only down their columns
+constexpr size_t kStaticSharedLimit = kWarpSize == 32 ? 48 * 1024 : 64 * 1024;
 
 // grads: one warp / wave per L x L matrix (4), and one per 16-key tile, so the kernel has no loop
 // over key tiles (with one, at N = 128 gfx942 kept too many values across it and spilled
@@ -421,12 +428,13 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   __shared__ float G[L][kAccLd<N>];  // (padded: read in the lane pattern of an accumulator tile)
   // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined, and
   // (index 0) its part below the diagonal
-  __shared__ float dA[4][L][kMatLd];
+  __shared__ float dA[4][L][kMatLd<N>];
   // per warp, for its key tile: first the four products over the value rows, then (each lane
   // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
   // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
   // no register arrays, which unrolled made gfx942 spill scalar registers.)
-  __shared__ float wt[WARPS][4][L][kBandLd];
+  __shared__ float wt[WARPS][4][L][kBandLd<N>];
+  static_assert(sizeof(G) + sizeof(dA) + sizeof(wt) <= kStaticSharedLimit, "static shared memory");
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
     if (V == 6)
@@ -475,10 +483,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // input x at (step t, key j) of the chunk, for t < n (padded steps have zero inputs, so the
   // loops below stop at n rather than test each step)
   auto input = [&](const T* x, int t, int j) { return to_float(x[int64_t(t) * ld + j]); };
-  float(*here)[kBandLd] = wt[warp][0];     // dY S0 first
-  float(*all)[kBandLd] = wt[warp][1];      // V dS1 first
-  float(*before_)[kBandLd] = wt[warp][2];  // dZ S0 first (WKV-7)
-  const float(*sads)[kBandLd] = wt[warp][3];  // SA dS1 (WKV-7)
+  float(*here)[kBandLd<N>] = wt[warp][0];     // dY S0 first
+  float(*all)[kBandLd<N>] = wt[warp][1];      // V dS1 first
+  float(*before_)[kBandLd<N>] = wt[warp][2];  // dZ S0 first (WKV-7)
+  const float(*sads)[kBandLd<N>] = wt[warp][3];  // SA dS1 (WKV-7)
   // this warp's key tile, if it has one
   const int kt = warp;
   if (kt < KT) {
@@ -494,17 +502,17 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       const SplitB kp = load_split_b(op + Op::ck + kt * 16, N);
       if (V == 7) {
         const SplitB bp = load_split_b(op + Op::cb + kt * 16, N);
-        dys = mma_split(load_split_a(&dA[1][0][0], kMatLd), kp, mma_split(load_split_a(&dA[0][0][0], kMatLd), bp, dys));
-        dzs = mma_split(load_split_a(&dA[3][0][0], kMatLd), kp, mma_split(load_split_a(&dA[2][0][0], kMatLd), bp, dzs));
+        dys = mma_split(load_split_a(&dA[1][0][0], kMatLd<N>), kp, mma_split(load_split_a(&dA[0][0][0], kMatLd<N>), bp, dys));
+        dzs = mma_split(load_split_a(&dA[3][0][0], kMatLd<N>), kp, mma_split(load_split_a(&dA[2][0][0], kMatLd<N>), bp, dzs));
       } else {
-        dys = mma_split(load_split_a(&dA[0][0][0], kMatLd), kp, dys);
+        dys = mma_split(load_split_a(&dA[0][0][0], kMatLd<N>), kp, dys);
       }
     }
-    store_tile_acc(&here[0][0], kBandLd, dys);
-    store_tile_acc(&all[0][0], kBandLd, times_state<N>(v, ld, n, dS1, kt));
+    store_tile_acc(&here[0][0], kBandLd<N>, dys);
+    store_tile_acc(&all[0][0], kBandLd<N>, times_state<N>(v, ld, n, dS1, kt));
     if (V == 7) {
-      store_tile_acc(&before_[0][0], kBandLd, dzs);
-      store_tile_acc(&wt[warp][3][0][0], kBandLd, times_state<N>(sa, ld, n, dS1, kt));
+      store_tile_acc(&before_[0][0], kBandLd<N>, dzs);
+      store_tile_acc(&wt[warp][3][0][0], kBandLd<N>, times_state<N>(sa, ld, n, dS1, kt));
     }
     if (factored) {
       // rows, element-wise: dr, da, and their parts of dG (dr r_t at t; da a_t at t - 1)
@@ -531,8 +539,8 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       // with V dS1, dA_rk, dA_ak (R~_q = r_q E[q, -1], A~_q = a_q E[q-1, -1]; WKV-6: dk_s =
       // E[L-1, s] V dS1 + exp2(-G_s) (dA'^T R')_s, R'_q = r_q E[q-1, -1]). The accumulators start
       // from the end terms scaled by E[L-1, -1], so one factor exp2(-G_s) finishes both.
-      TileAcc dk = load_tile_acc(&all[0][0], kBandLd);
-      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], kBandLd) : fill_tile_acc(0.f);
+      TileAcc dk = load_tile_acc(&all[0][0], kBandLd<N>);
+      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], kBandLd<N>) : fill_tile_acc(0.f);
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e) {
         const float gamma = exp2f(G[L - 1][kt * 16 + TileAcc::col(e)]);
@@ -541,12 +549,12 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       const SplitB rp = load_split_b(op + Op::rt + kt * 16, N);
       if (V == 7) {
         const SplitB ap = load_split_b(op + Op::at + kt * 16, N);
-        db = mma_split(load_split_a_transposed(&dA[2][0][0], kMatLd), ap,
-                       mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd), rp, db));
-        dk = mma_split(load_split_a_transposed(&dA[3][0][0], kMatLd), ap,
-                       mma_split(load_split_a_transposed(&dA[1][0][0], kMatLd), rp, dk));
+        db = mma_split(load_split_a_transposed(&dA[2][0][0], kMatLd<N>), ap,
+                       mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd<N>), rp, db));
+        dk = mma_split(load_split_a_transposed(&dA[3][0][0], kMatLd<N>), ap,
+                       mma_split(load_split_a_transposed(&dA[1][0][0], kMatLd<N>), rp, dk));
       } else {
-        dk = mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd), rp, dk);
+        dk = mma_split(load_split_a_transposed(&dA[0][0][0], kMatLd<N>), rp, dk);
       }
       // element-wise: db, dk, their part of dG_t, and (in place of V dS1) the shares of dG_{L-1}
 #pragma unroll
@@ -679,8 +687,9 @@ using BandOperand = AccOperand;
 template <class T>
 __device__ __forceinline__ SplitB band_values(const T* x, int64_t ld, int steps) { return load_split_b(x, ld, steps); }
 // acc + M X for an L x L matrix M (split, row-major) and a band operand X
+template <int N>
 __device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitB& x, TileAcc acc) {
-  return mma_split(load_split_a(m, kMatLd), x, acc);
+  return mma_split(load_split_a(m, kMatLd<N>), x, acc);
 }
 // acc + R S^T for a key tile of [L][N] row operands R and the band's state tile
 template <int N>
@@ -698,8 +707,9 @@ template <class T>
 __device__ __forceinline__ SplitA band_values(const T* x, int64_t ld, int steps) {
   return load_split_a_transposed(x, ld, steps);
 }
+template <int N>
 __device__ __forceinline__ TileAcc matrix_times(const SplitBits* m, const SplitA& x, TileAcc acc) {
-  return mma_split(x, load_split_b_transposed(m, kMatLd), acc);
+  return mma_split(x, load_split_b_transposed(m, kMatLd<N>), acc);
 }
 template <int N>
 __device__ __forceinline__ TileAcc rows_times_state(const SplitBits* rows, const SplitA& s, TileAcc acc) {
@@ -773,8 +783,8 @@ struct FusedShared {
   // (copy_operands takes rt, at as one run of rows, ck, cb as another, mats, inv as a third)
   alignas(16) SplitBits rt[L][kRowLd<N>], at[L][kRowLd<N>];
   alignas(16) SplitBits ck[L][kColLd<N>], cb[L][kColLd<N>];
-  alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
-  alignas(16) SplitBits inv[V == 7 ? L : 1][kMatLd];  // (I - A_ab)^-1
+  alignas(16) float mats[V == 7 ? 4 : 2][L][kMatLd<N>];  // rb, rk, ab, ak (WKV-6: A, the bonus); then split in place, but ab
+  alignas(16) SplitBits inv[V == 7 ? L : 1][kMatLd<N>];  // (I - A_ab)^-1
   alignas(16) float gamma[N];  // the decay over the chunk (read in pairs: scale_band_keys)
   float flag[4];               // 1 if the chunk factors (for the backward's copy)
   int factors;
@@ -801,7 +811,7 @@ __device__ __forceinline__ void copy_operands(const FusedShared<V, N>& sh, float
 #pragma unroll 1
   for (int i = threadIdx.x; i < kNarrow * L / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::mats)[i] =
-        *reinterpret_cast<const float4*>(narrow + i / (L / 4) * kMatLd + i % (L / 4) * 4);
+        *reinterpret_cast<const float4*>(narrow + i / (L / 4) * kMatLd<N> + i % (L / 4) * 4);
   for (int i = threadIdx.x; i < (N + 4) / 4; i += THREADS)  // gamma, flag
     reinterpret_cast<float4*>(slot + Op::gam)[i] = reinterpret_cast<const float4*>(sh.gamma)[i];
 }
@@ -925,7 +935,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt)
         acc = mma_split(load_split_a(rows + kt * 16, kRowLd<N>), load_split_b_transposed(cols + kt * 16, kColLd<N>), acc);
-      store_tile_acc(&sh.mats[m][0][0], kMatLd, acc);
+      store_tile_acc(&sh.mats[m][0][0], kMatLd<N>, acc);
     }
   __syncthreads();
   // where the matrices are defined (s <= t for the r-rows, s < t for the a-rows and WKV-6's A,
@@ -933,7 +943,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   for (int pr = threadIdx.x; pr < L * L; pr += THREADS) {
     const int t = pr / L, q = pr % L;
     float* m = &sh.mats[0][t][q];
-    constexpr int M = L * kMatLd;  // (from one matrix to the next)
+    constexpr int M = L * kMatLd<N>;  // (from one matrix to the next)
     if (V == 7) {
       m[0] = __uint_as_float(split_bits(q <= t ? m[0] : 0.f).bits);
       m[M] = __uint_as_float(split_bits(q <= t ? m[M] : 0.f).bits);
@@ -948,7 +958,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
     __syncthreads();
     // (I - A_ab)^-1, written over the identity it starts from (each thread its own column)
     if (threadIdx.x < L)
-      unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), kMatLd, threadIdx.x,
+      unit_lower_inverse_column(&sh.mats[2][0][0], reinterpret_cast<const float*>(&sh.inv[0][0]), kMatLd<N>, threadIdx.x,
                                 [&](int q, float x) { sh.inv[q][threadIdx.x] = split_bits(x); });
   }
   __syncthreads();
@@ -964,6 +974,7 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   using Op = Operands<V, N>;
   constexpr int WARPS = N / 16, THREADS = WARPS * kWarpSize, KT = N / 16;
   __shared__ FusedShared<V, N> sh;
+  static_assert(sizeof(sh) <= kStaticSharedLimit, "static shared memory");
   const int h = blockIdx.x, s = blockIdx.y, warp = threadIdx.x / kWarpSize, i0 = warp * 16;
   const int64_t H = p.H, ld = H * N;
   const float* init = static_cast<const float*>(p.initial_state);
@@ -1008,12 +1019,12 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
     }
     BandOperand sa{};
     if (V == 7) {
-      const TileAcc sa_rows = matrix_times(&sh.inv[0][0], split_acc(matrix_times(aak, vv, z)), fill_tile_acc(0.f));
+      const TileAcc sa_rows = matrix_times<N>(&sh.inv[0][0], split_acc(matrix_times<N>(aak, vv, z)), fill_tile_acc(0.f));
       sa = split_acc(sa_rows);
       if (SAVES) store_band_steps(reinterpret_cast<SplitBits*>(sc.sa) + first + i0, ld, k.steps, sa_rows);
-      else y = matrix_times(arb, sa, y);
+      else y = matrix_times<N>(arb, sa, y);
     }
-    if (!SAVES) y = matrix_times(ark, vv, y);
+    if (!SAVES) y = matrix_times<N>(ark, vv, y);
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {  // S' = S diag(gamma) + SA^T B^ + V^T K^ (see above for factored chunks)
       if (!factored) scale_band_keys(st[kt], sh.gamma + kt * 16);
