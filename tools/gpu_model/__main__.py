@@ -160,10 +160,11 @@ def bank_conflicts(emulator: Path, out: Path) -> dict:
     """{(version, N, kernel): {(file name, line): conflict factor}} from the CPU emulator's
     ``--banks`` report (tests/cpp/test_wkv_gpu_emulated.cpp) of the chunked kernels: at each of the
     tile layer's shared-memory access lines, the wavefronts its warp accesses took over the
-    wavefronts they would take conflict-free. Cached beside the listings, under the kernels' digest."""
+    wavefronts they would take conflict-free. Cached beside the listings, under the emulator binary's
+    digest (the binary holds the kernels' source too)."""
     if not emulator.is_file():
         raise SystemExit(f"gpu-model: {emulator} not found (make cpp-build builds it)")
-    digest = hashlib.sha256(emulator.read_bytes()).hexdigest()[:16]  # (it holds the kernels' source too)
+    digest = hashlib.sha256(emulator.read_bytes()).hexdigest()[:16]
     cached = out / f"banks-{emulator.name}-{digest}.jsonl"
     if not cached.exists():
         report = subprocess.run([str(emulator), "--banks"], check=True, capture_output=True, text=True).stdout

@@ -144,8 +144,8 @@ def operand_parts(s: dict) -> dict[str, int]:
     if s["V"] == 7:
         return {
             "rt": L * N,
-            "ck": L * N,
             "at": L * N,
+            "ck": L * N,
             "cb": L * N,
             "arb": L * L,
             "ark": L * L,
