@@ -888,37 +888,38 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
     __syncthreads();  // the staged inputs are read
   }
 
-  // the chunk's operands, GK keys of one step per thread at a time
+  // the chunk's operands, GK keys of one step per thread at a time (CUDA: 8 lanes' keys span 64
+  // of a row, and the lanes at keys 32 .. 63 of each 64 store their upper half first: store_split)
   for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
     const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-    const bool real = q < k.steps;
+    const bool real = q < k.steps, spread = GK == 8 && (j0 & 32);
     float x[GK], y[GK], o[GK];
     load_keys(r, off, real, x);
     load_keys(kk, off, real, y);
 #pragma unroll
     for (int i = 0; i < GK; ++i)  // r_t E[t, -1] (WKV-6: E[t-1, -1])
       o[i] = x[i] * (V == 7 ? exp2f(sh.G[q][j0 + i]) : q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
-    store_split(&sh.rt[q][j0], o);
+    store_split(&sh.rt[q][j0], o, spread);
     float cf[GK];  // the column operands' factor (k's and b's)
 #pragma unroll
     for (int i = 0; i < GK; ++i) cf[i] = column_factor(sh.G, q, j0 + i, factored);
 #pragma unroll
     for (int i = 0; i < GK; ++i) o[i] = y[i] * cf[i];
-    store_split(&sh.ck[q][j0], o);
+    store_split(&sh.ck[q][j0], o, spread);
     if (V == 6) {  // the bonus's r_t * u and k_t
 #pragma unroll
       for (int i = 0; i < GK; ++i) o[i] = x[i] * load<T>(p.u, int64_t(h) * N + j0 + i);
-      store_split(&sh.at[q][j0], o);
-      store_split(&sh.cb[q][j0], y);
+      store_split(&sh.at[q][j0], o, spread);
+      store_split(&sh.cb[q][j0], y, spread);
     } else {
       load_keys(a, off, real, x);
       load_keys(b, off, real, y);
 #pragma unroll
       for (int i = 0; i < GK; ++i) o[i] = x[i] * (q ? exp2f(sh.G[q - 1][j0 + i]) : 1.f);
-      store_split(&sh.at[q][j0], o);
+      store_split(&sh.at[q][j0], o, spread);
 #pragma unroll
       for (int i = 0; i < GK; ++i) o[i] = y[i] * cf[i];
-      store_split(&sh.cb[q][j0], o);
+      store_split(&sh.cb[q][j0], o, spread);
     }
   }
   for (int j = threadIdx.x; j < N; j += THREADS) sh.gamma[j] = exp2f(sh.G[L - 1][j]);

@@ -416,9 +416,12 @@ __device__ __forceinline__ void split_pair_words(uint32_t h2, uint32_t l2, uint3
 
 // K (a multiple of 4) consecutive floats stored split at dst (16-byte aligned), two at a time: each
 // pair rounded by one paired conversion per half, then its halves regrouped per element, stored
-// 16 bytes at a time.
+// 16 bytes at a time. upper_first (K = 8): the upper 16 bytes are stored first. A warp's 16-byte
+// stores are served 8 lanes at a time; where those lanes' 32-byte groups lie 32 bytes apart along
+// a row, half of them landing 128 bytes on would share banks with the other half: storing the
+// upper half first in those lanes puts every lane on banks of its own.
 template <int K>
-__device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K]) {
+__device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K], bool upper_first = false) {
   static_assert(K % 4 == 0, "whole 16-byte stores");
   uint32_t w[K];
 #pragma unroll
@@ -427,10 +430,18 @@ __device__ __forceinline__ void store_split(SplitBits* dst, const float (&x)[K])
     const uint32_t l2 = pack_bf16x2(x[i] - __uint_as_float(h2 << 16), x[i + 1] - __uint_as_float(h2 & 0xffff0000u));
     split_pair_words(h2, l2, w[i], w[i + 1]);
   }
+  auto quad = [&](int i) {
+    return make_float4(__uint_as_float(w[i]), __uint_as_float(w[i + 1]), __uint_as_float(w[i + 2]), __uint_as_float(w[i + 3]));
+  };
+  if constexpr (K == 8) {
+    const int first = upper_first ? 4 : 0;
+    const float4 lower = quad(0), upper = quad(4);
+    *ARWKV_NOTED(reinterpret_cast<float4*>(dst + first)) = upper_first ? upper : lower;
+    *ARWKV_NOTED(reinterpret_cast<float4*>(dst + 4 - first)) = upper_first ? lower : upper;
+  } else {
 #pragma unroll
-  for (int i = 0; i < K; i += 4)
-    *ARWKV_NOTED(reinterpret_cast<float4*>(dst + i)) = make_float4(__uint_as_float(w[i]), __uint_as_float(w[i + 1]),
-                                                      __uint_as_float(w[i + 2]), __uint_as_float(w[i + 3]));
+    for (int i = 0; i < K; i += 4) *ARWKV_NOTED(reinterpret_cast<float4*>(dst + i)) = quad(i);
+  }
 }
 
 // hi and lo registers of an operand whose element e this lane reads at stored (row, column)
