@@ -20,11 +20,20 @@ from pathlib import Path
 
 from ptxas_table import demangle  # tools/ is the script's folder, first on sys.path
 
-FIELD = re.compile(r"remark:\s+(Function Name|SGPRs|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|"
-                   r"Occupancy \[waves/SIMD\]|SGPRs Spill|VGPRs Spill|LDS Size \[bytes/block\]): (\S+)")
-KEYS = {"SGPRs": "sgpr", "VGPRs": "vgpr", "AGPRs": "agpr", "ScratchSize [bytes/lane]": "scratch",
-        "Occupancy [waves/SIMD]": "waves", "SGPRs Spill": "sgpr_spill", "VGPRs Spill": "vgpr_spill",
-        "LDS Size [bytes/block]": "lds"}
+FIELD = re.compile(
+    r"remark:\s+(Function Name|SGPRs|VGPRs|AGPRs|ScratchSize \[bytes/lane\]|"
+    r"Occupancy \[waves/SIMD\]|SGPRs Spill|VGPRs Spill|LDS Size \[bytes/block\]): (\S+)"
+)
+KEYS = {
+    "SGPRs": "sgpr",
+    "VGPRs": "vgpr",
+    "AGPRs": "agpr",
+    "ScratchSize [bytes/lane]": "scratch",
+    "Occupancy [waves/SIMD]": "waves",
+    "SGPRs Spill": "sgpr_spill",
+    "VGPRs Spill": "vgpr_spill",
+    "LDS Size [bytes/block]": "lds",
+}
 MODES = {"0": "forward", "1": "bwd:snapshots", "2": "bwd:state-grad"}
 CHUNKED = {"fused_forward": "chunk:forward", "state_grad": "chunk:state-grad", "grads": "chunk:grads"}
 
@@ -88,14 +97,18 @@ def main() -> int:
     header = "VGPRs SGPRs AGPRs  LDS_bytes scratch spills waves/SIMD  check"
     lines = [f"{'kernel':<{width}}  {'role':<15} {header}"]
     for k in rows:
-        lines.append(f"{k['name']:<{width}}  {k['role']:<15} {k['vgpr']:>5} {k['sgpr']:>5} {k['agpr']:>5}"
-                     f"  {k['lds']:>9} {k['scratch']:>7} {k['vgpr_spill'] + k['sgpr_spill']:>6}"
-                     f" {k['waves']:>10}  {k['check']}")
+        lines.append(
+            f"{k['name']:<{width}}  {k['role']:<15} {k['vgpr']:>5} {k['sgpr']:>5} {k['agpr']:>5}"
+            f"  {k['lds']:>9} {k['scratch']:>7} {k['vgpr_spill'] + k['sgpr_spill']:>6}"
+            f" {k['waves']:>10}  {k['check']}"
+        )
     spilled = [k for k in rows if k["spills"]]
     missed = [k for k in rows if k["check"] != "ok"]
-    lines.append(f"gfx942: {len(rows)} kernels; {len(spilled)} spill or use scratch (must be 0); "
-                 f"{len(missed)} miss an occupancy goal (step forward >= 4 waves/SIMD and LDS <= 32 KB, "
-                 "step backward and chunked >= 2 waves/SIMD)")
+    lines.append(
+        f"gfx942: {len(rows)} kernels; {len(spilled)} spill or use scratch (must be 0); "
+        f"{len(missed)} miss an occupancy goal (step forward >= 4 waves/SIMD and LDS <= 32 KB, "
+        "step backward and chunked >= 2 waves/SIMD)"
+    )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -156,8 +156,12 @@ def pack_documents(docs: list[list[int]], seq_len: int, seed: int) -> list:
     rows = []
     for r in range(len(stream) // seq_len):
         inner = sorted(p - r * seq_len for p in starts if 0 < p - r * seq_len < seq_len)
-        rows.append(PackedRow(torch.tensor(stream[r * seq_len:(r + 1) * seq_len]),
-                              torch.tensor([0, *inner, seq_len], dtype=torch.int32)))
+        rows.append(
+            PackedRow(
+                torch.tensor(stream[r * seq_len : (r + 1) * seq_len]),
+                torch.tensor([0, *inner, seq_len], dtype=torch.int32),
+            )
+        )
     return rows
 
 

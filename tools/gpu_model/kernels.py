@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
-from .model import KernelSpec, LoopSpec
+from .model import KernelSpec, LoopSpec, RegionSpec
 
+CHUNKED = "wkv_gpu_chunked.cuh"  # the chunked kernels' source file
 K_CHUNK = 8  # csrc/gpu/wkv_gpu.h kChunk: steps staged per chunk (and between snapshots)
 FORWARD, SNAPSHOTS, STATE_GRAD = 0, 1, 2
 
@@ -288,6 +289,13 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
             ),
         ]
     label = "chunk saves" if saves else "chunk fused forward"
+    # (WKV-7) the solve's inverse: its L columns by the first warp's first lanes
+    solve = [
+        RegionSpec(
+            CHUNKED, r"__device__ __forceinline__ void unit_lower_inverse_column\(", lambda s: 1 / warps
+        ),
+        RegionSpec(CHUNKED, r"if \(threadIdx.x < L\)\s+unit_lower_inverse_column", lambda s: 1 / warps),
+    ]
     return KernelSpec(
         label=label,
         emulated_as="saves" if saves else "fused",
@@ -296,6 +304,7 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         blocks=lambda s: s["H"] * s["B"],
         threads=threads,
         loops=loops,
+        regions=solve if V == 7 else [],
         dram_bytes=lambda s: dram,
     )
 
@@ -330,6 +339,8 @@ def chunk_grads(s: dict) -> KernelSpec:
     threads = warps * warp(s)
     kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
     keys = 5 if V == 7 else 3
+    # the L x L gradients: a warp each (WKV-7: 4 of them; WKV-6: 1)
+    pairs_share = lambda s: (4 if V == 7 else 1) / warps  # noqa: E731
     dram = (
         chunk_slots(s) * s["H"] * (2 * N * N + operand_reads(s, "rt", "ck", "at", "cb", "flag")) * 4
         + (keys + 2) * elements(s) * s["bytes"]
@@ -343,6 +354,10 @@ def chunk_grads(s: dict) -> KernelSpec:
         short=f"chunk grads <{N}>",
         blocks=lambda s: chunk_slots(s) * s["H"],
         threads=threads,
+        regions=[
+            RegionSpec(CHUNKED, r"if \(V == 7 \? warp < 4 : warp == 1\)", pairs_share),
+            RegionSpec(CHUNKED, r"__device__ __forceinline__ TileAcc step_pairs\(", pairs_share),
+        ],
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
             *_decay_loops(s, threads),

@@ -31,6 +31,9 @@ ASSUMPTIONS = [
     "shared-memory accesses take lanes x B / 128 wavefronts (B bytes per lane), times, in the chunked "
     "kernels, the bank conflicts the CPU emulator counts at the tile layer's loads and stores (its "
     "--banks report); other shared accesses, and the step kernels', are taken as conflict-free",
+    "code that only some of a block's warps run (the chunked kernels' solve, their grads kernel's "
+    "L x L gradients) counts that share per warp, on the serial chain in full; an access by part "
+    "of a warp's lanes counts as the whole warp's",
     "DRAM traffic is each tensor's bytes once (re-reads by other blocks hit L2)",
     "blocks are spread evenly: the busiest unit runs ceil(blocks / units) blocks, as many at once "
     "as registers, shared memory, threads and the block limit allow",
@@ -65,6 +68,20 @@ class LoopSpec:
 
 
 @dataclass
+class RegionSpec:
+    """Code outside any loop of its own that only some of a block's warps run (it stands under a
+    test of the warp's index): ``pattern`` matches the start of a statement, or of a function whose
+    body is the region, in the source file named ``file``; the region is that statement, or the
+    braced block it opens, to its end. ``share(shape)``: the share of the block's warps that run
+    it. Its instructions, and the loops inside it, count that share per warp (the others wait at
+    the barrier after it: the region stays on the serial chain in full)."""
+
+    file: str
+    pattern: str
+    share: Callable[[dict], float]
+
+
+@dataclass
 class KernelSpec:
     """How a kernel is launched for a shape: the kernel (regex on its mangled name), its grid
     (blocks) and block (threads), its loops, and the DRAM bytes it moves."""
@@ -76,6 +93,7 @@ class KernelSpec:
     threads: int
     loops: list[LoopSpec]
     dram_bytes: Callable[[dict], float]
+    regions: list[RegionSpec] = field(default_factory=list)
     emulated_as: str = ""  # the launcher's name for it, as the emulator's bank-conflict report gives it
     # (file name, line) -> shared wavefronts per conflict-free wavefront, from that report
     conflicts: dict = field(default_factory=dict)
@@ -189,11 +207,50 @@ def check_loops_matched(kernel: Kernel, spec: KernelSpec, shape: dict, sources: 
             raise ValueError(f"{spec.label}: no loop of the machine code matches {ls.pattern[:70]!r}")
 
 
+def region_lines(region: RegionSpec, sources: dict[str, list[str]]) -> set[tuple[str, int]]:
+    """The (source path, line) pairs of a region; ValueError unless its pattern matches once."""
+    found = []
+    for path, lines in sources.items():
+        if path.rsplit("/", 1)[-1] != region.file:
+            continue
+        text = "\n".join(lines)
+        for m in re.finditer(region.pattern, text):
+            depth, end = 0, None  # (parentheses; a brace at depth 0 opens the block)
+            i = m.start()
+            while i < len(text) and end is None:
+                ch = text[i]
+                if ch == "(":
+                    depth += 1
+                elif ch == ")":
+                    depth -= 1
+                elif ch == ";" and depth == 0:
+                    end = i
+                elif ch == "{" and depth == 0:
+                    braces = 0
+                    for j in range(i, len(text)):
+                        braces += {"{": 1, "}": -1}.get(text[j], 0)
+                        if braces == 0:
+                            end = j
+                            break
+                    if end is None:
+                        end = len(text)
+                i += 1
+            first, last = text.count("\n", 0, m.start()) + 1, text.count("\n", 0, end) + 1
+            found.append({(path, n) for n in range(first, last + 1)})
+    if len(found) != 1:
+        raise ValueError(f"region {region.pattern[:60]!r} of {region.file}: {len(found)} matches, not 1")
+    return found[0]
+
+
 def dynamic(
     kernel: Kernel, spec: KernelSpec, shape: dict, sources: dict, latency: dict[str, int] | None = None
 ) -> tuple[Counter, float]:
     """(instructions per warp by unit for one block's work, the serial chain in clocks)."""
     check_loops_matched(kernel, spec, shape, sources)
+    shares = {}  # (source path, line) -> share of the warps that run it
+    for region in spec.regions:
+        for line in region_lines(region, sources):
+            shares[line] = region.share(shape)
 
     def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
         inside = set()
@@ -202,12 +259,18 @@ def dynamic(
             body = kernel.loop_body(loop)
             inside.update(i.addr for i in body)
             c, ch = walk(body, loop.children)
+            share = shares.get(loop.line, 1.0)
             for k, v in c.items():
-                counts[k] += trips * v
+                counts[k] += trips * v * share
             chain += trips * ch
         own = [i for i in insns if i.addr not in inside]
-        counts.update(unit_counts(own, kernel.lanes, spec.conflicts))
-        counts["issue"] += len(own)
+        by_share: dict[float, list[Insn]] = {}
+        for i in own:
+            by_share.setdefault(shares.get(i.line, 1.0), []).append(i)
+        for share, group in by_share.items():
+            for k, v in unit_counts(group, kernel.lanes, spec.conflicts).items():
+                counts[k] += share * v
+            counts["issue"] += share * len(group)
         return counts, chain + serial_chain(own, latency)
 
     return walk(kernel.insns, kernel.loops)
