@@ -14,7 +14,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from gpu_model.hardware import H100  # noqa: E402
-from gpu_model.model import KernelSpec, LoopSpec, closed_network_time, dynamic, resident_blocks  # noqa: E402
+from gpu_model.model import (  # noqa: E402
+    KernelSpec,
+    LoopSpec,
+    RegionSpec,
+    closed_network_time,
+    dynamic,
+    resident_blocks,
+)
 from gpu_model.sass import parse, serial_chain, unit_counts  # noqa: E402
 
 SRC = "/src/k.cu"
@@ -105,6 +112,31 @@ def test_a_spec_that_matches_no_loop_is_an_error_unless_it_may_vanish():
         dynamic(k, spec(LoopSpec(r"j < N", lambda s: 4)), {}, SOURCES)
     dynamic(k, spec(LoopSpec(r"j < N", lambda s: 4, may_vanish=True)), {}, SOURCES)  # unrolled away
     dynamic(k, spec(LoopSpec(r"j < N", lambda s: 1)), {}, SOURCES)  # one trip: may be straight-line code
+
+
+def test_code_only_some_warps_run_counts_their_share_and_stays_on_the_chain():
+    """A region (a statement, or the block a line opens) run by some of a block's warps counts that
+    share of its instructions per warp, loops inside it included; the serial chain keeps it whole."""
+    k = parse(LISTING)["_Z6kernelPf"]
+    lines = list(SOURCES[SRC])
+    lines[4] = "  if (warp == 0) first_warp_only(x,"  # line 5: the S2R and the MOV
+    lines[5] = "                                  y);"
+    lines[12] = "    }"
+    sources = {SRC: lines}
+    loops = [LoopSpec(r"c < num_chunks", lambda s: 3), LoopSpec(r"t < m;", lambda s: 8, per_trip=("STS", 1))]
+
+    def run(*regions: RegionSpec):
+        spec = KernelSpec("k", "kernel", "k", blocks=lambda s: 1, threads=32, dram_bytes=lambda s: 0,
+                          loops=loops, regions=list(regions))
+        return dynamic(k, spec, {}, sources)
+
+    (whole, chain), (part, part_chain) = run(), run(RegionSpec("k.cu", r"if \(warp == 0\)", lambda s: 0.25))
+    assert whole["issue"] - part["issue"] == 0.75 * 2 and part_chain == chain
+    inner, inner_chain = run(RegionSpec("k.cu", r"for \(int t = 0", lambda s: 0.5))
+    assert inner["shared"] == whole["shared"] / 2 and inner_chain == chain
+    assert whole["issue"] - inner["issue"] == 0.5 * 3 * 4 * 6  # the inner loop's body, 4 trips a chunk
+    with pytest.raises(ValueError, match="0 matches"):
+        run(RegionSpec("k.cu", r"no such code", lambda s: 0.5))
 
 
 def test_occupancy_follows_registers_shared_memory_and_threads():

@@ -252,21 +252,22 @@ def dynamic(
         for line in region_lines(region, sources):
             shares[line] = region.share(shape)
 
-    def walk(insns: list[Insn], loops: list[Loop]) -> tuple[Counter, float]:
+    def walk(insns: list[Insn], loops: list[Loop], in_region: bool = False) -> tuple[Counter, float]:
+        # (in_region: inside a loop already counted at its region's share)
         inside = set()
         counts, chain = Counter(), 0.0
         for loop, trips in zip(loops, loop_trips(loops, kernel, spec, shape, sources), strict=True):
             body = kernel.loop_body(loop)
             inside.update(i.addr for i in body)
-            c, ch = walk(body, loop.children)
-            share = shares.get(loop.line, 1.0)
+            share = 1.0 if in_region else shares.get(loop.line, 1.0)
+            c, ch = walk(body, loop.children, in_region or share != 1.0)
             for k, v in c.items():
                 counts[k] += trips * v * share
             chain += trips * ch
         own = [i for i in insns if i.addr not in inside]
         by_share: dict[float, list[Insn]] = {}
         for i in own:
-            by_share.setdefault(shares.get(i.line, 1.0), []).append(i)
+            by_share.setdefault(1.0 if in_region else shares.get(i.line, 1.0), []).append(i)
         for share, group in by_share.items():
             for k, v in unit_counts(group, kernel.lanes, spec.conflicts).items():
                 counts[k] += share * v
