@@ -139,6 +139,41 @@ def test_code_only_some_warps_run_counts_their_share_and_stays_on_the_chain():
         run(RegionSpec("k.cu", r"no such code", lambda s: 0.5))
 
 
+def test_a_region_takes_what_its_branch_jumps_over_unless_other_code_leads_into_it():
+    """The body of a region's `if`, inlined from another file, is found as what the branch skips;
+    not where another branch enters that code (then it is not the `if`'s alone)."""
+    other = "/src/other.cuh"
+
+    def listing(entry: bool) -> str:
+        extra = "        /*0060*/                   @P1 BRA `(.L_x_8) ;\n" if entry else ""
+        return f"""
+.text._Z2k2Pf:
+	//## File "{SRC}", line 5
+        /*0000*/                   S2R R0, SR_TID.X ;
+	//## File "{SRC}", line 6
+        /*0010*/                   @P0 BRA `(.L_x_9) ;
+	//## File "{other}", line 3
+        /*0020*/                   LDS.128 R4, [R0] ;
+.L_x_8:
+        /*0030*/                   FFMA R8, R4, R5, R6 ;
+.L_x_9:
+	//## File "{SRC}", line 7
+        /*0040*/                   STS [R0], R8 ;
+        /*0050*/                   EXIT ;
+{extra}"""
+
+    sources = {SRC: ["" for _ in range(20)], other: ["", "", "  x = y * z;"]}
+    sources[SRC][5] = "  if (threadIdx.x < 16) solve(x);"
+    spec = KernelSpec("k", "k2", "k", blocks=lambda s: 1, threads=128, dram_bytes=lambda s: 0, loops=[],
+                      regions=[RegionSpec("k.cu", r"if \(threadIdx.x < 16\)", lambda s: 0.25)])
+    counts, _ = dynamic(parse(listing(False))["_Z2k2Pf"], spec, {}, sources)
+    # S2R, STS, EXIT in full; the branch (on the region's line) and the two it skips a quarter each
+    assert counts["issue"] == 3 + 0.25 * 3
+    assert counts["shared_wavefronts"] == 0.25 * 4 + 1
+    counts, _ = dynamic(parse(listing(True))["_Z2k2Pf"], spec, {}, sources)
+    assert counts["issue"] == 4 + 0.25 + 2  # the skipped code is entered from elsewhere: counted in full
+
+
 def test_occupancy_follows_registers_shared_memory_and_threads():
     assert resident_blocks(H100, 128, 64, 0) == 8  # 64 K registers / (128 x 64)
     assert resident_blocks(H100, 128, 159, 0) == 3  # 160 allocated per thread

@@ -59,6 +59,10 @@ class AmdInsn(Insn):
     def is_branch(self) -> bool:
         return self.opcode.startswith(("s_cbranch", "s_branch"))
 
+    @property
+    def is_conditional_branch(self) -> bool:
+        return self.opcode.startswith("s_cbranch")
+
     def multiplicity(self) -> int:
         return 2 if ("read2" in self.opcode or "write2" in self.opcode) else 1
 
@@ -144,7 +148,7 @@ def parse(text: str) -> tuple[dict[str, Kernel], dict[str, tuple[int, int]]]:
 
     def close():
         if name is not None:
-            kernels[name] = Kernel(name, insns, _loops(insns, labels), lanes=64)
+            kernels[name] = Kernel(name, insns, _loops(insns, labels), lanes=64, labels=dict(labels))
 
     for raw in text.splitlines():
         m = _FILE.match(raw)

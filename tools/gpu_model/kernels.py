@@ -254,6 +254,11 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | No
 GROUPS = r"grp < kGroups; grp \+= THREADS\) \{\s+const int q = grp / \(N / GK\), j0 = grp % \(N / GK\) \* GK;"
 
 
+# (FACTORED) the fused forward's state scaled before its update: the path of a chunk that does not
+# factor, never run
+NOT_FACTORED_SCALE = RegionSpec(CHUNKED, r"if \(!factored\) scale_band_keys", lambda s: 0)
+
+
 def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
     """The fused forward: a block of N / 16 warps per (sequence, head), serial over the chunks.
     ``saves``: the backward's first pass, the same kernel storing each chunk's operands (its scratch
@@ -304,7 +309,7 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         blocks=lambda s: s["H"] * s["B"],
         threads=threads,
         loops=loops,
-        regions=solve if V == 7 else [],
+        regions=[*(solve if V == 7 else []), NOT_FACTORED_SCALE],
         dram_bytes=lambda s: dram,
     )
 
@@ -339,7 +344,7 @@ def chunk_grads(s: dict) -> KernelSpec:
     threads = warps * warp(s)
     kt_warps = min(N // 16, warps) / warps  # share of warps with a key tile
     keys = 5 if V == 7 else 3
-    # the L x L gradients: a warp each (WKV-7: 4 of them; WKV-6: 1)
+    # the L x L gradients: a warp each (WKV-7: 4 of them, WKV-6: 1), each of step_pairs' copies in one
     pairs_share = lambda s: (4 if V == 7 else 1) / warps  # noqa: E731
     dram = (
         chunk_slots(s) * s["H"] * (2 * N * N + operand_reads(s, "rt", "ck", "at", "cb", "flag")) * 4
@@ -356,7 +361,7 @@ def chunk_grads(s: dict) -> KernelSpec:
         threads=threads,
         regions=[
             RegionSpec(CHUNKED, r"if \(V == 7 \? warp < 4 : warp == 1\)", pairs_share),
-            RegionSpec(CHUNKED, r"__device__ __forceinline__ TileAcc step_pairs\(", pairs_share),
+            RegionSpec(CHUNKED, r"__device__ __forceinline__ TileAcc step_pairs\(", lambda s: 1 / warps),
         ],
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),

@@ -72,9 +72,12 @@ class RegionSpec:
     """Code outside any loop of its own that only some of a block's warps run (it stands under a
     test of the warp's index): ``pattern`` matches the start of a statement, or of a function whose
     body is the region, in the source file named ``file``; the region is that statement, or the
-    braced block it opens, to its end. ``share(shape)``: the share of the block's warps that run
-    it. Its instructions, and the loops inside it, count that share per warp (the others wait at
-    the barrier after it: the region stays on the serial chain in full)."""
+    braced block it opens, to its end, and what a conditional branch there jumps over where no
+    other branch leads into that code (the body of its `if`, inlined from a function elsewhere).
+    ``share(shape)``: the share of the block's warps that run it (0: a path the model takes as
+    never run). Its instructions, and the loops
+    inside it, count that share per warp (the others wait at the barrier after it: the region
+    stays on the serial chain in full)."""
 
     file: str
     pattern: str
@@ -248,9 +251,30 @@ def dynamic(
     """(instructions per warp by unit for one block's work, the serial chain in clocks)."""
     check_loops_matched(kernel, spec, shape, sources)
     shares = {}  # (source path, line) -> share of the warps that run it
+    skipped = {}  # address -> share: what a region's conditional forward branch jumps over (the body
+    # of its `if`, inlined from elsewhere: its lines are another function's)
     for region in spec.regions:
-        for line in region_lines(region, sources):
-            shares[line] = region.share(shape)
+        lines = region_lines(region, sources)
+        share = region.share(shape)
+        for line in lines:
+            shares[line] = share
+        for i in kernel.insns:
+            if i.line in lines and i.is_conditional_branch and kernel.labels.get(i.target, -1) > i.addr:
+                lo, hi = i.addr, kernel.labels[i.target]
+                # only code entered by falling through the branch: where another branch leads into
+                # it (AMD's compiler lays blocks out of order), it is not the `if`'s body alone
+                if any(
+                    j.is_branch and not lo <= j.addr < hi and lo < kernel.labels.get(j.target, -1) < hi
+                    for j in kernel.insns
+                ):
+                    continue
+                for j in kernel.insns:
+                    if lo < j.addr < hi:
+                        skipped[j.addr] = min(share, skipped.get(j.addr, 1.0))
+
+    def share_of(addr: int, line: tuple[str, int] | None) -> float:
+        """(code in several regions runs in the smallest one's share of the warps)"""
+        return min(skipped.get(addr, 1.0), shares.get(line, 1.0))
 
     def walk(insns: list[Insn], loops: list[Loop], in_region: bool = False) -> tuple[Counter, float]:
         # (in_region: inside a loop already counted at its region's share)
@@ -259,7 +283,7 @@ def dynamic(
         for loop, trips in zip(loops, loop_trips(loops, kernel, spec, shape, sources), strict=True):
             body = kernel.loop_body(loop)
             inside.update(i.addr for i in body)
-            share = 1.0 if in_region else shares.get(loop.line, 1.0)
+            share = 1.0 if in_region else share_of(loop.tail, loop.line)
             c, ch = walk(body, loop.children, in_region or share != 1.0)
             for k, v in c.items():
                 counts[k] += trips * v * share
@@ -267,7 +291,7 @@ def dynamic(
         own = [i for i in insns if i.addr not in inside]
         by_share: dict[float, list[Insn]] = {}
         for i in own:
-            by_share.setdefault(1.0 if in_region else shares.get(i.line, 1.0), []).append(i)
+            by_share.setdefault(1.0 if in_region else share_of(i.addr, i.line), []).append(i)
         for share, group in by_share.items():
             for k, v in unit_counts(group, kernel.lanes, spec.conflicts).items():
                 counts[k] += share * v

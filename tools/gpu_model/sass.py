@@ -156,6 +156,10 @@ class Insn:
     def is_branch(self) -> bool:
         return self.base == "BRA"
 
+    @property
+    def is_conditional_branch(self) -> bool:
+        return self.is_branch and self.predicated
+
     def multiplicity(self) -> int:
         """Accesses it makes (AMD's read2 / write2 make two)."""
         return 1
@@ -237,6 +241,7 @@ class Kernel:
     insns: list[Insn]
     loops: list[Loop]  # outermost first; nested ones in .children
     lanes: int = 32  # lanes of a warp (32) or wavefront (64)
+    labels: dict = field(default_factory=dict)  # branch target label -> its address
 
     def body(self, lo: int, hi: int) -> list[Insn]:
         """The instructions at addresses lo .. hi."""
@@ -263,7 +268,7 @@ def parse(text: str) -> dict[str, Kernel]:
         if name is not None:
             # the self-branch nvdisasm prints after the last EXIT never runs
             kept = [i for i in insns if not (i.base == "BRA" and i.target and labels.get(i.target) == i.addr)]
-            kernels[name] = Kernel(name, kept, _loops(kept, labels))
+            kernels[name] = Kernel(name, kept, _loops(kept, labels), labels=dict(labels))
 
     for raw in text.splitlines():
         if raw.startswith(".text."):
