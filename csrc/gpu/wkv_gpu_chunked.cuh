@@ -69,8 +69,11 @@ template <int N>
 constexpr int kColLd = N + 4;  // its column operands k, b (read down, by every warp, and along)
 template <int N>
 constexpr int kMatLd = L + (kTight<N> ? 4 : kPad);  // L x L matrices
+// [L][16] per-step rows of a band, read as accumulators (gfx942: unpadded, so that the grads kernel
+// fits 3 blocks per CU at N <= 64, its tile accesses of these 2 ways deep; with 2, its serial
+// chain had too few waves to hide behind)
 template <int N>
-constexpr int kBandLd = 16 + (kTight<N> ? 0 : kPad);  // [L][16] per-step rows of a band, read as accumulators
+constexpr int kBandLd = 16 + (kTight<N> || kWarpSize == 64 ? 0 : kPad);
 constexpr int kDownLd = 16 + 4;  // [L][16] rows that products read only down their columns
 constexpr size_t kStaticSharedLimit = kWarpSize == 32 ? 48 * 1024 : 64 * 1024;
 
@@ -254,6 +257,15 @@ __device__ __forceinline__ void unit_lower_inverse_column(const float* a, const 
   for (int q = 0; q < L; ++q) emit(q, x[q]);
 }
 
+// Element e of this lane's accumulator tile, where e is not known at compile time (a loop kept
+// rolled): selected, so that the tile stays in registers.
+__device__ __forceinline__ float tile_element(const TileAcc& acc, int e) {
+  float x = acc.x[0];
+#pragma unroll
+  for (int i = 1; i < kTileAcc; ++i) x = i == e ? acc.x[i] : x;
+  return x;
+}
+
 // An accumulator tile (columns = keys) times diag(gamma) for its 16 keys.
 __device__ __forceinline__ void scale_columns(TileAcc& st, const float* gamma) {
 #pragma unroll
@@ -421,6 +433,10 @@ __device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps
   return acc;
 }
 
+// The grads kernel's per-warp [L][16] tiles in shared memory: 4, or on gfx942 3, which keeps the
+// fourth (S a_t dS1, only read) in registers, for LDS (see kBandLd). (On CUDA, where shared memory
+// does not limit it, the tile in registers made ptxas spill at N = 128.)
+constexpr int kGradTiles = kWarpSize == 64 ? 3 : 4;
 template <class T, int V, int N>
 __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_kernel(const WkvBackwardProblem p,
                                                                                    const Scratch sc) {
@@ -429,11 +445,11 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // WKV-7: dA_rb, dA_rk, dA_ab, dA_ak;  WKV-6: dA (index 1), masked to where A is defined, and
   // (index 0) its part below the diagonal
   __shared__ float dA[4][L][kMatLd<N>];
-  // per warp, for its key tile: first the four products over the value rows, then (each lane
-  // in place of its own elements) the parts of dG known at (t, j): of dG_t, of dG_{t-1}, and of
-  // dG_{L-1} (those reach every step's dw). (Through shared memory, the element-wise loop needs
-  // no register arrays, which unrolled made gfx942 spill scalar registers.)
-  __shared__ float wt[WARPS][4][L][kBandLd<N>];
+  // per warp, for its key tile: first the four products over the value rows (kGradTiles of them),
+  // then (each lane in place of its own elements) the parts of dG known at (t, j): of dG_t, of
+  // dG_{t-1}, and of dG_{L-1} (those reach every step's dw). (Through shared memory, the
+  // element-wise loop needs no register arrays, which unrolled made gfx942 spill scalar registers.)
+  __shared__ float wt[WARPS][kGradTiles][L][kBandLd<N>];
   static_assert(sizeof(G) + sizeof(dA) + sizeof(wt) <= kStaticSharedLimit, "static shared memory");
   const Chunk k = chunk_at_slot(p, blockIdx.x);
   if (k.seq < 0) {  // an unused slot: nothing to add to grad_u (the caller sums all slots)
@@ -486,7 +502,10 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   float(*here)[kBandLd<N>] = wt[warp][0];     // dY S0 first
   float(*all)[kBandLd<N>] = wt[warp][1];      // V dS1 first
   float(*before_)[kBandLd<N>] = wt[warp][2];  // dZ S0 first (WKV-7)
-  const float(*sads)[kBandLd<N>] = wt[warp][3];  // SA dS1 (WKV-7)
+  // SA dS1 (WKV-7): with 4 tiles in shared memory (sads_rows, read after its product), with 3 in
+  // registers (a lane's element e at (t, c) is sads.x[e])
+  TileAcc sads = fill_tile_acc(0.f);
+  const float(*sads_rows)[kBandLd<N>] = wt[warp][kGradTiles - 1];
   // this warp's key tile, if it has one
   const int kt = warp;
   if (kt < KT) {
@@ -512,7 +531,8 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     store_tile_acc(&all[0][0], kBandLd<N>, times_state<N>(v, ld, n, dS1, kt));
     if (V == 7) {
       store_tile_acc(&before_[0][0], kBandLd<N>, dzs);
-      store_tile_acc(&wt[warp][3][0][0], kBandLd<N>, times_state<N>(sa, ld, n, dS1, kt));
+      sads = times_state<N>(sa, ld, n, dS1, kt);
+      if (kGradTiles == 4) store_tile_acc(&wt[warp][kGradTiles - 1][0][0], kBandLd<N>, sads);
     }
     if (factored) {
       // rows, element-wise: dr, da, and their parts of dG (dr r_t at t; da a_t at t - 1)
@@ -540,7 +560,9 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       // E[L-1, s] V dS1 + exp2(-G_s) (dA'^T R')_s, R'_q = r_q E[q-1, -1]). The accumulators start
       // from the end terms scaled by E[L-1, -1], so one factor exp2(-G_s) finishes both.
       TileAcc dk = load_tile_acc(&all[0][0], kBandLd<N>);
-      TileAcc db = V == 7 ? load_tile_acc(&wt[warp][3][0][0], kBandLd<N>) : fill_tile_acc(0.f);
+      TileAcc db = V != 7           ? fill_tile_acc(0.f)
+                   : kGradTiles == 4 ? load_tile_acc(&wt[warp][kGradTiles - 1][0][0], kBandLd<N>)
+                                     : sads;
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e) {
         const float gamma = exp2f(G[L - 1][kt * 16 + TileAcc::col(e)]);
@@ -567,7 +589,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
         if (V == 7) {
           const float b_t = real ? input(b, t, j) : 0.f, db_t = db.x[e] * from_start;
           here[t][c] -= dk_t * k_t + db_t * b_t;
-          all[t][c] = (all[t][c] * k_t + sads[t][c] * b_t) * to_end;
+          all[t][c] = (all[t][c] * k_t + (kGradTiles == 4 ? sads_rows[t][c] : sads.x[e]) * b_t) * to_end;
           if (real) store<T>(p.grad_k, out, dk_t), store<T>(p.grad_b, out, db_t);
         } else {
           here[t][c] -= dk_t * k_t;
@@ -598,7 +620,8 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
             if (s < t) da = fmaf(fmaf(dA[2][t][s], bs, dA[3][t][s] * ks), exp2f(before - G[s][j]), da);
           }
           // column operands: b_t, k_t (to the chunk end, and as column t of the matrices)
-          const float db_end = sads[t][c] * to_end, dk_end = vds * to_end;
+          const float sads_e = kGradTiles == 4 ? sads_rows[t][c] : tile_element(sads, e);
+          const float db_end = sads_e * to_end, dk_end = vds * to_end;
           float db = db_end, dk = dk_end;
 #pragma unroll 1
           for (int q = t; q < n; ++q) {
@@ -892,7 +915,7 @@ __device__ __forceinline__ bool build_chunk(const WkvProblem& p, const Chunk& k,
   // of a row, and the lanes at keys 32 .. 63 of each 64 store their upper half first: store_split)
   for (int grp = threadIdx.x; grp < kGroups; grp += THREADS) {
     const int q = grp / (N / GK), j0 = grp % (N / GK) * GK, off = q * ldi + j0;
-    const bool real = q < k.steps, spread = GK == 8 && (j0 & 32);
+    const bool real = q < k.steps, spread = GK == 8 && N >= 64 && (j0 & 32);
     float x[GK], y[GK], o[GK];
     load_keys(r, off, real, x);
     load_keys(kk, off, real, y);
