@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   // SA dS1 (WKV-7): with 4 tiles in shared memory (sads_rows, read after its product), with 3 in
   // registers (a lane's element e at (t, c) is sads.x[e])
   TileAcc sads = fill_tile_acc(0.f);
-  const float(*sads_rows)[kBandLd<N>] = wt[warp][kGradTiles - 1];
+  float(*sads_rows)[kBandLd<N>] = wt[warp][kGradTiles - 1];
   // this warp's key tile, if it has one
   const int kt = warp;
   if (kt < KT) {
@@ -532,7 +532,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
     if (V == 7) {
       store_tile_acc(&before_[0][0], kBandLd<N>, dzs);
       sads = times_state<N>(sa, ld, n, dS1, kt);
-      if (kGradTiles == 4) store_tile_acc(&wt[warp][kGradTiles - 1][0][0], kBandLd<N>, sads);
+      if (kGradTiles == 4) store_tile_acc(&sads_rows[0][0], kBandLd<N>, sads);
     }
     if (factored) {
       // rows, element-wise: dr, da, and their parts of dG (dr r_t at t; da a_t at t - 1)
@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
       // from the end terms scaled by E[L-1, -1], so one factor exp2(-G_s) finishes both.
       TileAcc dk = load_tile_acc(&all[0][0], kBandLd<N>);
       TileAcc db = V != 7           ? fill_tile_acc(0.f)
-                   : kGradTiles == 4 ? load_tile_acc(&wt[warp][kGradTiles - 1][0][0], kBandLd<N>)
+                   : kGradTiles == 4 ? load_tile_acc(&sads_rows[0][0], kBandLd<N>)
                                      : sads;
 #pragma unroll
       for (int e = 0; e < kTileAcc; ++e) {

@@ -294,13 +294,9 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
             ),
         ]
     label = "chunk saves" if saves else "chunk fused forward"
-    # (WKV-7) the solve's inverse: its L columns by the first warp's first lanes
-    solve = [
-        RegionSpec(
-            CHUNKED, r"__device__ __forceinline__ void unit_lower_inverse_column\(", lambda s: 1 / warps
-        ),
-        RegionSpec(CHUNKED, r"if \(threadIdx.x < L\)\s+unit_lower_inverse_column", lambda s: 1 / warps),
-    ]
+    # (WKV-7) the solve's inverse: its L columns by the first warp's first lanes (the statement's
+    # branch jumps over the function's inlined body)
+    solve = [RegionSpec(CHUNKED, r"if \(threadIdx.x < L\)\s+unit_lower_inverse_column", lambda s: 1 / warps)]
     return KernelSpec(
         label=label,
         emulated_as="saves" if saves else "fused",

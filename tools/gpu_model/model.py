@@ -69,15 +69,14 @@ class LoopSpec:
 
 @dataclass
 class RegionSpec:
-    """Code outside any loop of its own that only some of a block's warps run (it stands under a
-    test of the warp's index): ``pattern`` matches the start of a statement, or of a function whose
-    body is the region, in the source file named ``file``; the region is that statement, or the
-    braced block it opens, to its end, and what a conditional branch there jumps over where no
-    other branch leads into that code (the body of its `if`, inlined from a function elsewhere).
-    ``share(shape)``: the share of the block's warps that run it (0: a path the model takes as
-    never run). Its instructions, and the loops
-    inside it, count that share per warp (the others wait at the barrier after it: the region
-    stays on the serial chain in full)."""
+    """Code that only some of a block's warps run (it stands under a test of the warp's index):
+    ``pattern`` matches the start of a statement, or of a function whose body is the region, in the
+    source file named ``file``; the region is that statement, or the braced block it opens, to its
+    end, and what a conditional branch there jumps over where no other branch leads into that code
+    (the body of its `if`, inlined from a function elsewhere). ``share(shape)``: the share of the
+    block's warps that run it (0: a path the model takes as never run). Its instructions, and the
+    loops inside it, count that share per warp (the others wait at the barrier after it: the
+    region stays on the serial chain in full)."""
 
     file: str
     pattern: str
