@@ -358,16 +358,25 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
     const bool factored = gamma[Op::flag - Op::gam] != 0.f;
     __syncthreads();  // the previous chunk is done with dS, dys, dsas, dzs and gam
     // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
-    // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk
-    // (element idx = lane + (m kG + j) warp is at key idx % N, whose decay is gk[j])
-    for (int m = 0; m < 16 * N / kWarpSize / kG; ++m)
+    // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk.
+    // A lane's element u is idx = lane + u warp, at key idx % N, whose decay is gk[u % kG]. All
+    // are loaded before any is stored: a store to dS between two loads held the second back (the
+    // compiler could not tell their addresses apart), and a loop of a few elements a trip waited
+    // for each trip's stores.
+    constexpr int kPerLane = 16 * N / kWarpSize;
+    SplitBits* dS_after = reinterpret_cast<SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N + int64_t(i0) * N;
+    float d[kPerLane];
 #pragma unroll
-      for (int j = 0; j < kG; ++j) {
-        const int idx = threadIdx.x + (m * kG + j) * kWarpSize;
-        const float d = dS[idx / N][idx % N];
-        reinterpret_cast<SplitBits*>(sc.state_grads)[(k.slot * H + h) * N * N + int64_t(i0) * N + idx] = split_bits(d);
-        if (factored) dS[idx / N][idx % N] = d * gk[j];
-      }
+    for (int u = 0; u < kPerLane; ++u) {
+      const unsigned idx = threadIdx.x + unsigned(u) * kWarpSize;
+      d[u] = dS[idx / N][idx % N];
+    }
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const unsigned idx = threadIdx.x + unsigned(u) * kWarpSize;
+      dS_after[idx] = split_bits(d[u]);
+      if (factored) dS[idx / N][idx % N] = d[u] * gk[u % kG];
+    }
     store_band_rows(dyr, dys);
     store_lane_decays<N>(gk, gam);
     __syncthreads();

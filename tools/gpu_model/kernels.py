@@ -222,10 +222,10 @@ def _build_loops(s: dict) -> list[LoopSpec]:
     ]
 
 
-def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | None) -> list[LoopSpec]:
+def _band_loops(s: dict, first: str, chunks: str, last: str | None) -> list[LoopSpec]:
     """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
-    loop, a [16, N] store per chunk (the chunk's rows of v or dY come into registers, unrolled),
-    the band's result written out (`last`, if any)."""
+    loop (its per-chunk [16, N] loads and stores unrolled), the band's result written out (`last`,
+    if any)."""
     N, w = s["N"], warp(s)
     chunk_count = math.ceil(s["T"] / L_CHUNK)
     loops = [
@@ -236,12 +236,6 @@ def _band_loops(s: dict, first: str, chunks: str, per_chunk: str, last: str | No
             needs_global_loads=True,
         ),
         LoopSpec(chunks, lambda s: chunk_count),
-        LoopSpec(
-            rf"reinterpret_cast<SplitBits\*>\({per_chunk}\)\[",  # (the loop's line, or its store's)
-            lambda s: 16 * N / w,
-            per_trip=("STG", 1),
-            may_vanish=True,  # (clang unrolls state-grad's fully at N = 64 on gfx942)
-        ),
     ]
     if last:
         loops.append(
@@ -329,7 +323,7 @@ def chunk_state_grad(s: dict) -> KernelSpec:
         short=f"chunk state_grad <{N}>",
         blocks=lambda s: (s["N"] // 16) * s["H"] * s["B"],
         threads=warp(s),
-        loops=_band_loops(s, r"dS\[", r"c >= 0; --c", r"sc.state_grads", r"grad_s0"),
+        loops=_band_loops(s, r"dS\[", r"c >= 0; --c", r"grad_s0"),
         dram_bytes=lambda s: dram,
     )
 
