@@ -112,6 +112,7 @@ struct Chunk {
   int steps = 0;        // real steps in it (the rest is padding)
   int64_t first = 0;    // its first token in the flattened [B * T] token axis
   int num_chunks = 0;   // chunks of the sequence
+  int seq_len = 0;      // steps of the sequence
   int64_t slot = 0;     // its scratch slot
 };
 
@@ -127,9 +128,18 @@ __device__ __forceinline__ Chunk chunk_of(const WkvProblem& p, int s, int c) {
   const int64_t bos = seq_start(p, s);
   const int len = int(seq_start(p, s + 1) - bos);
   k.num_chunks = (len + L - 1) / L;
+  k.seq_len = len;
   k.steps = min(L, len - c * L);
   k.first = bos + int64_t(c) * L;
   k.slot = bos / L + s + c;
+  return k;
+}
+
+// Chunk c of chunk k's sequence, from k alone: the serial loops read the sequence's bounds once
+// (cu_seqlens, from memory) rather than on every chunk's path.
+__device__ __forceinline__ Chunk chunk_of(Chunk k, int c) {
+  k.first += int64_t(c - k.index) * L, k.slot += c - k.index, k.index = c;
+  k.steps = min(L, k.seq_len - c * L);
   return k;
 }
 
@@ -345,9 +355,9 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
   const int64_t state0 = ((int64_t(s) * H + h) * N + i0) * N;
   for (int idx = threadIdx.x; idx < 16 * N; idx += kWarpSize) dS[idx / N][idx % N] = gs ? gs[state0 + idx] : 0.f;
 
-  const int num_chunks = chunk_of(p, s, 0).num_chunks;
-  for (int c = num_chunks - 1; c >= 0; --c) {
-    const Chunk k = chunk_of(p, s, c);
+  const Chunk k0 = chunk_of(p, s, 0);
+  for (int c = k0.num_chunks - 1; c >= 0; --c) {
+    const Chunk k = chunk_of(k0, c);
     const SplitBits* op = reinterpret_cast<const SplitBits*>(sc.chunk_operands + (k.slot * H + h) * Op::size);
     const float* gamma = sc.chunk_operands + (k.slot * H + h) * Op::size + Op::gam;
     const int64_t row0 = (k.first * H + h) * N + i0;
@@ -359,23 +369,27 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
     __syncthreads();  // the previous chunk is done with dS, dys, dsas, dzs and gam
     // the state gradient after the chunk, stored; where the chunk factors, b^ dS^T = B' (dS
     // diag(gamma))^T: dS is scaled as it is stored, which also starts the gradient before the chunk.
-    // A lane's element u is idx = lane + u warp, at key idx % N, whose decay is gk[u % kG]. All
-    // are loaded before any is stored: a store to dS between two loads held the second back (the
-    // compiler could not tell their addresses apart), and a loop of a few elements a trip waited
-    // for each trip's stores.
-    constexpr int kPerLane = 16 * N / kWarpSize;
+    // A lane's element u is idx = lane + u warp, at key idx % N, whose decay is gk[u % kG]. A
+    // group of them is loaded before any is stored: a store to dS between two loads held the
+    // second back (the compiler could not tell their addresses apart), and a loop of a few
+    // elements a trip waited for each trip's stores. All in one group, but for CUDA up to N = 64
+    // (two: in one, with 128 registers, ptxas spilled).
+    constexpr int kPerLane = 16 * N / kWarpSize, kGroup = kWarpSize == 32 && N <= 64 ? kPerLane / 2 : kPerLane;
     SplitBits* dS_after = reinterpret_cast<SplitBits*>(sc.state_grads) + (k.slot * H + h) * N * N + int64_t(i0) * N;
-    float d[kPerLane];
+#pragma unroll 1
+    for (int u0 = 0; u0 < kPerLane; u0 += kGroup) {
+      float d[kGroup];
 #pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const unsigned idx = threadIdx.x + unsigned(u) * kWarpSize;
-      d[u] = dS[idx / N][idx % N];
-    }
+      for (int u = 0; u < kGroup; ++u) {
+        const unsigned idx = threadIdx.x + unsigned(u0 + u) * kWarpSize;
+        d[u] = dS[idx / N][idx % N];
+      }
 #pragma unroll
-    for (int u = 0; u < kPerLane; ++u) {
-      const unsigned idx = threadIdx.x + unsigned(u) * kWarpSize;
-      dS_after[idx] = split_bits(d[u]);
-      if (factored) dS[idx / N][idx % N] = d[u] * gk[u % kG];
+      for (int u = 0; u < kGroup; ++u) {
+        const unsigned idx = threadIdx.x + unsigned(u0 + u) * kWarpSize;
+        dS_after[idx] = split_bits(d[u]);
+        if (factored) dS[idx / N][idx % N] = d[u] * gk[u % kG];
+      }
     }
     store_band_rows(dyr, dys);
     store_lane_decays<N>(gk, gam);
@@ -424,10 +438,15 @@ __global__ void ARWKV_STATE_GRAD_BOUNDS(N) wkv_chunk_state_grad_kernel(const Wkv
 
 // P = X Y^T over the value rows: P[t][s] = sum_i X[t][i] Y[s][i] (X, Y: [L][N] per-step vectors
 // with leading dimension ld, rows past `steps` zero).
+// The sums over value-row tiles are unrolled where registers allow: gfx942 up to N = 64 (each
+// trip otherwise waits for its loads from memory); unrolled, the loads of all tiles are hoisted,
+// and the CUDA grads kernel spilled at N = 128.
+template <int N>
+constexpr int kRowTileUnroll = kWarpSize == 64 && N <= 64 ? N / 16 : 1;
 template <int N, class X, class Y>
 __device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld, int steps) {
   TileAcc acc = fill_tile_acc(0.f);
-#pragma unroll 1  // (unrolled, the loads of all tiles are hoisted: the grads kernel spilled at N = 128)
+#pragma unroll kRowTileUnroll<N>
   for (int it = 0; it < N / 16; ++it)
     acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b_transposed(y + it * 16, ld, steps), acc);
   return acc;
@@ -436,7 +455,7 @@ __device__ __forceinline__ TileAcc step_pairs(const X* x, const Y* y, int64_t ld
 template <int N, class X>
 __device__ __forceinline__ TileAcc times_state(const X* x, int64_t ld, int steps, const SplitBits* m, int kt) {
   TileAcc acc = fill_tile_acc(0.f);
-#pragma unroll 1
+#pragma unroll kRowTileUnroll<N>
   for (int it = 0; it < N / 16; ++it)
     acc = mma_split(load_split_a(x + it * 16, ld, steps), load_split_b(m + it * 16 * N + kt * 16, N), acc);
   return acc;
@@ -675,12 +694,29 @@ __global__ void __launch_bounds__(grad_warps<N>() * kWarpSize) wkv_chunk_grads_k
   }
   __syncthreads();
   // dw_u = sum_{t >= u} dG_t, dG_t = here_t + before_{t+1} (+ all of the shares of dG_{L-1},
-  // and the decay over the chunk's: gamma * sum_i S0 dS1), one key per lane
+  // and the decay over the chunk's: gamma * sum_i S0 dS1), one key per lane.
+#if defined(ARWKV_HIP)
+  // gfx942: the sum over the value rows i by the whole wave (by 16 lanes alone, each waited for
+  // N / 8 rounds of loads): lane l takes key l % 16 of the tile and every fourth row from l / 16,
+  // then the four parts are added across lanes, in the same order in every lane (deterministic).
+  float s0_ds1 = 0.f;
+  if (kt < KT) {
+    const SplitBits *s0 = S0 + (lane / 16) * N + kt * 16 + lane % 16, *ds1 = dS1 + (s0 - S0);
+#pragma unroll 8
+    for (int m = 0; m < N / 4; ++m) s0_ds1 = fmaf(to_float(s0[m * 4 * N]), to_float(ds1[m * 4 * N]), s0_ds1);
+#pragma unroll
+    for (int o = 16; o < kWarpSize; o *= 2) s0_ds1 += lane_xor(s0_ds1, o);
+  }
+#endif
   if (kt < KT && lane < 16) {
     const int j = kt * 16 + lane;
+#if defined(ARWKV_HIP)
+    float acc = s0_ds1;
+#else  // (by 16 lanes: any other way, ptxas spilled the WKV-6 grads at N = 128)
     float acc = 0.f;
 #pragma unroll 8
     for (int i = 0; i < N; ++i) acc = fmaf(to_float(S0[i * N + j]), to_float(dS1[i * N + j]), acc);
+#endif
     acc *= exp2f(G[L - 1][j]);
     for (int t = 0; t < L; ++t) acc += all[t][lane];
     float du = 0.f;
@@ -829,23 +865,28 @@ template <int V, int N, int THREADS>
 __device__ __forceinline__ void copy_operands(const FusedShared<V, N>& sh, float* slot) {
   using Op = Operands<V, N>;
   constexpr int kWide = V == 7 ? 2 * L : L, kNarrow = V == 7 ? 5 * L : L;  // rows of N (each kind), of L
+  // Unrolled where registers allow (N = 128: one block per unit; at N = 64, unrolled, the saves
+  // pass held several rows in registers and spilled), so that a trip does not wait for the last
+  // one's stores.
+  constexpr int kUnroll = N >= 128 ? 4 : 1;
   const float* rows = reinterpret_cast<const float*>(&sh.rt[0][0]);
-#pragma unroll 1  // (unrolled, the saves pass held several rows in registers and spilled at N = 64)
+#pragma unroll kUnroll
   for (int i = threadIdx.x; i < kWide * N / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::rt)[i] =
         *reinterpret_cast<const float4*>(rows + i / (N / 4) * kRowLd<N> + i % (N / 4) * 4);
   const float* cols = reinterpret_cast<const float*>(&sh.ck[0][0]);
-#pragma unroll 1
+#pragma unroll kUnroll
   for (int i = threadIdx.x; i < kWide * N / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::ck)[i] =
         *reinterpret_cast<const float4*>(cols + i / (N / 4) * kColLd<N> + i % (N / 4) * 4);
   const float* narrow = &sh.mats[0][0][0];
-#pragma unroll 1
+#pragma unroll kUnroll
   for (int i = threadIdx.x; i < kNarrow * L / 4; i += THREADS)
     reinterpret_cast<float4*>(slot + Op::mats)[i] =
         *reinterpret_cast<const float4*>(narrow + i / (L / 4) * kMatLd<N> + i % (L / 4) * 4);
-  for (int i = threadIdx.x; i < (N + 4) / 4; i += THREADS)  // gamma, flag
-    reinterpret_cast<float4*>(slot + Op::gam)[i] = reinterpret_cast<const float4*>(sh.gamma)[i];
+  static_assert((N + 4) / 4 <= THREADS, "gamma and the flag: one 16-byte store per thread");
+  if (threadIdx.x < (N + 4) / 4)
+    reinterpret_cast<float4*>(slot + Op::gam)[threadIdx.x] = reinterpret_cast<const float4*>(sh.gamma)[threadIdx.x];
 }
 
 // CUDA: blocks per unit the registers must allow (the second bound): 4 up to N = 64 (<= 128 registers
@@ -1022,9 +1063,9 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
   const SplitBits* arb = reinterpret_cast<const SplitBits*>(&sh.mats[0][0][0]);
   const SplitBits* aak = reinterpret_cast<const SplitBits*>(&sh.mats[V == 7 ? 3 : 0][0][0]);
 
-  const int num_chunks = chunk_of(p, s, 0).num_chunks;
-  for (int c = 0; c < num_chunks; ++c) {
-    const Chunk k = chunk_of(p, s, c);
+  const Chunk k0 = chunk_of(p, s, 0);
+  for (int c = 0; c < k0.num_chunks; ++c) {
+    const Chunk k = chunk_of(k0, c);
     const int64_t first = (k.first * H + h) * N;  // (the chunk's first step, key 0)
     // SAVES: this band's rows of the state at the chunk start. WKV-7 stores each key tile as split
     // for Z's product; WKV-6's saves take no product of the state, so they store it first thing
@@ -1037,6 +1078,9 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
       for (int kt = 0; kt < KT; ++kt) store_band_state<N>(snapshot, kt, split_acc(st[kt]));
     __syncthreads();  // the previous chunk's readers of sh are done
     const bool factored = build_chunk<T, V, N, THREADS>(p, k, h, sh);
+    // (stored first: the band's products below overlap the stores, and nothing writes sh until the
+    // next chunk's barrier)
+    if (SAVES) copy_operands<V, N, THREADS>(sh, sc.chunk_operands + (k.slot * H + h) * Op::size);
 
     // this band's rows: outputs, then the state after the chunk
     const T* vrow = static_cast<const T*>(p.v) + first + i0;  // v at (the chunk's step 0, value row i0)
@@ -1068,7 +1112,6 @@ __global__ void ARWKV_FUSED_BOUNDS(N) wkv_chunk_fused_forward_kernel(const WkvPr
 #pragma unroll
       for (int kt = 0; kt < KT; ++kt) scale_band_keys(st[kt], sh.gamma + kt * 16);
     if (!SAVES) store_band_steps(static_cast<T*>(p.y) + first + i0, ld, k.steps, y);
-    if (SAVES) copy_operands<V, N, THREADS>(sh, sc.chunk_operands + (k.slot * H + h) * Op::size);
   }
   float* final_state = static_cast<float*>(p.final_state);
   if (!SAVES && final_state)

@@ -224,8 +224,8 @@ def _build_loops(s: dict) -> list[LoopSpec]:
 
 def _band_loops(s: dict, first: str, chunks: str, last: str | None) -> list[LoopSpec]:
     """The loops of a state pass (one warp per 16-row band): the band's state read in, the chunk
-    loop (its per-chunk [16, N] loads and stores unrolled), the band's result written out (`last`,
-    if any)."""
+    loop, its per-chunk [16, N] store (in groups, each unrolled), the band's result written out
+    (`last`, if any)."""
     N, w = s["N"], warp(s)
     chunk_count = math.ceil(s["T"] / L_CHUNK)
     loops = [
@@ -236,6 +236,8 @@ def _band_loops(s: dict, first: str, chunks: str, last: str | None) -> list[Loop
             needs_global_loads=True,
         ),
         LoopSpec(chunks, lambda s: chunk_count),
+        # the per-chunk [16, N] store: two groups of elements on CUDA up to N = 64, else one
+        LoopSpec(r"u0 < kPerLane; u0 \+= kGroup", lambda s: 1 if s.get("hip") or N > 64 else 2, may_vanish=True),
     ]
     if last:
         loops.append(
@@ -271,20 +273,23 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         dram = (inputs + 1) * elements(s) * s["bytes"] + 2 * state
     loops = [
         LoopSpec(
-            r"c < num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(p, s, c\);\s+const int64_t first",
+            r"c < k0.num_chunks; \+\+c\) \{\s+const Chunk k = chunk_of\(k0, c\);\s+const int64_t first",
             lambda s: math.ceil(s["T"] / L_CHUNK),
         ),
         *_build_loops(s),
     ]
-    if saves:  # copy_operands: the rows of N floats (twice: row, column operands), of L, gamma and the flag
+    if saves:  # copy_operands: the rows of N floats (twice: row, column operands), of L
         wide, narrow = (2 * L_CHUNK, 5 * L_CHUNK) if V == 7 else (L_CHUNK, L_CHUNK)
         loops += [
+            # (unrolled in full at N = 128)
             LoopSpec(
-                r"i < kWide \* N / 4; i \+= THREADS", lambda s: wide * N / 4 / threads, per_trip=("LDS", 1)
+                r"i < kWide \* N / 4; i \+= THREADS",
+                lambda s: wide * N / 4 / threads,
+                per_trip=("LDS", 1),
+                may_vanish=True,
             ),
-            LoopSpec(r"i < kNarrow \* L / 4; i \+= THREADS", lambda s: narrow * L_CHUNK / 4 / threads),
             LoopSpec(
-                r"i < \(N \+ 4\) / 4; i \+= THREADS", lambda s: math.ceil((N + 4) / 4 / warp(s)) / warps
+                r"i < kNarrow \* L / 4; i \+= THREADS", lambda s: narrow * L_CHUNK / 4 / threads, may_vanish=True
             ),
         ]
     label = "chunk saves" if saves else "chunk fused forward"
@@ -356,7 +361,7 @@ def chunk_grads(s: dict) -> KernelSpec:
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
             *_decay_loops(s, threads),
-            LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16),
+            LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16, may_vanish=True),  # (unrolled: gfx942, N <= 64)
             # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
             LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
             # the factored chunks' element-wise rows (FACTORED); the pairwise form's loops never run
@@ -368,7 +373,9 @@ def chunk_grads(s: dict) -> KernelSpec:
             LoopSpec(r"e < kTileAcc; \+\+e\) \{  // this lane", lambda s: 0),
             LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: 0),
             LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: 0),
-            LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: N * kt_warps, per_trip=("LDG", 2)),
+            # the sum over value rows for dw: gfx942, every fourth row a lane; CUDA, every row
+            LoopSpec(r"m < N / 4; \+\+m\)", lambda s: N / 4 * kt_warps if s.get("hip") else 0, per_trip=("LDG", 2)),
+            LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: 0 if s.get("hip") else N * kt_warps, per_trip=("LDG", 2)),
             LoopSpec(
                 r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps, may_vanish=True
             ),  # (unrolled on CUDA)
