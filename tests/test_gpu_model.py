@@ -116,7 +116,8 @@ def test_a_spec_that_matches_no_loop_is_an_error_unless_it_may_vanish():
 
 def test_code_only_some_warps_run_counts_their_share_and_stays_on_the_chain():
     """A region (a statement, or the block a line opens) run by some of a block's warps counts that
-    share of its instructions per warp, loops inside it included; the serial chain keeps it whole."""
+    share of its instructions per warp, loops inside it included; the serial chain keeps it whole,
+    unless no warp runs it."""
     k = parse(LISTING)["_Z6kernelPf"]
     lines = list(SOURCES[SRC])
     lines[4] = "  if (warp == 0) first_warp_only(x,"  # line 5: the S2R and the MOV
@@ -137,6 +138,11 @@ def test_code_only_some_warps_run_counts_their_share_and_stays_on_the_chain():
     assert whole["issue"] - inner["issue"] == 0.5 * 3 * 4 * 6  # the inner loop's body, 4 trips a chunk
     with pytest.raises(ValueError, match="0 matches"):
         run(RegionSpec("k.cu", r"no such code", lambda s: 0.5))
+    # a path no warp runs (share 0) is off the chain as well: the inner loop's body, the statement
+    never_inner, never_inner_chain = run(RegionSpec("k.cu", r"for \(int t = 0", lambda s: 0))
+    assert never_inner["shared"] == 0 and never_inner_chain < chain
+    never_first, never_first_chain = run(RegionSpec("k.cu", r"if \(warp == 0\)", lambda s: 0))
+    assert whole["issue"] - never_first["issue"] == 2 and never_first_chain < chain
 
 
 def test_a_region_takes_what_its_branch_jumps_over_unless_other_code_leads_into_it():

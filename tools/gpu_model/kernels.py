@@ -214,10 +214,15 @@ def _build_loops(s: dict) -> list[LoopSpec]:
         LoopSpec(rf"{GROUPS[:-1]}, off = q \* ldi \+ j0;\s+const bool real", lambda s: 1, unswitched=True),
         LoopSpec(r"j < N; j \+= THREADS\) sh.gamma", first_warps),
         LoopSpec(r"m = warp; m < kMats; m \+= WARPS", lambda s: (4 if V == 7 else 2) / warps),
-        # masking and splitting the matrices
+        # masking and splitting the matrices; splitting the inverse (WKV-7)
         LoopSpec(
             r"pr < L \* L; pr \+= THREADS\) \{\s+const int t = pr / L, q = pr % L;\s+float\* m",
             lambda s: L_CHUNK * L_CHUNK / threads,
+        ),
+        LoopSpec(
+            r"pr < L \* L; pr \+= THREADS\) \{\s+SplitBits& x",
+            lambda s: L_CHUNK * L_CHUNK / threads if s.get("hip") else 0,  # (gfx942 only)
+            may_vanish=True,
         ),
     ]
 
@@ -237,7 +242,9 @@ def _band_loops(s: dict, first: str, chunks: str, last: str | None) -> list[Loop
         ),
         LoopSpec(chunks, lambda s: chunk_count),
         # the per-chunk [16, N] store: two groups of elements on CUDA up to N = 64, else one
-        LoopSpec(r"u0 < kPerLane; u0 \+= kGroup", lambda s: 1 if s.get("hip") or N > 64 else 2, may_vanish=True),
+        LoopSpec(
+            r"u0 < kPerLane; u0 \+= kGroup", lambda s: 1 if s.get("hip") or N > 64 else 2, may_vanish=True
+        ),
     ]
     if last:
         loops.append(
@@ -253,6 +260,10 @@ GROUPS = r"grp < kGroups; grp \+= THREADS\) \{\s+const int q = grp / \(N / GK\),
 # (FACTORED) the fused forward's state scaled before its update: the path of a chunk that does not
 # factor, never run
 NOT_FACTORED_SCALE = RegionSpec(CHUNKED, r"if \(!factored\) scale_band_keys", lambda s: 0)
+# build_chunk's pairwise matrices (its staging of the inputs: the loops after it have no trips)
+NOT_FACTORED_MATRICES = RegionSpec(
+    CHUNKED, r"if \(!factored\) \{\s+// the L x L matrices as pairwise", lambda s: 0
+)
 
 
 def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
@@ -289,7 +300,9 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
                 may_vanish=True,
             ),
             LoopSpec(
-                r"i < kNarrow \* L / 4; i \+= THREADS", lambda s: narrow * L_CHUNK / 4 / threads, may_vanish=True
+                r"i < kNarrow \* L / 4; i \+= THREADS",
+                lambda s: narrow * L_CHUNK / 4 / threads,
+                may_vanish=True,
             ),
         ]
     label = "chunk saves" if saves else "chunk fused forward"
@@ -304,7 +317,7 @@ def chunk_fused_forward(s: dict, saves: bool = False) -> KernelSpec:
         blocks=lambda s: s["H"] * s["B"],
         threads=threads,
         loops=loops,
-        regions=[*(solve if V == 7 else []), NOT_FACTORED_SCALE],
+        regions=[*(solve if V == 7 else []), NOT_FACTORED_SCALE, NOT_FACTORED_MATRICES],
         dram_bytes=lambda s: dram,
     )
 
@@ -361,7 +374,7 @@ def chunk_grads(s: dict) -> KernelSpec:
         loops=[
             LoopSpec(r"while \(lo < hi\)", _seek),
             *_decay_loops(s, threads),
-            LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16, may_vanish=True),  # (unrolled: gfx942, N <= 64)
+            LoopSpec(r"it < N / 16; \+\+it", lambda s: N / 16, may_vanish=True),  # (gfx942 unrolls to N = 64)
             # WKV-6, in the blocks of unused scratch slots only (B + 1 of them): none on average
             LoopSpec(r"j < N; j \+= THREADS\) sc.grad_u_partial", lambda s: 0),
             # the factored chunks' element-wise rows (FACTORED); the pairwise form's loops never run
@@ -374,8 +387,14 @@ def chunk_grads(s: dict) -> KernelSpec:
             LoopSpec(r"s <= t && s < n|s < t && s < n", lambda s: 0),
             LoopSpec(r"q = t; q < n|q = t \+ 1; q < n", lambda s: 0),
             # the sum over value rows for dw: gfx942, every fourth row a lane; CUDA, every row
-            LoopSpec(r"m < N / 4; \+\+m\)", lambda s: N / 4 * kt_warps if s.get("hip") else 0, per_trip=("LDG", 2)),
-            LoopSpec(r"i < N; \+\+i\) acc = fmaf", lambda s: 0 if s.get("hip") else N * kt_warps, per_trip=("LDG", 2)),
+            LoopSpec(
+                r"m < N / 4; \+\+m\)", lambda s: N / 4 * kt_warps if s.get("hip") else 0, per_trip=("LDG", 2)
+            ),
+            LoopSpec(
+                r"i < N; \+\+i\) acc = fmaf",
+                lambda s: 0 if s.get("hip") else N * kt_warps,
+                per_trip=("LDG", 2),
+            ),
             LoopSpec(
                 r"t = L - 1; t >= 0", lambda s: L_CHUNK * kt_warps, may_vanish=True
             ),  # (unrolled on CUDA)

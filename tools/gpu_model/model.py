@@ -32,8 +32,9 @@ ASSUMPTIONS = [
     "kernels, the bank conflicts the CPU emulator counts at the tile layer's loads and stores (its "
     "--banks report); other shared accesses, and the step kernels', are taken as conflict-free",
     "code that only some of a block's warps run (the chunked kernels' solve, their grads kernel's "
-    "L x L gradients) counts that share per warp, on the serial chain in full; an access by part "
-    "of a warp's lanes counts as the whole warp's",
+    "L x L gradients) counts that share per warp, on the serial chain in full (code no warp runs, "
+    "the pairwise path, is off the chain); an access by part of a warp's lanes counts as the whole "
+    "warp's",
     "DRAM traffic is each tensor's bytes once (re-reads by other blocks hit L2)",
     "blocks are spread evenly: the busiest unit runs ceil(blocks / units) blocks, as many at once "
     "as registers, shared memory, threads and the block limit allow",
@@ -76,7 +77,7 @@ class RegionSpec:
     (the body of its `if`, inlined from a function elsewhere). ``share(shape)``: the share of the
     block's warps that run it (0: a path the model takes as never run). Its instructions, and the
     loops inside it, count that share per warp (the others wait at the barrier after it: the
-    region stays on the serial chain in full)."""
+    region stays on the serial chain in full, unless its share is 0)."""
 
     file: str
     pattern: str
@@ -286,7 +287,7 @@ def dynamic(
             c, ch = walk(body, loop.children, in_region or share != 1.0)
             for k, v in c.items():
                 counts[k] += trips * v * share
-            chain += trips * ch
+            chain += trips * ch if share > 0 else 0.0
         own = [i for i in insns if i.addr not in inside]
         by_share: dict[float, list[Insn]] = {}
         for i in own:
@@ -295,7 +296,10 @@ def dynamic(
             for k, v in unit_counts(group, kernel.lanes, spec.conflicts).items():
                 counts[k] += share * v
             counts["issue"] += share * len(group)
-        return counts, chain + serial_chain(own, latency)
+        run = [
+            i for i in own if in_region or share_of(i.addr, i.line) > 0
+        ]  # (a path no warp runs: off the chain)
+        return counts, chain + serial_chain(run, latency)
 
     return walk(kernel.insns, kernel.loops)
 
