@@ -296,10 +296,9 @@ def dynamic(
             for k, v in unit_counts(group, kernel.lanes, spec.conflicts).items():
                 counts[k] += share * v
             counts["issue"] += share * len(group)
-        run = [
-            i for i in own if in_region or share_of(i.addr, i.line) > 0
-        ]  # (a path no warp runs: off the chain)
-        return counts, chain + serial_chain(run, latency)
+        # (a path no warp runs is off the chain as well)
+        ran = [i for i in own if in_region or share_of(i.addr, i.line) > 0]
+        return counts, chain + serial_chain(ran, latency)
 
     return walk(kernel.insns, kernel.loops)
 
